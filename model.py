@@ -1,0 +1,514 @@
+"""Informer for long sequence time-series forecasting.
+
+After Zhou et al., "Informer: Beyond Efficient Transformer for Long Sequence
+Time-Series Forecasting" (AAAI 2021), written from the paper's description.
+
+Architecture
+    x_enc --DataEmbedding--> Encoder --------------------------------+
+            (token conv + position + time marks)                     |
+            e_layers x [ProbSparse self-attention + FFN],             |
+            with a distilling ConvLayer (length halves) between each  |
+            pair of layers, then LayerNorm                            |
+                                                                      v
+    x_dec --DataEmbedding--> Decoder: d_layers x [masked self-attention,
+                             cross-attention over the encoder output, FFN],
+                             LayerNorm, Linear(d_model, c_out) -> last pred_len steps
+
+The decoder is "generative": it is fed the last label_len known steps followed
+by pred_len zero placeholders, and predicts all pred_len steps in one forward
+pass (no autoregressive loop).
+
+Optional RevIN (Kim et al., ICLR 2022) normalises every input series by its own
+mean/std over time and maps the prediction back to the original scale.
+
+Shape conventions (B = batch, L = time steps, C = channels, H = heads, E = head dim)
+    x_enc      [B, seq_len, enc_in]
+    x_mark_enc [B, seq_len, 4]
+    x_dec      [B, label_len + pred_len, dec_in]   known steps, then zeros
+    x_mark_dec [B, label_len + pred_len, 4]
+    output     [B, pred_len, c_out]
+    Inside attention, queries/keys/values are [B, H, L, E].
+
+Time marks always have 4 columns. embed="timeF": continuous features in
+[-0.5, 0.5] (hour, weekday, day-of-month, day-of-year). embed="fixed"/"learned":
+integer-valued calendar fields [month 1-12, day 1-31, weekday 0-6, hour 0-23].
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+N_MARKS = 4  # time-mark columns, fixed by the data pipeline
+
+
+@dataclass
+class InformerConfig:
+    seq_len: int
+    label_len: int
+    pred_len: int
+    enc_in: int
+    dec_in: int
+    c_out: int
+    # The defaults below are the paper's.
+    d_model: int = 512
+    n_heads: int = 8
+    e_layers: int = 2
+    d_layers: int = 1
+    d_ff: int = 2048
+    dropout: float = 0.05
+    factor: int = 5
+    attn: str = "prob"  # "prob" | "full"
+    distil: bool = True
+    embed: str = "timeF"  # "timeF" | "fixed" | "learned"
+    activation: str = "gelu"  # "gelu" | "relu"
+    mix: bool = True
+    revin: bool = False
+
+    def __post_init__(self):
+        for name in ("seq_len", "pred_len", "enc_in", "dec_in", "c_out", "d_model",
+                     "n_heads", "e_layers", "d_layers", "d_ff", "factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.label_len < 0:
+            raise ValueError(f"model config: label_len must be >= 0, got {self.label_len}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("attn", ("prob", "full")), ("embed", ("timeF", "fixed", "learned")),
+                              ("activation", ("gelu", "relu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.revin:
+            # The decoder's known steps are normalised with the encoder's statistics,
+            # so both inputs must carry the same channels.
+            if self.dec_in != self.enc_in:
+                raise ValueError(f"revin needs dec_in == enc_in (same channels), got dec_in={self.dec_in}, enc_in={self.enc_in}")
+            if self.c_out not in (self.enc_in, 1):
+                raise ValueError(f"revin needs c_out == enc_in ({self.enc_in}) or c_out == 1 (target = last input channel), got c_out={self.c_out}")
+
+
+# -----------------------------------------------------------------------------
+# Embeddings
+
+def sinusoid_table(n_positions, d_model):
+    """The Transformer's sin/cos table, [n_positions, d_model]."""
+    pos = torch.arange(n_positions, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: d_model // 2])  # odd d_model has one cos column fewer
+    return table
+
+
+class TokenEmbedding(nn.Module):
+    """Projects the C input channels to d_model with a width-3 convolution over time,
+    so each token already sees its neighbours."""
+
+    def __init__(self, c_in, d_model):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1, padding_mode="circular", bias=False)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_in", nonlinearity="leaky_relu")
+
+    def forward(self, x):  # [B, L, C] -> [B, L, d_model]
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class PositionalEmbedding(nn.Module):
+    def __init__(self, d_model, max_len=5000):
+        super().__init__()
+        # A buffer, not a parameter: fixed, and rebuilt identically on load.
+        self.register_buffer("table", sinusoid_table(max_len, d_model), persistent=False)
+
+    def forward(self, x):  # [B, L, ...] -> [1, L, d_model]
+        return self.table[: x.size(1)].unsqueeze(0)
+
+
+class FixedEmbedding(nn.Module):
+    """Lookup into a frozen sinusoidal table (embed="fixed")."""
+
+    def __init__(self, n, d_model):
+        super().__init__()
+        self.register_buffer("table", sinusoid_table(n, d_model), persistent=False)
+
+    def forward(self, idx):
+        return F.embedding(idx, self.table)
+
+
+class TemporalEmbedding(nn.Module):
+    """Sum of one embedding per calendar field, marks [month, day, weekday, hour]."""
+
+    # Table sizes let every valid value index directly (month 1-12 -> 13 rows, day 1-31 -> 32).
+    SIZES = (13, 32, 7, 24)
+
+    def __init__(self, d_model, kind):
+        super().__init__()
+        make = (lambda n: FixedEmbedding(n, d_model)) if kind == "fixed" else (lambda n: nn.Embedding(n, d_model))
+        self.tables = nn.ModuleList(make(n) for n in self.SIZES)
+
+    def forward(self, marks):  # [B, L, 4] integer-valued floats -> [B, L, d_model]
+        marks = marks.long()
+        return sum(table(marks[..., i]) for i, table in enumerate(self.tables))
+
+
+class DataEmbedding(nn.Module):
+    def __init__(self, c_in, d_model, embed, dropout):
+        super().__init__()
+        self.token = TokenEmbedding(c_in, d_model)
+        self.position = PositionalEmbedding(d_model)
+        if embed == "timeF":
+            # Continuous time features: a bias-free linear map (the token conv has no bias either,
+            # and LayerNorm downstream absorbs offsets).
+            self.temporal = nn.Linear(N_MARKS, d_model, bias=False)
+        else:
+            self.temporal = TemporalEmbedding(d_model, embed)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, marks):
+        return self.dropout(self.token(x) + self.position(x) + self.temporal(marks))
+
+
+# -----------------------------------------------------------------------------
+# Attention. The inner attentions take and return [B, H, L, E].
+
+def full_attention(q, k, v, causal, dropout_p=0.0):
+    """Canonical softmax(q k^T / sqrt(E)) v."""
+    if causal and q.size(2) != k.size(2):
+        raise ValueError(f"causal attention needs L_Q == L_K, got {q.size(2)} and {k.size(2)}")
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+
+
+def sampled_scores(q, k, sample):
+    """q_i . k_s for each query i and its sampled keys s = sample[i, :]: [B, H, L_Q, U]."""
+    B, H, L_Q, E = q.shape
+    if k.size(2) <= sample.size(1) * E:
+        # One dense matmul and a column gather moves less memory than materialising
+        # U keys per query ([B, H, L_Q, U, E]) until L_K exceeds U * E (thousands of steps),
+        # and measured ~5x faster at L = 96-144.
+        return torch.gather(q @ k.transpose(-2, -1), 3, sample.expand(B, H, L_Q, -1))
+    return torch.einsum("bhqe,bhque->bhqu", q, k[:, :, sample, :])
+
+
+def prob_attention(q, k, v, factor, causal, dropout_p=0.0):
+    """ProbSparse self-attention (paper, Sec. "Efficient Self-attention Mechanism").
+
+    Only the u = factor*ceil(ln L_Q) "active" queries, those with the largest
+    sparsity measurement M(q, K) = max_j(q k_j / sqrt(E)) - mean_j(q k_j / sqrt(E)),
+    get exact attention. M is estimated on U = factor*ceil(ln L_K) randomly
+    sampled keys per query. The remaining "lazy" queries have a near-uniform
+    attention distribution, so they get its output: mean(V), or for causal
+    attention the mean over the keys they may see (a running mean of V).
+
+    Returns (output [B, H, L_Q, E], indices of the active queries [B, H, u]).
+    """
+    B, H, L_Q, E = q.shape
+    L_K = k.size(2)
+    if causal and L_Q != L_K:
+        raise ValueError(f"causal ProbSparse attention needs L_Q == L_K, got {L_Q} and {L_K}")
+    n_sample = max(1, min(L_K, factor * math.ceil(math.log(L_K))))
+    n_top = max(1, min(L_Q, factor * math.ceil(math.log(L_Q))))
+    scale = 1.0 / math.sqrt(E)
+
+    # Pick the active queries. The choice is a discrete top-k, so no gradient could flow
+    # through it anyway; no_grad keeps the sampled scores out of the autograd graph.
+    with torch.no_grad():
+        # One set of sampled keys per query, shared over batch and heads (torch RNG, so seedable).
+        sample = torch.randint(L_K, (L_Q, n_sample), device=q.device)
+        s = sampled_scores(q, k, sample) * scale  # [B, H, L_Q, U]
+        if causal:
+            # Keys in a query's future are not part of its distribution; leave them out of M.
+            # A query with no visible sampled key gets M = -inf (max of nothing - 0).
+            visible = sample <= torch.arange(L_Q, device=q.device).unsqueeze(1)  # [L_Q, U]
+            s_max = s.masked_fill(~visible, float("-inf")).amax(-1)
+            s_mean = s.masked_fill(~visible, 0.0).sum(-1) / visible.sum(-1).clamp(min=1)
+        else:
+            s_max, s_mean = s.amax(-1), s.mean(-1)
+        top = (s_max - s_mean).topk(n_top, dim=-1, sorted=False).indices  # [B, H, u]
+
+    # Exact attention for the active queries only: [B, H, u, L_K] scores.
+    top_e = top.unsqueeze(-1).expand(B, H, n_top, E)
+    scores = torch.gather(q, 2, top_e) @ k.transpose(-2, -1) * scale
+    if causal:
+        future = torch.arange(L_K, device=q.device) > top.unsqueeze(-1)  # [B, H, u, L_K]
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = F.dropout(scores.softmax(-1), p=dropout_p, training=dropout_p > 0)
+    out_top = weights @ v  # [B, H, u, E]
+
+    # Everyone else: the output of uniform attention over the keys they may see.
+    if causal:
+        counts = torch.arange(1, L_K + 1, device=v.device, dtype=v.dtype).view(1, 1, L_K, 1)
+        out = v.cumsum(2) / counts
+    else:
+        out = v.mean(2, keepdim=True).expand(B, H, L_Q, E).contiguous()
+    # (Under CUDA autocast cumsum runs in float32 while out_top is half precision.)
+    return out.scatter(2, top_e, out_top.to(out.dtype)), top
+
+
+class FullAttention(nn.Module):
+    def __init__(self, causal, dropout):
+        super().__init__()
+        self.causal, self.dropout = causal, dropout
+
+    def forward(self, q, k, v):
+        return full_attention(q, k, v, self.causal, self.dropout if self.training else 0.0)
+
+
+class ProbAttention(nn.Module):
+    def __init__(self, causal, dropout, factor):
+        super().__init__()
+        self.causal, self.dropout, self.factor = causal, dropout, factor
+
+    def forward(self, q, k, v):
+        out, _ = prob_attention(q, k, v, self.factor, self.causal, self.dropout if self.training else 0.0)
+        return out
+
+
+def make_attention(kind, causal, dropout, factor):
+    return ProbAttention(causal, dropout, factor) if kind == "prob" else FullAttention(causal, dropout)
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head attention: Q/K/V projections, an inner attention, output projection.
+
+    mix=True is Informer's decoder self-attention trick: the [B, H, L, E] head outputs
+    are read as [B, L, H*E] without moving heads next to their time step, so each
+    output row blends several heads and time steps before the output projection.
+    """
+
+    def __init__(self, attention, d_model, n_heads, mix=False):
+        super().__init__()
+        self.attention, self.n_heads, self.mix = attention, n_heads, mix
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, context):  # x [B, L, d_model] queries; context [B, S, d_model] keys/values
+        B, L, D = x.shape
+        S, H = context.size(1), self.n_heads
+        q = self.q_proj(x).view(B, L, H, -1).transpose(1, 2)
+        k = self.k_proj(context).view(B, S, H, -1).transpose(1, 2)
+        v = self.v_proj(context).view(B, S, H, -1).transpose(1, 2)
+        out = self.attention(q, k, v)  # [B, H, L, E]
+        out = out.reshape(B, L, D) if self.mix else out.transpose(1, 2).reshape(B, L, D)
+        return self.out_proj(out)
+
+
+# -----------------------------------------------------------------------------
+# Encoder and decoder
+
+class FeedForward(nn.Module):
+    """Position-wise FFN as two kernel-1 convolutions over time."""
+
+    def __init__(self, d_model, d_ff, dropout, activation):
+        super().__init__()
+        self.conv1 = nn.Conv1d(d_model, d_ff, kernel_size=1)
+        self.conv2 = nn.Conv1d(d_ff, d_model, kernel_size=1)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # [B, L, d_model]
+        y = self.dropout(self.act(self.conv1(x.transpose(1, 2))))
+        return self.dropout(self.conv2(y).transpose(1, 2))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, attention, d_model, d_ff, dropout, activation):
+        super().__init__()
+        self.attention = attention
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = self.norm1(x + self.dropout(self.attention(x, x)))
+        return self.norm2(x + self.ffn(x))
+
+
+class DistilLayer(nn.Module):
+    """Self-attention distilling: keeps the dominant features and halves the length
+    (L -> ceil(L / 2)), so deeper layers attend over fewer, more informative tokens."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1, padding_mode="circular")
+        self.norm = nn.BatchNorm1d(d_model)
+        self.act = nn.ELU()
+        self.pool = nn.MaxPool1d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x):  # [B, L, d_model] -> [B, ceil(L/2), d_model]
+        x = self.pool(self.act(self.norm(self.conv(x.transpose(1, 2)))))
+        return x.transpose(1, 2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers, distils, d_model):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.distils = nn.ModuleList(distils)  # empty, or one fewer than layers
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.distils):
+                x = self.distils[i](x)
+        return self.norm(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, self_attention, cross_attention, d_model, d_ff, dropout, activation):
+        super().__init__()
+        self.self_attention = self_attention
+        self.cross_attention = cross_attention
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, memory):
+        x = self.norm1(x + self.dropout(self.self_attention(x, x)))
+        x = self.norm2(x + self.dropout(self.cross_attention(x, memory)))
+        return self.norm3(x + self.ffn(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, layers, d_model, c_out):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, c_out)
+
+    def forward(self, x, memory):
+        for layer in self.layers:
+            x = layer(x, memory)
+        return self.proj(self.norm(x))
+
+
+# -----------------------------------------------------------------------------
+# RevIN
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation: each series is normalised by its own mean/std
+    over the input window, and the prediction is mapped back with the same statistics.
+    This removes the level/scale shift between training and test windows."""
+
+    def __init__(self, n_channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_channels))
+        self.bias = nn.Parameter(torch.zeros(n_channels))
+
+    def stats(self, x):  # [B, L, C] -> mean, std, each [B, 1, C]
+        mean = x.mean(1, keepdim=True)
+        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + self.eps)
+        return mean, std
+
+    def norm(self, x, mean, std):
+        return (x - mean) / std * self.weight + self.bias
+
+    def denorm(self, y, mean, std, channels):
+        """channels: slice of the input channels that y's columns correspond to."""
+        w, b = self.weight[channels], self.bias[channels]
+        return (y - b) / (w + self.eps * self.eps) * std[..., channels] + mean[..., channels]
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class Informer(nn.Module):
+    def __init__(self, cfg: InformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h, drop, act = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.activation
+        self.revin = RevIN(cfg.enc_in) if cfg.revin else None
+        self.enc_embedding = DataEmbedding(cfg.enc_in, d, cfg.embed, drop)
+        self.dec_embedding = DataEmbedding(cfg.dec_in, d, cfg.embed, drop)
+        self.encoder = Encoder(
+            [EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, drop, cfg.factor), d, h), d, cfg.d_ff, drop, act)
+             for _ in range(cfg.e_layers)],
+            [DistilLayer(d) for _ in range(cfg.e_layers - 1)] if cfg.distil else [],
+            d,
+        )
+        self.decoder = Decoder(
+            [DecoderLayer(
+                AttentionLayer(make_attention(cfg.attn, True, drop, cfg.factor), d, h, mix=cfg.mix),
+                AttentionLayer(make_attention("full", False, drop, cfg.factor), d, h),
+                d, cfg.d_ff, drop, act)
+             for _ in range(cfg.d_layers)],
+            d,
+            cfg.c_out,
+        )
+
+    def check_inputs(self, x_enc, x_mark_enc, x_dec, x_mark_dec):
+        cfg = self.cfg
+        dec_len = cfg.label_len + cfg.pred_len
+        B = x_enc.size(0) if x_enc.dim() > 0 else None
+        expected = {
+            "x_enc": (x_enc, (cfg.seq_len, cfg.enc_in)),
+            "x_mark_enc": (x_mark_enc, (cfg.seq_len, N_MARKS)),
+            "x_dec": (x_dec, (dec_len, cfg.dec_in)),
+            "x_mark_dec": (x_mark_dec, (dec_len, N_MARKS)),
+        }
+        for name, (x, (length, width)) in expected.items():
+            shape = list(x.shape)
+            # The batch size is free, but all four inputs must agree on it (x_enc sets it).
+            batch = "B" if name == "x_enc" else B
+            want = f"[{batch}, {length}, {width}]"
+            if x.dim() != 3:
+                raise ValueError(f"{name}: expected shape {want}, got {shape} (expected 3 dims, got {x.dim()})")
+            wrong = [i for i, (got, exp) in enumerate(zip(shape, (B, length, width))) if got != exp]
+            if wrong:
+                names = {0: "batch", 1: "time", 2: "channel"}
+                what = ", ".join(f"dim {i} ({names[i]})" for i in wrong)
+                raise ValueError(f"{name}: expected shape {want}, got {shape} ({what} wrong)")
+            if not x.is_floating_point():
+                raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+
+    def forward(self, x_enc, x_mark_enc, x_dec, x_mark_dec):
+        self.check_inputs(x_enc, x_mark_enc, x_dec, x_mark_dec)
+        cfg = self.cfg
+        if self.revin is not None:
+            mean, std = self.revin.stats(x_enc)
+            x_enc = self.revin.norm(x_enc, mean, std)
+            # Only the known steps are data; the placeholders stay as given (zeros, which is
+            # the series mean in normalised space).
+            known = self.revin.norm(x_dec[:, : cfg.label_len], mean, std)
+            x_dec = torch.cat([known, x_dec[:, cfg.label_len:]], dim=1)
+
+        memory = self.encoder(self.enc_embedding(x_enc, x_mark_enc))
+        y = self.decoder(self.dec_embedding(x_dec, x_mark_dec), memory)
+        y = y[:, -cfg.pred_len:, :]  # [B, pred_len, c_out]
+
+        if self.revin is not None:
+            # c_out == enc_in: channel i is input channel i. Otherwise ("MS", c_out == 1)
+            # the target is the last input channel.
+            channels = slice(None) if cfg.c_out == cfg.enc_in else slice(-1, None)
+            y = self.revin.denorm(y, mean, std, channels)
+        return y
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (frozen sinusoidal tables are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(config) -> nn.Module:
+    """Informer from the project config: a nested dict with "data" and "model" sections
+    (or an object with .model_dump() returning one). Unknown keys are ignored."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump()
+    data, model = config["data"], config["model"]
+    for key in ("enc_in", "dec_in", "c_out"):
+        if model.get(key) is None:
+            raise ValueError(f"model.{key} is None: it must be set from the data (its number of channels) "
+                             "before building the model")
+    known = {f.name for f in fields(InformerConfig)}
+    kwargs = {k: v for k, v in model.items() if k in known}
+    kwargs.update(seq_len=data["seq_len"], label_len=data["label_len"], pred_len=data["pred_len"])
+    return Informer(InformerConfig(**kwargs))

@@ -1,0 +1,208 @@
+"""The validated config schema: three sections, `data`, `model` and `training`.
+
+Every field has a type, a range and a default. Unknown keys are rejected with a
+"did you mean" hint, and cross-field rules (d_model % n_heads, label_len <= seq_len,
+scheduler arguments) are checked here, so train.py and the agent never see a config
+that cannot run. Torch classes are referred to by qualified name ("optim.Adam");
+`resolve_class` turns a name into the class.
+
+Errors are raised as pydantic ValidationError; `nas_agent.config.format_validation_error`
+turns them into "expected versus actual" lines for people.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Torch classes a config may name. A config file refers to them as attributes of the two
+# allowed imports (`optim.Adam`, `nn.MSELoss`, `optim.lr_scheduler.StepLR`).
+OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
+SCHEDULERS = ("CosineAnnealingLR", "StepLR", "MultiStepLR", "ExponentialLR", "ReduceLROnPlateau")
+CRITERIA = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
+
+ALLOWED_CLASSES = (
+    {f"optim.{n}" for n in OPTIMIZERS}
+    | {f"optim.lr_scheduler.{n}" for n in SCHEDULERS}
+    | {f"nn.{n}" for n in CRITERIA}
+)
+
+
+def resolve_class(qualified: str):
+    """Map an allowed qualified name ("optim.Adam") to the torch class."""
+    import torch.nn as nn
+    import torch.optim as optim
+
+    if qualified not in ALLOWED_CLASSES:
+        raise ValueError(f"class {qualified!r} is not allowed; choose one of {sorted(ALLOWED_CLASSES)}")
+    root, *rest = qualified.split(".")
+    obj = {"optim": optim, "nn": nn}[root]
+    for part in rest:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _canonical_class(value: Any, prefix: str, names: tuple[str, ...], what: str) -> str:
+    """Accept "Adam", "optim.Adam" or "torch.optim.Adam"; return "optim.Adam"."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected the name of a {what} such as {prefix}{names[0]}, got {value!r}")
+    short = value.removeprefix("torch.").removeprefix(prefix)
+    if short not in names:
+        hint = difflib.get_close_matches(short, names, n=1)
+        extra = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+        raise ValueError(f"unknown {what} {value!r}{extra}; expected one of {', '.join(prefix + n for n in names)}")
+    return prefix + short
+
+
+class _Section(BaseModel):
+    """Base for config sections: forbid unknown keys, with a did-you-mean hint."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a dict of settings, got {type(data).__name__}")
+        known = set(cls.model_fields)
+        for key in data:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(f"unknown key {key!r}{extra}; allowed keys: {', '.join(sorted(known))}")
+        return data
+
+
+class DataConfig(_Section):
+    path: str = "data/ETTh1.csv"
+    features: Literal["M", "S", "MS"] = "M"
+    target: str = "OT"
+    seq_len: int = Field(96, ge=1, le=4096)
+    label_len: int = Field(48, ge=0, le=4096)
+    pred_len: int = Field(96, ge=1, le=4096)
+    # auto: ETTh*/ETTm* files use the fixed ETT borders, everything else `split_ratios`.
+    split: Literal["auto", "ett_hour", "ett_minute", "ratio"] = "auto"
+    split_ratios: list[float] = Field(default_factory=lambda: [0.7, 0.1, 0.2])
+    scale: bool = True
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or any(r <= 0 for r in v) or sum(v) > 1.0 + 1e-9:
+            raise ValueError(f"expected three positive fractions (train, val, test) summing to <= 1, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    # Filled in by train.py from the data (number of input/output channels); leave None.
+    enc_in: Optional[int] = Field(None, ge=1)
+    dec_in: Optional[int] = Field(None, ge=1)
+    c_out: Optional[int] = Field(None, ge=1)
+    d_model: int = Field(256, ge=4, le=4096)
+    n_heads: int = Field(4, ge=1, le=64)
+    e_layers: int = Field(3, ge=1, le=12)
+    d_layers: int = Field(1, ge=1, le=12)
+    d_ff: int = Field(1024, ge=4, le=16384)
+    dropout: float = Field(0.1, ge=0.0, le=0.9)
+    factor: int = Field(5, ge=1, le=50)
+    attn: Literal["prob", "full"] = "prob"
+    distil: bool = True
+    embed: Literal["timeF", "fixed", "learned"] = "timeF"
+    activation: Literal["gelu", "relu"] = "gelu"
+    mix: bool = True
+    revin: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model must be divisible by n_heads: expected d_model % n_heads == 0, "
+                f"got {self.d_model} % {self.n_heads} == {self.d_model % self.n_heads}"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    optimizer_class: str = "optim.Adam"
+    lr: float = Field(1e-4, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    optimizer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    criterion_class: str = "nn.MSELoss"
+    criterion_kwargs: dict[str, Any] = Field(default_factory=dict)
+    scheduler_class: Optional[str] = "optim.lr_scheduler.CosineAnnealingLR"
+    scheduler_kwargs: dict[str, Any] = Field(default_factory=lambda: {"T_max": 10})
+    max_epochs: int = Field(20, ge=1, le=10000)
+    patience: int = Field(5, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    seed: int = Field(2021, ge=0, le=2**32 - 1)
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    time_budget_s: Optional[float] = Field(None, gt=0.0)
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    amp: bool = True
+
+    @field_validator("optimizer_class", mode="before")
+    @classmethod
+    def _optimizer(cls, v: Any) -> str:
+        return _canonical_class(v, "optim.", OPTIMIZERS, "optimizer")
+
+    @field_validator("criterion_class", mode="before")
+    @classmethod
+    def _criterion(cls, v: Any) -> str:
+        return _canonical_class(v, "nn.", CRITERIA, "loss")
+
+    @field_validator("scheduler_class", mode="before")
+    @classmethod
+    def _scheduler(cls, v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        return _canonical_class(v, "optim.lr_scheduler.", SCHEDULERS, "lr scheduler")
+
+    @model_validator(mode="after")
+    def _kwargs_match_signatures(self) -> "TrainingConfig":
+        _check_kwargs("optimizer_kwargs", self.optimizer_class, self.optimizer_kwargs,
+                      supplied=("params", "lr", "weight_decay"))
+        _check_kwargs("criterion_kwargs", self.criterion_class, self.criterion_kwargs,
+                      supplied=("size_average", "reduce", "reduction"))
+        if self.scheduler_class is None:
+            if self.scheduler_kwargs:
+                raise ValueError("scheduler_kwargs is set but scheduler_class is None; remove one of them")
+        else:
+            _check_kwargs("scheduler_kwargs", self.scheduler_class, self.scheduler_kwargs,
+                          supplied=("optimizer",))
+        return self
+
+
+def _check_kwargs(field: str, qualified: str, kwargs: dict, supplied: tuple[str, ...]) -> None:
+    """Check keyword arguments against the class signature: unknown, reserved and missing ones."""
+    params = inspect.signature(resolve_class(qualified).__init__).parameters
+    accepted = [p for p in params if p not in ("self", "args", "kwargs") and p not in supplied]
+    for key in kwargs:
+        if key in supplied:
+            raise ValueError(f"{field}: {key!r} is set by train.py (use the top-level training field instead)")
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, accepted, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"{field}: {qualified} has no argument {key!r}{extra}; it accepts {', '.join(accepted)}")
+    missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        raise ValueError(f"{field}: {qualified} needs {', '.join(missing)}; add e.g. {{{missing[0]!r}: ...}}")
+
+
+class Config(_Section):
+    """The whole config. Sections default, so `Config()` is the baseline."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Config":
+        d = self.data
+        if d.label_len > d.seq_len:
+            raise ValueError(
+                f"data.label_len must be <= data.seq_len (the decoder's known part is taken from the "
+                f"encoder window): got label_len {d.label_len} > seq_len {d.seq_len}"
+            )
+        return self

@@ -1,0 +1,48 @@
+"""Shared fixtures: where the data lives, and a tiny config that trains in seconds."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tests, CI and benchmarks read the data sets beside the project, never a copy inside it.
+DATA_DIR = Path(os.environ.get("NAS_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+
+TINY_CONFIG = '''
+import torch.nn as nn
+import torch.optim as optim
+data = {"path": "data/ETTh1.csv", "seq_len": 48, "label_len": 24, "pred_len": 24}
+model = {"d_model": 16, "n_heads": 2, "e_layers": 2, "d_layers": 1, "d_ff": 32, "dropout": 0.0}
+training = {"max_epochs": 2, "batch_size": 32, "lr": 1e-3, "max_steps_per_epoch": 25,
+            "scheduler_class": None, "scheduler_kwargs": {}, "patience": 2}
+'''
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "ETTh1.csv").is_file():
+        pytest.fail(f"data sets not found in {DATA_DIR}; set NAS_DATA_DIR to the folder holding ETTh1.csv")
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _data_env(monkeypatch, data_dir):
+    monkeypatch.setenv("NAS_DATA_DIR", str(data_dir))
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny_config.py"
+    path.write_text(TINY_CONFIG)
+    return path
+
+
+def run_env(**extra) -> dict:
+    """Environment for subprocesses: data dir set, one torch thread each (2-core machines)."""
+    env = dict(os.environ, NAS_DATA_DIR=str(DATA_DIR), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,93 @@
+"""Tests for nas_agent.logging_utils: metrics.json / history.json save and load."""
+import json
+
+import pytest
+
+from nas_agent.logging_utils import (
+    RUN_STATUSES, MetricsError, load_history, load_metrics, save_history, save_metrics,
+)
+
+
+def _metrics(**overrides):
+    base = {"status": "ok", "best_epoch": 3, "val_mse": 0.25, "val_mae": 0.4,
+            "test_mse": 0.3, "test_mae": 0.45, "train_mse": 0.2, "train_time_sec": 12.5,
+            "n_params": 1234, "epochs_run": 5, "device": "cpu", "seed": 0, "error": None}
+    base.update(overrides)
+    return base
+
+
+def test_statuses_are_the_documented_ones():
+    assert RUN_STATUSES == ("ok", "diverged", "timeout", "failed", "interrupted", "pruned")
+
+
+def test_metrics_round_trip_with_nan_as_null(tmp_path):
+    save_metrics(tmp_path, _metrics(status="diverged", val_mse=float("nan"), error="NaN loss"))
+    loaded = load_metrics(tmp_path)
+    assert loaded["status"] == "diverged"
+    assert loaded["val_mse"] is None
+    text = (tmp_path / "metrics.json").read_text(encoding="utf-8")
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
+
+
+def test_missing_metrics_is_none(tmp_path):
+    assert load_metrics(tmp_path) is None
+
+
+def test_unknown_status_rejected_on_save(tmp_path):
+    with pytest.raises(ValueError, match="unknown run status 'finished'.*ok, diverged"):
+        save_metrics(tmp_path, _metrics(status="finished"))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_missing_status_rejected_on_save(tmp_path):
+    metrics = _metrics()
+    del metrics["status"]
+    with pytest.raises(ValueError, match="no 'status' key"):
+        save_metrics(tmp_path, metrics)
+
+
+def test_corrupt_metrics_raises_with_path(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"status": "ok", "val_mse": 0.3', encoding="utf-8")
+    with pytest.raises(MetricsError) as info:
+        load_metrics(tmp_path)
+    assert str(path) in str(info.value)
+    assert "line 1" in str(info.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"val_mse": 0.3}', "missing field 'status'"),
+    ('{"status": "weird"}', "unknown run status 'weird'"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_invalid_metrics_content(tmp_path, content, expected):
+    (tmp_path / "metrics.json").write_text(content, encoding="utf-8")
+    with pytest.raises(MetricsError, match=expected) as info:
+        load_metrics(tmp_path)
+    assert str(tmp_path / "metrics.json") in str(info.value)
+
+
+def test_history_round_trip(tmp_path):
+    history = [{"epoch": 1, "train_loss": 1.0, "train_mse": 1.0, "val_mse": 1.2,
+                "val_mae": 0.9, "lr": 1e-3, "epoch_time_s": 0.5},
+               {"epoch": 2, "train_loss": float("nan"), "train_mse": float("nan"),
+                "val_mse": float("inf"), "val_mae": None, "lr": 1e-3, "epoch_time_s": 0.5}]
+    save_history(tmp_path, history)
+    loaded = load_history(tmp_path)
+    assert loaded[0] == history[0]
+    assert loaded[1]["val_mse"] is None and loaded[1]["train_loss"] is None
+
+
+def test_missing_history_is_empty(tmp_path):
+    assert load_history(tmp_path) == []
+
+
+def test_corrupt_history_raises_with_path(tmp_path):
+    path = tmp_path / "history.json"
+    path.write_text("[{\"epoch\": 1}, ", encoding="utf-8")
+    with pytest.raises(MetricsError, match="not valid JSON") as info:
+        load_history(tmp_path)
+    assert str(path) in str(info.value)
+    path.write_text(json.dumps([{"epoch": 1}, 5]), encoding="utf-8")
+    with pytest.raises(MetricsError, match=r"history\[1\] must be an object"):
+        load_history(tmp_path)

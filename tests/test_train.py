@@ -1,0 +1,184 @@
+"""train.py end to end: real subprocesses, real ETTh1, a tiny model. Every status is exercised."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from nas_agent.config import load_config
+from tests.conftest import PYTHON, ROOT, run_env
+
+OUTPUTS = ("config_used.py", "metrics.json", "history.json", "learning_curve.png", "best_model.pth", "train.log")
+
+
+def train(tmp_path, config, tag, *extra, timeout=300):
+    cmd = [PYTHON, "train.py", "--config", str(config), "--tag", tag, "--runs-dir", str(tmp_path / "runs"), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_of(tmp_path, tag):
+    return json.loads((tmp_path / "runs" / tag / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two runs of the tiny config with the same seed (shared by several tests)."""
+    from tests.conftest import TINY_CONFIG
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = tmp / "tiny.py"
+    config.write_text(TINY_CONFIG)
+    procs = [train(tmp, config, tag, "--set", "training.max_epochs=3") for tag in ("a", "b")]
+    return tmp, config, procs
+
+
+def test_run_writes_every_file_and_beats_naive(two_runs):
+    tmp, _, procs = two_runs
+    proc = procs[0]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp / "runs" / "a"
+    for name in OUTPUTS:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    m = metrics_of(tmp, "a")
+    assert m["status"] == "ok" and m["error"] is None
+    for k in ("val_mse", "val_mae", "test_mse", "test_mae", "train_mse"):
+        assert isinstance(m[k], float) and m[k] == m[k] and m[k] < 1e3, k
+    assert m["val_mse"] < m["naive_val_mse"], "must beat repeating the last value"
+    assert m["epochs_run"] == 3 and 1 <= m["best_epoch"] <= 3 and m["n_params"] > 0
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) >= {"train_mse", "val_mse", "val_mae", "lr", "epoch_time_s"}
+    # The reported val_mse is the best epoch's, re-measured on the restored checkpoint.
+    assert m["val_mse"] == pytest.approx(history[m["best_epoch"] - 1]["val_mse"], rel=1e-6)
+    # Greppable summary block.
+    assert "\nstatus:         ok\n" in proc.stdout and "test_mse:" in proc.stdout
+
+
+def test_same_seed_gives_same_metrics(two_runs):
+    tmp, _, procs = two_runs
+    assert all(p.returncode == 0 for p in procs)
+    a, b = metrics_of(tmp, "a"), metrics_of(tmp, "b")
+    for k in ("val_mse", "val_mae", "test_mse", "test_mae", "train_mse", "best_epoch"):
+        assert a[k] == b[k], k
+
+
+def test_config_used_is_rerunnable_and_exact(two_runs):
+    tmp, config, _ = two_runs
+    used = tmp / "runs" / "a" / "config_used.py"
+    effective = load_config(used)
+    assert effective.training.max_epochs == 3  # the --set override is recorded
+    assert effective.model.enc_in == 7 and effective.model.c_out == 7
+    original = load_config(config, ["training.max_epochs=3"])
+    assert effective.model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}}) == \
+        original.model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}})
+
+
+def test_checkpoint_reloads_into_a_model_with_the_same_val_mse(two_runs):
+    from model import build_model
+    from nas_agent.data import load_dataset
+    from nas_agent.schema import Config
+    import train as train_mod
+    tmp, _, _ = two_runs
+    ckpt = torch.load(tmp / "runs" / "a" / "best_model.pth", weights_only=False)
+    cfg = Config.model_validate(ckpt["config"])
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    ds = load_dataset(cfg.data, cfg.model.embed)
+    val_mse, _ = train_mod.evaluate(model, ds.val, torch.device("cpu"), amp=False)
+    assert val_mse == pytest.approx(metrics_of(tmp, "a")["val_mse"], rel=1e-5)
+
+
+def test_existing_run_is_never_silently_overwritten(two_runs):
+    tmp, config, _ = two_runs
+    before = (tmp / "runs" / "a" / "metrics.json").read_bytes()
+    proc = train(tmp, config, "a")
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
+    assert (tmp / "runs" / "a" / "metrics.json").read_bytes() == before
+
+
+def test_overwrite_and_seed_flag(tmp_path, tiny_config):
+    assert train(tmp_path, tiny_config, "r", "--set", "training.max_epochs=1").returncode == 0
+    proc = train(tmp_path, tiny_config, "r", "--overwrite", "--seed", "7", "--set", "training.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = metrics_of(tmp_path, "r")
+    assert m["seed"] == 7 and m["epochs_run"] == 1
+    assert load_config(tmp_path / "runs" / "r" / "config_used.py").training.seed == 7
+
+
+def test_timeout_tests_best_checkpoint_and_writes_everything(tmp_path, tiny_config):
+    proc = train(tmp_path, tiny_config, "t", "--set", "training.max_epochs=1000", "--set", "training.patience=1000",
+                 "--set", "training.time_budget_s=6")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    m = metrics_of(tmp_path, "t")
+    assert m["status"] == "timeout" and "time budget" in m["error"]
+    assert m["test_mse"] is not None and m["val_mse"] is not None
+    for name in OUTPUTS:
+        assert (tmp_path / "runs" / "t" / name).is_file(), name
+
+
+NAN_MODEL = '''
+import importlib.util, pathlib, torch
+spec = importlib.util.spec_from_file_location("base_model", pathlib.Path({root!r}) / "model.py")
+base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)
+
+class Exploding(torch.nn.Module):
+    """The real model, whose output turns NaN from the 4th training call on."""
+    def __init__(self, inner):
+        super().__init__(); self.inner = inner; self.calls = 0
+    def forward(self, *x):
+        self.calls += self.training
+        out = self.inner(*x)
+        return out * float("nan") if self.calls >= 4 else out
+
+def build_model(config):
+    return Exploding(base.build_model(config))
+'''
+
+
+def test_nan_fails_fast_as_diverged(tmp_path, tiny_config):
+    model_file = tmp_path / "nan_model.py"
+    model_file.write_text(NAN_MODEL.format(root=str(ROOT)))
+    proc = train(tmp_path, tiny_config, "d", "--model", str(model_file))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    m = metrics_of(tmp_path, "d")
+    assert m["status"] == "diverged" and "epoch 1, step 4" in m["error"]
+    assert m["epochs_run"] == 0 and m["test_mse"] is None
+
+
+def test_exception_is_recorded_as_failed(tmp_path, tiny_config):
+    model_file = tmp_path / "broken.py"
+    model_file.write_text("def build_model(config):\n    raise RuntimeError('boom: no model today')\n")
+    proc = train(tmp_path, tiny_config, "f", "--model", str(model_file))
+    assert proc.returncode == 1
+    m = metrics_of(tmp_path, "f")
+    assert m["status"] == "failed" and "boom: no model today" in m["error"]
+    assert "error:" in proc.stdout
+
+
+def test_sigterm_writes_what_exists_as_interrupted(tmp_path, tiny_config):
+    cmd = [PYTHON, "train.py", "--config", str(tiny_config), "--tag", "i", "--runs-dir", str(tmp_path / "runs"),
+           "--set", "training.max_epochs=1000", "--set", "training.patience=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "runs" / "i" / "history.json"
+    deadline = time.monotonic() + 120
+    while not history.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    m = metrics_of(tmp_path, "i")
+    assert m["status"] == "interrupted" and "SIGTERM" in m["error"]
+    assert m["epochs_run"] >= 1 and m["val_mse"] is not None and m["test_mse"] is None
+    assert (tmp_path / "runs" / "i" / "best_model.pth").is_file()
+
+
+def test_bad_data_is_a_failed_run_with_a_clear_error(tmp_path, tiny_config):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("date,a,OT\n2020-01-01,1,2\n2020-01-02,x,3\n")
+    proc = train(tmp_path, tiny_config, "b", "--set", f"data.path={bad}")
+    assert proc.returncode == 1
+    m = metrics_of(tmp_path, "b")
+    assert f"{bad}:3: column 'a' has the non-numeric value 'x'" in m["error"]
+    assert (tmp_path / "runs" / "b" / "config_used.py").is_file()

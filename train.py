@@ -1,0 +1,414 @@
+"""Train one Informer forecaster and leave a self-contained run folder.
+
+    python train.py --config config.py --tag run_0000 [--set training.max_epochs=2] ...
+
+writes runs/<tag>/: config_used.py (re-runnable as is), history.json (one record per
+epoch, rewritten after every epoch), learning_curve.png, best_model.pth (state_dict,
+config, scaler), train.log, and metrics.json, written atomically and last, so its
+presence means the run finished. A greppable `key: value` summary ends the output.
+
+Status vocabulary and exit codes:
+    ok           0   trained to early stopping or max_epochs; best checkpoint tested
+    failed       1   an exception; metrics.json holds the error text
+    (usage)      2   bad flags, invalid config, or the run folder already holds a run
+    diverged     3   loss or validation metric became NaN/inf; stopped at once
+    timeout      4   training.time_budget_s reached; best checkpoint tested, all files written
+    interrupted  130 SIGINT/SIGTERM; what exists is written, no test evaluation
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas_agent.config import ConfigError, config_hash, load_config
+from nas_agent.data import DataError, load_dataset
+from nas_agent.logging_utils import save_history, save_metrics
+from nas_agent.run_manager import snapshot_config
+from nas_agent.schema import resolve_class
+
+log = logging.getLogger("train")
+
+EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "interrupted": 130}
+USAGE_ERROR = 2
+# Files that mean "this folder already holds a run". train.log is not one of them: the
+# agent opens it before launching us, to stream our output into it.
+OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png")
+EVAL_BATCH = 256  # evaluation batch size; does not change the metrics, only the speed
+EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
+
+
+class StopTraining(Exception):
+    """Ends training early with a status from the vocabulary above."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_stop_signal: list[str] = []  # set by the signal handler, checked between batches
+
+
+def _on_signal(signum, frame):
+    _stop_signal.append(signal.Signals(signum).name)
+
+
+# --------------------------------------------------------------------------- setup
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train one Informer forecaster into runs/<tag>/.")
+    p.add_argument("--config", default="config.py", help="config file (parsed, never executed)")
+    p.add_argument("--tag", required=True, help="run name: the folder runs/<tag>/")
+    p.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.max_epochs=2 (repeatable)")
+    p.add_argument("--model", default=None, help="a model.py defining build_model(config) (default: ./model.py)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an existing run folder")
+    return p.parse_args(argv)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless --overwrite; then make the folder."""
+    existing = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); "
+                          f"choose another --tag, or pass --overwrite to replace it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in existing:
+        (run_dir / name).unlink()
+
+
+def _is_same_file(stream, path: Path) -> bool:
+    try:
+        return path.exists() and os.path.samestat(os.fstat(stream.fileno()), os.stat(path))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def setup_logging(log_path: Path) -> None:
+    """Log to stderr, and to train.log unless our output is already being streamed there."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if not (_is_same_file(sys.stdout, log_path) or _is_same_file(sys.stderr, log_path)):
+        handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+    log.handlers[:] = handlers
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_build_model(model_file: str | None):
+    """build_model from ./model.py, or from another model file (already vetted by the caller)."""
+    path = Path(model_file) if model_file else Path(__file__).with_name("model.py")
+    spec = importlib.util.spec_from_file_location("run_model", path)
+    if spec is None or not path.is_file():
+        raise ConfigError(f"--model {path}: file not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "build_model", None)):
+        raise ConfigError(f"--model {path}: it must define build_model(config)")
+    return module.build_model
+
+
+# --------------------------------------------------------------------------- training
+
+def _autocast(device: torch.device, enabled: bool):
+    # bf16 needs no loss scaling, so AMP is a context manager and nothing else.
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, windows, device, amp: bool) -> tuple[float, float]:
+    """MSE and MAE over every window of a split, in order (no drop-last).
+
+    ProbSparse attention samples keys even in eval mode, so evaluation runs on a forked
+    RNG with a fixed seed: the metrics are a function of the weights alone, and the
+    training RNG stream is left untouched.
+    """
+    model.eval()
+    se = ae = 0.0
+    count = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(EVAL_SEED)
+        for x_enc, m_enc, x_dec, m_dec, y in windows.batches(EVAL_BATCH):
+            with _autocast(device, amp):
+                pred = model(x_enc, m_enc, x_dec, m_dec)
+            err = pred.float() - y
+            se += err.double().pow(2).sum().item()
+            ae += err.double().abs().sum().item()
+            count += err.numel()
+    return se / count, ae / count
+
+
+@torch.no_grad()
+def naive_mse(windows) -> float:
+    """MSE of repeating the last seen value: the floor any forecaster must beat."""
+    se, count = 0.0, 0
+    for x_enc, _, _, _, y in windows.batches(EVAL_BATCH):
+        last = x_enc[:, -1:, windows.out_channels]
+        se += (y - last).double().pow(2).sum().item()
+        count += y.numel()
+    return se / count
+
+
+def _progress(epoch: int, max_epochs: int, step: int, total: int, loss: float) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    done = width * step // max(total, 1)
+    sys.stderr.write(f"\repoch {epoch}/{max_epochs} [{'#' * done}{'.' * (width - done)}] "
+                     f"{step}/{total} loss {loss:.4f}")
+    if step == total:
+        sys.stderr.write("\r" + " " * 80 + "\r")
+    sys.stderr.flush()
+
+
+def make_optim(model, tc):
+    optimizer = resolve_class(tc.optimizer_class)(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                                  **tc.optimizer_kwargs)
+    scheduler = resolve_class(tc.scheduler_class)(optimizer, **tc.scheduler_kwargs) if tc.scheduler_class else None
+    criterion = resolve_class(tc.criterion_class)(**tc.criterion_kwargs)
+    return optimizer, scheduler, criterion
+
+
+def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
+    """Train with early stopping. Fills `state` as it goes, so callers see progress on any exit.
+
+    state keys: history, best_epoch, best_val, best_state, train_time_sec.
+    """
+    tc = cfg.training
+    optimizer, scheduler, criterion = make_optim(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    steps = len(ds.train) // tc.batch_size
+    if tc.max_steps_per_epoch:
+        steps = min(steps, tc.max_steps_per_epoch)
+    if steps == 0:
+        raise StopTraining("failed", f"batch_size {tc.batch_size} is larger than the {len(ds.train)} training windows")
+    start = time.monotonic()
+    deadline = start + tc.time_budget_s if tc.time_budget_s else math.inf
+    bad_epochs = 0
+    for epoch in range(1, tc.max_epochs + 1):
+        model.train()
+        t_epoch = time.monotonic()
+        loss_sum = mse_sum = 0.0
+        batches = ds.train.batches(tc.batch_size, shuffle=True, generator=gen, drop_last=True)
+        for step, (x_enc, m_enc, x_dec, m_dec, y) in enumerate(batches, 1):
+            if _stop_signal:
+                raise StopTraining("interrupted", f"received {_stop_signal[0]} during epoch {epoch}")
+            if time.monotonic() > deadline:
+                raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
+            with _autocast(device, tc.amp):
+                pred = model(x_enc, m_enc, x_dec, m_dec)
+                loss = criterion(pred.float(), y)
+            if not torch.isfinite(loss):
+                raise StopTraining("diverged", f"training loss became {loss.item()} at epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item()
+            mse_sum += (pred.detach().float() - y).pow(2).mean().item()
+            _progress(epoch, tc.max_epochs, step, steps, loss_sum / step)
+            if step == steps:
+                break
+        state["train_time_sec"] = time.monotonic() - start
+        val_mse, val_mae = evaluate(model, ds.val, device, tc.amp)
+        if not math.isfinite(val_mse):
+            raise StopTraining("diverged", f"validation MSE became {val_mse} at epoch {epoch}")
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            scheduler.step(val_mse) if is_plateau else scheduler.step()
+        record = {"epoch": epoch, "train_loss": loss_sum / step, "train_mse": mse_sum / step,
+                  "val_mse": val_mse, "val_mae": val_mae, "lr": lr, "epoch_time_s": time.monotonic() - t_epoch}
+        state["history"].append(record)
+        save_history(run_dir, state["history"])  # per-epoch progress for the orchestrator
+        improved = val_mse < state["best_val"]
+        if improved:
+            state.update(best_val=val_mse, best_epoch=epoch, best_state=copy.deepcopy(model.state_dict()))
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        log.info("epoch %d/%d train_mse %.4f val_mse %.4f val_mae %.4f lr %.2e time %.1fs%s", epoch,
+                 tc.max_epochs, record["train_mse"], val_mse, val_mae, lr, record["epoch_time_s"],
+                 " *" if improved else "")
+        if bad_epochs >= tc.patience:
+            log.info("early stop: no improvement for %d epochs", bad_epochs)
+            break
+
+
+# --------------------------------------------------------------------------- outputs
+
+def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history:
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_mse"] for h in history], "o-", label="train MSE")
+        ax.plot(epochs, [h["val_mse"] for h in history], "s-", label="val MSE")
+        best = min(history, key=lambda h: h["val_mse"] if math.isfinite(h["val_mse"]) else math.inf)
+        ax.axvline(best["epoch"], color="grey", ls=":", label=f"best epoch {best['epoch']}")
+        lr_ax = ax.twinx()
+        lr_ax.plot(epochs, [h["lr"] for h in history], color="tab:green", alpha=0.4, label="lr")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_yscale("log")
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no epoch completed", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (scaled)")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_summary(metrics: dict, run_dir: Path) -> None:
+    keys = ("status", "val_mse", "val_mae", "test_mse", "test_mae", "train_mse", "naive_val_mse", "best_epoch",
+            "epochs_run", "train_time_sec", "n_params", "device", "seed")
+    print("---")
+    for k in keys:
+        v = metrics.get(k)
+        print(f"{k + ':':<16}{v:.6f}" if isinstance(v, float) else f"{k + ':':<16}{v}")
+    print(f"{'run_dir:':<16}{run_dir}")
+    if metrics.get("error"):
+        print(f"{'error:':<16}{metrics['error'].strip().splitlines()[-1]}")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set) + ([f"training.seed={args.seed}"] if args.seed is not None else [])
+    run_dir = Path(args.runs_dir) / args.tag
+    try:
+        cfg = load_config(args.config, overrides)
+        device = pick_device(args.device)
+        prepare_run_dir(run_dir, args.overwrite)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+    setup_logging(run_dir / "train.log")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    tc = cfg.training
+    seed_everything(tc.seed)
+    state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0}
+    metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
+               "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
+               "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
+               "config_hash": config_hash(cfg), "tag": args.tag}
+    model = ds = None
+    try:
+        ds = load_dataset(cfg.data, cfg.model.embed, device)
+        cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
+        cfg.model.c_out = ds.c_out
+        snapshot_config(cfg, run_dir / "config_used.py",
+                        header=f"Effective config of {args.tag}: {args.config}" +
+                               (f" with --set {' '.join(overrides)}" if overrides else "") +
+                               f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
+        model = load_build_model(args.model)(cfg.model_dump()).to(device)
+        metrics["n_params"] = sum(p.numel() for p in model.parameters())
+        log.info("data %s: %d/%d/%d windows, %d channels; model %d parameters; device %s", ds.path,
+                 len(ds.train), len(ds.val), len(ds.test), ds.enc_in, metrics["n_params"], device)
+        metrics["naive_val_mse"] = naive_mse(ds.val)
+        status = "ok"
+        try:
+            fit(model, ds, cfg, device, run_dir, state)
+        except StopTraining as stop:
+            status = stop.status
+            metrics["error"] = str(stop)
+            log.warning("%s: %s", status, stop)
+        if state["best_state"] is not None:
+            model.load_state_dict(state["best_state"])
+        if status in ("ok", "timeout"):
+            if state["best_state"] is None:
+                log.warning("no epoch completed; evaluating the current weights")
+            metrics["val_mse"], metrics["val_mae"] = evaluate(model, ds.val, device, tc.amp)
+            metrics["test_mse"], metrics["test_mae"] = evaluate(model, ds.test, device, tc.amp)
+        elif state["best_state"] is not None:
+            best = state["history"][state["best_epoch"] - 1]
+            metrics["val_mse"], metrics["val_mae"] = best["val_mse"], best["val_mae"]
+        metrics["status"] = status
+    except (ConfigError, DataError) as e:
+        metrics["error"] = str(e)
+        log.error("%s", e)
+    except Exception:
+        metrics["error"] = traceback.format_exc()[-4000:]
+        log.exception("training failed")
+
+    history = state["history"]
+    metrics["epochs_run"] = len(history)
+    metrics["best_epoch"] = state["best_epoch"]
+    metrics["train_time_sec"] = round(state["train_time_sec"], 3)
+    if state["best_epoch"]:
+        metrics["train_mse"] = history[state["best_epoch"] - 1]["train_mse"]
+    write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics)
+    print_summary(metrics, run_dir)
+    return EXIT_CODES[metrics["status"]]
+
+
+def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict) -> None:
+    """Write every file that exists to be written; metrics.json strictly last."""
+    try:
+        if not (run_dir / "config_used.py").exists():  # failed before the data was read
+            snapshot_config(cfg, run_dir / "config_used.py", header=f"Effective config of {tag}")
+        save_history(run_dir, state["history"])
+        plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
+        if model is not None and state["best_state"] is not None:
+            ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],
+                    "val_mse": state["best_val"], "columns": ds.columns, "scaler_mean": ds.mean.tolist(),
+                    "scaler_std": ds.std.tolist(), "torch_version": torch.__version__}
+            tmp = run_dir / "best_model.pth.tmp"
+            torch.save(ckpt, tmp)
+            os.replace(tmp, run_dir / "best_model.pth")
+    except Exception:
+        log.exception("writing run outputs failed")
+        if metrics["status"] == "ok":
+            metrics["status"], metrics["error"] = "failed", traceback.format_exc()[-4000:]
+    save_metrics(run_dir, metrics)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
