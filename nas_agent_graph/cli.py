@@ -1,0 +1,208 @@
+"""Command line: the search, and the check / status / report subcommands.
+
+    python -m nas_agent_graph --max-runs 100 [--proposer tpe|cmaes|random] [--config config.py]
+                               [--runs-dir runs] [--state agent_state.json] [--seed N] [--set key=value ...]
+    python -m nas_agent_graph check CONFIG [--model FILE]
+    python -m nas_agent_graph status
+    python -m nas_agent_graph report
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sqlite3
+import sys
+import time
+from contextlib import closing, nullcontext
+from pathlib import Path
+
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from nas_agent.agent_state import AgentState, AgentStateError, get_run, load_agent_state
+from nas_agent.config import ConfigError, load_config
+from nas_agent_graph.context import ROOT, Context
+from nas_agent_graph.lock import LockHeld, StudyLock
+
+log = logging.getLogger(__name__)
+
+PROPOSERS = ("tpe", "cmaes", "random")
+SUBCOMMANDS = ("check", "status", "report")
+USAGE_ERROR = 2
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", type=Path, default=Path("agent_state.json"), help="study file (default: %(default)s)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="run folders (default: %(default)s)")
+
+
+def search_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nas_agent_graph",
+                                description="Search Informer configs by training them. Subcommands: "
+                                            "check CONFIG, status, report (each has --help).")
+    _common(p)
+    p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
+    p.add_argument("--proposer", choices=PROPOSERS, default="tpe")
+    p.add_argument("--config", type=Path, default=Path("config.py"),
+                   help="the incumbent config; a new study starts from it, accepted runs replace it")
+    p.add_argument("--seed", type=int, default=0, help="proposer seed: the same seed reproduces the proposals")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="applied to every run, e.g. --set training.max_epochs=3 for a quick search")
+    p.add_argument("--space", type=Path, default=None, help="JSON file that narrows or extends the search space")
+    limits = p.add_argument_group("limits and stopping")
+    limits.add_argument("--run-timeout", type=float, default=None, help="seconds per train.py; the process is killed")
+    limits.add_argument("--max-params", type=int, default=None, help="reject proposals with more parameters")
+    limits.add_argument("--min-delta", type=float, default=0.0, help="accept when val_mse < best - min_delta")
+    limits.add_argument("--patience", type=int, default=None, help="stop after N runs without improvement")
+    limits.add_argument("--time-budget", type=float, default=None, help="stop after N seconds of study time")
+    limits.add_argument("--target-mse", type=float, default=None, help="stop once best val_mse <= this")
+    limits.add_argument("--max-retries", type=int, default=3, help="invalid proposals per run before stopping")
+    limits.add_argument("--max-failures", type=int, default=3, help="failed runs in a row before stopping")
+    limits.add_argument("--smoke-timeout", type=float, default=120.0, help="seconds for a proposal's smoke test")
+    return p
+
+
+def context_from_args(a: argparse.Namespace) -> Context:
+    if a.max_runs < 1:
+        raise ConfigError(f"--max-runs must be >= 1, got {a.max_runs}")
+    return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
+                   proposer=a.proposer, seed=a.seed, overrides=list(a.set), space_path=a.space,
+                   run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,
+                   time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
+                   max_failures=a.max_failures, smoke_timeout=a.smoke_timeout)
+
+
+# --------------------------------------------------------------------------- the search
+
+def thread_id(state_path: Path) -> str:
+    """One checkpoint thread per study file."""
+    return "study-" + hashlib.sha256(str(state_path.resolve()).encode()).hexdigest()[:12]
+
+
+def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> bool:
+    """Whether a pending checkpoint fits agent_state.json, which always wins.
+
+    The pass in flight must be for the next run id, except at decide/collect_lora/stop,
+    where the run may already be recorded (a crash after the save, before the checkpoint).
+    """
+    from nas_agent_graph.nodes import run_id_for
+
+    run_id = values.get("run_id")
+    if run_id is None:
+        return True
+    expected = run_id_for(len(study.runs))
+    recorded = get_run(study, run_id) is not None
+    if set(next_nodes) & {"decide", "collect_lora", "stop"}:
+        return run_id == expected or (recorded and study.runs[-1].run_id == run_id)
+    return run_id == expected and not recorded
+
+
+def run_search(ctx: Context) -> int:
+    from nas_agent_graph.display import PlainDisplay, RichDisplay
+    from nas_agent_graph.graph import build_graph
+    from nas_agent_graph.proposers import make_proposer, route_optuna_logging
+    from nas_agent_graph.search_space import load_space
+
+    route_optuna_logging()
+    with StudyLock(ctx.state_path):
+        study = load_agent_state(ctx.state_path)  # a corrupt file stops us here, untouched
+        if "created_at" not in study.meta:
+            load_config(ctx.config_path)  # a new study needs a valid starting config
+        ctx.runs_dir.mkdir(parents=True, exist_ok=True)
+        ctx.space = ctx.space or load_space(ctx.space_path)
+        ctx.proposer_obj = ctx.proposer_obj or make_proposer(ctx.proposer, ctx.space, ctx.seed)
+        ctx.started_at = time.monotonic()
+        display = ctx.display or (RichDisplay() if sys.stderr.isatty() else PlainDisplay())
+        ctx.display = display
+        with closing(sqlite3.connect(ctx.checkpoint_path, check_same_thread=False)) as conn, \
+                (display if isinstance(display, RichDisplay) else nullcontext()):
+            graph = build_graph(SqliteSaver(conn))
+            remaining = max(ctx.max_runs - len(study.runs), 0) + 1
+            cfg = {"configurable": {"thread_id": thread_id(ctx.state_path)},
+                   "recursion_limit": 50 + remaining * (8 + 2 * (ctx.max_retries + 1))}
+            snap = graph.get_state(cfg)
+            resume = bool(snap.next) and checkpoint_agrees(snap.values, snap.next, study)
+            if snap.next and not resume:
+                log.warning("the checkpoint (at %s, %s) disagrees with %s, which wins: starting a fresh pass",
+                            snap.next, snap.values.get("run_id"), ctx.state_path)
+            elif resume:
+                log.info("resuming at %s for %s", snap.next[0], snap.values.get("run_id"))
+            final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+    return 1 if final.get("stop_failed") else 0
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def cmd_check(argv: list[str]) -> int:
+    from nas_agent_graph.validation import check_proposal
+
+    p = argparse.ArgumentParser(prog="python -m nas_agent_graph check",
+                                description="Run the loop's validation on a config, without training. "
+                                            "Exit 0 if it would be accepted for a run, 1 otherwise.")
+    p.add_argument("config", type=Path)
+    p.add_argument("--model", type=Path, default=None, help="a model file defining build_model(config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-params", type=int, default=None)
+    p.add_argument("--smoke-timeout", type=float, default=120.0)
+    _common(p)
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.set)
+    except ConfigError as e:
+        print(f"REJECTED: {e}")
+        return 1
+    study = load_agent_state(a.state) if a.state.exists() else None
+    verdict = check_proposal(cfg.model_dump(), study, python=sys.executable, cwd=ROOT,
+                             smoke_timeout=a.smoke_timeout, max_params=a.max_params, model_file=a.model)
+    if verdict.ok:
+        print(f"OK: {a.config} would be accepted for a run ({verdict.n_params:,} parameters, smoke test "
+              f"{verdict.smoke_seconds:.1f}s{', no duplicate in ' + str(a.state) if study else ''})")
+        return 0
+    print(f"REJECTED: {a.config}")
+    for err in verdict.errors:
+        print(f"  - {err}")
+    return 1
+
+
+def cmd_status(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from nas_agent_graph.report import render_status
+
+    p = argparse.ArgumentParser(prog="python -m nas_agent_graph status", description="Table of the study's runs.")
+    _common(p)
+    a = p.parse_args(argv)
+    console = Console() if sys.stdout.isatty() else None  # colours on a terminal, plain text elsewhere
+    sys.stdout.write(render_status(load_agent_state(a.state), console, state_path=a.state))
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from nas_agent_graph.report import write_report
+
+    p = argparse.ArgumentParser(prog="python -m nas_agent_graph report",
+                                description="Write an offline HTML report (default: runs/report.html).")
+    _common(p)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    path = write_report(load_agent_state(a.state), a.runs_dir, out=a.out, state_path=a.state)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return {"check": cmd_check, "status": cmd_status, "report": cmd_report}[argv[0]](argv[1:])
+        return run_search(context_from_args(search_parser().parse_args(argv)))
+    except (AgentStateError, ConfigError, LockHeld) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

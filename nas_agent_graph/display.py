@@ -1,0 +1,133 @@
+"""What the person at the terminal sees while the search runs.
+
+On a terminal: a rich live panel with the study, the current run's epoch progress (read
+from its history.json as train.py writes it), the best run so far and the last
+decisions. Elsewhere (a log file, CI): one plain line per event.
+"""
+from __future__ import annotations
+
+import sys
+from collections import deque
+from typing import Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from nas_agent.agent_state import AgentState, RunInfo, get_best_run
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+class PlainDisplay:
+    """One line per event on stderr."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.max_runs: Optional[int] = None
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def on_study(self, state: AgentState) -> None:
+        self.max_runs = state.max_runs
+        best = get_best_run(state)
+        self._say(f"study: {len(state.runs)}/{state.max_runs} runs done; best "
+                  f"{best.run_id + ' val_mse ' + _fmt(best.val_mse) if best else '-'}")
+
+    def on_propose(self, run_id: str, proposer: str, attempt: int) -> None:
+        self._say(f"{run_id}: proposing ({proposer}{', attempt ' + str(attempt + 1) if attempt else ''})")
+
+    def on_rejected(self, run_id: str, error: str) -> None:
+        self._say(f"{run_id}: proposal rejected: {error.splitlines()[0][:300]}")
+
+    def on_launch(self, run_id: str, config: dict) -> None:
+        self._say(f"{run_id}: training ({config['training'].get('max_epochs')} epochs max)")
+
+    def on_epoch(self, run_id: str, history: list[dict]) -> None:
+        if history:
+            h = history[-1]
+            self._say(f"{run_id}: epoch {h['epoch']} val_mse {_fmt(h.get('val_mse'))}")
+
+    def on_decision(self, run: RunInfo, state: AgentState) -> None:
+        verdict = "ACCEPTED" if run.accepted else "rejected"
+        self._say(f"{run.run_id}: {run.status}, val_mse {_fmt(run.val_mse)}, {verdict}: {run.reason}")
+
+    def on_stop(self, message: str) -> None:
+        self._say(message)
+
+
+class RichDisplay(PlainDisplay):
+    """A live panel; use as a context manager around the search."""
+
+    def __init__(self, console: Optional[Console] = None):
+        super().__init__()
+        self.console = console or Console(stderr=True)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+        self.study_line = ""
+        self.best_line = "best: -"
+        self.current = ""
+        self.progress = ""
+        self.decisions: deque[str] = deque(maxlen=6)
+
+    def __enter__(self):
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.stop()
+        return False
+
+    def _refresh(self) -> None:
+        table = Table.grid(padding=(0, 1))
+        for line in self.decisions:
+            table.add_row(Text.from_markup(line))
+        body = Group(Text(self.study_line, style="bold"), Text(self.best_line, style="green"),
+                     Text(f"{self.current} {self.progress}"), table)
+        self.live.update(Panel(body, title="nas_agent_graph", border_style="blue"))
+
+    def on_study(self, state: AgentState) -> None:
+        self.max_runs = state.max_runs
+        self._update_study(state)
+        self._refresh()
+
+    def _update_study(self, state: AgentState) -> None:
+        best = get_best_run(state)
+        self.study_line = f"runs {len(state.runs)}/{state.max_runs}   rejected proposals {len(state.rejected)}"
+        if best:
+            self.best_line = f"best: {best.run_id} val_mse {_fmt(best.val_mse)} test_mse {_fmt(best.test_mse)}"
+
+    def on_propose(self, run_id: str, proposer: str, attempt: int) -> None:
+        self.current, self.progress = f"{run_id}: proposing with {proposer}", ""
+        self._refresh()
+
+    def on_rejected(self, run_id: str, error: str) -> None:
+        self.decisions.append(f"[yellow]{run_id} proposal rejected[/]: {error.splitlines()[0][:120]}")
+        self._refresh()
+
+    def on_launch(self, run_id: str, config: dict) -> None:
+        self.max_epochs = config["training"].get("max_epochs")
+        self.current, self.progress = f"{run_id}: training", f"epoch 0/{self.max_epochs}"
+        self._refresh()
+
+    def on_epoch(self, run_id: str, history: list[dict]) -> None:
+        if history:
+            h = history[-1]
+            self.progress = f"epoch {h['epoch']}/{self.max_epochs} val_mse {_fmt(h.get('val_mse'))}"
+            self._refresh()
+
+    def on_decision(self, run: RunInfo, state: AgentState) -> None:
+        mark = "[green]accepted[/]" if run.accepted else "[red]rejected[/]" if run.status != "ok" else "rejected"
+        self.decisions.append(f"{run.run_id} {run.status} val_mse {_fmt(run.val_mse)} {mark}")
+        self._update_study(state)
+        self._refresh()
+
+    def on_stop(self, message: str) -> None:
+        self.current, self.progress = "", ""
+        self._refresh()
+        self.live.stop()
+        self.console.print(message)

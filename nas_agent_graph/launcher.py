@@ -1,0 +1,521 @@
+"""Launch one `train.py` run into runs/run_XXXX/ and wait for its outcome.
+
+The search runs for hours and its orchestrator may be stopped at any moment (Ctrl-C,
+a crash, a lost SSH session). So a launch must be safe to repeat: a run folder that
+holds metrics.json is final and is only read back; a folder without it is the debris
+of an interrupted attempt, which is moved aside into attempt_N/ (never deleted) before
+the run is started afresh.
+
+Each child runs in its own session and process group, so the whole tree it spawns
+(data-loader workers, a shell wrapper) can be stopped with one signal and nothing
+survives a timeout. On Linux the kernel is also asked to SIGTERM the child when the
+orchestrator dies, and launch.json records the PID so that a later launch can find
+and stop a child orphaned by a SIGKILLed orchestrator.
+
+Whatever happens to the child, the folder ends with a metrics.json: the child's own,
+or one written here (status "failed" or "timeout") when the child left none, so a
+resumed search reuses the outcome instead of paying for the run again.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from nas_agent._atomic import atomic_write_json, atomic_write_text
+from nas_agent.logging_utils import METRICS_FILE, HISTORY_FILE, load_history, load_metrics, save_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+CONFIG_FILE = "config.py"
+LOG_FILE = "train.log"
+LAUNCH_FILE = "launch.json"
+ATTEMPT_RE = re.compile(r"^attempt_(\d+)$")
+ERROR_TAIL_LINES = 30
+# Metric keys a synthesised metrics.json carries (as None), so readers find the same
+# keys as in one written by train.py; see nas_agent.logging_utils for their meaning.
+METRIC_KEYS = ("best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "train_mse", "train_time_sec",
+               "n_params", "device", "seed")
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_EXIT_POLL_S = 0.05  # how often to look at the child between progress checks
+
+
+@dataclass
+class LaunchResult:
+    """What one launch_run call found or produced; see launch_run."""
+
+    status: str              # one of RUN_STATUSES
+    metrics: dict            # the run's metrics.json content (read, or synthesised when train.py left none)
+    history: list[dict]      # history.json ([] if none)
+    duration_s: float        # wall-clock of this launch (0 when reused)
+    error_tail: str | None   # last ~30 lines of train.log when status != "ok", else None
+    returncode: int | None   # child's exit code (None when reused)
+    reused: bool             # True: metrics.json already existed, nothing was launched
+    attempt: int             # how many earlier partial attempts were moved aside
+
+
+# --------------------------------------------------------------------------- public API
+
+def is_finished(run_dir: Path) -> bool:
+    """True when the run folder holds a final metrics.json (train.py writes it last).
+
+    An "interrupted" run is not final: train.py writes that status when the orchestrator
+    stops it (Ctrl-C, or the kernel's parent-death SIGTERM after an orchestrator crash),
+    so a resumed search moves its files aside and runs it again from scratch.
+    """
+    metrics = load_metrics(Path(run_dir))
+    return metrics is not None and metrics["status"] != "interrupted"
+
+
+def kill_process_group(pgid: int, grace_s: float) -> bool:
+    """Stop every process of group `pgid`: SIGTERM, up to `grace_s` to exit, then SIGKILL.
+
+    SIGTERM first so that train.py can write what it has (status "interrupted"); SIGKILL
+    after the grace period because a hung or signal-ignoring process must not outlive
+    the orchestrator's decision. Returns True if SIGKILL was needed.
+    Refuses our own group, since killpg on it would kill the orchestrator itself.
+    """
+    _check_foreign_group(pgid)
+    if not _signal_group(pgid, signal.SIGTERM):
+        return False
+    if _wait_until(lambda: not _group_alive(pgid), grace_s):
+        return False
+    log.warning("process group %d still alive %.1fs after SIGTERM; sending SIGKILL", pgid, grace_s)
+    _signal_group(pgid, signal.SIGKILL)
+    if not _wait_until(lambda: not _group_alive(pgid), 5.0):
+        log.error("process group %d survived SIGKILL for 5s (uninterruptible I/O?); check it with "
+                  "`ps -o pid,stat,cmd -g %d`", pgid, pgid)
+    return True
+
+
+def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, python: str = sys.executable,
+               train_script: Path = DEFAULT_TRAIN_SCRIPT, extra_args: Sequence[str] = (),
+               timeout_s: float | None = None, env: Mapping[str, str] | None = None,
+               on_progress: Callable[[list[dict]], None] | None = None, poll_s: float = 0.5,
+               term_grace_s: float = 10.0) -> LaunchResult:
+    """Run train.py for `run_id` into `run_dir` (= runs_dir/run_id) and return its outcome.
+
+    Idempotent: a folder with metrics.json is returned as is (reused=True). Otherwise any
+    orphaned child of an earlier orchestrator is stopped, earlier files are moved into
+    attempt_N/, config.py is written and train.py is started with its output streamed
+    into train.log. `on_progress(history)` is called whenever history.json changes.
+    After `timeout_s` seconds the whole process group is stopped and the status is
+    "timeout". A KeyboardInterrupt (or any error) while waiting stops the group and is
+    re-raised. The child's environment gets PYTHONUNBUFFERED=1 unless `env` sets it, so
+    train.log fills while the run goes instead of at exit.
+    """
+    run_dir, runs_dir, train_script = _check_launch_args(run_dir, run_id, runs_dir, train_script,
+                                                         timeout_s, poll_s, term_grace_s)
+    if is_finished(run_dir):
+        return _reused_result(run_dir)
+    _stop_orphan(run_dir, term_grace_s)
+    attempt = move_aside(run_dir)
+    atomic_write_text(run_dir / CONFIG_FILE, config_text)
+    cmd = [python, str(train_script), "--config", str(run_dir / CONFIG_FILE), "--tag", run_id,
+           "--runs-dir", str(runs_dir), *map(str, extra_args)]
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    start = time.monotonic()
+    with open(run_dir / LOG_FILE, "wb") as log_file:
+        proc = _start_child(cmd, log_file, train_script.parent, child_env)
+        _write_launch_record(run_dir, proc, cmd)
+        log.info("%s: started pid %d: %s", run_id, proc.pid, " ".join(cmd))
+        timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s)
+    duration = time.monotonic() - start
+    metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)
+    return _result(run_dir, metrics, duration, proc.returncode, reused=False, attempt=attempt)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_launch_args(run_dir, run_id, runs_dir, train_script, timeout_s, poll_s, term_grace_s):
+    """Resolve the paths (the child runs in another cwd) and reject inconsistent arguments.
+
+    train.py writes into runs_dir/run_id; a run_dir elsewhere would never see its
+    metrics.json and every launch would silently start over.
+    """
+    run_dir, runs_dir = Path(run_dir).resolve(), Path(runs_dir).resolve()
+    train_script = Path(train_script).resolve()
+    if run_dir != runs_dir / run_id:
+        raise ValueError(f"launch_run: run_dir {run_dir} is not runs_dir/run_id ({runs_dir / run_id}); "
+                         "train.py writes into runs_dir/run_id, so pass run_dir=runs_dir / run_id")
+    if not train_script.is_file():
+        raise FileNotFoundError(f"launch_run: train script {train_script} not found; pass train_script= "
+                                "the path of train.py")
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"launch_run: timeout_s must be > 0 or None (no limit), got {timeout_s}")
+    if poll_s <= 0 or term_grace_s < 0:
+        raise ValueError(f"launch_run: poll_s must be > 0 and term_grace_s >= 0, got poll_s={poll_s}, "
+                         f"term_grace_s={term_grace_s}")
+    return run_dir, runs_dir, train_script
+
+
+def _check_foreign_group(pgid: int) -> None:
+    """Refuse group ids whose killpg would hit the orchestrator itself or every process."""
+    if pgid <= 1 or pgid == os.getpgrp():
+        raise ValueError(f"kill_process_group: refusing to signal process group {pgid}: it is "
+                         f"{'invalid' if pgid <= 1 else 'our own group'}; pass the pgid of a child "
+                         "started with start_new_session=True")
+
+
+# --------------------------------------------------------------------------- earlier attempts
+
+def _stop_orphan(run_dir: Path, grace_s: float) -> None:
+    """Stop a child left running by an orchestrator that died without killing it.
+
+    The PID in launch.json may since have been reused by an unrelated process, so it is
+    only killed if its command line names this run folder.
+    """
+    record = _read_launch_record(run_dir)
+    pid = record.get("pid") if record else None
+    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid() or not _pid_alive(pid):
+        return
+    if not _cmdline_mentions(pid, run_dir):
+        log.debug("%s: pid %d from %s is alive but is not this run's child; leaving it", run_dir, pid, LAUNCH_FILE)
+        return
+    log.warning("%s: an earlier child (pid %d) is still running, orphaned by a previous orchestrator; "
+                "stopping it before relaunching", run_dir, pid)
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if pgid == os.getpgrp() or pgid <= 1:
+        _kill_single(pid, grace_s)
+    else:
+        kill_process_group(pgid, grace_s)
+
+
+def _read_launch_record(run_dir: Path) -> dict | None:
+    """launch.json as a dict; None when absent or unreadable (it is only a hint)."""
+    path = run_dir / LAUNCH_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); cannot check for an orphaned child of an earlier attempt", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cmdline_mentions(pid: int, run_dir: Path) -> bool:
+    """True if an argument of `pid` is run_dir or a path inside it.
+
+    Compared path-wise, not as a substring, so runs/run_0001 does not match runs/run_00010.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    prefix = str(run_dir)
+    return any(arg == prefix or arg.startswith(prefix + os.sep) for arg in args)
+
+
+def move_aside(run_dir: Path) -> int:
+    """Move everything but earlier attempt_* folders into the next attempt_N/; return the attempt count.
+
+    Nothing is deleted: the partial history and log of an interrupted attempt may be
+    what explains it. train.py also refuses a folder that already holds its outputs.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := ATTEMPT_RE.match(p.name))]
+    leftovers = [p for p in run_dir.iterdir() if not (p.is_dir() and ATTEMPT_RE.match(p.name))]
+    if not leftovers:
+        return len(numbers)
+    target = run_dir / f"attempt_{max(numbers, default=0) + 1}"
+    target.mkdir()
+    for path in leftovers:
+        os.replace(path, target / path.name)
+    log.info("%s: moved %d file(s) of an interrupted attempt into %s", run_dir, len(leftovers), target.name)
+    return len(numbers) + 1
+
+
+# --------------------------------------------------------------------------- starting the child
+
+def _load_prctl():
+    """libc's prctl, or None where there is none (not Linux); looked up before fork."""
+    if not sys.platform.startswith("linux"):
+        log.debug("not Linux: children are not tied to the orchestrator's life (no PR_SET_PDEATHSIG)")
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError) as exc:
+        log.debug("prctl unavailable (%s): children are not tied to the orchestrator's life", exc)
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _make_preexec(prctl):
+    """preexec_fn asking the kernel to SIGTERM the child when its parent thread dies.
+
+    The signal follows the launching *thread*; that is safe here because launch_run
+    blocks in that thread until the child has exited. If the parent died before prctl
+    took effect, the child stops itself at once.
+    """
+    if prctl is None:
+        return None
+    parent_pid = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _start_child(cmd: list[str], log_file, cwd: Path, env: dict) -> subprocess.Popen:
+    """Start the child in its own session, stdout+stderr into train.log, no stdin."""
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                cwd=cwd, env=env, start_new_session=True, preexec_fn=_make_preexec(_load_prctl()))
+    except subprocess.SubprocessError as exc:
+        raise RuntimeError(f"could not start {cmd[1]}: setting up the child (prctl PR_SET_PDEATHSIG) failed: "
+                           f"{exc}") from exc
+    except OSError as exc:
+        raise RuntimeError(f"could not start {' '.join(cmd[:2])}: {exc}; check the python interpreter "
+                           "and train_script paths") from exc
+
+
+def _write_launch_record(run_dir: Path, proc: subprocess.Popen, cmd: list[str]) -> None:
+    """launch.json: who runs this folder, so a later launch can stop it if we die."""
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(run_dir / LAUNCH_FILE, {"pid": proc.pid, "pgid": proc.pid, "cmd": cmd, "started_at": started})
+
+
+# --------------------------------------------------------------------------- supervising
+
+def _supervise(proc, run_dir, on_progress, timeout_s, poll_s, grace_s) -> bool:
+    """Wait for the child, reporting progress; return True if it was stopped for the timeout.
+
+    The child is left unreaped (a zombie) until its group has been swept, so its PID,
+    which is also the group id, cannot be reused by an unrelated process meanwhile.
+    """
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+    watcher = _HistoryWatcher(run_dir, on_progress)
+    timed_out = False
+    try:
+        while not _wait_exit_unreaped(proc.pid, poll_s):
+            watcher.check()
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("%s: --run-timeout of %gs reached; stopping pid %d and its group",
+                            run_dir.name, timeout_s, proc.pid)
+                timed_out = True
+                kill_process_group(proc.pid, grace_s)
+                _wait_exit_unreaped(proc.pid, None)
+                break
+        _signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the child
+        proc.wait()
+    except BaseException:
+        log.warning("%s: orchestrator interrupted; stopping pid %d and its group", run_dir.name, proc.pid)
+        _kill_after_error(proc, grace_s)
+        raise
+    watcher.check()  # the last epoch, written just before exit
+    return timed_out
+
+
+def _kill_after_error(proc: subprocess.Popen, grace_s: float) -> None:
+    """Stop and reap the child while another exception is propagating; never raise over it."""
+    try:
+        if proc.returncode is None:  # not reaped yet, so its pid still names its group
+            kill_process_group(proc.pid, grace_s)
+        proc.wait()
+    except Exception:
+        log.exception("stopping pid %d after an orchestrator error failed; check it with `ps -g %d`",
+                      proc.pid, proc.pid)
+
+
+def _wait_exit_unreaped(pid: int, timeout_s: float | None) -> bool:
+    """Wait up to timeout_s (None: forever) for child `pid` to exit, without reaping it."""
+    flags = os.WEXITED | os.WNOWAIT
+    if timeout_s is None:
+        os.waitid(os.P_PID, pid, flags)
+        return True
+    end = time.monotonic() + timeout_s
+    while os.waitid(os.P_PID, pid, flags | os.WNOHANG) is None:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(_EXIT_POLL_S, remaining))
+    return True
+
+
+class _HistoryWatcher:
+    """Calls on_progress(history) when history.json changes; a failing callback is only logged."""
+
+    def __init__(self, run_dir: Path, on_progress):
+        self.path = run_dir / HISTORY_FILE
+        self.run_dir = run_dir
+        self.on_progress = on_progress
+        self.last = None
+
+    def check(self) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)  # atomic replace: a new inode each write
+        if stamp == self.last:
+            return
+        self.last = stamp
+        try:
+            self.on_progress(load_history(self.run_dir))
+        except Exception:
+            log.exception("%s: on_progress callback failed; the run goes on", self.run_dir.name)
+
+
+# --------------------------------------------------------------------------- signals and processes
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """killpg; returns False, not an error, when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _kill_single(pid: int, grace_s: float) -> None:
+    """TERM, grace, KILL for one process that shares our own group (never killpg that)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_until(lambda: not _pid_alive(pid), grace_s):
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, pgrp) of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # the command name may hold spaces and ')'
+    return fields[0], int(fields[2])
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if `pid` runs; a zombie (exited, not yet reaped) counts as dead."""
+    if os.path.isdir("/proc/self"):
+        stat = _proc_stat(pid)
+        return stat is not None and stat[0] not in "ZX"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """True if a non-zombie process is still in group `pgid`.
+
+    killpg(pgid, 0) alone would also count zombies, which may never be reaped where
+    PID 1 does not reap orphans (some containers).
+    """
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                stat = _proc_stat(int(entry.name))
+                if stat is not None and stat[1] == pgid and stat[0] not in "ZX":
+                    return True
+    return False
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = _EXIT_POLL_S) -> bool:
+    """Poll `predicate` until true or timeout; return its last value."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(step_s)
+    return True
+
+
+# --------------------------------------------------------------------------- outcome
+
+def _final_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: bool, timeout_s) -> dict:
+    """The run's metrics.json, made final: synthesised if missing, relabelled after our timeout."""
+    metrics = load_metrics(run_dir)
+    if metrics is None:
+        metrics = _synthesise_metrics(run_dir, run_id, returncode, timed_out, timeout_s)
+        save_metrics(run_dir, metrics)
+    elif timed_out and metrics.get("status") == "interrupted":
+        metrics["status"] = "timeout"
+        metrics["error"] = (f"killed by the orchestrator after --run-timeout {timeout_s:g}s "
+                            f"(train.py stopped on SIGTERM: {metrics.get('error')})")
+        save_metrics(run_dir, metrics)
+    return metrics
+
+
+def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: bool, timeout_s) -> dict:
+    """metrics for a child that left none, with the reason and the log tail as its error."""
+    if timed_out:
+        status = "timeout"
+        reason = (f"killed after --run-timeout {timeout_s:g}s before train.py could write {METRICS_FILE}; "
+                  "raise --run-timeout or make the config train faster")
+    else:
+        status = "failed"
+        reason = f"train.py exited with code {returncode} without writing {METRICS_FILE}"
+        if returncode < 0:
+            name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else "a signal"
+            reason += f" (killed by {name}{'; possibly the out-of-memory killer' if name == 'SIGKILL' else ''})"
+    tail = _log_tail(run_dir) or "(train.log is empty)"
+    log.warning("%s: %s", run_id, reason)
+    metrics = {"status": status, **{key: None for key in METRIC_KEYS}}
+    metrics.update(epochs_run=len(load_history(run_dir)), error=f"{reason}\n--- last lines of {LOG_FILE} ---\n{tail}",
+                   tag=run_id, returncode=returncode)
+    return metrics
+
+
+def _log_tail(run_dir: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
+    """The last `lines` lines of train.log, reading only its end (logs can be large)."""
+    path = run_dir / LOG_FILE
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _reused_result(run_dir: Path) -> LaunchResult:
+    """The outcome of a folder that is already final; nothing is launched."""
+    log.info("%s: already finished (%s exists); reusing it", run_dir.name, METRICS_FILE)
+    attempts = sum(1 for p in run_dir.iterdir() if p.is_dir() and ATTEMPT_RE.match(p.name))
+    return _result(run_dir, load_metrics(run_dir), 0.0, None, reused=True, attempt=attempts)
+
+
+def _result(run_dir: Path, metrics: dict, duration: float, returncode, *, reused: bool, attempt: int) -> LaunchResult:
+    status = metrics["status"]
+    return LaunchResult(status=status, metrics=metrics, history=load_history(run_dir), duration_s=duration,
+                        error_tail=None if status == "ok" else _log_tail(run_dir), returncode=returncode,
+                        reused=reused, attempt=attempt)

@@ -1,0 +1,56 @@
+"""The graph's state: only the proposal in flight.
+
+agent_state.json is the single source of truth about runs; nodes read it from disk
+when they need history, and only `decide` (and `validate`, for rejected proposals)
+writes it. The graph state below carries just what one pass through the loop needs
+between nodes, and is checkpointed after every step (SqliteSaver, durability="sync"),
+so a killed orchestrator resumes at the node it was in. Every field must be plain JSON.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, TypedDict
+
+
+class GraphState(TypedDict, total=False):
+    run_id: Optional[str]
+    """Id of the run being prepared ("run_0007"), fixed by `propose` for the whole pass."""
+
+    attempt: int
+    """0-based proposal attempt for this run; incremented on each invalid proposal."""
+
+    proposal: Optional[dict[str, Any]]
+    """The current proposal: {config, proposer, parent_run_id, meta}. `config` is the full
+    raw config dict with the user's --set overrides already applied."""
+
+    feedback: Optional[str]
+    """Why the previous proposal was rejected; given to the proposer on the retry."""
+
+    validation_error: Optional[str]
+    """Set by `validate` when the proposal is invalid; None when it passed."""
+
+    smoke: Optional[dict[str, Any]]
+    """Smoke-test result of a valid proposal: {n_params, seconds}."""
+
+    launch: Optional[dict[str, Any]]
+    """Outcome of `launch`: {status, metrics, duration_s, error_tail, returncode, reused, attempt}."""
+
+    summary: Optional[str]
+    """Plain-English learning-curve summary written by `summarise`."""
+
+    decision: Optional[dict[str, Any]]
+    """Outcome of `decide`: {accepted, reason, reward}."""
+
+    stop_reason: Optional[str]
+    """Why the search stops (set by `load_state`, `validate` or `decide`); None to go on."""
+
+    stop_failed: bool
+    """True when the stop is a failure (runs or proposals failing in a row): exit code 1."""
+
+    message: Optional[str]
+    """The final message, set by `stop`."""
+
+
+def fresh_pass() -> dict[str, Any]:
+    """The partial update that clears the in-flight fields before the next proposal."""
+    return {"run_id": None, "attempt": 0, "proposal": None, "feedback": None, "validation_error": None,
+            "smoke": None, "launch": None, "summary": None, "decision": None}

@@ -1,0 +1,87 @@
+"""Validation of a proposal, shared by the loop's `validate` node and the `check` command.
+
+Four gates, in order: the config loader's schema, the duplicate check against the
+study, a smoke test in a subprocess with a timeout, and the parameter budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from nas_agent.agent_state import AgentState
+from nas_agent.config import ConfigError, config_hash, validate_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    errors: list[str] = field(default_factory=list)
+    n_params: Optional[int] = None
+    smoke_seconds: Optional[float] = None
+    config: Optional[dict[str, Any]] = None
+    """The validated config (plain dict), when the schema passed."""
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.errors)
+
+
+def find_duplicate(config: dict, state: AgentState) -> Optional[str]:
+    """The run id of an earlier run with the same effective settings, if any."""
+    h = config_hash(config)
+    for run in state.runs:
+        try:
+            if config_hash(run.config) == h:
+                return run.run_id
+        except ConfigError:
+            continue  # a run whose config no longer validates cannot be a duplicate
+    return None
+
+
+def run_smoke(config: dict, *, python: str, cwd: Path, timeout_s: float, env: Optional[dict] = None,
+              model_file: Optional[Path] = None) -> dict:
+    """Run nas_agent_graph.smoke in a subprocess; the verdict is a dict, never an exception."""
+    with tempfile.TemporaryDirectory(prefix="nas_smoke_") as tmp:
+        cfg_file = Path(tmp) / "config.json"
+        cfg_file.write_text(json.dumps(config))
+        cmd = [python, "-m", "nas_agent_graph.smoke", str(cfg_file)]
+        if model_file is not None:
+            cmd += ["--model", str(model_file)]
+        try:
+            proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"smoke test timed out after {timeout_s:g}s"}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        return {"ok": False, "error": f"smoke test exited with code {proc.returncode} and no verdict: {tail}"}
+
+
+def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, cwd: Path, smoke_timeout: float,
+                   max_params: Optional[int] = None, env: Optional[dict] = None,
+                   model_file: Optional[Path] = None) -> Verdict:
+    try:
+        cfg = validate_config(raw, "proposal").model_dump()
+    except ConfigError as e:
+        return Verdict(False, [str(e)])
+    if state is not None and (dup := find_duplicate(cfg, state)):
+        return Verdict(False, [f"duplicate: the same settings already ran as {dup}"], config=cfg)
+    result = run_smoke(cfg, python=python, cwd=cwd, timeout_s=smoke_timeout, env=env, model_file=model_file)
+    if not result.get("ok"):
+        return Verdict(False, [f"smoke test failed: {result.get('error')}"], config=cfg)
+    n_params = result["n_params"]
+    if max_params is not None and n_params > max_params:
+        return Verdict(False, [f"too many parameters: {n_params:,} > --max-params {max_params:,}"],
+                       n_params=n_params, config=cfg)
+    return Verdict(True, n_params=n_params, smoke_seconds=result.get("seconds"), config=cfg)
+

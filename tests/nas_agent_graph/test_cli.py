@@ -1,0 +1,220 @@
+"""The orchestrator as a user runs it: `python -m nas_agent_graph` in a subprocess, real train.py runs.
+
+Tiny models (a narrowed search space) and one-epoch runs keep each run to a few seconds.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nas_agent.agent_state import load_agent_state
+from nas_agent.config import load_config
+from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
+
+TINY_SPACE = {
+    "model.n_heads": {"type": "categorical", "choices": [2]},
+    "model.head_dim": {"type": "categorical", "choices": [4, 8]},
+    "model.e_layers": {"type": "int", "low": 1, "high": 2},
+    "model.d_layers": None,
+    "model.ff_mult": {"type": "categorical", "choices": [2]},
+    "data.seq_len": {"type": "categorical", "choices": [48]},
+    "data.label_frac": {"type": "categorical", "choices": [0.5]},
+    "training.batch_size": {"type": "categorical", "choices": [32]},
+}
+QUICK = ["--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
+
+
+@pytest.fixture
+def study(tmp_path):
+    (tmp_path / "config.py").write_text(TINY_CONFIG)
+    (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
+    return tmp_path
+
+
+def cli(study: Path, *args, timeout=600, **kw):
+    env = run_env(PYTHONPATH=str(ROOT))
+    return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args], cwd=study, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def search_args(max_runs, proposer="tpe", *extra):
+    return ["--max-runs", str(max_runs), "--proposer", proposer, "--space", "space.json", *QUICK, *extra]
+
+
+def assert_consistent(study: Path, n_runs: int):
+    """No lost or duplicated runs; every recorded run has a finished folder that matches it."""
+    state = load_agent_state(study / "agent_state.json")
+    ids = [r.run_id for r in state.runs]
+    assert ids == [f"run_{i:04d}" for i in range(n_runs)], ids
+    for r in state.runs:
+        metrics = json.loads((study / "runs" / r.run_id / "metrics.json").read_text())
+        assert metrics["status"] == r.status
+        assert metrics["status"] != "interrupted"
+        assert metrics["val_mse"] == pytest.approx(r.val_mse) if r.val_mse is not None else True
+    assert not (study / "runs" / f"run_{n_runs:04d}").exists()
+    return state
+
+
+@pytest.mark.parametrize("proposer", ["random", "tpe", "cmaes"])
+def test_search_loop_for_each_proposer(study, proposer):
+    proc = cli(study, *search_args(3, proposer))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = assert_consistent(study, 3)
+    assert state.runs[0].proposer == "baseline"
+    assert {r.proposer for r in state.runs[1:]} == {proposer}
+    assert all(r.status == "ok" for r in state.runs)
+    assert state.best_run_id is not None and state.runs[0].accepted
+    best = next(r for r in state.runs if r.run_id == state.best_run_id)
+    # config.py is the incumbent; the original is kept.
+    assert load_config(study / "config.py").model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}}) == \
+        load_config(study / "runs" / best.run_id / "config.py").model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}})
+    assert "Search stopped: reached --max-runs 3" in proc.stderr
+    assert f"Best run: {best.run_id}" in proc.stderr and "python train.py --config" in proc.stderr
+    samples = (study / "runs" / "lora" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 and all("reward" in json.loads(s) for s in samples)
+
+
+def test_same_seed_reproduces_proposals(study, tmp_path_factory):
+    other = tmp_path_factory.mktemp("again")
+    (other / "config.py").write_text(TINY_CONFIG)
+    (other / "space.json").write_text(json.dumps(TINY_SPACE))
+    for where in (study, other):
+        assert cli(where, *search_args(3, "random", "--seed", "5")).returncode == 0
+    a, b = (load_agent_state(w / "agent_state.json") for w in (study, other))
+    assert [r.config for r in a.runs] == [r.config for r in b.runs]
+    assert [r.val_mse for r in a.runs] == [r.val_mse for r in b.runs]
+
+
+def test_status_and_report(study):
+    assert cli(study, *search_args(2)).returncode == 0
+    status = cli(study, "status")
+    assert status.returncode == 0 and "run_0000" in status.stdout and "run_0001" in status.stdout
+    report = cli(study, "report")
+    assert report.returncode == 0 and (study / "runs" / "report.html").is_file()
+
+
+def test_max_runs_counts_the_whole_study(study):
+    assert cli(study, *search_args(2)).returncode == 0
+    assert cli(study, *search_args(2)).returncode == 0  # nothing left to do
+    assert_consistent(study, 2)
+    assert cli(study, *search_args(3)).returncode == 0  # one more
+    assert_consistent(study, 3)
+
+
+def wait_for(predicate, timeout=180, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+def test_resume_after_sigkill_during_training(study):
+    env = run_env(PYTHONPATH=str(ROOT))
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(3), "--set", "training.max_steps_per_epoch=200"]
+    proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launch = study / "runs" / "run_0001" / "launch.json"
+    wait_for(launch.exists)
+    child = json.loads(launch.read_text())["pid"]
+    time.sleep(1.0)  # let train.py get into its epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=60)  # the orphan is taken down
+    state = load_agent_state(study / "agent_state.json")
+    assert len(state.runs) == 1  # run_0001 was in flight: not counted
+    done = cli(study, *search_args(3), "--set", "training.max_steps_per_epoch=200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at launch for run_0001" in done.stderr
+    assert_consistent(study, 3)
+    assert (study / "runs" / "run_0001" / "attempt_1" / "train.log").exists()  # old partial files kept
+
+
+def test_resume_after_sigkill_during_proposing(study):
+    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="propose:run_0001:30")
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(3)]
+    proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = study / "runs" / ".paused_in_propose"
+    wait_for(marker.exists)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(load_agent_state(study / "agent_state.json").runs) == 1
+    done = cli(study, *search_args(3))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at propose" in done.stderr
+    assert_consistent(study, 3)
+
+
+def test_checkpoint_and_state_agree_after_crashes(study):
+    """Kill the orchestrator at random moments; afterwards the checkpoint never contradicts the state."""
+    import random
+    from nas_agent_graph.cli import checkpoint_agrees, thread_id
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from nas_agent_graph.graph import build_graph
+
+    rng = random.Random(3)
+    env = run_env(PYTHONPATH=str(ROOT))
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(4)]
+    for _ in range(4):
+        proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(3, 12))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        state_path = study / "agent_state.json"
+        if not (study / "runs" / "checkpoints.sqlite").exists() or not state_path.exists():
+            continue
+        state = load_agent_state(state_path)
+        with sqlite3.connect(study / "runs" / "checkpoints.sqlite") as conn:
+            snap = build_graph(SqliteSaver(conn)).get_state({"configurable": {"thread_id": thread_id(state_path)}})
+        if snap.next:
+            assert checkpoint_agrees(snap.values, snap.next, state), (snap.next, snap.values.get("run_id"))
+    done = cli(study, *search_args(4))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_consistent(study, 4)
+
+
+def test_second_orchestrator_is_refused(study):
+    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="propose:run_0001:60")
+    first = subprocess.Popen([PYTHON, "-m", "nas_agent_graph", *search_args(3)], cwd=study, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for((study / "runs" / ".paused_in_propose").exists)
+        before = (study / "agent_state.json").read_bytes()
+        second = cli(study, *search_args(3))
+        assert second.returncode == 2
+        assert f"PID {first.pid}" in second.stderr
+        assert (study / "agent_state.json").read_bytes() == before
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_corrupt_state_gives_a_clear_error_and_is_not_overwritten(study):
+    path = study / "agent_state.json"
+    path.write_text('{"version": 1, "runs": [')
+    proc = cli(study, *search_args(2))
+    assert proc.returncode == 2
+    assert "agent_state.json" in proc.stderr and "line 1" in proc.stderr
+    assert path.read_text() == '{"version": 1, "runs": ['
+    assert not (study / "runs" / "run_0000").exists()
+
+
+def test_check_subcommand(study):
+    ok = cli(study, "check", "config.py")
+    assert ok.returncode == 0 and "OK: config.py would be accepted" in ok.stdout
+    bad = study / "bad.py"
+    bad.write_text(TINY_CONFIG + "\nmodel['x'] = 1\n")
+    rejected = cli(study, "check", "bad.py")
+    assert rejected.returncode == 1 and "REJECTED" in rejected.stdout and "bad.py:9" in rejected.stdout
+    assert cli(study, *search_args(1)).returncode == 0
+    dup = cli(study, "check", "config.py", *QUICK)
+    assert dup.returncode == 1 and "duplicate: the same settings already ran as run_0000" in dup.stdout
+    big = cli(study, "check", "config.py", "--max-params", "100", "--set", "training.seed=9")
+    assert big.returncode == 1 and "too many parameters" in big.stdout

@@ -1,0 +1,118 @@
+"""Graph wiring and logic: routers, the mermaid snapshot, and the validate/retry/stop paths.
+
+The graph-logic tests use a scripted fake proposer (the only fake here); validation,
+smoke tests and training are real subprocesses on a tiny config.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from nas_agent.agent_state import load_agent_state
+from nas_agent.config import parse_config_source
+from nas_agent_graph import routers
+from nas_agent_graph.cli import checkpoint_agrees, run_search
+from nas_agent_graph.context import Context
+from nas_agent_graph.display import PlainDisplay
+from nas_agent_graph.graph import build_graph
+from nas_agent_graph.proposers import Proposal
+from tests.conftest import TINY_CONFIG
+
+SNAPSHOT = Path(__file__).with_name("graph.mmd")
+QUICK = ["training.max_epochs=1", "training.max_steps_per_epoch=5"]
+
+
+def test_mermaid_drawing_matches_snapshot_and_readme():
+    drawing = build_graph().get_graph().draw_mermaid()
+    assert drawing == SNAPSHOT.read_text(), "graph changed: update tests/nas_agent_graph/graph.mmd and README.md"
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert drawing.strip() in readme
+
+
+def test_routers_are_pure_functions_of_state():
+    assert routers.after_load({"stop_reason": None}) == "propose"
+    assert routers.after_load({"stop_reason": "reached --max-runs 3"}) == "stop"
+    assert routers.after_validate({"validation_error": None}) == "launch"
+    assert routers.after_validate({"validation_error": "bad", "stop_reason": None}) == "propose"
+    assert routers.after_validate({"validation_error": "bad", "stop_reason": "too many"}) == "stop"
+    assert routers.after_collect({"stop_reason": None}) == "propose"
+    assert routers.after_collect({"stop_reason": "patience"}) == "stop"
+
+
+@dataclass
+class ScriptedProposer:
+    """Returns the given raw configs in order, one per call (graph-logic tests only)."""
+
+    configs: list
+    name: str = "scripted"
+    calls: list = field(default_factory=list)
+
+    def propose(self, state, base_config, attempt, feedback):
+        self.calls.append({"runs": len(state.runs), "attempt": attempt, "feedback": feedback})
+        return Proposal(config=self.configs[min(len(self.calls) - 1, len(self.configs) - 1)], proposer=self.name)
+
+
+def make_ctx(tmp_path, proposer, **kw) -> Context:
+    config = tmp_path / "config.py"
+    if not config.exists():
+        config.write_text(TINY_CONFIG)
+    defaults = dict(state_path=tmp_path / "agent_state.json", runs_dir=tmp_path / "runs", config_path=config,
+                    overrides=QUICK, proposer_obj=proposer, display=PlainDisplay(), max_runs=2)
+    defaults.update(kw)
+    return Context(**defaults)
+
+
+def base_raw(tmp_path) -> dict:
+    return parse_config_source(TINY_CONFIG)
+
+
+def test_invalid_proposal_goes_back_to_propose_with_feedback(tmp_path):
+    good = base_raw(tmp_path)
+    good["model"]["d_model"] = 24
+    bad = json.loads(json.dumps(good))
+    bad["model"]["n_heads"] = 5  # 24 % 5 != 0
+    proposer = ScriptedProposer([bad, good])
+    assert run_search(make_ctx(tmp_path, proposer)) == 0
+    study = load_agent_state(tmp_path / "agent_state.json")
+    assert [r.run_id for r in study.runs] == ["run_0000", "run_0001"]  # the rejection did not count as a run
+    assert study.runs[0].proposer == "baseline" and study.runs[1].proposer == "scripted"
+    assert study.runs[1].config["model"]["d_model"] == 24
+    assert len(study.rejected) == 1 and "d_model % n_heads" in study.rejected[0]["error"]
+    assert proposer.calls[1]["attempt"] == 1 and "d_model % n_heads" in proposer.calls[1]["feedback"]
+    assert not (tmp_path / "runs" / "run_0002").exists()
+
+
+def test_duplicate_proposal_is_rejected_with_the_earlier_run(tmp_path):
+    proposer = ScriptedProposer([base_raw(tmp_path)])  # the baseline again, forever
+    ctx = make_ctx(tmp_path, proposer, max_retries=1)
+    assert run_search(ctx) == 1  # a failure stop
+    study = load_agent_state(ctx.state_path)
+    assert len(study.runs) == 1
+    assert len(study.rejected) == 2
+    assert all("duplicate: the same settings already ran as run_0000" in r["error"] for r in study.rejected)
+
+
+def test_smoke_test_failure_and_param_budget_reject(tmp_path):
+    raw = base_raw(tmp_path)
+    raw["data"]["path"] = str(tmp_path / "missing.csv")  # fails only when data is loaded: in the smoke test
+    big = base_raw(tmp_path)
+    big["model"]["d_model"] = 64
+    proposer = ScriptedProposer([raw, big])
+    ctx = make_ctx(tmp_path, proposer, max_retries=1, max_params=20_000)
+    assert run_search(ctx) == 1
+    errors = [r["error"] for r in load_agent_state(ctx.state_path).rejected]
+    assert "smoke test failed: DataError: data file not found" in errors[0]
+    assert "too many parameters" in errors[1] and "> --max-params 20,000" in errors[1]
+
+
+def test_checkpoint_agreement_rules():
+    from nas_agent.agent_state import AgentState, RunInfo
+    study = AgentState(runs=[RunInfo(run_id="run_0000", status="ok", accepted=True, val_mse=1.0)],
+                       best_run_id="run_0000")
+    assert checkpoint_agrees({"run_id": "run_0001"}, ("launch",), study)
+    assert checkpoint_agrees({"run_id": None}, ("propose",), study)
+    assert not checkpoint_agrees({"run_id": "run_0000"}, ("launch",), study)  # already recorded
+    assert not checkpoint_agrees({"run_id": "run_0005"}, ("validate",), study)  # state lost runs
+    assert checkpoint_agrees({"run_id": "run_0000"}, ("decide",), study)  # saved, checkpoint not yet written
+    assert checkpoint_agrees({"run_id": "run_0001"}, ("decide",), study)
