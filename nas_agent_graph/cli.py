@@ -21,7 +21,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from nas_agent.agent_state import AgentState, AgentStateError, get_run, load_agent_state
 from nas_agent.config import ConfigError, load_config
-from nas_agent_graph.context import ROOT, Context
+from nas_agent_graph.context import Context
 from nas_agent_graph.lock import LockHeld, StudyLock
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,8 @@ def cmd_check(argv: list[str]) -> int:
         print(f"REJECTED: {e}")
         return 1
     study = load_agent_state(a.state) if a.state.exists() else None
-    verdict = check_proposal(cfg.model_dump(), study, python=sys.executable, cwd=ROOT,
-                             smoke_timeout=a.smoke_timeout, max_params=a.max_params, model_file=a.model)
+    verdict = check_proposal(cfg.model_dump(), study, python=sys.executable, smoke_timeout=a.smoke_timeout,
+                             max_params=a.max_params, model_file=a.model)
     if verdict.ok:
         print(f"OK: {a.config} would be accepted for a run ({verdict.n_params:,} parameters, smoke test "
               f"{verdict.smoke_seconds:.1f}s{', no duplicate in ' + str(a.state) if study else ''})")

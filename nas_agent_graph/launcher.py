@@ -475,6 +475,19 @@ def _final_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: bool,
     return metrics
 
 
+LOG_TAIL_MARKER = "\n--- last lines of "
+
+
+def error_headline(error: str | None) -> str:
+    """One line that says why a run failed: the orchestrator's own reason when it wrote the
+    error (reason, then the log tail), else the last line of train.py's error (the exception)."""
+    text = (error or "").strip()
+    if LOG_TAIL_MARKER in text:
+        return text.split(LOG_TAIL_MARKER, 1)[0].strip().splitlines()[0][:300]
+    lines = text.splitlines()
+    return lines[-1][:300] if lines else "(no error text)"
+
+
 def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: bool, timeout_s) -> dict:
     """metrics for a child that left none, with the reason and the log tail as its error."""
     if timed_out:
@@ -490,7 +503,7 @@ def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: 
     tail = _log_tail(run_dir) or "(train.log is empty)"
     log.warning("%s: %s", run_id, reason)
     metrics = {"status": status, **{key: None for key in METRIC_KEYS}}
-    metrics.update(epochs_run=len(load_history(run_dir)), error=f"{reason}\n--- last lines of {LOG_FILE} ---\n{tail}",
+    metrics.update(epochs_run=len(load_history(run_dir)), error=f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{tail}",
                    tag=run_id, returncode=returncode)
     return metrics
 

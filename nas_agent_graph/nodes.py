@@ -29,7 +29,7 @@ from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
 from nas_agent.run_manager import get_run_dir
 from nas_agent_graph.context import Context
-from nas_agent_graph.launcher import is_finished, launch_run, move_aside
+from nas_agent_graph.launcher import error_headline, is_finished, launch_run, move_aside
 from nas_agent_graph.proposers import BaselineProposer
 from nas_agent_graph.reward import compute_reward
 from nas_agent_graph.state import GraphState, fresh_pass
@@ -72,15 +72,10 @@ def stop_reason_for(state: AgentState, ctx: Context) -> tuple[str | None, bool]:
         return f"used {used:.0f}s of --time-budget {ctx.time_budget:g}s", False
     tail = runs[-ctx.max_failures:]
     if ctx.max_failures and len(tail) == ctx.max_failures and all(r.status not in SUCCESS for r in tail):
-        errors = "\n".join(f"  {r.run_id} {r.status}: {_last_line(r.error_tail)}" for r in tail)
+        errors = "\n".join(f"  {r.run_id}: {r.reason}" for r in tail)
         return (f"the last {ctx.max_failures} runs all failed, so the search stops instead of burning its budget. "
                 f"Look at their train.log files; the last errors were:\n{errors}"), True
     return None, False
-
-
-def _last_line(text: str | None) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[-1][:300] if lines else "(no error text)"
 
 
 def _tick_time(state: AgentState, ctx: Context) -> None:
@@ -180,8 +175,8 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
     proposal = state["proposal"]
-    verdict = check_proposal(proposal["config"], study, python=ctx.python, cwd=ctx.train_script.parent,
-                             smoke_timeout=ctx.smoke_timeout, max_params=ctx.max_params, env=ctx.env)
+    verdict = check_proposal(proposal["config"], study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
+                             max_params=ctx.max_params, env=ctx.env)
     if verdict.ok:
         return {"validation_error": None, "smoke": {"n_params": verdict.n_params, "seconds": verdict.smoke_seconds},
                 "proposal": {**proposal, "config": verdict.config}}
@@ -264,7 +259,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
     best = get_best_run(study)
     best_val = best.val_mse if best else None
     if status not in SUCCESS or val is None:
-        accepted, reason = False, f"status {status}: {_last_line(metrics.get('error') or 'no validation MSE')}"
+        accepted, reason = False, f"status {status}: {error_headline(metrics.get('error') or 'no validation MSE')}"
     elif best_val is None:
         accepted, reason = True, f"first successful run: val_mse {val:.6f}"
     elif val < best_val - ctx.min_delta:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, config_hash, validate_config
+from nas_agent_graph.context import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,15 @@ def find_duplicate(config: dict, state: AgentState) -> Optional[str]:
     return None
 
 
-def run_smoke(config: dict, *, python: str, cwd: Path, timeout_s: float, env: Optional[dict] = None,
+def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict] = None,
               model_file: Optional[Path] = None) -> dict:
-    """Run nas_agent_graph.smoke in a subprocess; the verdict is a dict, never an exception."""
+    """Run nas_agent_graph.smoke in a subprocess; the verdict is a dict, never an exception.
+
+    It runs from the project root with the root on PYTHONPATH, whatever the caller's cwd.
+    """
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    cwd = ROOT
     with tempfile.TemporaryDirectory(prefix="nas_smoke_") as tmp:
         cfg_file = Path(tmp) / "config.json"
         cfg_file.write_text(json.dumps(config))
@@ -67,7 +75,7 @@ def run_smoke(config: dict, *, python: str, cwd: Path, timeout_s: float, env: Op
         return {"ok": False, "error": f"smoke test exited with code {proc.returncode} and no verdict: {tail}"}
 
 
-def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, cwd: Path, smoke_timeout: float,
+def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke_timeout: float,
                    max_params: Optional[int] = None, env: Optional[dict] = None,
                    model_file: Optional[Path] = None) -> Verdict:
     try:
@@ -76,7 +84,7 @@ def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, cwd: 
         return Verdict(False, [str(e)])
     if state is not None and (dup := find_duplicate(cfg, state)):
         return Verdict(False, [f"duplicate: the same settings already ran as {dup}"], config=cfg)
-    result = run_smoke(cfg, python=python, cwd=cwd, timeout_s=smoke_timeout, env=env, model_file=model_file)
+    result = run_smoke(cfg, python=python, timeout_s=smoke_timeout, env=env, model_file=model_file)
     if not result.get("ok"):
         return Verdict(False, [f"smoke test failed: {result.get('error')}"], config=cfg)
     n_params = result["n_params"]

@@ -98,12 +98,21 @@ def test_existing_run_is_never_silently_overwritten(two_runs):
     assert (tmp / "runs" / "a" / "metrics.json").read_bytes() == before
 
 
-def test_overwrite_and_seed_flag(tmp_path, tiny_config):
+def test_overwrite_seed_flag_and_other_training_classes(tmp_path, tiny_config):
     assert train(tmp_path, tiny_config, "r", "--set", "training.max_epochs=1").returncode == 0
-    proc = train(tmp_path, tiny_config, "r", "--overwrite", "--seed", "7", "--set", "training.max_epochs=1")
+    proc = train(tmp_path, tiny_config, "r", "--overwrite", "--seed", "7", "--set", "training.max_epochs=2",
+                 "--set", "training.optimizer_class=optim.SGD", "--set", "training.optimizer_kwargs={'momentum': 0.9}",
+                 "--set", "training.scheduler_class=optim.lr_scheduler.ReduceLROnPlateau",
+                 "--set", "training.scheduler_kwargs={'factor': 0.1, 'patience': 0}",
+                 "--set", "training.criterion_class=nn.HuberLoss", "--set", "training.grad_clip=0.5",
+                 "--set", "model.attn=full", "--set", "model.embed=learned", "--set", "model.revin=True")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = metrics_of(tmp_path, "r")
-    assert m["seed"] == 7 and m["epochs_run"] == 1
+    assert m["seed"] == 7 and m["epochs_run"] == 2 and m["status"] == "ok"
+    history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())
+    if history[1]["val_mse"] >= history[0]["val_mse"]:  # plateau stepped with the validation MSE
+        assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.1)
+    assert all(h["train_loss"] != h["train_mse"] for h in history)  # Huber loss optimised, MSE reported
     assert load_config(tmp_path / "runs" / "r" / "config_used.py").training.seed == 7
 
 

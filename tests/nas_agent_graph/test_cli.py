@@ -73,6 +73,8 @@ def test_search_loop_for_each_proposer(study, proposer):
     # config.py is the incumbent; the original is kept.
     assert load_config(study / "config.py").model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}}) == \
         load_config(study / "runs" / best.run_id / "config.py").model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}})
+    kept = study / "runs" / "incumbents" / "config_before_run_0000.py"
+    assert kept.read_text() == TINY_CONFIG  # the previous incumbent is kept
     assert "Search stopped: reached --max-runs 3" in proc.stderr
     assert f"Best run: {best.run_id}" in proc.stderr and "python train.py --config" in proc.stderr
     samples = (study / "runs" / "lora" / "samples.jsonl").read_text().splitlines()

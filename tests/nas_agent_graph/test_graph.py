@@ -116,3 +116,96 @@ def test_checkpoint_agreement_rules():
     assert not checkpoint_agrees({"run_id": "run_0005"}, ("validate",), study)  # state lost runs
     assert checkpoint_agrees({"run_id": "run_0000"}, ("decide",), study)  # saved, checkpoint not yet written
     assert checkpoint_agrees({"run_id": "run_0001"}, ("decide",), study)
+
+
+CRASHING_TRAIN = '''
+import sys
+print("loading data ...", flush=True)
+raise RuntimeError("CUDA out of memory (simulated crash)")
+'''
+
+HANGING_TRAIN = '''
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child that will not stop politely
+print("training forever", flush=True)
+time.sleep(600)
+'''
+
+
+def _tuned(tmp_path):
+    raw = base_raw(tmp_path)
+    return [dict(raw, training={**raw["training"], "seed": s}) for s in range(10, 20)]
+
+
+def test_consecutive_train_crashes_stop_the_search_with_a_diagnosis(tmp_path):
+    script = tmp_path / "crash_train.py"
+    script.write_text(CRASHING_TRAIN)
+    ctx = make_ctx(tmp_path, ScriptedProposer(_tuned(tmp_path)), max_runs=10, max_failures=2, train_script=script)
+    assert run_search(ctx) == 1
+    study = load_agent_state(ctx.state_path)
+    assert [r.status for r in study.runs] == ["failed", "failed"]  # stopped after 2, not 10
+    assert "CUDA out of memory (simulated crash)" in study.runs[0].error_tail
+    assert study.best_run_id is None
+    metrics = json.loads((tmp_path / "runs" / "run_0001" / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+
+
+def test_timeout_kills_a_child_that_ignores_sigterm_and_the_loop_goes_on(tmp_path):
+    script = tmp_path / "hang_train.py"
+    script.write_text(HANGING_TRAIN)
+    ctx = make_ctx(tmp_path, ScriptedProposer(_tuned(tmp_path)), max_runs=2, max_failures=5, train_script=script,
+                   run_timeout=2.0)
+    assert run_search(ctx) == 0  # reached --max-runs: two recorded timeouts
+    study = load_agent_state(ctx.state_path)
+    assert [r.status for r in study.runs] == ["timeout", "timeout"]
+    for r in study.runs:
+        launch_rec = json.loads((tmp_path / "runs" / r.run_id / "launch.json").read_text())
+        assert not Path(f"/proc/{launch_rec['pid']}").exists() or \
+            Path(f"/proc/{launch_rec['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+        assert "run-timeout" in (r.error_tail or "") + r.reason
+
+
+def test_stop_rules():
+    from nas_agent.agent_state import AgentState, RunInfo
+    from nas_agent_graph.nodes import stop_reason_for
+
+    def study(*vals, accepted=None, time_used=0.0):
+        runs = [RunInfo(run_id=f"run_{i:04d}", status="ok" if v is not None else "failed", val_mse=v,
+                        accepted=bool(accepted and i in accepted)) for i, v in enumerate(vals)]
+        best = f"run_{max(accepted):04d}" if accepted else None
+        return AgentState(runs=runs, best_run_id=best, meta={"time_used_s": time_used})
+
+    ctx = Context(max_runs=10)
+    assert stop_reason_for(study(1.0, 0.9, accepted={0, 1}), ctx) == (None, False)
+    assert stop_reason_for(study(*[1.0] * 10, accepted={0}), ctx)[0] == "reached --max-runs 10"
+    reason, failed = stop_reason_for(study(1.0, 1.1, 1.2, accepted={0}), Context(patience=2))
+    assert reason == "no improvement in the last 2 runs (--patience 2)" and not failed
+    assert stop_reason_for(study(1.0, 0.5, accepted={0, 1}), Context(target_mse=0.6))[0].startswith(
+        "reached --target-mse 0.6")
+    assert stop_reason_for(study(1.0, accepted={0}, time_used=100), Context(time_budget=50))[0] == \
+        "used 100s of --time-budget 50s"
+    reason, failed = stop_reason_for(study(1.0, None, None, None, accepted={0}), Context(max_failures=3))
+    assert failed and reason.startswith("the last 3 runs all failed")
+
+
+def test_rich_display_renders_every_event():
+    import io
+    from rich.console import Console
+    from nas_agent.agent_state import AgentState, RunInfo
+    from nas_agent_graph.display import RichDisplay
+
+    out = io.StringIO()
+    run = RunInfo(run_id="run_0000", status="ok", val_mse=0.5, accepted=True, reason="first")
+    state = AgentState(max_runs=3, runs=[run], best_run_id="run_0000")
+    with RichDisplay(Console(file=out, force_terminal=True, width=100)) as d:
+        d.on_study(state=state)
+        d.on_propose(run_id="run_0001", proposer="tpe", attempt=0)
+        d.on_rejected(run_id="run_0001", error="duplicate: the same settings already ran as run_0000")
+        d.on_launch(run_id="run_0001", config={"training": {"max_epochs": 3}})
+        d.on_epoch(run_id="run_0001", history=[{"epoch": 1, "val_mse": 0.61}])
+        assert d.progress == "epoch 1/3 val_mse 0.6100"
+        d.on_decision(run=run, state=state)
+        d.on_stop(message="Search stopped: reached --max-runs 3.")
+    text = out.getvalue()
+    assert "run_0000 ok val_mse 0.5000" in text and "best: run_0000" in text and "Search stopped" in text
+    assert "proposal rejected" in text
