@@ -270,7 +270,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
              "n_params": metrics.get("n_params"), "config_hash": config_hash(proposal["config"]),
              "incumbent_before": best.run_id if best else None, "attempts_moved_aside": launch_out.get("attempt", 0),
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
-             "epochs_run": metrics.get("epochs_run")}
+             "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke")}
     return RunInfo(run_id=state["run_id"], status=status, val_mse=val, val_mae=metrics.get("val_mae"),
                    test_mse=metrics.get("test_mse"), test_mae=metrics.get("test_mae"),
                    history_summary=state.get("summary") or "", accepted=accepted, reason=reason,

@@ -60,7 +60,8 @@ def assert_consistent(study: Path, n_runs: int):
     return state
 
 
-@pytest.mark.parametrize("proposer", ["random", "tpe", "cmaes"])
+@pytest.mark.parametrize("proposer", [pytest.param("random", marks=pytest.mark.slow), "tpe",
+                                      pytest.param("cmaes", marks=pytest.mark.slow)])
 def test_search_loop_for_each_proposer(study, proposer):
     proc = cli(study, *search_args(3, proposer))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,6 +82,7 @@ def test_search_loop_for_each_proposer(study, proposer):
     assert len(samples) == 3 and all("reward" in json.loads(s) for s in samples)
 
 
+@pytest.mark.slow
 def test_same_seed_reproduces_proposals(study, tmp_path_factory):
     other = tmp_path_factory.mktemp("again")
     (other / "config.py").write_text(TINY_CONFIG)
@@ -100,6 +102,7 @@ def test_status_and_report(study):
     assert report.returncode == 0 and (study / "runs" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_max_runs_counts_the_whole_study(study):
     assert cli(study, *search_args(2)).returncode == 0
     assert cli(study, *search_args(2)).returncode == 0  # nothing left to do
@@ -152,6 +155,7 @@ def test_resume_after_sigkill_during_proposing(study):
     assert_consistent(study, 3)
 
 
+@pytest.mark.slow
 def test_checkpoint_and_state_agree_after_crashes(study):
     """Kill the orchestrator at random moments; afterwards the checkpoint never contradicts the state."""
     import random
