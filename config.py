@@ -49,7 +49,7 @@ training = {
     "batch_size": 32,
     "seed": 2021,
     "grad_clip": None,  # the paper does not clip; set e.g. 1.0 for high learning rates
-    "time_budget_s": None,  # wall-clock cap per run; the agent sets one for fair comparisons
+    "time_budget_s": None,  # wall-clock cap on training; set one (e.g. --set) for time-fair comparisons
     "max_steps_per_epoch": None,  # cap batches per epoch for quick searches; None = full epochs
     "amp": True,  # bf16 autocast on CUDA; ignored on the CPU
 }

@@ -47,7 +47,7 @@ USAGE_ERROR = 2
 # Files that mean "this folder already holds a run". train.log is not one of them: the
 # agent opens it before launching us, to stream our output into it.
 OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png")
-EVAL_BATCH = 256  # evaluation batch size; does not change the metrics, only the speed
+EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
 
 
@@ -63,7 +63,15 @@ _stop_signal: list[str] = []  # set by the signal handler, checked between batch
 
 
 def _on_signal(signum, frame):
+    """First SIGINT/SIGTERM: finish cleanly at the next check. A second one acts as usual."""
     _stop_signal.append(signal.Signals(signum).name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+
+
+def check_stop(where: str) -> None:
+    if _stop_signal:
+        raise StopTraining("interrupted", f"received {_stop_signal[0]} {where}")
 
 
 # --------------------------------------------------------------------------- setup
@@ -163,6 +171,7 @@ def evaluate(model, windows, device, amp: bool) -> tuple[float, float]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
         for x_enc, m_enc, x_dec, m_dec, y in windows.batches(EVAL_BATCH):
+            check_stop("during evaluation")
             with _autocast(device, amp):
                 pred = model(x_enc, m_enc, x_dec, m_dec)
             err = pred.float() - y
@@ -225,8 +234,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         loss_sum = mse_sum = 0.0
         batches = ds.train.batches(tc.batch_size, shuffle=True, generator=gen, drop_last=True)
         for step, (x_enc, m_enc, x_dec, m_dec, y) in enumerate(batches, 1):
-            if _stop_signal:
-                raise StopTraining("interrupted", f"received {_stop_signal[0]} during epoch {epoch}")
+            check_stop(f"during epoch {epoch}")
             if time.monotonic() > deadline:
                 raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
             with _autocast(device, tc.amp):
@@ -323,6 +331,8 @@ def main(argv=None) -> int:
     run_dir = Path(args.runs_dir) / args.tag
     try:
         cfg = load_config(args.config, overrides)
+        if args.model is not None and not Path(args.model).is_file():
+            raise ConfigError(f"--model {args.model}: file not found")
         device = pick_device(args.device)
         prepare_run_dir(run_dir, args.overwrite)
     except ConfigError as e:
@@ -355,21 +365,25 @@ def main(argv=None) -> int:
         metrics["naive_val_mse"] = naive_mse(ds.val)
         status = "ok"
         try:
+            check_stop("before training")
             fit(model, ds, cfg, device, run_dir, state)
+            if state["best_state"] is not None:
+                model.load_state_dict(state["best_state"])
+            final_evaluation(model, ds, device, tc.amp, state, metrics)
         except StopTraining as stop:
             status = stop.status
             metrics["error"] = str(stop)
             log.warning("%s: %s", status, stop)
-        if state["best_state"] is not None:
-            model.load_state_dict(state["best_state"])
-        if status in ("ok", "timeout"):
-            if state["best_state"] is None:
-                log.warning("no epoch completed; evaluating the current weights")
-            metrics["val_mse"], metrics["val_mae"] = evaluate(model, ds.val, device, tc.amp)
-            metrics["test_mse"], metrics["test_mae"] = evaluate(model, ds.test, device, tc.amp)
-        elif state["best_state"] is not None:
-            best = state["history"][state["best_epoch"] - 1]
-            metrics["val_mse"], metrics["val_mae"] = best["val_mse"], best["val_mae"]
+            if status == "timeout":  # the budget covers training; the best checkpoint is still tested
+                if state["best_state"] is not None:
+                    model.load_state_dict(state["best_state"])
+                try:
+                    final_evaluation(model, ds, device, tc.amp, state, metrics)
+                except StopTraining as again:
+                    status, metrics["error"] = again.status, f"{stop}; then {again}"
+            if status != "timeout" and state["best_state"] is not None:
+                best = state["history"][state["best_epoch"] - 1]
+                metrics.update(val_mse=best["val_mse"], val_mae=best["val_mae"], test_mse=None, test_mae=None)
         metrics["status"] = status
     except (ConfigError, DataError) as e:
         metrics["error"] = str(e)
@@ -387,6 +401,14 @@ def main(argv=None) -> int:
     write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics)
     print_summary(metrics, run_dir)
     return EXIT_CODES[metrics["status"]]
+
+
+def final_evaluation(model, ds, device, amp: bool, state: dict, metrics: dict) -> None:
+    """Validation and test metrics of the restored best checkpoint."""
+    if state["best_state"] is None:
+        log.warning("no epoch completed; evaluating the current weights")
+    metrics["val_mse"], metrics["val_mae"] = evaluate(model, ds.val, device, amp)
+    metrics["test_mse"], metrics["test_mae"] = evaluate(model, ds.test, device, amp)
 
 
 def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict) -> None:

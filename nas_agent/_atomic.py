@@ -109,11 +109,16 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     """Append one JSON line and fsync, so logged samples survive a crash.
 
     Appending is not atomic like a rename, but a crash can only truncate the
-    last line, which line-by-line readers can detect and skip.
+    last line, which line-by-line readers can detect and skip. A torn last line
+    is closed with a newline first, so it cannot swallow the new record.
     """
     line = json.dumps(to_jsonable(record), allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 

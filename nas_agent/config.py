@@ -184,11 +184,29 @@ def validate_config(raw: dict[str, Any], where: str = "<config>") -> Config:
         raise ConfigError(format_validation_error(e, where)) from None
 
 
+def _is_json_value(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_is_json_value(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _is_json_value(x) for k, x in v.items())
+    return False
+
+
 def _parse_override_value(text: str) -> Any:
+    """A Python literal of JSON types (tuples become lists), else the text as a bare string."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--set value is longer than {MAX_CONFIG_BYTES} characters")
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text  # a bare string: a path, a class name such as optim.AdamW, a choice
+    value = json.loads(json.dumps(value)) if isinstance(value, tuple) else value
+    if not _is_json_value(value):
+        raise ConfigError(f"--set value {text!r}: only numbers, strings, booleans, None, lists and dicts "
+                          f"with string keys are allowed")
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -207,6 +225,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             raise ConfigError(f"--set {item!r}: unknown section {path[0]!r}; expected one of "
                               f"{', '.join(Config.model_fields)}")
         node = out.setdefault(path[0], {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: section {path[0]!r} of the config is not a dict")
         for part in path[1:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -218,16 +238,19 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Load a config file (no exec), apply overrides, validate. Raises ConfigError."""
     path = Path(path)
+    if not path.is_file():  # also refuses FIFOs and devices, which could block or never end
+        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a regular file")
     try:
-        source = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        with open(path, "rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
+        source = blob.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
     raw = parse_config_source(source, str(path))
     overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
-    where = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    shown = " ".join(o if len(o) <= 80 else o[:77] + "..." for o in overrides)
+    where = str(path) + (f" with --set {shown}" if overrides else "")
     return validate_config(raw, where)
 
 

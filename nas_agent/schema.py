@@ -59,7 +59,7 @@ def _canonical_class(value: Any, prefix: str, names: tuple[str, ...], what: str)
 class _Section(BaseModel):
     """Base for config sections: forbid unknown keys, with a did-you-mean hint."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -79,9 +79,10 @@ class DataConfig(_Section):
     path: str = "data/ETTh1.csv"
     features: Literal["M", "S", "MS"] = "M"
     target: str = "OT"
-    seq_len: int = Field(96, ge=1, le=4096)
-    label_len: int = Field(48, ge=0, le=4096)
-    pred_len: int = Field(96, ge=1, le=4096)
+    # <= 2048 each keeps label_len + pred_len inside the model's positional table (5000 steps).
+    seq_len: int = Field(96, ge=1, le=2048)
+    label_len: int = Field(48, ge=0, le=2048)
+    pred_len: int = Field(96, ge=1, le=2048)
     # auto: ETTh*/ETTm* files use the fixed ETT borders, everything else `split_ratios`.
     split: Literal["auto", "ett_hour", "ett_minute", "ratio"] = "auto"
     split_ratios: list[float] = Field(default_factory=lambda: [0.7, 0.1, 0.2])
@@ -142,6 +143,17 @@ class TrainingConfig(_Section):
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
     amp: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_scheduler_kwargs(cls, data: Any) -> Any:
+        """{"T_max": 10} is the default cosine schedule's argument, not every scheduler's:
+        a config that names another scheduler (or None) without kwargs gets {}."""
+        if isinstance(data, dict) and "scheduler_kwargs" not in data and "scheduler_class" in data:
+            name = data["scheduler_class"]
+            is_cosine = isinstance(name, str) and name.endswith("CosineAnnealingLR")
+            data = {**data, "scheduler_kwargs": {"T_max": 10} if is_cosine else {}}
+        return data
+
     @field_validator("optimizer_class", mode="before")
     @classmethod
     def _optimizer(cls, v: Any) -> str:
@@ -167,7 +179,8 @@ class TrainingConfig(_Section):
                       supplied=("size_average", "reduce", "reduction"))
         if self.scheduler_class is None:
             if self.scheduler_kwargs:
-                raise ValueError("scheduler_kwargs is set but scheduler_class is None; remove one of them")
+                raise ValueError(f"scheduler_kwargs is {self.scheduler_kwargs} but scheduler_class is None; "
+                                 f"also set scheduler_kwargs to {{}} (e.g. --set training.scheduler_kwargs={{}})")
         else:
             _check_kwargs("scheduler_kwargs", self.scheduler_class, self.scheduler_kwargs,
                           supplied=("optimizer",))

@@ -23,6 +23,7 @@ from nas_agent.agent_state import AgentState, AgentStateError, get_run, load_age
 from nas_agent.config import ConfigError, load_config
 from nas_agent_graph.context import Context
 from nas_agent_graph.lock import LockHeld, StudyLock
+from nas_agent_graph.search_space import SpaceError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
 
     run_id = values.get("run_id")
     if run_id is None:
-        return True
+        return False  # no run started in this pass: redo it from load_state, which re-checks the stop rules
     expected = run_id_for(len(study.runs))
     recorded = get_run(study, run_id) is not None
     if set(next_nodes) & {"decide", "collect_lora", "stop"}:
@@ -124,7 +125,9 @@ def run_search(ctx: Context) -> int:
                    "recursion_limit": 50 + remaining * (8 + 2 * (ctx.max_retries + 1))}
             snap = graph.get_state(cfg)
             resume = bool(snap.next) and checkpoint_agrees(snap.values, snap.next, study)
-            if snap.next and not resume:
+            if snap.next and snap.values.get("run_id") is None:
+                log.info("the interrupted pass had not started a run yet; starting it again")
+            elif snap.next and not resume:
                 log.warning("the checkpoint (at %s, %s) disagrees with %s, which wins: starting a fresh pass",
                             snap.next, snap.values.get("run_id"), ctx.state_path)
             elif resume:
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             return {"check": cmd_check, "status": cmd_status, "report": cmd_report}[argv[0]](argv[1:])
         return run_search(context_from_args(search_parser().parse_args(argv)))
-    except (AgentStateError, ConfigError, LockHeld) as e:
+    except (AgentStateError, ConfigError, LockHeld, SpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from langgraph.runtime import Runtime
 from nas_agent._atomic import append_jsonl, atomic_write_json, atomic_write_text
 from nas_agent.agent_state import (AgentState, RunInfo, add_run, get_best_run, get_run, load_agent_state,
                                    save_agent_state, utc_now_iso)
-from nas_agent.config import apply_overrides, config_hash, load_config, parse_config_source, render_config
+from nas_agent.config import ConfigError, apply_overrides, config_hash, load_config, parse_config_source, render_config
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
 from nas_agent.run_manager import get_run_dir
@@ -33,7 +33,8 @@ from nas_agent_graph.launcher import error_headline, is_finished, launch_run, mo
 from nas_agent_graph.proposers import BaselineProposer
 from nas_agent_graph.reward import compute_reward
 from nas_agent_graph.state import GraphState, fresh_pass
-from nas_agent_graph.validation import check_proposal
+from nas_agent_graph.search_space import SpaceError
+from nas_agent_graph.validation import Verdict, check_proposal
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def stop_reason_for(state: AgentState, ctx: Context) -> tuple[str | None, bool]:
     if ctx.time_budget is not None and used >= ctx.time_budget:
         return f"used {used:.0f}s of --time-budget {ctx.time_budget:g}s", False
     tail = runs[-ctx.max_failures:]
-    if ctx.max_failures and len(tail) == ctx.max_failures and all(r.status not in SUCCESS for r in tail):
+    if ctx.max_failures and len(tail) == ctx.max_failures and \
+            all(r.status not in SUCCESS or r.val_mse is None for r in tail):
         errors = "\n".join(f"  {r.run_id}: {r.reason}" for r in tail)
         return (f"the last {ctx.max_failures} runs all failed, so the search stops instead of burning its budget. "
                 f"Look at their train.log files; the last errors were:\n{errors}"), True
@@ -89,12 +91,15 @@ def _tick_time(state: AgentState, ctx: Context) -> None:
 def sync_incumbent(state: AgentState, ctx: Context) -> None:
     """Make config.py agree with the study's best run (it is derived from agent_state.json).
 
-    The previous incumbent is kept under runs/incumbents/ before it is replaced.
+    config.py gets the best proposal without this study's --set overrides (a quick search's
+    max_epochs=3 is a property of the search, not of the config it found). The previous
+    incumbent is kept under runs/incumbents/ before it is replaced.
     """
     best = get_best_run(state)
     if best is None:
         return
-    want = config_hash(best.config)
+    incumbent = best.extra.get("incumbent_config") or best.config
+    want = config_hash(incumbent)
     if ctx.config_path.exists():
         try:
             current = parse_config_source(ctx.config_path.read_text(), str(ctx.config_path))
@@ -108,7 +113,7 @@ def sync_incumbent(state: AgentState, ctx: Context) -> None:
             shutil.copy2(ctx.config_path, keep)
     header = (f"Incumbent: {best.run_id}, val_mse {best.val_mse:.6f}, written by nas_agent_graph.\n"
               f"Earlier incumbents are kept in {ctx.runs_dir / 'incumbents'}/.")
-    atomic_write_text(ctx.config_path, render_config(_without_channels(best.config), header=header))
+    atomic_write_text(ctx.config_path, render_config(_without_channels(incumbent), header=header))
     log.info("config.py now holds the incumbent %s", best.run_id)
 
 
@@ -156,18 +161,20 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Ask the proposer for a config; the first run of a study is the base config itself."""
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
-    attempt = state.get("attempt", 0)
-    proposer = BaselineProposer() if not study.runs and attempt == 0 else ctx.proposer_obj
-    # Overrides go into the base too, so values the space derives from it (a cosine T_max from
-    # max_epochs) follow --set; and onto the proposal, since --set applies to every run.
-    base = apply_overrides(study.meta["base_config"], ctx.overrides)
-    proposal = proposer.propose(study, base, attempt, state.get("feedback"))
-    config = apply_overrides(proposal.config, ctx.overrides)
     run_id = state.get("run_id") or run_id_for(len(study.runs))
+    earlier = sum(1 for r in study.rejected if r.get("run_id") == run_id)
+    attempt = max(state.get("attempt", 0), earlier)
+    proposer = BaselineProposer() if not study.runs and attempt == 0 else ctx.proposer_obj
     _test_pause("propose", run_id, ctx)
-    _display(ctx, "on_propose", run_id=run_id, proposer=proposal.proposer, attempt=attempt)
-    return {"run_id": run_id, "proposal": {**dataclasses.asdict(proposal), "config": config},
-            "validation_error": None}
+    _display(ctx, "on_propose", run_id=run_id, proposer=proposer.name, attempt=attempt)
+    try:
+        proposal = proposer.propose(study, study.meta["base_config"], attempt, state.get("feedback"))
+        out = {**dataclasses.asdict(proposal), "raw_config": proposal.config, "error": None,
+               "config": apply_overrides(proposal.config, ctx.overrides)}
+    except (SpaceError, ConfigError) as e:  # no config could be built: an invalid proposal, with feedback
+        out = {"config": None, "raw_config": None, "proposer": proposer.name, "parent_run_id": None, "meta": {},
+               "error": str(e)}
+    return {"run_id": run_id, "attempt": attempt, "proposal": out, "validation_error": None}
 
 
 def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -175,8 +182,11 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
     proposal = state["proposal"]
-    verdict = check_proposal(proposal["config"], study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
-                             max_params=ctx.max_params, env=ctx.env)
+    if proposal["config"] is None:
+        verdict = Verdict(False, [f"the {proposal['proposer']} proposer could not build a config: {proposal['error']}"])
+    else:
+        verdict = check_proposal(proposal["config"], study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
+                                 max_params=ctx.max_params, env=ctx.env)
     if verdict.ok:
         return {"validation_error": None, "smoke": {"n_params": verdict.n_params, "seconds": verdict.smoke_seconds},
                 "proposal": {**proposal, "config": verdict.config}}
@@ -188,11 +198,12 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
                                "run_id": state["run_id"]})
         save_agent_state(study, ctx.state_path)
     _display(ctx, "on_rejected", run_id=state["run_id"], error=verdict.message)
+    tries = state.get("tries", 0) + 1
     update: dict[str, Any] = {"validation_error": verdict.message, "feedback": verdict.message,
-                              "attempt": attempt + 1}
-    if attempt + 1 > ctx.max_retries:
+                              "attempt": attempt + 1, "tries": tries}
+    if tries > ctx.max_retries:
         update["stop_failed"] = True
-        update["stop_reason"] = (f"the {proposal['proposer']} proposer gave {attempt + 1} invalid proposals in a "
+        update["stop_reason"] = (f"the {proposal['proposer']} proposer gave {tries} invalid proposals in a "
                                  f"row for {state['run_id']} (--max-retries {ctx.max_retries}); last error: "
                                  f"{verdict.message}")
     return update
@@ -270,7 +281,8 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
              "n_params": metrics.get("n_params"), "config_hash": config_hash(proposal["config"]),
              "incumbent_before": best.run_id if best else None, "attempts_moved_aside": launch_out.get("attempt", 0),
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
-             "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke")}
+             "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke"),
+             "incumbent_config": proposal.get("raw_config")}
     return RunInfo(run_id=state["run_id"], status=status, val_mse=val, val_mae=metrics.get("val_mae"),
                    test_mse=metrics.get("test_mse"), test_mae=metrics.get("test_mae"),
                    history_summary=state.get("summary") or "", accepted=accepted, reason=reason,
@@ -316,6 +328,8 @@ def stop(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Say why the search stopped, which run is best, and how to re-run it."""
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
+    _tick_time(study, ctx)
+    save_agent_state(study, ctx.state_path)
     best = get_best_run(study)
     lines = [f"Search stopped: {state.get('stop_reason')}.", f"Runs in the study: {len(study.runs)}."]
     if best is None:

@@ -6,8 +6,8 @@ measured against the incumbent at the time of the proposal. So:
     0.5   as good as the incumbent;   ~0.88 5 % better;   ~0.12 5 % worse;
     -1.0  a run that failed, diverged or produced no validation MSE.
 The very first run of a study (no incumbent yet) gets 0.5 when it succeeds.
-Positive samples for fine-tuning are those with reward >= lora.reward_threshold (0.7:
-about 2 % better than the incumbent).
+A reward threshold of 0.7 (planned default for choosing LoRA training samples) means about
+2 % better than the incumbent.
 """
 from __future__ import annotations
 

@@ -429,6 +429,7 @@ class SearchSpace:
     def _apply(self, params: dict[str, Any], base: dict) -> dict:
         """Deep copy of a full config with `params` applied, then the virtual derivations."""
         cfg = copy.deepcopy(base)
+        base_criterion = base["training"]["criterion_class"]
         naturals = {k: v.natural(base) for k, v in VIRTUAL_KEYS.items() if k not in params}
         for key, value in params.items():
             if key not in VIRTUAL_KEYS:
@@ -441,6 +442,8 @@ class SearchSpace:
         training = cfg["training"]
         if "training.optimizer_class" in params:
             training["optimizer_kwargs"] = copy.deepcopy(OPTIMIZER_KWARGS.get(training["optimizer_class"], {}))
+        if "training.criterion_class" in params and training["criterion_class"] != base_criterion:
+            training["criterion_kwargs"] = {}  # the base's kwargs (a Huber delta) belong to the base's loss
         if "training.scheduler_class" in params:
             rule = SCHEDULER_KWARGS.get(training["scheduler_class"])
             if rule is not None:  # an unknown name is left for validate_config to explain

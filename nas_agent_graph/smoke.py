@@ -1,4 +1,4 @@
-"""Smoke test of a proposal, run in a subprocess: build the model, one real batch forward and backward.
+"""Smoke test of a proposal, run in a subprocess: build the model, one real batch forward, backward and step.
 
     python -m nas_agent_graph.smoke CONFIG_FILE [--model MODEL_FILE]
 
@@ -42,10 +42,17 @@ def smoke(config_file: Path, model_file: Path | None) -> dict:
     if tuple(out.shape) != tuple(y.shape):
         raise ValueError(f"model output: expected shape {list(y.shape)} [batch, pred_len, c_out], "
                          f"got {list(out.shape)}")
-    loss = torch.nn.functional.mse_loss(out, y)
+    # The training classes are built and stepped once too: a bad optimizer, loss or scheduler
+    # argument (a negative momentum, T_max 0, fused Adam on a CPU) fails here, not after an epoch.
+    optimizer, scheduler, criterion = train.make_optim(model, cfg.training)
+    loss = criterion(out, y)
     if not torch.isfinite(loss):
         raise ValueError(f"loss on one real batch is {loss.item()}")
     loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        scheduler.step(loss.item()) if is_plateau else scheduler.step()
     return {"ok": True, "n_params": n_params, "seconds": round(time.monotonic() - t0, 3),
             "output_shape": list(out.shape)}
 

@@ -16,11 +16,16 @@ class GraphState(TypedDict, total=False):
     """Id of the run being prepared ("run_0007"), fixed by `propose` for the whole pass."""
 
     attempt: int
-    """0-based proposal attempt for this run; incremented on each invalid proposal."""
+    """0-based proposal attempt for this run id, counting rejections of earlier sessions too
+    (it seeds the proposer, so a re-run does not repeat the rejected proposals)."""
+
+    tries: int
+    """Invalid proposals for this run in this pass, for --max-retries."""
 
     proposal: Optional[dict[str, Any]]
-    """The current proposal: {config, proposer, parent_run_id, meta}. `config` is the full
-    raw config dict with the user's --set overrides already applied."""
+    """The current proposal: {config, raw_config, proposer, parent_run_id, meta, error}.
+    `config` is what runs: the proposer's `raw_config` with the user's --set overrides applied.
+    `config` is None (and `error` says why) when the proposer could not build one."""
 
     feedback: Optional[str]
     """Why the previous proposal was rejected; given to the proposer on the retry."""
@@ -52,5 +57,5 @@ class GraphState(TypedDict, total=False):
 
 def fresh_pass() -> dict[str, Any]:
     """The partial update that clears the in-flight fields before the next proposal."""
-    return {"run_id": None, "attempt": 0, "proposal": None, "feedback": None, "validation_error": None,
+    return {"run_id": None, "attempt": 0, "tries": 0, "proposal": None, "feedback": None, "validation_error": None,
             "smoke": None, "launch": None, "summary": None, "decision": None}

@@ -191,3 +191,20 @@ def test_bad_data_is_a_failed_run_with_a_clear_error(tmp_path, tiny_config):
     m = metrics_of(tmp_path, "b")
     assert f"{bad}:3: column 'a' has the non-numeric value 'x'" in m["error"]
     assert (tmp_path / "runs" / "b" / "config_used.py").is_file()
+
+
+def test_a_pending_signal_interrupts_evaluation(tiny_config):
+    """SIGINT/SIGTERM is honoured outside the batch loop too (data loading, evaluation)."""
+    import train as train_mod
+    from model import build_model
+    from nas_agent.data import load_dataset
+    cfg = load_config(tiny_config)
+    ds = load_dataset(cfg.data, cfg.model.embed)
+    cfg.model.enc_in = cfg.model.dec_in = cfg.model.c_out = ds.enc_in
+    model = build_model(cfg.model_dump())
+    train_mod._stop_signal.append("SIGTERM")
+    try:
+        with pytest.raises(train_mod.StopTraining, match="received SIGTERM during evaluation"):
+            train_mod.evaluate(model, ds.val, torch.device("cpu"), amp=False)
+    finally:
+        train_mod._stop_signal.clear()

@@ -106,3 +106,15 @@ def test_relative_path_in_current_dir(tmp_path, monkeypatch):
     atomic_write_text("rel.txt", "y", backup_path="rel.txt.bak")
     assert Path("rel.txt").read_text(encoding="utf-8") == "y"
     assert _atomic.dumps_json([1]).endswith("\n")
+
+
+def test_append_after_a_torn_last_line_keeps_the_new_record(tmp_path):
+    import json
+    from nas_agent._atomic import append_jsonl
+    path = tmp_path / "samples.jsonl"
+    append_jsonl(path, {"a": 1})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"torn": tr')  # a crash mid-append
+    append_jsonl(path, {"b": 2})
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"a": 1} and lines[1] == '{"torn": tr' and json.loads(lines[2]) == {"b": 2}

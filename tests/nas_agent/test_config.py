@@ -160,3 +160,25 @@ def test_syntax_error_is_a_config_error():
 
 def test_config_defaults_validate():
     assert Config() == validate_config({})
+
+
+def test_default_cosine_kwargs_do_not_leak_into_other_schedulers():
+    assert validate_config({"training": {"scheduler_class": None}}).training.scheduler_kwargs == {}
+    with pytest.raises(ConfigError, match="ExponentialLR needs gamma"):
+        validate_config({"training": {"scheduler_class": "ExponentialLR"}})
+    assert validate_config({}).training.scheduler_kwargs == {"T_max": 10}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("training.lr=1e999", "expected a finite number"),
+    ("training.optimizer_kwargs={'eps': b'1'}", "only numbers, strings, booleans"),
+    ("training.lr=" + "-" * 300000 + "1", "longer than"),
+])
+def test_odd_override_values_are_config_errors(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(ROOT / "config.py", [override])
+
+
+def test_non_regular_config_file_is_refused():
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config("/dev/zero")

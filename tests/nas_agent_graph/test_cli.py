@@ -71,11 +71,17 @@ def test_search_loop_for_each_proposer(study, proposer):
     assert all(r.status == "ok" for r in state.runs)
     assert state.best_run_id is not None and state.runs[0].accepted
     best = next(r for r in state.runs if r.run_id == state.best_run_id)
-    # config.py is the incumbent; the original is kept.
-    assert load_config(study / "config.py").model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}}) == \
-        load_config(study / "runs" / best.run_id / "config.py").model_dump(exclude={"model": {"enc_in", "dec_in", "c_out"}})
-    kept = study / "runs" / "incumbents" / "config_before_run_0000.py"
-    assert kept.read_text() == TINY_CONFIG  # the previous incumbent is kept
+    # config.py is the incumbent without the session's --set; the original is kept when replaced.
+    quick = [QUICK[i + 1] for i in range(0, len(QUICK), 2)]
+    no_channels = {"model": {"enc_in", "dec_in", "c_out"}}
+    incumbent = load_config(study / "config.py")
+    assert incumbent.training.max_steps_per_epoch is None  # the quick budget stayed out of config.py
+    assert load_config(study / "config.py", quick).model_dump(exclude=no_channels) == \
+        load_config(study / "runs" / best.run_id / "config.py").model_dump(exclude=no_channels)
+    if best.run_id != "run_0000":
+        assert (study / "runs" / "incumbents" / f"config_before_{best.run_id}.py").read_text() == TINY_CONFIG
+    else:
+        assert (study / "config.py").read_text() == TINY_CONFIG  # the baseline won: nothing rewritten
     assert "Search stopped: reached --max-runs 3" in proc.stderr
     assert f"Best run: {best.run_id}" in proc.stderr and "python train.py --config" in proc.stderr
     samples = (study / "runs" / "lora" / "samples.jsonl").read_text().splitlines()
@@ -151,7 +157,7 @@ def test_resume_after_sigkill_during_proposing(study):
     assert len(load_agent_state(study / "agent_state.json").runs) == 1
     done = cli(study, *search_args(3))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming at propose" in done.stderr
+    assert "the interrupted pass had not started a run yet; starting it again" in done.stderr
     assert_consistent(study, 3)
 
 

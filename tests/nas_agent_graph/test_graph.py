@@ -111,7 +111,7 @@ def test_checkpoint_agreement_rules():
     study = AgentState(runs=[RunInfo(run_id="run_0000", status="ok", accepted=True, val_mse=1.0)],
                        best_run_id="run_0000")
     assert checkpoint_agrees({"run_id": "run_0001"}, ("launch",), study)
-    assert checkpoint_agrees({"run_id": None}, ("propose",), study)
+    assert not checkpoint_agrees({"run_id": None}, ("propose",), study)  # redo the pass from load_state
     assert not checkpoint_agrees({"run_id": "run_0000"}, ("launch",), study)  # already recorded
     assert not checkpoint_agrees({"run_id": "run_0005"}, ("validate",), study)  # state lost runs
     assert checkpoint_agrees({"run_id": "run_0000"}, ("decide",), study)  # saved, checkpoint not yet written
@@ -209,3 +209,50 @@ def test_rich_display_renders_every_event():
     text = out.getvalue()
     assert "run_0000 ok val_mse 0.5000" in text and "best: run_0000" in text and "Search stopped" in text
     assert "proposal rejected" in text
+
+
+@dataclass
+class BrokenThenGood:
+    """Raises SpaceError first (an impossible combination), then proposes a valid config."""
+
+    good: dict
+    name: str = "broken"
+    calls: list = field(default_factory=list)
+
+    def propose(self, state, base_config, attempt, feedback):
+        from nas_agent_graph.search_space import SpaceError
+        self.calls.append({"attempt": attempt, "feedback": feedback})
+        if len(self.calls) == 1:
+            raise SpaceError("model.d_model and model.n_heads are searched together: 24 % 5 != 0")
+        return Proposal(config=self.good, proposer=self.name)
+
+
+def test_a_proposer_error_is_an_invalid_proposal_not_a_crash(tmp_path):
+    good = base_raw(tmp_path)
+    good["model"]["d_model"] = 24
+    proposer = BrokenThenGood(good)
+    assert run_search(make_ctx(tmp_path, proposer)) == 0
+    study = load_agent_state(tmp_path / "agent_state.json")
+    assert len(study.runs) == 2 and study.runs[1].config["model"]["d_model"] == 24
+    assert "could not build a config" in study.rejected[0]["error"]
+    assert "24 % 5" in proposer.calls[1]["feedback"]
+
+
+def test_rerun_after_max_retries_does_not_repeat_the_rejected_attempts(tmp_path):
+    proposer = ScriptedProposer([base_raw(tmp_path)])  # always the baseline again: a duplicate
+    ctx = make_ctx(tmp_path, proposer, max_retries=1)
+    assert run_search(ctx) == 1
+    assert [c["attempt"] for c in proposer.calls] == [0, 1]  # run_0001: two duplicates, then the stop
+    again = ScriptedProposer([base_raw(tmp_path)])
+    assert run_search(make_ctx(tmp_path, again, max_retries=1)) == 1
+    study = load_agent_state(tmp_path / "agent_state.json")
+    assert again.calls[0]["attempt"] == 2  # continues after the 2 stored rejections of run_0001
+    assert len(study.rejected) == 4 and len({r["key"] for r in study.rejected}) == 4
+
+
+def test_runs_without_a_validation_score_count_as_failures(tmp_path):
+    from nas_agent.agent_state import AgentState, RunInfo
+    from nas_agent_graph.nodes import stop_reason_for
+    runs = [RunInfo(run_id=f"run_{i:04d}", status="timeout", val_mse=None) for i in range(3)]
+    reason, failed = stop_reason_for(AgentState(runs=runs), Context(max_failures=3))
+    assert failed and reason.startswith("the last 3 runs all failed")
