@@ -75,7 +75,7 @@ def test_search_loop_for_each_proposer(study, proposer):
     quick = [QUICK[i + 1] for i in range(0, len(QUICK), 2)]
     no_channels = {"model": {"enc_in", "dec_in", "c_out"}}
     incumbent = load_config(study / "config.py")
-    assert incumbent.training.max_steps_per_epoch is None  # the quick budget stayed out of config.py
+    assert incumbent.training.max_steps_per_epoch == 25  # the base's value: the --set budget (5) stayed out
     assert load_config(study / "config.py", quick).model_dump(exclude=no_channels) == \
         load_config(study / "runs" / best.run_id / "config.py").model_dump(exclude=no_channels)
     if best.run_id != "run_0000":
