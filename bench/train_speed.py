@@ -78,7 +78,7 @@ def main() -> None:
           f"median of {args.steps} steps after 3 warm-up")
     rows = {name: measure(ov, args.steps, device) for name, ov in CONFIGS.items()}
     base = next(iter(rows.values()))
-    print(f"\n| config | params | samples/s | train s/epoch | val eval s | s/epoch | epoch time vs default |")
+    print("\n| config | params | samples/s | train s/epoch | val eval s | s/epoch | epoch time vs default |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['params']:,} | {r['samples_s']:.0f} | {r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | "

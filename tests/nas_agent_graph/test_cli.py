@@ -3,7 +3,6 @@
 Tiny models (a narrowed search space) and one-epoch runs keep each run to a few seconds.
 """
 import json
-import os
 import signal
 import sqlite3
 import subprocess

@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 
 from nas_agent.agent_state import load_agent_state
 from nas_agent.config import parse_config_source
