@@ -103,7 +103,7 @@ def sync_incumbent(state: AgentState, ctx: Context) -> None:
     if ctx.config_path.exists():
         try:
             current = parse_config_source(ctx.config_path.read_text(), str(ctx.config_path))
-            if config_hash(apply_overrides(current, [])) == want:
+            if config_hash(current) == want:
                 return
         except ValueError:
             pass  # unreadable or invalid: replace it, but keep a copy
