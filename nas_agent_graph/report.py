@@ -518,6 +518,7 @@ def _numeric_positions(ax: Any, raw: Sequence[Any], rng: Any) -> list[float]:
     distinct = sorted(set(values))
     if len(distinct) <= 8 and all(v.is_integer() for v in distinct):
         ax.set_xticks(distinct, [f"{v:g}" for v in distinct])
+        ax.set_xticks([], minor=True)  # a log axis would add minor labels (2x10^1 ...) over the exact ones
     span = (max(values) - min(values)) if values else 0.0
     out = []
     for v in raw:
