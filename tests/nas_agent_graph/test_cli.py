@@ -229,3 +229,23 @@ def test_check_subcommand(study):
     assert dup.returncode == 1 and "duplicate: the same settings already ran as run_0000" in dup.stdout
     big = cli(study, "check", "config.py", "--max-params", "100", "--set", "training.seed=9")
     assert big.returncode == 1 and "too many parameters" in big.stdout
+
+
+def test_check_with_a_model_file(study):
+    good = cli(study, "check", "config.py", "--model", str(ROOT / "model.py"))
+    assert good.returncode == 0 and "OK:" in good.stdout
+    wrong_shape = study / "wrong_shape.py"
+    wrong_shape.write_text(
+        "import torch\n"
+        "class EncoderOnly(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(7, 7)\n"
+        "    def forward(self, x_enc, mark_enc, x_dec, mark_dec):\n"
+        "        return self.lin(x_enc)  # seq_len steps out instead of pred_len\n"
+        "def build_model(config):\n"
+        "    return EncoderOnly()\n")
+    bad = cli(study, "check", "config.py", "--model", str(wrong_shape))
+    assert bad.returncode == 1
+    assert "smoke test failed: ValueError: model output: expected shape [32, 24, 7]" in bad.stdout
+    assert "got [32, 48, 7]" in bad.stdout
