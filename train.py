@@ -212,6 +212,14 @@ def make_optim(model, tc):
     return optimizer, scheduler, criterion
 
 
+def step_scheduler(scheduler, metric: float) -> None:
+    """ReduceLROnPlateau steps with a metric (the validation MSE); the others per epoch."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(metric)
+    else:
+        scheduler.step()
+
+
 def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     """Train with early stopping. Fills `state` as it goes, so callers see progress on any exit.
 
@@ -258,8 +266,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             raise StopTraining("diverged", f"validation MSE became {val_mse} at epoch {epoch}")
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
-            is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            scheduler.step(val_mse) if is_plateau else scheduler.step()
+            step_scheduler(scheduler, val_mse)
         record = {"epoch": epoch, "train_loss": loss_sum / step, "train_mse": mse_sum / step,
                   "val_mse": val_mse, "val_mae": val_mae, "lr": lr, "epoch_time_s": time.monotonic() - t_epoch}
         state["history"].append(record)

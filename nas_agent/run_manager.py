@@ -22,13 +22,18 @@ def get_run_dir(runs_dir: str | Path, run_id: str) -> Path:
     return Path(runs_dir) / run_id
 
 
+def run_id_for(index: int) -> str:
+    """The id of the run at position `index` of a study: run_0000, run_0001, ..."""
+    return f"run_{index:04d}"
+
+
 def next_run_id(runs_dir: str | Path, known_ids: Iterable[str] = ()) -> str:
     """The next free id: one past the highest of the known ids and the folders on disk."""
     numbers = [int(m.group(1)) for rid in known_ids if (m := RUN_ID_RE.match(rid))]
     runs = Path(runs_dir)
     if runs.is_dir():
         numbers += [int(m.group(1)) for p in runs.iterdir() if p.is_dir() and (m := RUN_ID_RE.match(p.name))]
-    return f"run_{max(numbers, default=-1) + 1:04d}"
+    return run_id_for(max(numbers, default=-1) + 1)
 
 
 def snapshot_config(config: Config | dict, path: str | Path, header: str = "") -> Path:

@@ -88,7 +88,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
     The pass in flight must be for the next run id, except at decide/collect_lora/stop,
     where the run may already be recorded (a crash after the save, before the checkpoint).
     """
-    from nas_agent_graph.nodes import run_id_for
+    from nas_agent.run_manager import run_id_for
 
     run_id = values.get("run_id")
     if run_id is None:

@@ -27,7 +27,7 @@ from nas_agent.agent_state import (AgentState, RunInfo, add_run, get_best_run, g
 from nas_agent.config import ConfigError, apply_overrides, config_hash, load_config, parse_config_source, render_config
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
-from nas_agent.run_manager import get_run_dir
+from nas_agent.run_manager import get_run_dir, run_id_for
 from nas_agent_graph.context import Context
 from nas_agent_graph.launcher import error_headline, is_finished, launch_run, move_aside
 from nas_agent_graph.proposers import BaselineProposer
@@ -42,10 +42,6 @@ SUCCESS = ("ok", "timeout")  # statuses whose val_mse is a fair measurement
 
 
 # --------------------------------------------------------------------------- helpers
-
-def run_id_for(index: int) -> str:
-    return f"run_{index:04d}"
-
 
 def stop_update(state: AgentState, ctx: Context) -> dict[str, Any]:
     """The stop fields of a partial update: {stop_reason, stop_failed}."""

@@ -51,8 +51,7 @@ def smoke(config_file: Path, model_file: Path | None) -> dict:
     loss.backward()
     optimizer.step()
     if scheduler is not None:
-        is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        scheduler.step(loss.item()) if is_plateau else scheduler.step()
+        train.step_scheduler(scheduler, loss.item())
     return {"ok": True, "n_params": n_params, "seconds": round(time.monotonic() - t0, 3),
             "output_shape": list(out.shape)}
 

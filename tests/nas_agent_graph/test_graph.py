@@ -41,7 +41,8 @@ def test_routers_are_pure_functions_of_state():
 
 @dataclass
 class ScriptedProposer:
-    """Returns the given raw configs in order, one per call (graph-logic tests only)."""
+    """Returns the given raw configs in order, one per call, the last one repeated; an
+    exception in the list is raised instead (graph-logic tests only)."""
 
     configs: list
     name: str = "scripted"
@@ -49,7 +50,10 @@ class ScriptedProposer:
 
     def propose(self, state, base_config, attempt, feedback):
         self.calls.append({"runs": len(state.runs), "attempt": attempt, "feedback": feedback})
-        return Proposal(config=self.configs[min(len(self.calls) - 1, len(self.configs) - 1)], proposer=self.name)
+        item = self.configs[min(len(self.calls) - 1, len(self.configs) - 1)]
+        if isinstance(item, Exception):
+            raise item
+        return Proposal(config=item, proposer=self.name)
 
 
 def make_ctx(tmp_path, proposer, **kw) -> Context:
@@ -210,26 +214,12 @@ def test_rich_display_renders_every_event():
     assert "proposal rejected" in text
 
 
-@dataclass
-class BrokenThenGood:
-    """Raises SpaceError first (an impossible combination), then proposes a valid config."""
-
-    good: dict
-    name: str = "broken"
-    calls: list = field(default_factory=list)
-
-    def propose(self, state, base_config, attempt, feedback):
-        from nas_agent_graph.search_space import SpaceError
-        self.calls.append({"attempt": attempt, "feedback": feedback})
-        if len(self.calls) == 1:
-            raise SpaceError("model.d_model and model.n_heads are searched together: 24 % 5 != 0")
-        return Proposal(config=self.good, proposer=self.name)
-
-
 def test_a_proposer_error_is_an_invalid_proposal_not_a_crash(tmp_path):
     good = base_raw(tmp_path)
     good["model"]["d_model"] = 24
-    proposer = BrokenThenGood(good)
+    from nas_agent_graph.search_space import SpaceError
+    proposer = ScriptedProposer([SpaceError("model.d_model and model.n_heads are searched together: 24 % 5 != 0"),
+                                 good], name="broken")
     assert run_search(make_ctx(tmp_path, proposer)) == 0
     study = load_agent_state(tmp_path / "agent_state.json")
     assert len(study.runs) == 2 and study.runs[1].config["model"]["d_model"] == 24
