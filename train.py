@@ -142,6 +142,9 @@ def load_build_model(model_file: str | None):
     if spec is None or not path.is_file():
         raise ConfigError(f"--model {path}: file not found")
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as a real import would be: dataclasses (with postponed
+    # annotations) look their module up in sys.modules.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     if not callable(getattr(module, "build_model", None)):
         raise ConfigError(f"--model {path}: it must define build_model(config)")

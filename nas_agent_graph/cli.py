@@ -1,6 +1,6 @@
 """Command line: the search, and the check / status / report subcommands.
 
-    python -m nas_agent_graph --max-runs 100 [--proposer tpe|cmaes|random] [--config config.py]
+    python -m nas_agent_graph --max-runs 100 [--proposer hybrid|llm|tpe|cmaes|random] [--llm MODEL] [--config config.py]
                                [--runs-dir runs] [--state agent_state.json] [--seed N] [--set key=value ...]
     python -m nas_agent_graph check CONFIG [--model FILE]
     python -m nas_agent_graph status
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -22,12 +23,16 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from nas_agent.agent_state import AgentState, AgentStateError, get_run, load_agent_state
 from nas_agent.config import ConfigError, load_config
 from nas_agent_graph.context import Context
+from nas_agent_graph.llm.backend import LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
+from nas_agent_graph.prompting import PromptError
 from nas_agent_graph.search_space import SpaceError
 
 log = logging.getLogger(__name__)
 
-PROPOSERS = ("tpe", "cmaes", "random")
+PROPOSERS = ("hybrid", "llm", "tpe", "cmaes", "random")
+LLM_PROPOSERS = ("hybrid", "llm")
+GEN_KEYS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
 SUBCOMMANDS = ("check", "status", "report")
 USAGE_ERROR = 2
 
@@ -45,13 +50,34 @@ def search_parser() -> argparse.ArgumentParser:
                                             "check CONFIG, status, report (each has --help).")
     _common(p)
     p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
-    p.add_argument("--proposer", choices=PROPOSERS, default="tpe")
+    p.add_argument("--proposer", choices=PROPOSERS, default="hybrid",
+                   help="hybrid: the LLM picks or edits the sampler's candidates (default); llm: the LLM alone; "
+                        "tpe, cmaes, random: Optuna alone, no model is loaded")
     p.add_argument("--config", type=Path, default=Path("config.py"),
                    help="the incumbent config; a new study starts from it, accepted runs replace it")
     p.add_argument("--seed", type=int, default=0, help="proposer seed: the same seed reproduces the proposals")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, e.g. --set training.max_epochs=3 for a quick search")
     p.add_argument("--space", type=Path, default=None, help="JSON file that narrows or extends the search space")
+    llm = p.add_argument_group("LLM (proposers hybrid and llm)")
+    llm.add_argument("--llm", default=None, metavar="MODEL",
+                     help="Hugging Face id (e.g. deepseek-ai/deepseek-coder-6.7b-instruct) or local directory; "
+                          "default: $NAS_LLM, else the embedded Gemma-3-270M")
+    llm.add_argument("--llm-quant", choices=("4bit", "8bit", "none"), default=None,
+                     help="bitsandbytes quantization (default: 4bit on CUDA, none on the CPU)")
+    llm.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
+                     help=f"generation setting: {', '.join(GEN_KEYS)} (default temperature=0.7, top_p=0.95, "
+                          "top_k=64, max_new_tokens=384)")
+    llm.add_argument("--sampler", choices=("tpe", "cmaes", "random"), default="tpe", help="hybrid's Optuna sampler")
+    llm.add_argument("--sampler-fraction", type=float, default=0.25,
+                     help="hybrid: fraction of runs from the sampler alone (default: %(default)s)")
+    llm.add_argument("--candidates", type=int, default=4, help="hybrid: sampler candidates shown to the LLM")
+    llm.add_argument("--prompt-tokens", type=int, default=3072, help="upper bound on a prompt, in tokens")
+    llm.add_argument("--allow-code", action="store_true",
+                     help="let the LLM propose model code (a new model.py) for some runs")
+    llm.add_argument("--lora", action="append", default=[], metavar="KEY=VALUE",
+                     help="LoRA self-improvement settings, e.g. trigger=10 steps=40 reward_threshold=0.7; "
+                          "'off' disables it (see nas_agent_graph/lora/adapters.py)")
     limits = p.add_argument_group("limits and stopping")
     limits.add_argument("--run-timeout", type=float, default=None, help="seconds per train.py; the process is killed")
     limits.add_argument("--max-params", type=int, default=None, help="reject proposals with more parameters")
@@ -65,14 +91,72 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_generation(items: list[str]) -> dict:
+    """--gen KEY=VALUE items as {key: typed value}; a bad item is a ConfigError saying which."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in GEN_KEYS:
+            raise ConfigError(f"--gen {item!r}: expected KEY=VALUE with KEY one of {', '.join(GEN_KEYS)}")
+        try:
+            out[key] = GEN_KEYS[key](value)
+        except ValueError:
+            raise ConfigError(f"--gen {item!r}: {value!r} is not a valid {GEN_KEYS[key].__name__}") from None
+    if out.get("temperature", 0.7) < 0 or not 0 < out.get("top_p", 0.95) <= 1 or out.get("max_new_tokens", 1) < 1:
+        raise ConfigError(f"--gen: out of range in {out} (temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1)")
+    return out
+
+
 def context_from_args(a: argparse.Namespace) -> Context:
     if a.max_runs < 1:
         raise ConfigError(f"--max-runs must be >= 1, got {a.max_runs}")
+    if not 0.0 <= a.sampler_fraction <= 1.0:
+        raise ConfigError(f"--sampler-fraction must be in [0, 1], got {a.sampler_fraction}")
+    if not 1 <= a.candidates <= 16:
+        raise ConfigError(f"--candidates must be in [1, 16], got {a.candidates}")
+    if a.prompt_tokens < 256:
+        raise ConfigError(f"--prompt-tokens must be >= 256, got {a.prompt_tokens}")
+    if a.allow_code and a.proposer not in LLM_PROPOSERS:
+        raise ConfigError(f"--allow-code needs an LLM proposer (hybrid or llm), got --proposer {a.proposer}")
+    from nas_agent_graph.lora.adapters import LoraSettings
+    try:
+        lora = LoraSettings.from_items(a.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
                    proposer=a.proposer, seed=a.seed, overrides=list(a.set), space_path=a.space,
                    run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,
                    time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
-                   max_failures=a.max_failures, smoke_timeout=a.smoke_timeout)
+                   max_failures=a.max_failures, smoke_timeout=a.smoke_timeout,
+                   llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
+                   generation=parse_generation(a.gen), sampler=a.sampler, sampler_fraction=a.sampler_fraction,
+                   n_candidates=a.candidates, prompt_tokens=a.prompt_tokens, allow_code=a.allow_code, lora=lora)
+
+
+DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": 64, "max_new_tokens": 384}
+
+
+def build_proposer(ctx: Context):
+    """The proposer the context asks for; an LLM is loaded here, so a bad --llm fails before any run."""
+    from nas_agent_graph.proposers import make_proposer
+
+    if ctx.proposer not in LLM_PROPOSERS:
+        return make_proposer(ctx.proposer, ctx.space, ctx.seed)
+    from nas_agent_graph.llm.chat_model import LocalChatModel
+    from nas_agent_graph.llm.proposer import LLMProposer
+    from nas_agent_graph.prompting import PromptLimits
+
+    chat = LocalChatModel(model_spec=ctx.llm, quant=ctx.llm_quant, **{**DEFAULT_GENERATION, **ctx.generation})
+    _, _, info = chat.load()
+    log.info("LLM %s (%s, %s on %s) loaded in %.1fs", info["model"], info["dtype"], info["quant"], info["device"],
+             info["load_s"])
+    ctx.free_llm = ctx.free_llm or str(info["device"]).startswith("cuda")
+    sampler = make_proposer(ctx.sampler, ctx.space, ctx.seed) if ctx.proposer == "hybrid" else None
+    return LLMProposer(chat, ctx.space, ctx.seed, limits=PromptLimits(max_tokens=ctx.prompt_tokens),
+                       sampler=sampler, sampler_fraction=ctx.sampler_fraction, n_candidates=ctx.n_candidates,
+                       allow_code=ctx.allow_code, code_fraction=ctx.code_fraction, model_path=ctx.model_path,
+                       overrides=ctx.overrides)
 
 
 # --------------------------------------------------------------------------- the search
@@ -103,7 +187,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
 def run_search(ctx: Context) -> int:
     from nas_agent_graph.display import PlainDisplay, RichDisplay
     from nas_agent_graph.graph import build_graph
-    from nas_agent_graph.proposers import make_proposer, route_optuna_logging
+    from nas_agent_graph.proposers import route_optuna_logging
     from nas_agent_graph.search_space import load_space
 
     route_optuna_logging()
@@ -113,7 +197,7 @@ def run_search(ctx: Context) -> int:
             load_config(ctx.config_path)  # a new study needs a valid starting config
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
         ctx.space = ctx.space or load_space(ctx.space_path)
-        ctx.proposer_obj = ctx.proposer_obj or make_proposer(ctx.proposer, ctx.space, ctx.seed)
+        ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)
         ctx.started_at = time.monotonic()
         display = ctx.display or (RichDisplay() if sys.stderr.isatty() else PlainDisplay())
         ctx.display = display
@@ -203,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             return {"check": cmd_check, "status": cmd_status, "report": cmd_report}[argv[0]](argv[1:])
         return run_search(context_from_args(search_parser().parse_args(argv)))
-    except (AgentStateError, ConfigError, LockHeld, SpaceError) as e:
+    except (AgentStateError, ConfigError, LockHeld, SpaceError, PromptError, LLMError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -24,6 +24,9 @@ class Context:
     max_runs: int = 100
     """Total runs in the study, earlier sessions included."""
     proposer: str = "tpe"
+    """tpe | cmaes | random (Optuna alone), llm (the LLM alone) or hybrid (the LLM picks among the
+    sampler's candidates). The CLI defaults to hybrid; this dataclass to tpe, so tests and library
+    users get no model load unless they ask for one."""
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
     """--set KEY=VALUE applied to every proposal (e.g. training.max_epochs=3)."""
@@ -43,6 +46,32 @@ class Context:
     max_failures: int = 3
     """Failed runs in a row before the search stops with a diagnosis."""
     smoke_timeout: float = 120.0
+
+    # The LLM (proposer llm or hybrid).
+    llm: Optional[str] = None
+    """Model: a Hugging Face id, a local directory or .gguf file; None = $NAS_LLM, else the embedded model."""
+    llm_quant: Optional[str] = None
+    """4bit | 8bit | none; None = 4bit on CUDA, none on the CPU."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Generation settings for the chat model: temperature, top_p, top_k, max_new_tokens."""
+    sampler: str = "tpe"
+    """The Optuna sampler of the hybrid proposer (tpe, cmaes or random)."""
+    sampler_fraction: float = 0.25
+    """Hybrid: this fraction of runs comes from the sampler alone (0.25 = every 4th run)."""
+    n_candidates: int = 4
+    """Hybrid: candidates the sampler suggests for the LLM to pick from or edit."""
+    prompt_tokens: int = 3072
+    """Upper bound on a prompt, in the model's tokens (fewer past runs are shown to fit)."""
+    allow_code: bool = False
+    """Let the LLM propose model code (a new model.py) for some runs; see code_fraction."""
+    code_fraction: float = 0.2
+    """With allow_code: this fraction of LLM runs asks for model code instead of a config."""
+    model_path: Path = ROOT / "model.py"
+    """The incumbent model file: runs train it, accepted model-code proposals replace it."""
+    lora: Any = None
+    """LoraSettings for the LLM's fine-tuning (None: nas_agent_graph.lora.adapters.LoraSettings())."""
+    free_llm: bool = False
+    """Free the LLM's memory before each training run (set when the LLM and training share a GPU)."""
     python: str = sys.executable
     train_script: Path = ROOT / "train.py"
     env: Optional[dict[str, str]] = None

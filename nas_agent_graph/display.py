@@ -57,6 +57,9 @@ class PlainDisplay:
         verdict = "ACCEPTED" if run.accepted else "rejected"
         self._say(f"{run.run_id}: {run.status}, val_mse {_fmt(run.val_mse)}, {verdict}: {run.reason}")
 
+    def on_message(self, text: str) -> None:
+        self._say(text)
+
     def on_stop(self, message: str) -> None:
         self._say(message)
 
@@ -124,6 +127,10 @@ class RichDisplay(PlainDisplay):
         mark = "[green]accepted[/]" if run.accepted else "[red]rejected[/]" if run.status != "ok" else "rejected"
         self.decisions.append(f"{run.run_id} {run.status} val_mse {_fmt(run.val_mse)} {mark}")
         self._update_study(state)
+        self._refresh()
+
+    def on_message(self, text: str) -> None:
+        self.decisions.append(Text(text).markup)
         self._refresh()
 
     def on_stop(self, message: str) -> None:

@@ -2,7 +2,8 @@
 
     load_state -> propose -> validate -> launch -> summarise -> decide -> collect_lora -> propose ...
                      ^          |                                                |
-                     +--invalid-+                                                +--> stop
+                     +--invalid-+                                                +--> finetune -> propose
+                                                                                 +--> stop
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from nas_agent_graph.state import GraphState
 
 def build_graph(checkpointer=None):
     g = StateGraph(GraphState, context_schema=Context)
-    for name in ("load_state", "propose", "validate", "launch", "summarise", "decide", "collect_lora", "stop"):
+    for name in ("load_state", "propose", "validate", "launch", "summarise", "decide", "collect_lora", "finetune",
+                 "stop"):
         g.add_node(name, getattr(nodes, name))
     g.add_edge(START, "load_state")
     g.add_conditional_edges("load_state", routers.after_load)
@@ -25,5 +27,6 @@ def build_graph(checkpointer=None):
     g.add_edge("summarise", "decide")
     g.add_edge("decide", "collect_lora")
     g.add_conditional_edges("collect_lora", routers.after_collect)
+    g.add_conditional_edges("finetune", routers.after_finetune)
     g.add_edge("stop", END)
     return g.compile(checkpointer=checkpointer)

@@ -103,13 +103,14 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
                train_script: Path = DEFAULT_TRAIN_SCRIPT, extra_args: Sequence[str] = (),
                timeout_s: float | None = None, env: Mapping[str, str] | None = None,
                on_progress: Callable[[list[dict]], None] | None = None, poll_s: float = 0.5,
-               term_grace_s: float = 10.0) -> LaunchResult:
+               term_grace_s: float = 10.0, files: Mapping[str, str] | None = None) -> LaunchResult:
     """Run train.py for `run_id` into `run_dir` (= runs_dir/run_id) and return its outcome.
 
     Idempotent: a folder with metrics.json is returned as is (reused=True). Otherwise any
     orphaned child of an earlier orchestrator is stopped, earlier files are moved into
     attempt_N/, config.py is written and train.py is started with its output streamed
-    into train.log. `on_progress(history)` is called whenever history.json changes.
+    into train.log. `files` ({name: text}) are written into the folder beside config.py.
+    `on_progress(history)` is called whenever history.json changes.
     After `timeout_s` seconds the whole process group is stopped and the status is
     "timeout". A KeyboardInterrupt (or any error) while waiting stops the group and is
     re-raised. The child's environment gets PYTHONUNBUFFERED=1 unless `env` sets it, so
@@ -122,6 +123,8 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     _stop_orphan(run_dir, term_grace_s)
     attempt = move_aside(run_dir)
     atomic_write_text(run_dir / CONFIG_FILE, config_text)
+    for name, text in (files or {}).items():  # e.g. a proposed model.py, which --model in extra_args names
+        atomic_write_text(run_dir / name, text)
     cmd = [python, str(train_script), "--config", str(run_dir / CONFIG_FILE), "--tag", run_id,
            "--runs-dir", str(runs_dir), *map(str, extra_args)]
     child_env = dict(os.environ if env is None else env)
@@ -278,6 +281,12 @@ def _make_preexec(prctl):
             os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec
+
+
+def child_preexec():
+    """preexec_fn for any long-running child of the orchestrator (training, fine-tuning): the
+    child gets SIGTERM when the orchestrator dies, however it dies (None where unsupported)."""
+    return _make_preexec(_load_prctl())
 
 
 def _start_child(cmd: list[str], log_file, cwd: Path, env: dict) -> subprocess.Popen:

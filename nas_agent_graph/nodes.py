@@ -22,23 +22,43 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from nas_agent._atomic import append_jsonl, atomic_write_json, atomic_write_text
-from nas_agent.agent_state import (AgentState, RunInfo, add_run, get_best_run, get_run, load_agent_state,
-                                   save_agent_state, utc_now_iso)
+from nas_agent.agent_state import (
+    AgentState,
+    RunInfo,
+    add_run,
+    get_best_run,
+    get_run,
+    load_agent_state,
+    save_agent_state,
+    utc_now_iso,
+)
 from nas_agent.config import ConfigError, apply_overrides, config_hash, load_config, parse_config_source, render_config
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
 from nas_agent.run_manager import get_run_dir, run_id_for
-from nas_agent_graph.context import Context
+from nas_agent_graph.context import ROOT, Context
 from nas_agent_graph.launcher import error_headline, is_finished, launch_run, move_aside
-from nas_agent_graph.proposers import BaselineProposer
+from nas_agent_graph.lora.adapters import (
+    LoraSettings,
+    check_rollback,
+    finetune_and_gate,
+    finetune_due,
+    read_samples,
+    record_failed_finetune,
+    samples_path,
+)
+from nas_agent_graph.proposers import BaselineProposer, ProposalError, llm_validity_text
 from nas_agent_graph.reward import compute_reward
-from nas_agent_graph.state import GraphState, fresh_pass
 from nas_agent_graph.search_space import SpaceError
+from nas_agent_graph.state import GraphState, fresh_pass
 from nas_agent_graph.validation import Verdict, check_proposal
 
 log = logging.getLogger(__name__)
 
 SUCCESS = ("ok", "timeout")  # statuses whose val_mse is a fair measurement
+# What a rejected entry keeps of an LLM proposal's record, for the study's validity rate.
+LLM_SUMMARY_KEYS = ("model", "adapter", "valid_first", "repaired", "valid", "constrained", "prompt_tokens",
+                    "completion_tokens", "latency_s")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,6 +133,30 @@ def sync_incumbent(state: AgentState, ctx: Context) -> None:
     log.info("config.py now holds the incumbent %s", best.run_id)
 
 
+def sync_model(state: AgentState, ctx: Context) -> None:
+    """When the best run trained its own model code, make it the incumbent model file.
+
+    The previous model file is kept under runs/incumbents/ before it is replaced.
+    """
+    best = get_best_run(state)
+    if best is None or not best.extra.get("proposal", {}).get("code_sha256"):
+        return
+    source = get_run_dir(ctx.runs_dir, best.run_id) / "model.py"
+    if not source.is_file():
+        log.warning("%s is the best run but its model.py is missing; %s is left as it is", best.run_id, ctx.model_path)
+        return
+    code = source.read_text(encoding="utf-8")
+    if ctx.model_path.is_file():
+        if ctx.model_path.read_text(encoding="utf-8") == code:
+            return
+        keep = ctx.runs_dir / "incumbents" / f"model_before_{best.run_id}.py"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        if not keep.exists():
+            shutil.copy2(ctx.model_path, keep)
+    atomic_write_text(ctx.model_path, code)
+    log.info("%s now holds the model code of %s", ctx.model_path, best.run_id)
+
+
 def _without_channels(config: dict) -> dict:
     """A config without the data-derived channel counts, so it runs on any data set."""
     out = json.loads(json.dumps(config))
@@ -149,8 +193,9 @@ def load_state(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     study.max_runs = ctx.max_runs
     save_agent_state(study, ctx.state_path)
     sync_incumbent(study, ctx)
+    sync_model(study, ctx)
     _display(ctx, "on_study", state=study)
-    return {**fresh_pass(), **stop_update(study, ctx), "message": None}
+    return {**fresh_pass(), **stop_update(study, ctx), "message": None, "finetune_due": _finetune_due(study, ctx)}
 
 
 def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -167,9 +212,9 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         proposal = proposer.propose(study, study.meta["base_config"], attempt, state.get("feedback"))
         out = {**dataclasses.asdict(proposal), "raw_config": proposal.config, "error": None,
                "config": apply_overrides(proposal.config, ctx.overrides)}
-    except (SpaceError, ConfigError) as e:  # no config could be built: an invalid proposal, with feedback
-        out = {"config": None, "raw_config": None, "proposer": proposer.name, "parent_run_id": None, "meta": {},
-               "error": str(e)}
+    except (SpaceError, ConfigError, ProposalError) as e:  # no config could be built: an invalid proposal, with feedback
+        out = {"config": None, "raw_config": None, "proposer": proposer.name, "parent_run_id": None,
+               "meta": getattr(e, "meta", {}), "error": str(e)}
     return {"run_id": run_id, "attempt": attempt, "proposal": out, "validation_error": None}
 
 
@@ -178,20 +223,27 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
     proposal = state["proposal"]
+    code = proposal.get("meta", {}).get("model_code")
     if proposal["config"] is None:
         verdict = Verdict(False, [f"the {proposal['proposer']} proposer could not build a config: {proposal['error']}"])
+    elif code is not None:
+        verdict = _check_code_proposal(proposal, code, study, state, ctx)
     else:
         verdict = check_proposal(proposal["config"], study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
-                                 max_params=ctx.max_params, env=ctx.env)
+                                 max_params=ctx.max_params, env=ctx.env, model_file=_model_file(ctx))
     if verdict.ok:
         return {"validation_error": None, "smoke": {"n_params": verdict.n_params, "seconds": verdict.smoke_seconds},
                 "proposal": {**proposal, "config": verdict.config}}
     attempt = state.get("attempt", 0)
     key = f"{state['run_id']}#{attempt}"
     if not any(r.get("key") == key for r in study.rejected):  # idempotent on re-run after a crash
-        study.rejected.append({"attempt": attempt, "proposer": proposal["proposer"], "config": proposal["config"],
-                               "error": verdict.message, "at": utc_now_iso(), "key": key,
-                               "run_id": state["run_id"]})
+        entry = {"attempt": attempt, "proposer": proposal["proposer"], "config": proposal["config"],
+                 "error": verdict.message, "at": utc_now_iso(), "key": key, "run_id": state["run_id"]}
+        llm = proposal.get("meta", {}).get("llm")
+        if llm:  # the LLM's validity counts rejected proposals too
+            entry["llm"] = {k: llm.get(k) for k in LLM_SUMMARY_KEYS}
+            entry["response"] = proposal["meta"].get("response")
+        study.rejected.append(entry)
         save_agent_state(study, ctx.state_path)
     _display(ctx, "on_rejected", run_id=state["run_id"], error=verdict.message)
     tries = state.get("tries", 0) + 1
@@ -205,6 +257,25 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     return update
 
 
+def _model_file(ctx: Context) -> Path | None:
+    """The model file runs use: None for the project's own model.py (train.py's default)."""
+    return None if ctx.model_path.resolve() == (ROOT / "model.py").resolve() else ctx.model_path
+
+
+def _check_code_proposal(proposal: dict, code: str, study: AgentState, state: GraphState, ctx: Context) -> Verdict:
+    """A model-code proposal: not a duplicate of earlier code, then the AST allowlist and the smoke
+    test on the file (check_proposal with model_file); the config itself may repeat the incumbent's."""
+    digest = hashlib.sha256(code.encode()).hexdigest()
+    for run in study.runs:
+        if run.extra.get("proposal", {}).get("code_sha256") == digest:
+            return Verdict(False, [f"duplicate: the same model code already ran as {run.run_id}"])
+    folder = ctx.runs_dir / ".proposals" / f"{state['run_id']}_a{state.get('attempt', 0)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "model.py", code)
+    return check_proposal(proposal["config"], None, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
+                          max_params=ctx.max_params, env=ctx.env, model_file=folder / "model.py")
+
+
 def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Write the config into the run folder and run train.py there (or reuse a finished run)."""
     ctx = runtime.context
@@ -213,14 +284,55 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     config_text = render_config(proposal["config"], header=f"{run_id}: proposed by {proposal['proposer']}")
     _set_aside_stale_folder(run_dir, config_text)
     _display(ctx, "on_launch", run_id=run_id, config=proposal["config"])
+    code = proposal.get("meta", {}).get("model_code")
+    files, extra_args = {}, []
+    if code is not None:  # a model-code proposal trains its own file, kept in the run folder
+        files["model.py"] = code
+        extra_args = ["--model", str(run_dir / "model.py")]
+    elif (model_file := _model_file(ctx)) is not None:
+        extra_args = ["--model", str(model_file)]
+    if ctx.free_llm:
+        _free_llm()
     result = launch_run(run_dir, config_text, run_id=run_id, runs_dir=ctx.runs_dir, python=ctx.python,
                         train_script=ctx.train_script, timeout_s=ctx.run_timeout, env=ctx.env,
+                        extra_args=extra_args, files=files,
                         on_progress=lambda history: _display(ctx, "on_epoch", run_id=run_id, history=history))
     # Written after the launch: launch_run moves any file of an unfinished folder aside.
-    atomic_write_json(run_dir / "proposal.json", proposal)
+    write_trace(run_dir, proposal)
     out = dataclasses.asdict(result)
     out.pop("history", None)  # read from disk by summarise; keeps checkpoints small
     return {"launch": out}
+
+
+def _free_llm() -> None:
+    """Give the LLM's memory back before a run that needs it (reloaded on the next proposal)."""
+    import gc
+
+    from nas_agent_graph.llm.backend import clear_model_cache
+    clear_model_cache()
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def write_trace(run_dir: Path, proposal: dict) -> None:
+    """proposal.json, and for LLM proposals prompt.txt, response.txt and llm.json, next to the run."""
+    meta = proposal.get("meta", {})
+    atomic_write_json(run_dir / "proposal.json", {**proposal, "meta": _record_meta(meta)})
+    if meta.get("llm"):
+        atomic_write_text(run_dir / "prompt.txt", meta.get("prompt") or "")
+        atomic_write_text(run_dir / "response.txt", (meta.get("response") or "") + "\n")
+        atomic_write_json(run_dir / "llm.json", meta["llm"])
+
+
+def _record_meta(meta: dict) -> dict:
+    """A proposal's meta without the prompt text and model code, which live in prompt.txt and
+    model.py (a study of 1,000 runs would otherwise carry megabytes of text in agent_state.json)."""
+    return {k: v for k, v in meta.items() if k not in ("prompt", "messages", "model_code")}
 
 
 def _set_aside_stale_folder(run_dir: Path, config_text: str) -> None:
@@ -252,6 +364,7 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     else:
         record = recorded  # recorded before a crash; do not count it twice
     sync_incumbent(study, ctx)
+    sync_model(study, ctx)
     decision = {"accepted": record.accepted, "reason": record.reason, "reward": record.extra.get("reward")}
     _display(ctx, "on_decision", run=record, state=study)
     log.info("%s %s val_mse %s: %s", run_id, launch_out["status"], record.val_mse, record.reason)
@@ -273,7 +386,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
         accepted, reason = True, f"val_mse {val:.6f} < best {best_val:.6f} ({best.run_id}) - min_delta {ctx.min_delta:g}"
     else:
         accepted, reason = False, f"val_mse {val:.6f} is not below best {best_val:.6f} ({best.run_id}) - min_delta {ctx.min_delta:g}"
-    extra = {"proposal": proposal.get("meta", {}), "reward": compute_reward(status, val, best_val),
+    extra = {"proposal": _record_meta(proposal.get("meta", {})), "reward": compute_reward(status, val, best_val),
              "n_params": metrics.get("n_params"), "config_hash": config_hash(proposal["config"]),
              "incumbent_before": best.run_id if best else None, "attempts_moved_aside": launch_out.get("attempt", 0),
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
@@ -289,35 +402,64 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
 
 
 def collect_lora(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Record a {prompt, response, run_id, reward} sample for later fine-tuning, then clear the pass."""
+    """Append the run's LoRA sample (prompt, response, reward, ...), check whether the adapter in
+    use must be rolled back and whether a fine-tune is due, then clear the pass."""
     ctx = runtime.context
     proposal, decision = state["proposal"], state["decision"]
     meta = proposal.get("meta", {})
     response = meta.get("response") or json.dumps(proposal["config"], sort_keys=True)
-    prompt = meta.get("prompt")
-    key = hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()[:16]
-    path = ctx.runs_dir / "lora" / "samples.jsonl"
-    if key not in _sample_keys(path):
+    messages = meta.get("messages")
+    key = hashlib.sha256(json.dumps([messages or meta.get("prompt"), response]).encode()).hexdigest()[:16]
+    path = samples_path(ctx.runs_dir)
+    if key not in {s.get("key") for s in read_samples(path)}:  # idempotent on re-run after a crash
         path.parent.mkdir(parents=True, exist_ok=True)
         launch_out = state["launch"]
-        append_jsonl(path, {"key": key, "run_id": state["run_id"], "prompt": prompt, "response": response,
-                            "proposer": proposal["proposer"], "status": launch_out["status"],
+        append_jsonl(path, {"key": key, "run_id": state["run_id"], "prompt": meta.get("prompt"), "messages": messages,
+                            "response": response, "proposer": proposal["proposer"], "status": launch_out["status"],
                             "val_mse": launch_out["metrics"].get("val_mse"), "reward": decision["reward"],
-                            "adapter_version": meta.get("adapter_version")})
-    return fresh_pass()
+                            "adapter_version": (meta.get("llm") or {}).get("adapter")})
+    study = load_agent_state(ctx.state_path)
+    before = json.dumps(study.meta.get("lora"), sort_keys=True)
+    event = check_rollback(study, _lora_settings(ctx))
+    if json.dumps(study.meta.get("lora"), sort_keys=True) != before:  # a check ran: record it, rollback or not
+        save_agent_state(study, ctx.state_path)
+    if event is not None:
+        _display(ctx, "on_message", text=f"LoRA adapter v{event['version']} rolled back: {event['reason']}")
+    return {**fresh_pass(), "finetune_due": _finetune_due(study, ctx)}
 
 
-def _sample_keys(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    keys = set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                keys.add(json.loads(line)["key"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn last line after a crash: ignore it
-    return keys
+def _lora_settings(ctx: Context) -> LoraSettings:
+    return ctx.lora if ctx.lora is not None else LoraSettings()
+
+
+def _finetune_due(study: AgentState, ctx: Context) -> bool:
+    """A fine-tune is due: the proposer has an LLM, LoRA is on, and enough new positive samples exist."""
+    return getattr(ctx.proposer_obj, "chat", None) is not None and finetune_due(study, ctx.runs_dir, _lora_settings(ctx))
+
+
+def finetune(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Train the next LoRA adapter in a subprocess, gate it against the one in use, and record the
+    outcome in agent_state.json (meta.lora); the proposer picks up a promoted adapter at once."""
+    ctx = runtime.context
+    study = load_agent_state(ctx.state_path)
+    chat = getattr(ctx.proposer_obj, "chat", None)
+    if chat is None or not _finetune_due(study, ctx):  # e.g. resumed after the record was saved
+        return {"finetune_due": False}
+    _display(ctx, "on_message", text="fine-tuning the LLM (LoRA) on the winning proposals so far")
+    if ctx.free_llm:
+        _free_llm()
+    try:
+        record = finetune_and_gate(study, ctx.runs_dir, _lora_settings(ctx), chat, ctx.space, python=ctx.python,
+                                   env=ctx.env)
+    except Exception as e:  # noqa: BLE001 - a failed fine-tune is recorded as data; the search goes on
+        log.exception("LoRA fine-tuning failed")
+        study = load_agent_state(ctx.state_path)  # without the attempt's partial changes
+        record = record_failed_finetune(study, ctx.runs_dir, _lora_settings(ctx), f"{type(e).__name__}: {e}")
+    _tick_time(study, ctx)
+    save_agent_state(study, ctx.state_path)
+    summary = {k: record.get(k) for k in ("version", "status", "reason", "path", "n_train")}
+    _display(ctx, "on_message", text=f"LoRA adapter v{record['version']}: {record['status']} ({record['reason']})")
+    return {"finetune_due": False, "lora": summary, **stop_update(study, ctx)}
 
 
 def stop(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -337,6 +479,8 @@ def stop(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         lines.append(f"Re-run it: python train.py --config {ctx.runs_dir / best.run_id / 'config_used.py'} "
                      f"--tag {best.run_id}_rerun")
         lines.append(f"{ctx.config_path} now holds this config.")
+    if validity := llm_validity_text(study):
+        lines.append(validity + ".")
     message = "\n".join(lines)
     _display(ctx, "on_stop", message=message)
     return {"message": message}

@@ -49,9 +49,18 @@ _CMA_ATTR_PREFIXES = ("cma:", "sepcma:", "cmawm:", "x_for_tell")
 class Proposal:
     """A config to train, who proposed it, and why (meta is JSON-serialisable)."""
     config: dict                  # full raw config dict (data/model/training), before --set overrides
-    proposer: str                 # "baseline" | "random" | "tpe" | "cmaes" (later "llm", "hybrid")
+    proposer: str                 # "baseline" | "random" | "tpe" | "cmaes" | "llm" | "hybrid" | "llm-code"
     parent_run_id: str | None = None
     meta: dict = field(default_factory=dict)  # stored in RunInfo.extra["proposal"]
+
+
+class ProposalError(ValueError):
+    """A proposer could not make a config (e.g. the LLM's reply was unusable even after a repair
+    prompt). `meta` is the record of the attempt, kept with the rejection as data."""
+
+    def __init__(self, message: str, meta: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.meta = meta or {}
 
 
 class Proposer(Protocol):
@@ -252,9 +261,42 @@ def make_proposer(name: str, space: SearchSpace, seed: int) -> OptunaProposer:
     return OptunaProposer(name, space, seed)
 
 
+# ----------------------------------------------------------------------------- study statistics
+
+def llm_validity(state: AgentState) -> dict[str, Any] | None:
+    """LLM validity over the study: proposals that ran and proposals rejected, from their records.
+
+    valid_first: the first reply made a config; valid: it did after at most one repair prompt.
+    None when no LLM proposal was made.
+    """
+    records = [r.extra.get("proposal", {}).get("llm") for r in state.runs]
+    records += [entry.get("llm") for entry in state.rejected]
+    records = [r for r in records if isinstance(r, dict) and "valid" in r]
+    if not records:
+        return None
+    n = len(records)
+    first = sum(1 for r in records if r.get("valid_first"))
+    valid = sum(1 for r in records if r.get("valid"))
+    return {"proposals": n, "valid_first": first, "valid": valid, "valid_first_rate": round(first / n, 4),
+            "valid_rate": round(valid / n, 4),
+            "constrained": sum(1 for r in records if r.get("constrained"))}
+
+
+def llm_validity_text(state: AgentState) -> str | None:
+    """One line about the LLM's validity over the study, or None when it made no proposal."""
+    stats = llm_validity(state)
+    if stats is None:
+        return None
+    return (f"LLM proposals: {stats['proposals']}, valid at the first reply {stats['valid_first_rate']:.0%}, "
+            f"valid after at most one repair {stats['valid_rate']:.0%}, constrained decoding "
+            f"{stats['constrained']}/{stats['proposals']}")
+
+
 def route_optuna_logging() -> None:
     """Send Optuna's log records through the standard `logging` tree instead of its own stderr
     handler, so the CLI's logging setup governs them (every rebuilt study otherwise prints
     "A new study created in memory" at INFO). Call once from the CLI, not at import."""
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
+    # Every proposal rebuilds an in-memory study, and each says so at INFO: keep warnings only.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -35,6 +35,7 @@ from rich.text import Text
 from nas_agent._atomic import atomic_write_text
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
+from nas_agent_graph.proposers import llm_validity
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,10 @@ def study_summary(state: AgentState) -> str:
     parts = [budget, best_text, _plural(len(state.rejected), "rejected proposal")]
     if by_status:
         parts.append(by_status)
+    validity = llm_validity(state)
+    if validity:
+        parts.append(f"LLM valid {validity['valid']}/{validity['proposals']} "
+                     f"(first reply {validity['valid_first']}/{validity['proposals']})")
     return " · ".join(parts)
 
 

@@ -4,13 +4,16 @@
 
 CONFIG_FILE is a config (.py, parsed without exec) or a JSON dict. Prints one JSON line:
 {"ok": true, "n_params": ..., "seconds": ..., "output_shape": [...]} or {"ok": false, "error": ...},
-and exits 0 or 1. It runs in its own process so a model that crashes, hangs or eats
-memory costs a rejected proposal, not the orchestrator.
+and exits 0 or 1. The line carries the nonce the parent put in $NAS_SMOKE_NONCE, which is removed
+from the environment before the model file runs, so model code cannot print a verdict of its own.
+It runs in its own process so a model that crashes, hangs or eats memory costs a rejected
+proposal, not the orchestrator.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -61,12 +64,14 @@ def main(argv=None) -> int:
     p.add_argument("config", type=Path)
     p.add_argument("--model", type=Path, default=None)
     args = p.parse_args(argv)
+    nonce = os.environ.pop("NAS_SMOKE_NONCE", None)
     try:
         result = smoke(args.config, args.model)
     except Exception as e:  # any failure is the verdict, reported as data
         tb = traceback.format_exc().strip().splitlines()
         result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback_tail": "\n".join(tb[-6:])}
-    print(json.dumps(result))
+    result["nonce"] = nonce
+    print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
 
 

@@ -45,6 +45,12 @@ class GraphState(TypedDict, total=False):
     decision: Optional[dict[str, Any]]
     """Outcome of `decide`: {accepted, reason, reward}."""
 
+    finetune_due: bool
+    """Set by `load_state` and `collect_lora`: enough new positive LoRA samples for a fine-tune."""
+
+    lora: Optional[dict[str, Any]]
+    """Outcome of `finetune`: the adapter record (version, status, reason, train, gate)."""
+
     stop_reason: Optional[str]
     """Why the search stops (set by `load_state`, `validate` or `decide`); None to go on."""
 

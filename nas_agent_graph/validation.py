@@ -1,13 +1,16 @@
 """Validation of a proposal, shared by the loop's `validate` node and the `check` command.
 
 Four gates, in order: the config loader's schema, the duplicate check against the
-study, a smoke test in a subprocess with a timeout, and the parameter budget.
+study, a smoke test in a subprocess with a timeout, and the parameter budget. With a
+model file (LLM-written code, --allow-code) a static check comes before the smoke test:
+the file must pass nas_agent_graph.code_check's AST allowlist, or no subprocess runs it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from typing import Any, Optional
 
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, config_hash, validate_config
+from nas_agent_graph.code_check import check_model_file
 from nas_agent_graph.context import ROOT
 
 log = logging.getLogger(__name__)
@@ -52,9 +56,13 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
     """Run nas_agent_graph.smoke in a subprocess; the verdict is a dict, never an exception.
 
     It runs from the project root with the root on PYTHONPATH, whatever the caller's cwd.
+    A model file that fails the static code check is never run.
     """
+    if model_file is not None and (problems := check_model_file(model_file)):
+        return {"ok": False, "error": "model code rejected: " + "; ".join(problems)}
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["NAS_SMOKE_NONCE"] = nonce = secrets.token_hex(16)  # only smoke.py's own verdict line carries it
     cwd = ROOT
     with tempfile.TemporaryDirectory(prefix="nas_smoke_") as tmp:
         cfg_file = Path(tmp) / "config.json"
@@ -67,12 +75,15 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
                                   stdin=subprocess.DEVNULL, start_new_session=True)
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"smoke test timed out after {timeout_s:g}s"}
-    lines = proc.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        return {"ok": False, "error": f"smoke test exited with code {proc.returncode} and no verdict: {tail}"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        try:
+            verdict = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(verdict, dict) and verdict.pop("nonce", None) == nonce:
+            return verdict
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    return {"ok": False, "error": f"smoke test exited with code {proc.returncode} and no verdict: {tail}"}
 
 
 def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke_timeout: float,
@@ -84,6 +95,8 @@ def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke
         return Verdict(False, [str(e)])
     if state is not None and (dup := find_duplicate(cfg, state)):
         return Verdict(False, [f"duplicate: the same settings already ran as {dup}"], config=cfg)
+    if model_file is not None and (problems := check_model_file(model_file)):
+        return Verdict(False, problems, config=cfg)  # untrusted code: not run at all
     result = run_smoke(cfg, python=python, timeout_s=smoke_timeout, env=env, model_file=model_file)
     if not result.get("ok"):
         return Verdict(False, [f"smoke test failed: {result.get('error')}"], config=cfg)

@@ -385,7 +385,41 @@ def clear_model_cache() -> None:
     """Forget the models loaded by this process (tests; freeing memory)."""
     with _MODELS_LOCK:
         _MODELS.clear()
+        _ADAPTED.clear()
     _GRAMMARS.clear()
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+
+# id(base model) -> the PeftModel wrapping it, with every adapter loaded so far in this process.
+_ADAPTED: dict[int, Any] = {}
+
+
+def with_adapter(model: Any, name: str | None, path: str | None) -> tuple[Any, Any]:
+    """(model to generate with, context manager to generate in) for a LoRA adapter or none.
+
+    The first adapter wraps the cached base model in a peft PeftModel (its layers get LoRA
+    branches); later adapters are loaded beside it by name and switched with set_adapter, so a
+    new adapter needs no restart. name=None generates with the base weights (adapters disabled).
+    """
+    import contextlib
+
+    with _MODELS_LOCK:
+        peft_model = _ADAPTED.get(id(model))
+        if name is None:
+            return (model, contextlib.nullcontext()) if peft_model is None else (peft_model, peft_model.disable_adapter())
+        if not path or not (Path(path) / "adapter_config.json").is_file():
+            raise LLMError(f"adapter {name}: no adapter_config.json in {path}; the adapter folder is missing or "
+                           "damaged (see agent_state.json meta.lora to pick another version)")
+        from peft import PeftModel
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
+            peft_model.eval()
+            _ADAPTED[id(model)] = peft_model
+        elif name not in peft_model.peft_config:
+            peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        peft_model.set_adapter(name)
+        return peft_model, contextlib.nullcontext()
 
 
 def load_model(spec: "str | LLMSpec | None" = None, quant: Quant | None = None,

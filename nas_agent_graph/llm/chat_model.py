@@ -28,6 +28,15 @@ from nas_agent_graph.llm import backend
 _GEN_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 
 
+def from_dicts(messages: list[dict[str, str]]) -> list[BaseMessage]:
+    """[{"role", "content"}] -> langchain messages (the inverse of to_backend_messages)."""
+    kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+    try:
+        return [kinds[m["role"]](content=m["content"]) for m in messages]
+    except KeyError as e:
+        raise ValueError(f"unknown message role {e}; expected system, user or assistant") from None
+
+
 def to_backend_messages(messages: list[BaseMessage]) -> list[dict[str, str]]:
     """langchain messages -> [{"role": "system" | "user" | "assistant", "content": str}]."""
     out = []
@@ -64,6 +73,8 @@ class LocalChatModel(BaseChatModel):
     max_new_tokens: int = 512
     seed: Optional[int] = None
     json_schema: Optional[dict] = Field(default=None, description="constrain every reply to this JSON schema")
+    adapter: Optional[str] = Field(default=None, description="name of a LoRA adapter to generate with (None = base)")
+    adapter_path: Optional[str] = Field(default=None, description="folder of that adapter (peft save_pretrained)")
 
     @property
     def _llm_type(self) -> str:
@@ -78,16 +89,29 @@ class LocalChatModel(BaseChatModel):
         """(model, tokenizer, info), loading on first use (cached per process)."""
         return backend.load_model(self.model_spec, self.quant, self.device)
 
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of the prompt these messages render to (chat template included), as generation sees it."""
+        _, tokenizer, _ = self.load()
+        text = backend.render_prompt(tokenizer, messages)
+        add_special = not getattr(tokenizer, "chat_template", None)
+        return len(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def settings(self) -> dict[str, Any]:
+        """The generation settings, as recorded in each run's llm.json."""
+        return {k: getattr(self, k) for k in _GEN_KEYS}
+
     def _generate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
-        model, tokenizer, info = self.load()
+        base, tokenizer, info = self.load()
+        model, adapter_context = backend.with_adapter(base, self.adapter, self.adapter_path)
         schema = kwargs.pop("json_schema", self.json_schema)
         settings = {k: kwargs.pop(k, getattr(self, k)) for k in _GEN_KEYS}
         if kwargs:
             raise TypeError(f"LocalChatModel: unknown invoke arguments {sorted(kwargs)}; "
                             f"known: json_schema, {', '.join(_GEN_KEYS)}")
-        result = backend.generate_json(model, tokenizer, to_backend_messages(messages), schema,
-                                       constrain=schema is not None, **settings)
+        with adapter_context:
+            result = backend.generate_json(model, tokenizer, to_backend_messages(messages), schema,
+                                           constrain=schema is not None, **settings)
         text = result.text
         if stop and not result.constrained:
             cuts = [text.find(s) for s in stop if s and s in text]
@@ -98,7 +122,7 @@ class LocalChatModel(BaseChatModel):
             "device": info["device"], "dtype": info["dtype"],
             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "latency_s": round(result.latency_s, 4), "constrained": result.constrained,
-            "fallback_reason": result.fallback_reason, **settings,
+            "fallback_reason": result.fallback_reason, "adapter": self.adapter, **settings,
         }
         message = AIMessage(
             content=text,

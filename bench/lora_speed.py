@@ -1,0 +1,101 @@
+"""LoRA on this machine: training cost of an adapter, and what it changes in the LLM's replies.
+
+    NAS_DATA_DIR=../shared/data python bench/lora_speed.py --study /tmp/nas_search_compare/hybrid_seed0 \\
+        --steps 30 --held-out 6
+
+Takes the LLM samples of a finished study (runs/lora/samples.jsonl; the prompt is rebuilt from
+the sample's messages, or from its prompt text), holds out the `--held-out` latest, trains one
+adapter on the rest (the samples with the best rewards first, at most --max-train) in the same
+subprocess the agent uses, and prints:
+
+  1. cost: seconds per step, seconds per adapter, adapter size, first and final loss;
+  2. replies to the held-out prompts WITHOUT constrained decoding (greedy), base model against
+     the adapter: validity (parses, inside the space), closeness to the study's 3 best configs
+     (the gate's two measures), and the same for constrained decoding as a reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def messages_from_text(text: str) -> list[dict]:
+    """The inverse of prompting.messages_text ("### role\\ncontent" blocks)."""
+    out = []
+    for block in ("\n" + text).split("\n### ")[1:]:
+        role, _, content = block.partition("\n")
+        out.append({"role": role.strip(), "content": content.strip()})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--study", type=Path, required=True, help="a study folder (agent_state.json, runs/)")
+    p.add_argument("--space", type=Path, default=ROOT / "bench" / "cpu_space.json")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--held-out", type=int, default=6)
+    p.add_argument("--max-train", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+
+    import torch
+
+    from nas_agent.agent_state import load_agent_state
+    from nas_agent_graph.llm.chat_model import LocalChatModel
+    from nas_agent_graph.lora.adapters import LoraSettings, best_params, evaluate, read_samples, train_adapter
+    from nas_agent_graph.search_space import load_space
+
+    torch.set_num_threads(a.threads)
+    space = load_space(a.space)
+    state = load_agent_state(a.study / "agent_state.json")
+    samples = []
+    for s in read_samples(a.study / "runs" / "lora" / "samples.jsonl"):
+        messages = s.get("messages") or (messages_from_text(s["prompt"]) if s.get("prompt") else None)
+        if messages and isinstance(s.get("reward"), (int, float)):
+            samples.append({**s, "messages": messages})
+    if len(samples) <= a.held_out:
+        sys.exit(f"only {len(samples)} LLM samples in {a.study}; need more than --held-out {a.held_out}")
+    held, rest = samples[-a.held_out:], samples[:-a.held_out]
+    train = sorted(rest, key=lambda s: -s["reward"])[:a.max_train]
+    settings = LoraSettings(steps=a.steps)
+    out = Path("/tmp/nas_lora_bench/adapter")
+    t0 = time.perf_counter()
+    verdict = train_adapter(train, out, 1, settings)
+    wall = time.perf_counter() - t0
+    if not verdict.get("ok"):
+        sys.exit(f"training failed: {verdict}")
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"study {a.study}: {len(samples)} LLM samples; trained on {len(train)} (rewards "
+          f"{min(s['reward'] for s in train):.2f}..{max(s['reward'] for s in train):.2f}), held out {len(held)}")
+    print(f"settings: {json.dumps(meta['settings'])}")
+    print("\n| measure | value |\n|---|---:|")
+    print(f"| steps | {meta['steps']} |")
+    print(f"| training seconds (in the subprocess) | {meta['seconds']:.0f} |")
+    print(f"| seconds per step (incl. load) | {meta['seconds'] / meta['steps']:.1f} |")
+    print(f"| adapter wall time (subprocess start to verdict) | {wall:.0f} s |")
+    print(f"| adapter size | {meta['adapter_bytes'] / 1e6:.1f} MB |")
+    print(f"| loss first -> final | {meta['first_loss']:.3f} -> {meta['final_loss']:.3f} |")
+
+    chat = LocalChatModel(temperature=0.0, max_new_tokens=320)
+    targets = best_params(state, space)
+    prompts = [s["messages"] for s in held]
+    rows = []
+    for name, adapter in (("base model", None), ("adapter", ("bench", str(out)))):
+        t0 = time.perf_counter()
+        r = evaluate(chat, adapter, prompts, space, targets, 320)
+        rows.append((name, r, (time.perf_counter() - t0) / len(prompts)))
+    print(f"\nheld-out prompts: {len(prompts)}; closeness to the study's {len(targets)} best configs")
+    print("| model | valid (unconstrained) | closeness | s per reply | vs base validity |\n|---|---:|---:|---:|---:|")
+    for name, r, sec in rows:
+        print(f"| {name} | {r['valid']}/{r['n']} | {r['closeness']:.3f} | {sec:.1f} | "
+              f"{r['validity'] - rows[0][1]['validity']:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The LLM's self-improvement: LoRA samples, training, the promotion gate, and rollback.
+
+Data flow, all of it in plain files:
+
+    runs/lora/samples.jsonl       one line per LLM-proposed run (collect_lora): key, run_id,
+                                  messages (the prompt), response, status, val_mse, reward,
+                                  adapter_version; fsynced appends, deduplicated by key
+    runs/lora/adapter_vK/         the adapter, meta.json and loss_curve.png (finetune.py)
+    runs/lora/job_vK.json         what the training subprocess was given
+    agent_state.json meta.lora    the registry (below): the single source of truth about which
+                                  adapter is in use
+
+Positive samples have reward >= LoraSettings.reward_threshold (nas_agent_graph/reward.py
+defines the reward). When `trigger` positives exist that no earlier training attempt has seen,
+the graph routes to the `finetune` node: the `held_out` most recent samples are set aside, the
+remaining positives train adapter vK in a subprocess, and the gate evaluates vK against the
+adapter in use (or the base model) on the held-out prompts:
+
+    validity   replies, decoded WITHOUT constraints (greedy), that parse and lie inside the space
+    closeness  1 - the normalised distance of a valid reply to the nearest of the 3 best configs
+               known so far (0 for an invalid reply), averaged
+
+vK is promoted only if neither is worse (closeness within GATE_TOLERANCE) and its validity is
+above zero; otherwise the old adapter stays and the reason is recorded. After a promotion, once
+`rollback_window` LLM runs used vK, their mean reward is compared with the same number of the
+previous version's runs: if it is lower by more than `rollback_margin`, vK is rolled back.
+
+Registry (agent_state.json meta.lora):
+    {"active": K | null, "seen_keys": [...positives seen at the last training attempt...],
+     "adapters": [{"version", "path", "status": "promoted"|"rejected"|"failed"|"rolled_back",
+                   "reason", "created", "train": {...}, "gate": {...}, "previous": K | null,
+                   "promoted_at_run": n, "rollback_checked": bool}],
+     "events": [{"at", "kind", "version", "reason"}]}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from nas_agent.agent_state import AgentState, utc_now_iso
+from nas_agent_graph.context import ROOT
+
+log = logging.getLogger(__name__)
+
+GATE_TOLERANCE = 0.02   # closeness may be this much lower and still count as "not worse"
+TOP_CONFIGS = 3         # closeness is measured to the nearest of this many best configs
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How the LLM is fine-tuned; the CLI's --lora KEY=VALUE items set these."""
+    enabled: bool = True
+    trigger: int = 10
+    """New positive samples (unseen by any training attempt) that start a fine-tune."""
+    reward_threshold: float = 0.7
+    """A sample is positive when its reward is at least this (0.7: about 2 % better than the incumbent)."""
+    held_out: int = 4
+    """Most recent samples kept out of training and used by the gate."""
+    steps: int = 40
+    lr: float = 5e-4
+    batch_size: int = 2
+    max_len: int | None = None
+    """Tokens per training sample (None: 384 on the CPU, 4096 on CUDA; prompts are cut from the left)."""
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    gate_max_new_tokens: int = 320
+    rollback_window: int = 5
+    rollback_margin: float = 0.15
+    timeout_s: float = 3600.0
+    """Wall-clock limit of one training subprocess."""
+
+    @classmethod
+    def from_items(cls, items: list[str]) -> "LoraSettings":
+        """From KEY=VALUE strings (the CLI's --lora); a bad item raises ValueError naming it."""
+        kinds = {f: type(v) for f, v in asdict(cls()).items()}
+        values: dict[str, Any] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key == "off" and not sep:
+                values["enabled"] = False
+                continue
+            if not sep or key not in kinds:
+                raise ValueError(f"--lora {item!r}: expected KEY=VALUE (or 'off') with KEY one of {', '.join(kinds)}")
+            try:
+                if key == "target_modules":
+                    values[key] = tuple(x.strip() for x in raw.split(",") if x.strip())
+                elif key == "max_len":
+                    values[key] = None if raw.lower() in ("", "none") else int(raw)
+                elif kinds[key] is bool:
+                    if raw.lower() not in ("true", "false", "1", "0", "on", "off"):
+                        raise ValueError(raw)
+                    values[key] = raw.lower() in ("true", "1", "on")
+                else:
+                    values[key] = kinds[key](raw)
+            except ValueError:
+                raise ValueError(f"--lora {item!r}: {raw!r} is not a valid {kinds[key].__name__}") from None
+        settings = cls(**values)
+        if settings.trigger < 1 or settings.held_out < 1 or settings.steps < 1 or settings.rollback_window < 1:
+            raise ValueError(f"--lora: trigger, held_out, steps and rollback_window must be >= 1 ({settings})")
+        return settings
+
+
+# ----------------------------------------------------------------------------- samples
+
+def samples_path(runs_dir: Path) -> Path:
+    return Path(runs_dir) / "lora" / "samples.jsonl"
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Every well-formed sample line (a torn last line after a crash is skipped), first occurrence of each key."""
+    if not Path(path).exists():
+        return []
+    out, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(sample, dict) and sample.get("key") not in seen:
+                seen.add(sample.get("key"))
+                out.append(sample)
+    return out
+
+
+def trainable(sample: dict) -> bool:
+    """A sample an LLM can learn from: a chat prompt and a reply (samples of Optuna's runs have no prompt)."""
+    return isinstance(sample.get("messages"), list) and bool(sample["messages"]) and isinstance(sample.get("response"), str)
+
+
+def is_positive(sample: dict, settings: LoraSettings) -> bool:
+    reward = sample.get("reward")
+    return trainable(sample) and isinstance(reward, (int, float)) and reward >= settings.reward_threshold
+
+
+# ----------------------------------------------------------------------------- the registry
+
+def registry(state: AgentState) -> dict:
+    """agent_state.json meta.lora, created empty when missing."""
+    reg = state.meta.setdefault("lora", {})
+    reg.setdefault("active", None)
+    reg.setdefault("seen_keys", [])
+    reg.setdefault("adapters", [])
+    reg.setdefault("events", [])
+    return reg
+
+
+def active_adapter(state: AgentState) -> dict | None:
+    """The adapter record in use, or None for the base model."""
+    reg = state.meta.get("lora") or {}
+    version = reg.get("active")
+    return next((a for a in reg.get("adapters", []) if a.get("version") == version), None) if version else None
+
+
+def finetune_due(state: AgentState, runs_dir: Path, settings: LoraSettings) -> bool:
+    """Whether `trigger` positive samples exist that no training attempt has seen yet."""
+    if not settings.enabled:
+        return False
+    seen = set((state.meta.get("lora") or {}).get("seen_keys", []))
+    fresh = [s for s in read_samples(samples_path(runs_dir)) if is_positive(s, settings) and s["key"] not in seen]
+    return len(fresh) >= settings.trigger
+
+
+def _event(reg: dict, kind: str, version: int | None, reason: str) -> None:
+    reg["events"].append({"at": utc_now_iso(), "kind": kind, "version": version, "reason": reason})
+    log.info("LoRA %s v%s: %s", kind, version, reason)
+
+
+# ----------------------------------------------------------------------------- training
+
+def split(samples: list[dict], settings: LoraSettings) -> tuple[list[dict], list[dict]]:
+    """(training positives, held-out prompts): the latest `held_out` trainable samples are held out."""
+    usable = [s for s in samples if trainable(s)]
+    held = usable[-settings.held_out:]
+    held_keys = {s["key"] for s in held}
+    train = [s for s in usable if is_positive(s, settings) and s["key"] not in held_keys]
+    return train, held
+
+
+def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSettings, *,
+                  base: str | None = None, quant: str | None = None, python: str = sys.executable,
+                  env: dict | None = None) -> dict:
+    """Train adapter v`version` on `samples` in a subprocess; returns its JSON verdict (never raises)."""
+    out = Path(out)
+    job = {"base": base, "quant": quant, "out": str(out), "version": version,
+           "samples": [{"key": s["key"], "messages": s["messages"], "response": s["response"]} for s in samples],
+           **{k: v for k, v in asdict(settings).items()
+              if k in ("steps", "lr", "batch_size", "max_len", "r", "alpha", "dropout")},
+           "target_modules": list(settings.target_modules), "seed": version}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    job_file = out.parent / f"job_v{version}.json"
+    job_file.write_text(json.dumps(job))
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
+    log_file = out.parent / f"train_v{version}.log"
+    from nas_agent_graph.launcher import child_preexec
+    try:
+        # Its own session, and SIGTERM when the orchestrator dies: a killed search leaves no
+        # training behind to race the resumed one for the same adapter folder.
+        with open(log_file, "w") as err:
+            proc = subprocess.run([python, "-m", "nas_agent_graph.lora.finetune", str(job_file)], cwd=ROOT,
+                                  env=child_env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                  timeout=settings.timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
+                                  preexec_fn=child_preexec())
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"training timed out after {settings.timeout_s:g}s (see {log_file})"}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"ok": False, "error": f"training exited with code {proc.returncode} and no verdict; see {log_file}"}
+
+
+# ----------------------------------------------------------------------------- the gate
+
+def _norm(entry: dict, value: Any) -> float | None:
+    if entry["type"] == "categorical" or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    low, high = float(entry["low"]), float(entry["high"])
+    if entry.get("log") and low > 0 and value > 0:
+        return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+    return (value - low) / (high - low) if high > low else 0.0
+
+
+def distance(a: dict, b: dict, space: Any) -> float:
+    """Mean per-key distance in [0, 1]: 0/1 for a categorical, normalised |a-b| for a number."""
+    total = 0.0
+    for key, entry in space.entries.items():
+        na, nb = _norm(entry, a.get(key)), _norm(entry, b.get(key))
+        total += abs(na - nb) if na is not None and nb is not None else float(a.get(key) != b.get(key))
+    return total / max(len(space.entries), 1)
+
+
+def best_params(state: AgentState, space: Any, k: int = TOP_CONFIGS) -> list[dict]:
+    scored = sorted((r for r in state.runs if r.status in ("ok", "timeout") and r.val_mse is not None),
+                    key=lambda r: r.val_mse)
+    out = []
+    for run in scored:
+        params = space.from_config(run.config) if run.config else None
+        if params is not None:
+            out.append(params)
+        if len(out) == k:
+            break
+    return out
+
+
+def evaluate(chat: Any, adapter: tuple[str, str] | None, prompts: list[list[dict]], space: Any,
+             targets: list[dict], max_new_tokens: int) -> dict:
+    """Unconstrained greedy replies of the base model (adapter None) or an adapter (name, path)
+    to each prompt: validity and closeness to the target configs."""
+    from nas_agent_graph.llm.chat_model import from_dicts
+    from nas_agent_graph.llm.proposal_schema import params_from_json
+
+    model = chat.model_copy(update={"adapter": adapter[0] if adapter else None,
+                                    "adapter_path": adapter[1] if adapter else None,
+                                    "temperature": 0.0, "max_new_tokens": max_new_tokens})
+    valid, closeness, replies = 0, [], []
+    for messages in prompts:
+        reply = model.invoke(from_dicts(messages))
+        parsed = reply.additional_kwargs.get("parsed")
+        score = 0.0
+        try:
+            params = params_from_json(parsed, space) if parsed is not None else None
+        except ValueError:
+            params = None
+        if params is not None:
+            valid += 1
+            score = 1.0 - min((distance(params, t, space) for t in targets), default=1.0)
+        closeness.append(score)
+        replies.append(str(reply.content)[:400])
+    n = max(len(prompts), 1)
+    return {"n": len(prompts), "valid": valid, "validity": round(valid / n, 4),
+            "closeness": round(sum(closeness) / n, 4), "replies": replies}
+
+
+def gate_decision(candidate: dict, incumbent: dict) -> tuple[bool, str]:
+    """(promote, why): not worse on validity nor (within GATE_TOLERANCE) on closeness, and some validity."""
+    if candidate["validity"] <= 0:
+        return False, f"no valid reply without constraints ({candidate['valid']}/{candidate['n']})"
+    if candidate["validity"] < incumbent["validity"]:
+        return False, f"validity {candidate['validity']:.2f} < {incumbent['validity']:.2f} of the adapter in use"
+    if candidate["closeness"] < incumbent["closeness"] - GATE_TOLERANCE:
+        return False, (f"closeness to the best configs {candidate['closeness']:.3f} < "
+                       f"{incumbent['closeness']:.3f} of the adapter in use")
+    return True, (f"validity {candidate['validity']:.2f} (in use: {incumbent['validity']:.2f}), closeness "
+                  f"{candidate['closeness']:.3f} (in use: {incumbent['closeness']:.3f})")
+
+
+def finetune_and_gate(state: AgentState, runs_dir: Path, settings: LoraSettings, chat: Any, space: Any, *,
+                      python: str = sys.executable, env: dict | None = None) -> dict:
+    """Train the next adapter on the samples so far, gate it, and update the registry in `state`
+    (the caller saves it). Returns the adapter record."""
+    reg = registry(state)
+    samples = read_samples(samples_path(runs_dir))
+    reg["seen_keys"] = sorted({s["key"] for s in samples if is_positive(s, settings)} | set(reg["seen_keys"]))
+    train, held = split(samples, settings)
+    version = max((a["version"] for a in reg["adapters"]), default=0) + 1
+    out = Path(runs_dir) / "lora" / f"adapter_v{version}"
+    record: dict[str, Any] = {"version": version, "path": str(out), "created": utc_now_iso(),
+                              "n_train": len(train), "held_out": [s["key"] for s in held],
+                              "previous": reg["active"], "promoted_at_run": None, "rollback_checked": False}
+    if not train:
+        record.update(status="failed", reason="no positive samples outside the held-out set")
+        reg["adapters"].append(record)
+        _event(reg, "failed", version, record["reason"])
+        return record
+    verdict = train_adapter(train, out, version, settings, base=chat.model_spec, quant=chat.quant,
+                            python=python, env=env)
+    record["train"] = {k: v for k, v in verdict.items() if k != "out"}
+    if not verdict.get("ok"):
+        record.update(status="failed", reason=f"training failed: {verdict.get('error')}")
+        reg["adapters"].append(record)
+        _event(reg, "failed", version, record["reason"])
+        return record
+    _, _, info = chat.load()  # after training: the caller may have freed it for the subprocess
+    targets = best_params(state, space)
+    prompts = [s["messages"] for s in held]
+    current = active_adapter(state)
+    current_ref = (f"v{current['version']}", current["path"]) if current else None
+    incumbent = evaluate(chat, current_ref, prompts, space, targets, settings.gate_max_new_tokens)
+    candidate = evaluate(chat, (f"v{version}", str(out)), prompts, space, targets, settings.gate_max_new_tokens)
+    promote, why = gate_decision(candidate, incumbent)
+    record["gate"] = {"candidate": candidate, "in_use": incumbent, "in_use_version": reg["active"],
+                      "base_model": info["model"]}
+    if promote:
+        record.update(status="promoted", reason=why, promoted_at_run=len(state.runs))
+        reg["active"] = version
+        _event(reg, "promoted", version, why)
+    else:
+        record.update(status="rejected", reason=why)
+        _event(reg, "rejected", version, why)
+    reg["adapters"].append(record)
+    return record
+
+
+def record_failed_finetune(state: AgentState, runs_dir: Path, settings: LoraSettings, error: str) -> dict:
+    """Record a fine-tune that crashed (e.g. out of memory in the gate) so it is not retried at once."""
+    reg = registry(state)
+    samples = read_samples(samples_path(runs_dir))
+    reg["seen_keys"] = sorted({s["key"] for s in samples if is_positive(s, settings)} | set(reg["seen_keys"]))
+    version = max((a["version"] for a in reg["adapters"]), default=0) + 1
+    record = {"version": version, "path": str(Path(runs_dir) / "lora" / f"adapter_v{version}"),
+              "created": utc_now_iso(), "status": "failed", "reason": error, "previous": reg["active"],
+              "promoted_at_run": None, "rollback_checked": False}
+    reg["adapters"].append(record)
+    _event(reg, "failed", version, error)
+    return record
+
+
+# ----------------------------------------------------------------------------- rollback
+
+def _llm_rewards(state: AgentState, version: int | None) -> list[float]:
+    """Rewards of the LLM-proposed runs made with adapter `version` (None: the base model), in order."""
+    want = f"v{version}" if version else None
+    out = []
+    for run in state.runs:
+        llm = run.extra.get("proposal", {}).get("llm")
+        if isinstance(llm, dict) and llm.get("adapter") == want and isinstance(run.extra.get("reward"), (int, float)):
+            out.append(float(run.extra["reward"]))
+    return out
+
+
+def check_rollback(state: AgentState, settings: LoraSettings) -> dict | None:
+    """Roll the active adapter back when its first `rollback_window` LLM runs did clearly worse
+    than the previous version's last ones; returns the event or None. Each version is judged once."""
+    reg = state.meta.get("lora") or {}
+    current = active_adapter(state)
+    if current is None or current.get("rollback_checked"):
+        return None
+    mine = _llm_rewards(state, current["version"])
+    if len(mine) < settings.rollback_window:
+        return None
+    before = _llm_rewards(state, current.get("previous"))[-settings.rollback_window:]
+    current["rollback_checked"] = True
+    if not before:
+        return None
+    mean_new = sum(mine[:settings.rollback_window]) / settings.rollback_window
+    mean_old = sum(before) / len(before)
+    current["rollback_check"] = {"mean_reward": round(mean_new, 4), "previous_mean_reward": round(mean_old, 4),
+                                 "window": settings.rollback_window, "margin": settings.rollback_margin}
+    if mean_new < mean_old - settings.rollback_margin:
+        reason = (f"mean reward of its first {settings.rollback_window} runs {mean_new:.3f} < "
+                  f"{mean_old:.3f} of v{current.get('previous') or '0 (base)'} - margin {settings.rollback_margin}")
+        current["status"] = "rolled_back"
+        current["reason"] = reason
+        reg["active"] = current.get("previous")
+        _event(reg, "rolled_back", current["version"], reason)
+        return reg["events"][-1]
+    return None

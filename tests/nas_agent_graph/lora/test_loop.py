@@ -1,0 +1,52 @@
+"""A short real study with a low LoRA trigger: the loop fine-tunes, gates, promotes and then
+proposes with the adapter (real embedded model, real training runs, the CLI in a subprocess)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from nas_agent.agent_state import load_agent_state
+from nas_agent_graph.lora.adapters import read_samples
+from nas_agent_graph.search_space import DEFAULT_SPACE
+from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
+
+MICRO_FILE = {**{k: None for k in DEFAULT_SPACE if k not in ("model.e_layers", "model.attn", "model.revin",
+                                                             "training.batch_size")},
+              "model.e_layers": {"type": "categorical", "choices": [1, 2]}}
+LORA = ["trigger=2", "reward_threshold=0", "held_out=1", "steps=12", "lr=2e-3", "max_len=256",
+        "gate_max_new_tokens=80"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 3 LLM proposals, 4 runs, one fine-tune and the gate: ~5 min on 2 idle cores
+def test_short_loop_finetunes_promotes_and_uses_the_adapter(tmp_path):
+    (tmp_path / "config.py").write_text(TINY_CONFIG)
+    (tmp_path / "space.json").write_text(json.dumps(MICRO_FILE))
+    args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", "4", "--proposer", "llm", "--space", "space.json",
+            "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
+    for item in LORA:
+        args += ["--lora", item]
+    proc = subprocess.run(args, cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2"),
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_agent_state(tmp_path / "agent_state.json")
+    lora = state.meta["lora"]
+    first = lora["adapters"][0]
+    assert first["version"] == 1 and first["train"]["ok"], first
+    assert first["status"] == "promoted", first["reason"]
+    assert lora["active"] == 1 and [e["kind"] for e in lora["events"]] == ["promoted"]
+    adapter = tmp_path / "runs" / "lora" / "adapter_v1"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "loss_curve.png").exists()
+    meta = json.loads((adapter / "meta.json").read_text())
+    assert meta["final_loss"] < meta["first_loss"]
+    # runs before the fine-tune used the base model, the run after it the adapter
+    adapters = [json.loads((tmp_path / "runs" / f"run_{i:04d}" / "llm.json").read_text())["adapter"] for i in (1, 2, 3)]
+    assert adapters == [None, None, "v1"]
+    samples = read_samples(tmp_path / "runs" / "lora" / "samples.jsonl")
+    assert [s["run_id"] for s in samples] == ["run_0000", "run_0001", "run_0002", "run_0003"]
+    assert samples[-1]["adapter_version"] == "v1" and samples[1]["messages"][0]["role"] == "system"
+    listing = subprocess.run([PYTHON, "-m", "nas_agent_graph.lora", "list"], cwd=tmp_path,
+                             env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "| v1 | promoted |" in listing.stdout and "adapter in use: v1" in listing.stdout
