@@ -13,6 +13,8 @@ Status vocabulary and exit codes:
     (usage)      2   bad flags, invalid config, or the run folder already holds a run
     diverged     3   loss or validation metric became NaN/inf; stopped at once
     timeout      4   training.time_budget_s reached; best checkpoint tested, all files written
+    pruned       5   a PRUNE request file appeared in the run folder (the search's pruner);
+                     stops within a batch, best checkpoint tested, all files written
     interrupted  130 SIGINT/SIGTERM; what exists is written, no test evaluation
 """
 from __future__ import annotations
@@ -42,7 +44,12 @@ from nas_agent.schema import resolve_class
 
 log = logging.getLogger("train")
 
-EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "interrupted": 130}
+EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "interrupted": 130}
+# The orchestrator asks a running train.py to stop by writing this file into the run folder
+# (its text says why). It is checked between batches, like the signals.
+PRUNE_FILE = "PRUNE"
+# Statuses that end training early but still restore and test the best checkpoint.
+TESTED_EARLY_STOPS = ("timeout", "pruned")
 USAGE_ERROR = 2
 # Files that mean "this folder already holds a run". train.log is not one of them: the
 # agent opens it before launching us, to stream our output into it.
@@ -72,6 +79,17 @@ def _on_signal(signum, frame):
 def check_stop(where: str) -> None:
     if _stop_signal:
         raise StopTraining("interrupted", f"received {_stop_signal[0]} {where}")
+
+
+def check_prune(run_dir: Path, epoch: int) -> None:
+    """Stop as pruned when the search has written a PRUNE request into the run folder."""
+    path = run_dir / PRUNE_FILE
+    if path.exists():
+        try:
+            why = path.read_text(encoding="utf-8").strip().splitlines()[0][:500]
+        except (OSError, IndexError, UnicodeDecodeError):
+            why = "(no reason given)"
+        raise StopTraining("pruned", f"pruned by the search during epoch {epoch}: {why}")
 
 
 # --------------------------------------------------------------------------- setup
@@ -107,6 +125,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in existing:
         (run_dir / name).unlink()
+    # A prune request left by an earlier attempt is not meant for this one.
+    (run_dir / PRUNE_FILE).unlink(missing_ok=True)
 
 
 def _is_same_file(stream, path: Path) -> bool:
@@ -246,6 +266,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         batches = ds.train.batches(tc.batch_size, shuffle=True, generator=gen, drop_last=True)
         for step, (x_enc, m_enc, x_dec, m_dec, y) in enumerate(batches, 1):
             check_stop(f"during epoch {epoch}")
+            check_prune(run_dir, epoch)
             if time.monotonic() > deadline:
                 raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
             with _autocast(device, tc.amp):
@@ -384,14 +405,14 @@ def main(argv=None) -> int:
             status = stop.status
             metrics["error"] = str(stop)
             log.warning("%s: %s", status, stop)
-            if status == "timeout":  # the budget covers training; the best checkpoint is still tested
+            if status in TESTED_EARLY_STOPS:  # the best checkpoint so far is still tested
                 if state["best_state"] is not None:
                     model.load_state_dict(state["best_state"])
                 try:
                     final_evaluation(model, ds, device, tc.amp, state, metrics)
                 except StopTraining as again:
                     status, metrics["error"] = again.status, f"{stop}; then {again}"
-            if status != "timeout" and state["best_state"] is not None:
+            if status not in TESTED_EARLY_STOPS and state["best_state"] is not None:
                 best = state["history"][state["best_epoch"] - 1]
                 metrics.update(val_mse=best["val_mse"], val_mae=best["val_mae"], test_mse=None, test_mae=None)
         metrics["status"] = status

@@ -88,6 +88,13 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-retries", type=int, default=3, help="invalid proposals per run before stopping")
     limits.add_argument("--max-failures", type=int, default=3, help="failed runs in a row before stopping")
     limits.add_argument("--smoke-timeout", type=float, default=120.0, help="seconds for a proposal's smoke test")
+    limits.add_argument("--confirm-seeds", type=int, default=1, metavar="K",
+                        help="accept a better run only after K seeds of it and of the incumbent agree "
+                             "(one-sided Welch's t-test); 1 = off (default)")
+    limits.add_argument("--prune", choices=("none", "median", "asha"), default="none",
+                        help="stop runs whose learning curve looks worse than earlier runs' (default: none)")
+    limits.add_argument("--prune-warmup", default="1,3", metavar="EPOCHS,RUNS",
+                        help="never prune at an epoch <= EPOCHS, nor before RUNS runs finished (default: 1,3)")
     return p
 
 
@@ -108,6 +115,18 @@ def parse_generation(items: list[str]) -> dict:
     return out
 
 
+def parse_prune_warmup(text: str) -> tuple[int, int]:
+    """--prune-warmup EPOCHS,RUNS as two integers; a bad value is a ConfigError saying why."""
+    parts = text.split(",")
+    try:
+        epochs, runs = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--prune-warmup {text!r}: expected EPOCHS,RUNS as two integers, e.g. 1,3") from None
+    if epochs < 0 or runs < 1:
+        raise ConfigError(f"--prune-warmup {text!r}: expected EPOCHS >= 0 and RUNS >= 1")
+    return epochs, runs
+
+
 def context_from_args(a: argparse.Namespace) -> Context:
     if a.max_runs < 1:
         raise ConfigError(f"--max-runs must be >= 1, got {a.max_runs}")
@@ -119,6 +138,9 @@ def context_from_args(a: argparse.Namespace) -> Context:
         raise ConfigError(f"--prompt-tokens must be >= 256, got {a.prompt_tokens}")
     if a.allow_code and a.proposer not in LLM_PROPOSERS:
         raise ConfigError(f"--allow-code needs an LLM proposer (hybrid or llm), got --proposer {a.proposer}")
+    warmup_epochs, min_runs = parse_prune_warmup(a.prune_warmup)
+    if not 1 <= a.confirm_seeds <= 20:
+        raise ConfigError(f"--confirm-seeds must be in [1, 20], got {a.confirm_seeds}")
     from nas_agent_graph.lora.adapters import LoraSettings
     try:
         lora = LoraSettings.from_items(a.lora)
@@ -128,7 +150,9 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    proposer=a.proposer, seed=a.seed, overrides=list(a.set), space_path=a.space,
                    run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,
                    time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
-                   max_failures=a.max_failures, smoke_timeout=a.smoke_timeout,
+                   max_failures=a.max_failures, smoke_timeout=a.smoke_timeout, prune=a.prune,
+                   confirm_seeds=a.confirm_seeds,
+                   prune_warmup_epochs=warmup_epochs, prune_min_runs=min_runs,
                    llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
                    generation=parse_generation(a.gen), sampler=a.sampler, sampler_fraction=a.sampler_fraction,
                    n_candidates=a.candidates, prompt_tokens=a.prompt_tokens, allow_code=a.allow_code, lora=lora)

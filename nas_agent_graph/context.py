@@ -46,6 +46,15 @@ class Context:
     max_failures: int = 3
     """Failed runs in a row before the search stops with a diagnosis."""
     smoke_timeout: float = 120.0
+    confirm_seeds: int = 1
+    """> 1: a run that beats the incumbent is accepted only after it and the incumbent ran with
+    this many seeds each and the difference is significant (nas_agent_graph/confirmation.py)."""
+    prune: str = "none"
+    """Learning-curve pruning of running runs: none | median | asha (nas_agent_graph/pruning.py)."""
+    prune_warmup_epochs: int = 1
+    """No run is pruned at an epoch <= this."""
+    prune_min_runs: int = 3
+    """No run is pruned before this many runs have finished (status ok or timeout)."""
 
     # The LLM (proposer llm or hybrid).
     llm: Optional[str] = None

@@ -41,6 +41,7 @@ DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 CONFIG_FILE = "config.py"
 LOG_FILE = "train.log"
 LAUNCH_FILE = "launch.json"
+PRUNE_FILE = "PRUNE"  # train.py's PRUNE_FILE: a request to stop as "pruned" (first line: why)
 ATTEMPT_RE = re.compile(r"^attempt_(\d+)$")
 ERROR_TAIL_LINES = 30
 # Metric keys a synthesised metrics.json carries (as None), so readers find the same
@@ -138,6 +139,25 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     duration = time.monotonic() - start
     metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)
     return _result(run_dir, metrics, duration, proc.returncode, reused=False, attempt=attempt)
+
+
+def request_prune(run_dir: Path, reason: str, record: dict) -> None:
+    """Ask the train.py running in `run_dir` to stop as "pruned" (it looks between batches).
+
+    The file holds the reason on its first line (train.py copies it into metrics.json) and
+    the decision as JSON on the second (read back by `read_prune_request`).
+    """
+    atomic_write_text(Path(run_dir) / PRUNE_FILE, reason.replace("\n", " ") + "\n" + json.dumps(record) + "\n")
+
+
+def read_prune_request(run_dir: Path) -> dict | None:
+    """The decision stored by request_prune, or None when there is none (or it is unreadable)."""
+    try:
+        lines = (Path(run_dir) / PRUNE_FILE).read_text(encoding="utf-8").splitlines()
+        record = json.loads(lines[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # --------------------------------------------------------------------------- checks

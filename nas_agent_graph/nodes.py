@@ -36,8 +36,23 @@ from nas_agent.config import ConfigError, apply_overrides, config_hash, load_con
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
 from nas_agent.run_manager import get_run_dir, run_id_for
+from nas_agent_graph.confirmation import (
+    CONFIRM_PROPOSER,
+    conclude,
+    confirmation_config,
+    next_confirmation,
+    noise_floor_text,
+)
 from nas_agent_graph.context import ROOT, Context
-from nas_agent_graph.launcher import error_headline, is_finished, launch_run, move_aside
+from nas_agent_graph.launcher import (
+    error_headline,
+    is_finished,
+    launch_run,
+    move_aside,
+    read_prune_request,
+    request_prune,
+)
+from nas_agent_graph.pruning import past_curves, prune_decision
 from nas_agent_graph.lora.adapters import (
     LoraSettings,
     check_rollback,
@@ -56,6 +71,9 @@ from nas_agent_graph.validation import Verdict, check_proposal
 log = logging.getLogger(__name__)
 
 SUCCESS = ("ok", "timeout")  # statuses whose val_mse is a fair measurement
+# A pruned run has a val_mse (of its best epoch before it was stopped) but is never accepted;
+# it is not a failure either (--max-failures counts failures only).
+NOT_FAILED = SUCCESS + ("pruned",)
 # What a rejected entry keeps of an LLM proposal's record, for the study's validity rate.
 LLM_SUMMARY_KEYS = ("model", "adapter", "valid_first", "repaired", "valid", "constrained", "prompt_tokens",
                     "completion_tokens", "latency_s")
@@ -89,7 +107,7 @@ def stop_reason_for(state: AgentState, ctx: Context) -> tuple[str | None, bool]:
         return f"used {used:.0f}s of --time-budget {ctx.time_budget:g}s", False
     tail = runs[-ctx.max_failures:]
     if ctx.max_failures and len(tail) == ctx.max_failures and \
-            all(r.status not in SUCCESS or r.val_mse is None for r in tail):
+            all(r.status not in NOT_FAILED or r.val_mse is None for r in tail):
         errors = "\n".join(f"  {r.run_id}: {r.reason}" for r in tail)
         return (f"the last {ctx.max_failures} runs all failed, so the search stops instead of burning its budget. "
                 f"Look at their train.log files; the last errors were:\n{errors}"), True
@@ -205,6 +223,10 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     run_id = state.get("run_id") or run_id_for(len(study.runs))
     earlier = sum(1 for r in study.rejected if r.get("run_id") == run_id)
     attempt = max(state.get("attempt", 0), earlier)
+    plan = next_confirmation(study)
+    if plan is not None:  # a pending candidate's confirmations come first, straight from configs
+        return {"run_id": run_id, "attempt": attempt, "proposal": _confirmation_proposal(study, plan, run_id, ctx),
+                "validation_error": None}
     proposer = BaselineProposer() if not study.runs and attempt == 0 else ctx.proposer_obj
     _test_pause("propose", run_id, ctx)
     _display(ctx, "on_propose", run_id=run_id, proposer=proposer.name, attempt=attempt)
@@ -218,6 +240,16 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     return {"run_id": run_id, "attempt": attempt, "proposal": out, "validation_error": None}
 
 
+def _confirmation_proposal(study: AgentState, plan, run_id: str, ctx: Context) -> dict[str, Any]:
+    """The proposal of a confirmation run: the repeated run's config with another seed."""
+    target = get_run(study, plan.target)
+    raw = confirmation_config(target, plan.seed)
+    meta = {"confirms": plan.target, "candidate": plan.candidate, "seed": plan.seed, "index": plan.index}
+    _display(ctx, "on_propose", run_id=run_id, proposer=CONFIRM_PROPOSER, attempt=0)
+    return {"config": apply_overrides(raw, ctx.overrides), "raw_config": raw, "proposer": CONFIRM_PROPOSER,
+            "parent_run_id": plan.target, "meta": meta, "error": None}
+
+
 def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Schema, duplicate check, smoke test and parameter budget; invalid goes back to propose."""
     ctx = runtime.context
@@ -229,7 +261,9 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     elif code is not None:
         verdict = _check_code_proposal(proposal, code, study, state, ctx)
     else:
-        verdict = check_proposal(proposal["config"], study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
+        # A confirmation repeats a run with another seed on purpose: no duplicate check.
+        dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else study
+        verdict = check_proposal(proposal["config"], dup_study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
                                  max_params=ctx.max_params, env=ctx.env, model_file=_model_file(ctx))
     if verdict.ok:
         return {"validation_error": None, "smoke": {"n_params": verdict.n_params, "seconds": verdict.smoke_seconds},
@@ -293,15 +327,36 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         extra_args = ["--model", str(model_file)]
     if ctx.free_llm:
         _free_llm()
+    on_epoch = _pruning_watch(run_dir, run_id, ctx)
     result = launch_run(run_dir, config_text, run_id=run_id, runs_dir=ctx.runs_dir, python=ctx.python,
                         train_script=ctx.train_script, timeout_s=ctx.run_timeout, env=ctx.env,
                         extra_args=extra_args, files=files,
-                        on_progress=lambda history: _display(ctx, "on_epoch", run_id=run_id, history=history))
+                        on_progress=on_epoch)
     # Written after the launch: launch_run moves any file of an unfinished folder aside.
     write_trace(run_dir, proposal)
     out = dataclasses.asdict(result)
     out.pop("history", None)  # read from disk by summarise; keeps checkpoints small
     return {"launch": out}
+
+
+def _pruning_watch(run_dir: Path, run_id: str, ctx: Context):
+    """launch_run's on_progress: show the epoch, and with --prune ask the pruner whether the run
+    should stop (it then gets a PRUNE request; see train.py). The earlier runs' curves are read once."""
+    past = past_curves(load_agent_state(ctx.state_path), ctx.runs_dir) if ctx.prune != "none" else []
+    asked = []
+
+    def on_progress(history: list[dict]) -> None:
+        _display(ctx, "on_epoch", run_id=run_id, history=history)
+        if ctx.prune == "none" or asked:
+            return
+        decision = prune_decision(ctx.prune, past, [h.get("val_mse") for h in history],
+                                  warmup_epochs=ctx.prune_warmup_epochs, min_runs=ctx.prune_min_runs)
+        if decision is not None:
+            asked.append(decision)
+            request_prune(run_dir, decision.text(), decision.to_dict())
+            log.info("%s: %s", run_id, decision.text())
+
+    return on_progress
 
 
 def _free_llm() -> None:
@@ -359,6 +414,10 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if recorded is None:
         record = _make_record(state, study, ctx)
         add_run(study, record)
+        concluded = conclude(study, ctx.min_delta)  # the last confirmation: accept or reject the candidate
+        if concluded is not None:
+            log.info("%s %s", concluded.run_id, concluded.reason)
+            _display(ctx, "on_message", text=f"{concluded.run_id} {concluded.reason}")
         _tick_time(study, ctx)
         save_agent_state(study, ctx.state_path)
     else:
@@ -378,12 +437,27 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
     val = val if isinstance(val, (int, float)) and math.isfinite(val) else None
     best = get_best_run(study)
     best_val = best.val_mse if best else None
-    if status not in SUCCESS or val is None:
+    run_dir = get_run_dir(ctx.runs_dir, state["run_id"])
+    pruned = read_prune_request(run_dir) if status == "pruned" else None
+    confirm_meta = proposal.get("meta", {}) if proposal["proposer"] == CONFIRM_PROPOSER else None
+    pending = None
+    if status == "pruned":  # never the incumbent: its curve was cut short because it looked worse
+        why = pruned["text"] if pruned and pruned.get("text") else error_headline(metrics.get("error"))
+        accepted, reason = False, why
+    elif confirm_meta is not None:  # a confirmation is a measurement, never a candidate itself
+        shown = "n/a" if val is None else f"{val:.6f}"
+        accepted, reason = False, (f"confirmation {confirm_meta['index']} of {confirm_meta['confirms']} "
+                                   f"(seed {confirm_meta['seed']}): status {status}, val_mse {shown}")
+    elif status not in SUCCESS or val is None:
         accepted, reason = False, f"status {status}: {error_headline(metrics.get('error') or 'no validation MSE')}"
     elif best_val is None:
         accepted, reason = True, f"first successful run: val_mse {val:.6f}"
     elif val < best_val - ctx.min_delta:
         accepted, reason = True, f"val_mse {val:.6f} < best {best_val:.6f} ({best.run_id}) - min_delta {ctx.min_delta:g}"
+        if ctx.confirm_seeds > 1 and not proposal.get("meta", {}).get("model_code"):
+            accepted = False
+            pending = {"status": "pending", "k": ctx.confirm_seeds, "incumbent": best.run_id}
+            reason = f"pending confirmation with {ctx.confirm_seeds} seeds: {reason}"
     else:
         accepted, reason = False, f"val_mse {val:.6f} is not below best {best_val:.6f} ({best.run_id}) - min_delta {ctx.min_delta:g}"
     extra = {"proposal": _record_meta(proposal.get("meta", {})), "reward": compute_reward(status, val, best_val),
@@ -391,7 +465,14 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
              "incumbent_before": best.run_id if best else None, "attempts_moved_aside": launch_out.get("attempt", 0),
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
              "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke"),
-             "incumbent_config": proposal.get("raw_config")}
+             "incumbent_config": proposal.get("raw_config"),
+             "curve": [h.get("val_mse") for h in load_history(run_dir)]}
+    if pruned is not None:
+        extra["pruned"] = pruned
+    if pending is not None:
+        extra["confirm"] = pending
+    if confirm_meta is not None:
+        extra["confirms"] = confirm_meta["confirms"]
     return RunInfo(run_id=state["run_id"], status=status, val_mse=val, val_mae=metrics.get("val_mae"),
                    test_mse=metrics.get("test_mse"), test_mae=metrics.get("test_mae"),
                    history_summary=state.get("summary") or "", accepted=accepted, reason=reason,
@@ -481,6 +562,8 @@ def stop(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         lines.append(f"{ctx.config_path} now holds this config.")
     if validity := llm_validity_text(study):
         lines.append(validity + ".")
+    if noise := noise_floor_text(study):
+        lines.append(noise[0].upper() + noise[1:] + ".")
     message = "\n".join(lines)
     _display(ctx, "on_stop", message=message)
     return {"message": message}

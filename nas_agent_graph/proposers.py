@@ -136,9 +136,19 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
     if params is None:
         return None
     value = run_value(run)
+    state = TrialState.COMPLETE if value is not None else TrialState.FAIL
+    intermediate = {}
+    if run.status == "pruned":
+        # A pruned run is shown as Optuna's PRUNED trial with its learning curve: TPE ranks it
+        # behind every complete trial (by how far it got, then its last value), so it counts as
+        # a bad region without its truncated val_mse being compared with full runs as an equal.
+        state = TrialState.PRUNED
+        curve = run.extra.get("curve") if isinstance(run.extra, dict) else None
+        intermediate = {i + 1: float(v) for i, v in enumerate(curve or [])
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     return optuna.trial.create_trial(
-        state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
-        value=value, params=params, distributions=space.distributions(),
+        state=state, value=value if state == TrialState.COMPLETE else None, params=params,
+        distributions=space.distributions(), intermediate_values=intermediate,
         user_attrs={"run_id": run.run_id}, system_attrs=stored_system_attrs(run))
 
 

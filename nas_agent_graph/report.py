@@ -35,6 +35,7 @@ from rich.text import Text
 from nas_agent._atomic import atomic_write_text
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
+from nas_agent_graph.confirmation import noise_floor_text, pending_candidate
 from nas_agent_graph.proposers import llm_validity
 
 log = logging.getLogger(__name__)
@@ -215,12 +216,20 @@ def error_last_line(error_tail: str | None) -> str:
     return _clip(lines[-1]) if lines else ""
 
 
+def status_text(run: RunInfo) -> str:
+    """The status as shown: a pruned run says at which epoch (the reason column says why)."""
+    pruned = run.extra.get("pruned") if isinstance(run.extra, dict) else None
+    if run.status == "pruned" and isinstance(pruned, dict) and isinstance(pruned.get("epoch"), int):
+        return f"pruned@{pruned['epoch']}"
+    return run.status
+
+
 def run_cells(run: RunInfo, best_run_id: str | None) -> dict[str, str]:
     """The COLUMNS of one run as display strings, shared by the terminal and HTML tables
     so the two views can never disagree."""
     return {
         "run": run.run_id,
-        "status": run.status,
+        "status": status_text(run),
         "val MSE": format_metric(run.val_mse),
         "test MSE": format_metric(run.test_mse),
         "accepted": accepted_mark(run, best_run_id),
@@ -252,6 +261,10 @@ def study_summary(state: AgentState) -> str:
     parts = [budget, best_text, _plural(len(state.rejected), "rejected proposal")]
     if by_status:
         parts.append(by_status)
+    if noise := noise_floor_text(state):
+        parts.append(noise)
+    if (pending := pending_candidate(state)) is not None:
+        parts.append(f"{pending.run_id} pending confirmation")
     validity = llm_validity(state)
     if validity:
         parts.append(f"LLM valid {validity['valid']}/{validity['proposals']} "
