@@ -93,6 +93,7 @@ def test_confirmation_accepts_a_clearly_better_config(tmp_path, monkeypatch):
     assert "0.003" in (tmp_path / "config.py").read_text()  # the confirmed config is the incumbent now
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_during_a_confirmation_run(study):  # noqa: F811
     args = search_args(6, "tpe", "--confirm-seeds", "3", "--min-delta", "-1", "--set",
                        "training.max_steps_per_epoch=200")

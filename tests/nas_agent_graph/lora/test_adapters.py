@@ -75,6 +75,7 @@ def test_adapter_reloads_and_changes_greedy_output(chat, good_adapter):
     assert chat.invoke(messages, max_new_tokens=40).content == base  # the base model is still there, unchanged
 
 
+@pytest.mark.slow  # trains a second adapter and runs 6 greedy evaluations
 def test_gate_rejects_an_adapter_trained_on_wrong_format_replies(chat, good_adapter, tmp_path):
     bad_samples = make_samples(6, seed=2, response="I would try a bigger model with more dropout and a lower lr.")
     bad = tmp_path / "adapter_bad"
