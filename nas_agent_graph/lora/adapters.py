@@ -20,8 +20,9 @@ adapter in use (or the base model) on the held-out prompts:
     closeness  1 - the normalised distance of a valid reply to the nearest of the 3 best configs
                known so far (0 for an invalid reply), averaged
 
-vK is promoted only if neither is worse (closeness within GATE_TOLERANCE) and its validity is
-above zero; otherwise the old adapter stays and the reason is recorded. After a promotion, once
+vK is promoted only if neither is worse (closeness within gate_tolerance) and its validity is
+above zero; otherwise the old adapter stays and the reason is recorded. (`gate_tolerance`, 0.02 by
+default, is how much lower closeness may be; 1 compares validity only.) After a promotion, once
 `rollback_window` LLM runs used vK, their mean reward is compared with the same number of the
 previous version's runs: if it is lower by more than `rollback_margin`, vK is rolled back.
 
@@ -49,7 +50,6 @@ from nas_agent_graph.context import ROOT
 
 log = logging.getLogger(__name__)
 
-GATE_TOLERANCE = 0.02   # closeness may be this much lower and still count as "not worse"
 TOP_CONFIGS = 3         # closeness is measured to the nearest of this many best configs
 
 
@@ -73,6 +73,8 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     gate_max_new_tokens: int = 320
+    gate_tolerance: float = 0.02
+    """Closeness of the new adapter may be this much lower than the one in use and count as "not worse"."""
     rollback_window: int = 5
     rollback_margin: float = 0.15
     timeout_s: float = 3600.0
@@ -283,13 +285,13 @@ def evaluate(chat: Any, adapter: tuple[str, str] | None, prompts: list[list[dict
             "closeness": round(sum(closeness) / n, 4), "replies": replies}
 
 
-def gate_decision(candidate: dict, incumbent: dict) -> tuple[bool, str]:
-    """(promote, why): not worse on validity nor (within GATE_TOLERANCE) on closeness, and some validity."""
+def gate_decision(candidate: dict, incumbent: dict, tolerance: float = 0.02) -> tuple[bool, str]:
+    """(promote, why): not worse on validity nor (within `tolerance`) on closeness, and some validity."""
     if candidate["validity"] <= 0:
         return False, f"no valid reply without constraints ({candidate['valid']}/{candidate['n']})"
     if candidate["validity"] < incumbent["validity"]:
         return False, f"validity {candidate['validity']:.2f} < {incumbent['validity']:.2f} of the adapter in use"
-    if candidate["closeness"] < incumbent["closeness"] - GATE_TOLERANCE:
+    if candidate["closeness"] < incumbent["closeness"] - tolerance:
         return False, (f"closeness to the best configs {candidate['closeness']:.3f} < "
                        f"{incumbent['closeness']:.3f} of the adapter in use")
     return True, (f"validity {candidate['validity']:.2f} (in use: {incumbent['validity']:.2f}), closeness "
@@ -329,7 +331,7 @@ def finetune_and_gate(state: AgentState, runs_dir: Path, settings: LoraSettings,
     current_ref = (f"v{current['version']}", current["path"]) if current else None
     incumbent = evaluate(chat, current_ref, prompts, space, targets, settings.gate_max_new_tokens)
     candidate = evaluate(chat, (f"v{version}", str(out)), prompts, space, targets, settings.gate_max_new_tokens)
-    promote, why = gate_decision(candidate, incumbent)
+    promote, why = gate_decision(candidate, incumbent, settings.gate_tolerance)
     record["gate"] = {"candidate": candidate, "in_use": incumbent, "in_use_version": reg["active"],
                       "base_model": info["model"]}
     if promote:

@@ -15,8 +15,10 @@ from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 MICRO_FILE = {**{k: None for k in DEFAULT_SPACE if k not in ("model.e_layers", "model.attn", "model.revin",
                                                              "training.batch_size")},
               "model.e_layers": {"type": "categorical", "choices": [1, 2]}}
+# gate_tolerance=1: the gate compares validity only. On this 4-key space the base model already
+# answers validly, so closeness on one held-out prompt would be a coin flip between two valid replies.
 LORA = ["trigger=2", "reward_threshold=0", "held_out=1", "steps=12", "lr=2e-3", "max_len=256",
-        "gate_max_new_tokens=80"]
+        "gate_max_new_tokens=80", "gate_tolerance=1"]
 
 
 @pytest.mark.slow
