@@ -193,7 +193,7 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
                   base: str | None = None, quant: str | None = None, python: str = sys.executable,
                   env: dict | None = None) -> dict:
     """Train adapter v`version` on `samples` in a subprocess; returns its JSON verdict (never raises)."""
-    out = Path(out)
+    out = Path(out).resolve()  # the subprocess runs from the project root, not from the study's folder
     job = {"base": base, "quant": quant, "out": str(out), "version": version,
            "samples": [{"key": s["key"], "messages": s["messages"], "response": s["response"]} for s in samples],
            **{k: v for k, v in asdict(settings).items()
