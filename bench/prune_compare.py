@@ -26,12 +26,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.search_compare import run_orchestrator  # noqa: E402
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
 
 BUDGET = ["training.max_epochs=6", "training.max_steps_per_epoch=60", "training.patience=6"]
@@ -51,10 +51,7 @@ def run_study(mode: str, a, out: Path, env: dict) -> dict:
            "--seed", str(a.seed), "--space", str(a.space), "--prune", mode, "--prune-warmup", a.prune_warmup]
     for s in a.budget:
         cmd += ["--set", s]
-    t0 = time.monotonic()
-    with open(folder / "orchestrator.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.monotonic() - t0
+    rc, wall = run_orchestrator(cmd, folder, env)
     state = load_agent_state(folder / "agent_state.json")
     best = get_best_run(state)
     to_best = _ts(best.started_at) - _ts(state.meta["created_at"]) if best else None

@@ -29,16 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
-from nas_agent_graph.proposers import llm_validity  # noqa: E402
+from nas_agent_graph.proposers import llm_records, llm_validity  # noqa: E402
 
 BUDGET = ["training.max_epochs=3", "training.max_steps_per_epoch=60", "training.patience=3"]
 
 
 def llm_seconds(state) -> tuple[float, int]:
     """Seconds spent generating and the number of LLM proposals (runs and rejections)."""
-    records = [r.extra.get("proposal", {}).get("llm") for r in state.runs] + [e.get("llm") for e in state.rejected]
-    records = [r for r in records if isinstance(r, dict)]
+    records = llm_records(state)
     return sum(r.get("latency_s") or 0.0 for r in records), len(records)
+
+
+def run_orchestrator(cmd: list[str], folder: Path, env: dict) -> tuple[int, float]:
+    """Run one study's orchestrator in `folder` (its output in orchestrator.log): (exit code, seconds)."""
+    t0 = time.monotonic()
+    with open(folder / "orchestrator.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return rc, time.monotonic() - t0
 
 
 def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budget: list[str]) -> dict:
@@ -52,10 +59,7 @@ def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budg
     for s in budget:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    t0 = time.monotonic()
-    with open(folder / "orchestrator.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.monotonic() - t0
+    rc, wall = run_orchestrator(cmd, folder, env)
     state = load_agent_state(folder / "agent_state.json")
     best = get_best_run(state)
     train_s = sum(r.duration_s or 0.0 for r in state.runs)

@@ -273,15 +273,19 @@ def make_proposer(name: str, space: SearchSpace, seed: int) -> OptunaProposer:
 
 # ----------------------------------------------------------------------------- study statistics
 
+def llm_records(state: AgentState) -> list[dict]:
+    """The LLM's record of every proposal in the study: runs' extra.proposal.llm and rejected entries' llm."""
+    records = [r.extra.get("proposal", {}).get("llm") for r in state.runs] + [e.get("llm") for e in state.rejected]
+    return [r for r in records if isinstance(r, dict)]
+
+
 def llm_validity(state: AgentState) -> dict[str, Any] | None:
     """LLM validity over the study: proposals that ran and proposals rejected, from their records.
 
     valid_first: the first reply made a config; valid: it did after at most one repair prompt.
     None when no LLM proposal was made.
     """
-    records = [r.extra.get("proposal", {}).get("llm") for r in state.runs]
-    records += [entry.get("llm") for entry in state.rejected]
-    records = [r for r in records if isinstance(r, dict) and "valid" in r]
+    records = [r for r in llm_records(state) if "valid" in r]
     if not records:
         return None
     n = len(records)

@@ -298,15 +298,21 @@ def gate_decision(candidate: dict, incumbent: dict, tolerance: float = 0.02) -> 
                   f"{candidate['closeness']:.3f} (in use: {incumbent['closeness']:.3f})")
 
 
+def _start_attempt(state: AgentState, runs_dir: Path, settings: LoraSettings) -> tuple[dict, list[dict], int]:
+    """(registry, samples, next version) for a training attempt; marks today's positives as seen,
+    so the same samples do not trigger again whether the attempt succeeds or fails."""
+    reg = registry(state)
+    samples = read_samples(samples_path(runs_dir))
+    reg["seen_keys"] = sorted({s["key"] for s in samples if is_positive(s, settings)} | set(reg["seen_keys"]))
+    return reg, samples, max((a["version"] for a in reg["adapters"]), default=0) + 1
+
+
 def finetune_and_gate(state: AgentState, runs_dir: Path, settings: LoraSettings, chat: Any, space: Any, *,
                       python: str = sys.executable, env: dict | None = None) -> dict:
     """Train the next adapter on the samples so far, gate it, and update the registry in `state`
     (the caller saves it). Returns the adapter record."""
-    reg = registry(state)
-    samples = read_samples(samples_path(runs_dir))
-    reg["seen_keys"] = sorted({s["key"] for s in samples if is_positive(s, settings)} | set(reg["seen_keys"]))
+    reg, samples, version = _start_attempt(state, runs_dir, settings)
     train, held = split(samples, settings)
-    version = max((a["version"] for a in reg["adapters"]), default=0) + 1
     out = Path(runs_dir) / "lora" / f"adapter_v{version}"
     record: dict[str, Any] = {"version": version, "path": str(out), "created": utc_now_iso(),
                               "n_train": len(train), "held_out": [s["key"] for s in held],
@@ -347,10 +353,7 @@ def finetune_and_gate(state: AgentState, runs_dir: Path, settings: LoraSettings,
 
 def record_failed_finetune(state: AgentState, runs_dir: Path, settings: LoraSettings, error: str) -> dict:
     """Record a fine-tune that crashed (e.g. out of memory in the gate) so it is not retried at once."""
-    reg = registry(state)
-    samples = read_samples(samples_path(runs_dir))
-    reg["seen_keys"] = sorted({s["key"] for s in samples if is_positive(s, settings)} | set(reg["seen_keys"]))
-    version = max((a["version"] for a in reg["adapters"]), default=0) + 1
+    reg, _, version = _start_attempt(state, runs_dir, settings)
     record = {"version": version, "path": str(Path(runs_dir) / "lora" / f"adapter_v{version}"),
               "created": utc_now_iso(), "status": "failed", "reason": error, "previous": reg["active"],
               "promoted_at_run": None, "rollback_checked": False}
