@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ METRIC_KEYS = ("best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "trai
                "n_params", "device", "seed")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _EXIT_POLL_S = 0.05  # how often to look at the child between progress checks
+
+
+class LaunchCancelled(Exception):
+    """launch_run was told to stop (its stop_event was set); the child has been stopped and the
+    folder holds what train.py wrote on SIGTERM (status "interrupted", so a resume reruns it)."""
 
 
 @dataclass
@@ -104,7 +110,8 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
                train_script: Path = DEFAULT_TRAIN_SCRIPT, extra_args: Sequence[str] = (),
                timeout_s: float | None = None, env: Mapping[str, str] | None = None,
                on_progress: Callable[[list[dict]], None] | None = None, poll_s: float = 0.5,
-               term_grace_s: float = 10.0, files: Mapping[str, str] | None = None) -> LaunchResult:
+               term_grace_s: float = 10.0, files: Mapping[str, str] | None = None,
+               stop_event: threading.Event | None = None) -> LaunchResult:
     """Run train.py for `run_id` into `run_dir` (= runs_dir/run_id) and return its outcome.
 
     Idempotent: a folder with metrics.json is returned as is (reused=True). Otherwise any
@@ -114,7 +121,8 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     `on_progress(history)` is called whenever history.json changes.
     After `timeout_s` seconds the whole process group is stopped and the status is
     "timeout". A KeyboardInterrupt (or any error) while waiting stops the group and is
-    re-raised. The child's environment gets PYTHONUNBUFFERED=1 unless `env` sets it, so
+    re-raised; so is LaunchCancelled when `stop_event` is set by another thread (a parallel
+    search shutting down), after the group has been stopped. The child's environment gets PYTHONUNBUFFERED=1 unless `env` sets it, so
     train.log fills while the run goes instead of at exit.
     """
     run_dir, runs_dir, train_script = _check_launch_args(run_dir, run_id, runs_dir, train_script,
@@ -135,7 +143,7 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
         proc = _start_child(cmd, log_file, train_script.parent, child_env)
         _write_launch_record(run_dir, proc, cmd)
         log.info("%s: started pid %d: %s", run_id, proc.pid, " ".join(cmd))
-        timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s)
+        timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s, stop_event)
     duration = time.monotonic() - start
     metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)
     return _result(run_dir, metrics, duration, proc.returncode, reused=False, attempt=attempt)
@@ -330,7 +338,7 @@ def _write_launch_record(run_dir: Path, proc: subprocess.Popen, cmd: list[str]) 
 
 # --------------------------------------------------------------------------- supervising
 
-def _supervise(proc, run_dir, on_progress, timeout_s, poll_s, grace_s) -> bool:
+def _supervise(proc, run_dir, on_progress, timeout_s, poll_s, grace_s, stop_event=None) -> bool:
     """Wait for the child, reporting progress; return True if it was stopped for the timeout.
 
     The child is left unreaped (a zombie) until its group has been swept, so its PID,
@@ -342,6 +350,8 @@ def _supervise(proc, run_dir, on_progress, timeout_s, poll_s, grace_s) -> bool:
     try:
         while not _wait_exit_unreaped(proc.pid, poll_s):
             watcher.check()
+            if stop_event is not None and stop_event.is_set():
+                raise LaunchCancelled(f"{run_dir.name}: the search is shutting down")
             if deadline is not None and time.monotonic() >= deadline:
                 log.warning("%s: --run-timeout of %gs reached; stopping pid %d and its group",
                             run_dir.name, timeout_s, proc.pid)

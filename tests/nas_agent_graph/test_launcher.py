@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nas_agent.logging_utils import load_metrics
-from nas_agent_graph.launcher import LaunchResult, is_finished, kill_process_group, launch_run
+from nas_agent_graph.launcher import LaunchCancelled, LaunchResult, is_finished, kill_process_group, launch_run
 from tests.conftest import ROOT, TINY_CONFIG, run_env
 
 CONFIG_TEXT = "training = {'max_epochs': 1}\n"
@@ -223,6 +223,25 @@ def test_keyboard_interrupt_while_waiting_kills_the_child_and_reraises(tmp_path)
     pid = json.loads((run_dir / "launch.json").read_text())["pid"]
     assert not alive(pid)
     assert not is_finished(run_dir), "an orchestrator interruption is not an outcome of the run"
+
+
+def test_stop_event_from_another_thread_stops_the_child_and_raises_cancelled(tmp_path):
+    import threading
+    script = stand_in(tmp_path, '''
+        write_json("history.json", [{"epoch": 1}])
+        time.sleep(600)
+    ''')
+    stop = threading.Event()
+    run_dir = tmp_path / "runs" / "run_0000"
+    timer = threading.Timer(1.0, stop.set)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(LaunchCancelled, match="shutting down"):
+        launch(tmp_path, script, term_grace_s=2, stop_event=stop)
+    assert time.monotonic() - start < 60
+    pid = json.loads((run_dir / "launch.json").read_text())["pid"]
+    assert not alive(pid)
+    assert not is_finished(run_dir), "a cancelled run is rerun on resume, not reused"
 
 
 def test_grandchild_left_behind_by_a_finished_child_is_killed(tmp_path):
