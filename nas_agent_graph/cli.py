@@ -20,7 +20,7 @@ from pathlib import Path
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from nas_agent.agent_state import AgentState, AgentStateError, get_run, load_agent_state
+from nas_agent.agent_state import AgentState, AgentStateError, load_agent_state
 from nas_agent.config import ConfigError, load_config
 from nas_agent_graph.context import Context
 from nas_agent_graph.llm.backend import LLMError
@@ -78,6 +78,16 @@ def search_parser() -> argparse.ArgumentParser:
     llm.add_argument("--lora", action="append", default=[], metavar="KEY=VALUE",
                      help="LoRA self-improvement settings, e.g. trigger=10 steps=40 reward_threshold=0.7; "
                           "'off' disables it (see nas_agent_graph/lora/adapters.py)")
+    par = p.add_argument_group("parallel runs")
+    par.add_argument("--parallel", type=int, default=1, metavar="N",
+                     help="runs at once: one GPU each round-robin, or a share of the CPU cores (default: 1)")
+    par.add_argument("--launcher", choices=("local", "ray"), default="local",
+                     help="local: train.py subprocesses here; ray: one Ray task per run (pip install -r "
+                          "requirements-ray.txt)")
+    par.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="with --launcher ray: the cluster to join (default: start a local one)")
+    par.add_argument("--ray-resources", default=None, metavar="CPUS,GPUS",
+                     help="with --launcher ray: each run's resources (default: 1 CPU, 1 GPU if the cluster has any)")
     limits = p.add_argument_group("limits and stopping")
     limits.add_argument("--run-timeout", type=float, default=None, help="seconds per train.py; the process is killed")
     limits.add_argument("--max-params", type=int, default=None, help="reject proposals with more parameters")
@@ -127,6 +137,19 @@ def parse_prune_warmup(text: str) -> tuple[int, int]:
     return epochs, runs
 
 
+def parse_ray_resources(text: str | None) -> dict:
+    """--ray-resources CPUS,GPUS as Ray task options ({} when not given); a bad value is a ConfigError."""
+    if text is None:
+        return {}
+    try:
+        cpus, gpus = (float(p) for p in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--ray-resources {text!r}: expected CPUS,GPUS as two numbers, e.g. 4,1") from None
+    if cpus <= 0 or gpus < 0:
+        raise ConfigError(f"--ray-resources {text!r}: expected CPUS > 0 and GPUS >= 0")
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
 def context_from_args(a: argparse.Namespace) -> Context:
     if a.max_runs < 1:
         raise ConfigError(f"--max-runs must be >= 1, got {a.max_runs}")
@@ -139,6 +162,10 @@ def context_from_args(a: argparse.Namespace) -> Context:
     if a.allow_code and a.proposer not in LLM_PROPOSERS:
         raise ConfigError(f"--allow-code needs an LLM proposer (hybrid or llm), got --proposer {a.proposer}")
     warmup_epochs, min_runs = parse_prune_warmup(a.prune_warmup)
+    if not 1 <= a.parallel <= 256:
+        raise ConfigError(f"--parallel must be in [1, 256], got {a.parallel}")
+    if a.launcher != "ray" and (a.ray_address or a.ray_resources):
+        raise ConfigError("--ray-address and --ray-resources need --launcher ray")
     if not 1 <= a.confirm_seeds <= 20:
         raise ConfigError(f"--confirm-seeds must be in [1, 20], got {a.confirm_seeds}")
     from nas_agent_graph.lora.adapters import LoraSettings
@@ -155,7 +182,9 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    prune_warmup_epochs=warmup_epochs, prune_min_runs=min_runs,
                    llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
                    generation=parse_generation(a.gen), sampler=a.sampler, sampler_fraction=a.sampler_fraction,
-                   n_candidates=a.candidates, prompt_tokens=a.prompt_tokens, allow_code=a.allow_code, lora=lora)
+                   n_candidates=a.candidates, prompt_tokens=a.prompt_tokens, allow_code=a.allow_code, lora=lora,
+                   parallel=a.parallel, launcher=a.launcher, ray_address=a.ray_address,
+                   ray_options=parse_ray_resources(a.ray_resources))
 
 
 DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": 64, "max_new_tokens": 384}
@@ -193,19 +222,24 @@ def thread_id(state_path: Path) -> str:
 def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> bool:
     """Whether a pending checkpoint fits agent_state.json, which always wins.
 
-    The pass in flight must be for the next run id, except at decide/collect_lora/stop,
-    where the run may already be recorded (a crash after the save, before the checkpoint).
+    Run ids are handed out in order, so the recorded runs, the runs in flight and the pass's own
+    run must be exactly run_0000 .. run_N without overlap; the pass's run may already be recorded
+    only at decide/collect_lora/stop (a crash after the save, before the checkpoint).
     """
     from nas_agent.run_manager import run_id_for
 
     run_id = values.get("run_id")
     if run_id is None:
         return False  # no run started in this pass: redo it from load_state, which re-checks the stop rules
-    expected = run_id_for(len(study.runs))
-    recorded = get_run(study, run_id) is not None
-    if set(next_nodes) & {"decide", "collect_lora", "stop"}:
-        return run_id == expected or (recorded and study.runs[-1].run_id == run_id)
-    return run_id == expected and not recorded
+    recorded = {r.run_id for r in study.runs}
+    flying = [e["run_id"] for e in values.get("in_flight") or []]
+    if set(flying) & recorded or run_id in flying or len(set(flying)) < len(flying):
+        return False
+    after_save = bool(set(next_nodes) & {"decide", "collect_lora", "stop"})
+    if run_id in recorded and not after_save:
+        return False
+    ids = recorded | set(flying) | {run_id}
+    return ids == {run_id_for(i) for i in range(len(ids))}
 
 
 def run_search(ctx: Context) -> int:
@@ -240,8 +274,34 @@ def run_search(ctx: Context) -> int:
                             snap.next, snap.values.get("run_id"), ctx.state_path)
             elif resume:
                 log.info("resuming at %s for %s", snap.next[0], snap.values.get("run_id"))
-            final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+            try:
+                _start_launcher(ctx)
+                final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+            finally:
+                _stop_launcher(ctx)
     return 1 if final.get("stop_failed") else 0
+
+
+def _start_launcher(ctx: Context) -> None:
+    """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run."""
+    if ctx.launcher != "ray":
+        return
+    from nas_agent_graph.ray_launcher import connect
+
+    resources = connect(ctx.ray_address)
+    ctx.ray_options.setdefault("num_cpus", 1)
+    ctx.ray_options.setdefault("num_gpus", 1 if resources.get("GPU", 0) >= 1 else 0)
+    log.info("Ray cluster %s: %s; each run asks for %s", ctx.ray_address or "(local)", resources, ctx.ray_options)
+
+
+def _stop_launcher(ctx: Context) -> None:
+    """Stop the runs still in flight (a crash or Ctrl-C; a resume reruns them) and leave Ray."""
+    if ctx.pool is not None:
+        ctx.pool.shutdown()
+    if ctx.launcher == "ray":
+        from nas_agent_graph.ray_launcher import shutdown
+
+        shutdown()
 
 
 # --------------------------------------------------------------------------- subcommands

@@ -56,6 +56,15 @@ class Context:
     prune_min_runs: int = 3
     """No run is pruned before this many runs have finished (status ok or timeout)."""
 
+    parallel: int = 1
+    """Runs at once (--parallel N); each gets a GPU round-robin, or a share of the CPU cores."""
+    launcher: str = "local"
+    """local (train.py subprocesses on this machine) or ray (one Ray task per run; see ray_launcher.py)."""
+    ray_address: Optional[str] = None
+    """--ray-address: None starts a local Ray cluster; "auto" or HOST:PORT joins a running one."""
+    ray_options: dict[str, Any] = field(default_factory=dict)
+    """Resources of each run's Ray task: {num_cpus, num_gpus}."""
+
     # The LLM (proposer llm or hybrid).
     llm: Optional[str] = None
     """Model: a Hugging Face id, a local directory or .gguf file; None = $NAS_LLM, else the embedded model."""
@@ -90,6 +99,8 @@ class Context:
     proposer_obj: Any = None
     space: Any = None
     display: Any = None
+    pool: Any = None
+    """The runs in flight (nas_agent_graph.pool.RunPool), made on first use."""
     started_at: float = 0.0
     """time.monotonic() at the start of this session, for the study's time budget."""
 

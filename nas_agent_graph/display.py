@@ -75,6 +75,8 @@ class RichDisplay(PlainDisplay):
         self.best_line = "best: -"
         self.current = ""
         self.progress = ""
+        self.training: dict[str, str] = {}  # run id -> its epoch progress, for each run in flight
+        self.max_epochs: dict[str, Optional[int]] = {}
         self.decisions: deque[str] = deque(maxlen=6)
 
     def __enter__(self):
@@ -89,8 +91,9 @@ class RichDisplay(PlainDisplay):
         table = Table.grid(padding=(0, 1))
         for line in self.decisions:
             table.add_row(Text.from_markup(line))
+        flying = [Text(f"{run_id}: training, {progress}") for run_id, progress in sorted(dict(self.training).items())]
         body = Group(Text(self.study_line, style="bold"), Text(self.best_line, style="green"),
-                     Text(f"{self.current} {self.progress}"), table)
+                     Text(f"{self.current} {self.progress}"), *flying, table)
         self.live.update(Panel(body, title="nas_agent_graph", border_style="blue"))
 
     def on_study(self, state: AgentState) -> None:
@@ -113,17 +116,21 @@ class RichDisplay(PlainDisplay):
         self._refresh()
 
     def on_launch(self, run_id: str, config: dict) -> None:
-        self.max_epochs = config["training"].get("max_epochs")
-        self.current, self.progress = f"{run_id}: training", f"epoch 0/{self.max_epochs}"
+        self.max_epochs[run_id] = config["training"].get("max_epochs")
+        self.current, self.progress = "", ""
+        self.training[run_id] = f"epoch 0/{self.max_epochs[run_id]}"
         self._refresh()
 
     def on_epoch(self, run_id: str, history: list[dict]) -> None:
+        # Called from the run's supervising thread (nas_agent_graph.pool); rich's Live is thread-safe.
         if history:
             h = history[-1]
-            self.progress = f"epoch {h['epoch']}/{self.max_epochs} val_mse {_fmt(h.get('val_mse'))}"
+            self.training[run_id] = (f"epoch {h['epoch']}/{self.max_epochs.get(run_id)} "
+                                     f"val_mse {_fmt(h.get('val_mse'))}")
             self._refresh()
 
     def on_decision(self, run: RunInfo, state: AgentState) -> None:
+        self.training.pop(run.run_id, None)
         mark = "[green]accepted[/]" if run.accepted else "[red]rejected[/]" if run.status != "ok" else "rejected"
         self.decisions.append(f"{run.run_id} {run.status} val_mse {_fmt(run.val_mse)} {mark}")
         self._update_study(state)

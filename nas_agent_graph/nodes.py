@@ -47,11 +47,11 @@ from nas_agent_graph.context import ROOT, Context
 from nas_agent_graph.launcher import (
     error_headline,
     is_finished,
-    launch_run,
     move_aside,
     read_prune_request,
     request_prune,
 )
+from nas_agent_graph.pool import RunPool, RunSpec
 from nas_agent_graph.pruning import past_curves, prune_decision
 from nas_agent_graph.lora.adapters import (
     LoraSettings,
@@ -112,6 +112,42 @@ def stop_reason_for(state: AgentState, ctx: Context) -> tuple[str | None, bool]:
         return (f"the last {ctx.max_failures} runs all failed, so the search stops instead of burning its budget. "
                 f"Look at their train.log files; the last errors were:\n{errors}"), True
     return None, False
+
+
+def study_view(study: AgentState, in_flight: list[dict] | None) -> AgentState:
+    """The study as proposers and the duplicate check see it: recorded runs, then the runs in
+    flight as runs with status "running" and no score (never saved). Seeds, run ids, pending
+    Optuna trials, the LLM's prompt and planned confirmations all take them into account."""
+    if not in_flight:
+        return study
+    recorded = {r.run_id for r in study.runs}
+    extra_runs = []
+    for entry in in_flight:
+        if entry["run_id"] in recorded:
+            continue
+        proposal = entry["proposal"]
+        extra = {"proposal": _record_meta(proposal.get("meta", {})), "incumbent_config": proposal.get("raw_config")}
+        if proposal["proposer"] == CONFIRM_PROPOSER:
+            extra["confirms"] = proposal["parent_run_id"]
+        extra_runs.append(RunInfo(run_id=entry["run_id"], status="running", proposer=proposal["proposer"],
+                                  config=proposal["config"], parent_run_id=proposal.get("parent_run_id"),
+                                  reason="in flight", extra=extra))
+    return dataclasses.replace(study, runs=[*study.runs, *extra_runs])
+
+
+def can_propose(study: AgentState, in_flight: list[dict] | None, ctx: Context, stop_reason: str | None) -> bool:
+    """Room for one more run now: a free slot, --max-runs not used up (in-flight runs count), no stop."""
+    n = len(in_flight or [])
+    return stop_reason is None and n < ctx.parallel and len(study.runs) + n < ctx.max_runs
+
+
+def get_pool(ctx: Context) -> RunPool:
+    """The session's pool of runs in flight, made on first use (the CLI may also set ctx.pool)."""
+    if ctx.pool is None:
+        ctx.pool = RunPool(ctx.parallel, ctx.launcher, env=ctx.env, ray_options=ctx.ray_options,
+                           launch_kwargs=dict(python=ctx.python, train_script=ctx.train_script,
+                                              runs_dir=ctx.runs_dir, timeout_s=ctx.run_timeout))
+    return ctx.pool
 
 
 def _tick_time(state: AgentState, ctx: Context) -> None:
@@ -213,13 +249,39 @@ def load_state(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     sync_incumbent(study, ctx)
     sync_model(study, ctx)
     _display(ctx, "on_study", state=study)
-    return {**fresh_pass(), **stop_update(study, ctx), "message": None, "finetune_due": _finetune_due(study, ctx)}
+    in_flight = _consistent_flights(study, state.get("in_flight") or [])
+    _resubmit(in_flight, ctx)
+    stop = stop_update(study, ctx)
+    return {**fresh_pass(), **stop, "message": None, "finetune_due": _finetune_due(study, ctx),
+            "in_flight": in_flight, "can_propose": can_propose(study, in_flight, ctx, stop["stop_reason"])}
+
+
+def _consistent_flights(study: AgentState, in_flight: list[dict]) -> list[dict]:
+    """The checkpoint's runs in flight that agent_state.json has not recorded (it always wins)."""
+    recorded = {r.run_id for r in study.runs}
+    kept = [e for e in in_flight if e["run_id"] not in recorded]
+    if len(kept) < len(in_flight):
+        log.info("%d run(s) in flight at the crash were recorded already", len(in_flight) - len(kept))
+    if kept:
+        log.info("resuming %d run(s) in flight: %s", len(kept), ", ".join(e["run_id"] for e in kept))
+    return kept
+
+
+def _resubmit(in_flight: list[dict], ctx: Context) -> None:
+    """Put runs in flight that this session has not started (a resume) back into the pool;
+    launch_run reuses a folder that finished meanwhile and reruns one that did not."""
+    pool = get_pool(ctx)
+    for entry in in_flight:
+        if entry["run_id"] not in pool:
+            pool.submit(_run_spec(entry["run_id"], entry["proposal"], ctx))
 
 
 def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """Ask the proposer for a config; the first run of a study is the base config itself."""
     ctx = runtime.context
-    study = load_agent_state(ctx.state_path)
+    in_flight = state.get("in_flight") or []
+    _resubmit(in_flight, ctx)
+    study = study_view(load_agent_state(ctx.state_path), in_flight)
     run_id = state.get("run_id") or run_id_for(len(study.runs))
     earlier = sum(1 for r in study.rejected if r.get("run_id") == run_id)
     attempt = max(state.get("attempt", 0), earlier)
@@ -255,14 +317,15 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
     proposal = state["proposal"]
+    view = study_view(study, state.get("in_flight"))  # a run in flight counts as a duplicate too
     code = proposal.get("meta", {}).get("model_code")
     if proposal["config"] is None:
         verdict = Verdict(False, [f"the {proposal['proposer']} proposer could not build a config: {proposal['error']}"])
     elif code is not None:
-        verdict = _check_code_proposal(proposal, code, study, state, ctx)
+        verdict = _check_code_proposal(proposal, code, view, state, ctx)
     else:
         # A confirmation repeats a run with another seed on purpose: no duplicate check.
-        dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else study
+        dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else view
         verdict = check_proposal(proposal["config"], dup_study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
                                  max_params=ctx.max_params, env=ctx.env, model_file=_model_file(ctx))
     if verdict.ok:
@@ -311,13 +374,28 @@ def _check_code_proposal(proposal: dict, code: str, study: AgentState, state: Gr
 
 
 def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
-    """Write the config into the run folder and run train.py there (or reuse a finished run)."""
+    """Start train.py for the proposal (in the pool, without waiting) and add it to the runs in flight."""
     ctx = runtime.context
     run_id, proposal = state["run_id"], state["proposal"]
+    in_flight = state.get("in_flight") or []
+    _resubmit(in_flight, ctx)
+    if ctx.free_llm:
+        _free_llm()
+    spec = _run_spec(run_id, proposal, ctx)
+    _set_aside_stale_folder(spec.run_dir, spec.config_text)
+    _display(ctx, "on_launch", run_id=run_id, config=proposal["config"])
+    get_pool(ctx).submit(spec)
+    entry = {"run_id": run_id, "attempt": state.get("attempt", 0), "proposal": proposal, "smoke": state.get("smoke")}
+    in_flight = [*in_flight, entry]
+    study = load_agent_state(ctx.state_path)
+    return {**fresh_pass(), "in_flight": in_flight,
+            "can_propose": can_propose(study, in_flight, ctx, state.get("stop_reason"))}
+
+
+def _run_spec(run_id: str, proposal: dict, ctx: Context) -> RunSpec:
+    """What the pool needs to run a proposal: the config text, a proposed model file, train.py's --model."""
     run_dir = get_run_dir(ctx.runs_dir, run_id)
     config_text = render_config(proposal["config"], header=f"{run_id}: proposed by {proposal['proposer']}")
-    _set_aside_stale_folder(run_dir, config_text)
-    _display(ctx, "on_launch", run_id=run_id, config=proposal["config"])
     code = proposal.get("meta", {}).get("model_code")
     files, extra_args = {}, []
     if code is not None:  # a model-code proposal trains its own file, kept in the run folder
@@ -325,18 +403,25 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         extra_args = ["--model", str(run_dir / "model.py")]
     elif (model_file := _model_file(ctx)) is not None:
         extra_args = ["--model", str(model_file)]
-    if ctx.free_llm:
-        _free_llm()
-    on_epoch = _pruning_watch(run_dir, run_id, ctx)
-    result = launch_run(run_dir, config_text, run_id=run_id, runs_dir=ctx.runs_dir, python=ctx.python,
-                        train_script=ctx.train_script, timeout_s=ctx.run_timeout, env=ctx.env,
-                        extra_args=extra_args, files=files,
-                        on_progress=on_epoch)
-    # Written after the launch: launch_run moves any file of an unfinished folder aside.
-    write_trace(run_dir, proposal)
+    return RunSpec(run_id=run_id, run_dir=run_dir, config_text=config_text, extra_args=extra_args, files=files,
+                   on_progress=_pruning_watch(run_dir, run_id, ctx))
+
+
+def wait(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Block until a run in flight ends (the lowest run id first when several have), and make it
+    the pass's run: summarise, decide and collect_lora then record it."""
+    ctx = runtime.context
+    in_flight = state.get("in_flight") or []
+    _resubmit(in_flight, ctx)
+    _test_pause("wait", in_flight[-1]["run_id"] if in_flight else "", ctx)
+    run_id, result = get_pool(ctx).wait_any()
+    entry = next(e for e in in_flight if e["run_id"] == run_id)
+    # Written after the run: launch_run moves the files of an unfinished folder aside first.
+    write_trace(get_run_dir(ctx.runs_dir, run_id), entry["proposal"])
     out = dataclasses.asdict(result)
     out.pop("history", None)  # read from disk by summarise; keeps checkpoints small
-    return {"launch": out}
+    return {"run_id": run_id, "attempt": entry.get("attempt", 0), "proposal": entry["proposal"],
+            "smoke": entry.get("smoke"), "launch": out, "in_flight": [e for e in in_flight if e["run_id"] != run_id]}
 
 
 def _pruning_watch(run_dir: Path, run_id: str, ctx: Context):
@@ -427,6 +512,8 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     decision = {"accepted": record.accepted, "reason": record.reason, "reward": record.extra.get("reward")}
     _display(ctx, "on_decision", run=record, state=study)
     log.info("%s %s val_mse %s: %s", run_id, launch_out["status"], record.val_mse, record.reason)
+    if state.get("stop_reason"):  # decided while other runs were in flight: they finish, nothing new starts
+        return {"decision": decision}
     return {"decision": decision, **stop_update(study, ctx)}
 
 
@@ -506,7 +593,8 @@ def collect_lora(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]
         save_agent_state(study, ctx.state_path)
     if event is not None:
         _display(ctx, "on_message", text=f"LoRA adapter v{event['version']} rolled back: {event['reason']}")
-    return {**fresh_pass(), "finetune_due": _finetune_due(study, ctx)}
+    return {**fresh_pass(), "finetune_due": _finetune_due(study, ctx),
+            "can_propose": can_propose(study, state.get("in_flight"), ctx, state.get("stop_reason"))}
 
 
 def _lora_settings(ctx: Context) -> LoraSettings:
@@ -525,7 +613,8 @@ def finetune(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     study = load_agent_state(ctx.state_path)
     chat = getattr(ctx.proposer_obj, "chat", None)
     if chat is None or not _finetune_due(study, ctx):  # e.g. resumed after the record was saved
-        return {"finetune_due": False}
+        return {"finetune_due": False,
+                "can_propose": can_propose(study, state.get("in_flight"), ctx, state.get("stop_reason"))}
     _display(ctx, "on_message", text="fine-tuning the LLM (LoRA) on the winning proposals so far")
     if ctx.free_llm:
         _free_llm()
@@ -540,7 +629,10 @@ def finetune(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     save_agent_state(study, ctx.state_path)
     summary = {k: record.get(k) for k in ("version", "status", "reason", "path", "n_train")}
     _display(ctx, "on_message", text=f"LoRA adapter v{record['version']}: {record['status']} ({record['reason']})")
-    return {"finetune_due": False, "lora": summary, **stop_update(study, ctx)}
+    stop = {"stop_reason": state["stop_reason"], "stop_failed": state.get("stop_failed", False)} \
+        if state.get("stop_reason") else stop_update(study, ctx)
+    return {"finetune_due": False, "lora": summary, **stop,
+            "can_propose": can_propose(study, state.get("in_flight"), ctx, stop["stop_reason"])}
 
 
 def stop(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:

@@ -196,7 +196,8 @@ def study_views(study: AgentState, space: SearchSpace, limits: PromptLimits) -> 
                      "summary": _cut(best.history_summary, limits.summary_chars)}
     scored = sorted((r for r in study.runs if r.status in SCORED and r.val_mse is not None and r is not best),
                     key=lambda r: r.val_mse)
-    failed = [r for r in study.runs if r.status not in SCORED or r.val_mse is None]
+    # A run in flight (--parallel; status "running") is among the latest runs, not a failure.
+    failed = [r for r in study.runs if (r.status not in SCORED or r.val_mse is None) and r.status != "running"]
     top = scored[:limits.top_k]
     shown = {id(r) for r in top} | {id(best)}
     last = [r for r in study.runs[-limits.last_k:] if id(r) not in shown] if limits.last_k else []

@@ -1,4 +1,4 @@
-"""The graph's state: only the proposal in flight.
+"""The graph's state: only the proposal being made and the runs in flight.
 
 agent_state.json is the single source of truth about runs; nodes read it from disk
 when they need history, and only `decide` (and `validate`, for rejected proposals)
@@ -44,6 +44,15 @@ class GraphState(TypedDict, total=False):
 
     decision: Optional[dict[str, Any]]
     """Outcome of `decide`: {accepted, reason, reward}."""
+
+    in_flight: list[dict[str, Any]]
+    """Runs launched and not yet recorded (--parallel): [{run_id, attempt, proposal, smoke}], in
+    launch order. `launch` adds one, `wait` takes out the one that finished. Proposals see them as
+    runs with status "running" (nodes.study_view), so parallel proposals differ."""
+
+    can_propose: bool
+    """Set by the nodes before a routing decision: a slot is free (fewer than --parallel runs in
+    flight), --max-runs leaves room for one more run, and no stop reason is set."""
 
     finetune_due: bool
     """Set by `load_state` and `collect_lora`: enough new positive LoRA samples for a fine-tune."""

@@ -45,7 +45,7 @@ def find_duplicate(config: dict, state: AgentState) -> Optional[str]:
     for run in state.runs:
         try:
             if config_hash(run.config) == h:
-                return run.run_id
+                return run.run_id + (" (still training)" if run.status == "running" else "")
         except ConfigError:
             continue  # a run whose config no longer validates cannot be a duplicate
     return None

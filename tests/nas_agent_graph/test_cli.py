@@ -140,7 +140,7 @@ def test_resume_after_sigkill_during_training(study):
     assert len(state.runs) == 1  # run_0001 was in flight: not counted
     done = cli(study, *search_args(3), "--set", "training.max_steps_per_epoch=200")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming at launch for run_0001" in done.stderr
+    assert "resuming 1 run(s) in flight: run_0001" in done.stderr
     assert_consistent(study, 3)
     assert (study / "runs" / "run_0001" / "attempt_1" / "train.log").exists()  # old partial files kept
 

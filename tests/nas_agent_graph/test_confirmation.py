@@ -1,10 +1,8 @@
 """--confirm-seeds: a candidate that beats the incumbent is re-run with more seeds, and so is the
 incumbent, before it is accepted. Real training on tiny configs; the proposer is scripted."""
-import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 

@@ -39,6 +39,20 @@ def test_routers_are_pure_functions_of_state():
     assert routers.after_collect({"stop_reason": "patience"}) == "stop"
 
 
+def test_routers_with_runs_in_flight():
+    flying = [{"run_id": "run_0003"}]
+    # a free slot: propose another run; no slot: wait for one to end
+    assert routers.after_launch({"in_flight": flying, "can_propose": True}) == "propose"
+    assert routers.after_launch({"in_flight": flying, "can_propose": False}) == "wait"
+    assert routers.after_collect({"in_flight": flying, "can_propose": False}) == "wait"
+    assert routers.after_load({"in_flight": flying, "can_propose": False}) == "wait"
+    assert routers.after_finetune({"in_flight": flying, "can_propose": True}) == "propose"
+    # a stop drains the runs in flight first
+    assert routers.after_collect({"in_flight": flying, "stop_reason": "patience"}) == "wait"
+    assert routers.after_validate({"in_flight": flying, "validation_error": "bad", "stop_reason": "x"}) == "wait"
+    assert routers.after_load({"in_flight": [], "stop_reason": "max runs"}) == "stop"
+
+
 @dataclass
 class ScriptedProposer:
     """Returns the given raw configs in order, one per call, the last one repeated; an
@@ -94,6 +108,24 @@ def test_duplicate_proposal_is_rejected_with_the_earlier_run(tmp_path):
     assert len(study.runs) == 1
     assert len(study.rejected) == 2
     assert all("duplicate: the same settings already ran as run_0000" in r["error"] for r in study.rejected)
+
+
+def test_parallel_proposal_of_a_config_still_training_is_a_duplicate(tmp_path):
+    slow = base_raw(tmp_path)
+    slow["model"]["d_model"] = 24
+    slow["training"]["max_steps_per_epoch"] = 300  # still training when run_0000 is done
+    other = json.loads(json.dumps(slow))
+    other["model"]["d_model"] = 32
+    other["training"]["max_steps_per_epoch"] = 5
+    proposer = ScriptedProposer([slow, slow, other])
+    ctx = make_ctx(tmp_path, proposer, max_runs=3, parallel=2, overrides=["training.max_epochs=1"])
+    assert run_search(ctx) == 0
+    study = load_agent_state(ctx.state_path)
+    assert sorted(r.run_id for r in study.runs) == ["run_0000", "run_0001", "run_0002"]
+    assert [e["error"] for e in study.rejected] == [
+        "duplicate: the same settings already ran as run_0001 (still training)"]
+    assert proposer.calls[1]["runs"] == 2  # run_0001 was shown to the proposer, as a run in flight
+    assert {r.run_id: r.config["model"]["d_model"] for r in study.runs}["run_0002"] == 32
 
 
 def test_smoke_test_failure_and_param_budget_reject(tmp_path):
@@ -205,8 +237,11 @@ def test_rich_display_renders_every_event():
         d.on_propose(run_id="run_0001", proposer="tpe", attempt=0)
         d.on_rejected(run_id="run_0001", error="duplicate: the same settings already ran as run_0000")
         d.on_launch(run_id="run_0001", config={"training": {"max_epochs": 3}})
+        d.on_launch(run_id="run_0002", config={"training": {"max_epochs": 5}})  # --parallel 2
         d.on_epoch(run_id="run_0001", history=[{"epoch": 1, "val_mse": 0.61}])
-        assert d.progress == "epoch 1/3 val_mse 0.6100"
+        assert d.training == {"run_0001": "epoch 1/3 val_mse 0.6100", "run_0002": "epoch 0/5"}
+        d.on_decision(run=RunInfo(run_id="run_0001", status="ok", val_mse=0.61), state=state)
+        assert list(d.training) == ["run_0002"]
         d.on_decision(run=run, state=state)
         d.on_stop(message="Search stopped: reached --max-runs 3.")
     text = out.getvalue()

@@ -94,6 +94,20 @@ def test_prompt_shows_validation_but_never_test_metrics():
     assert "7.654" not in text and "test" not in text.lower().replace("latest", "")
 
 
+def test_runs_in_flight_are_listed_as_running_not_as_failures():
+    from nas_agent_graph.nodes import study_view
+    state = synthetic_study(6)
+    flying = {"run_id": "run_0006", "proposal": {"config": state.runs[1].config, "raw_config": state.runs[1].config,
+                                                 "proposer": "tpe", "parent_run_id": None, "meta": {}}}
+    view = study_view(state, [flying])
+    assert [r.run_id for r in view.runs][-1] == "run_0006" and len(state.runs) == 6  # the study is untouched
+    user = config_messages(view, SPACE, BASE, limits=PromptLimits())[0][1]["content"]
+    assert "- run_0006 [running] val_mse" in user
+    assert "run_0006" not in user.split("## Recent failures", 1)[-1] or "## Recent failures" not in user
+    tiny = config_messages(view, SPACE, BASE, limits=PromptLimits(last_k=0))[0][1]["content"]
+    assert "run_0006" not in tiny.split("## Recent failures", 1)[1]
+
+
 def test_incumbent_in_full_and_other_runs_as_differences():
     state = synthetic_study(10)
     user = config_messages(state, SPACE, BASE, limits=PromptLimits())[0][1]["content"]

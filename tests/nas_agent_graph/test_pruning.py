@@ -4,7 +4,6 @@ import json
 import math
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
