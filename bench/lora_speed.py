@@ -11,7 +11,10 @@ subprocess the agent uses, and prints:
   1. cost: seconds per step, seconds per adapter, adapter size, first and final loss;
   2. replies to the held-out prompts WITHOUT constrained decoding (greedy), base model against
      the adapter: validity (parses, inside the space), closeness to the study's 3 best configs
-     (the gate's two measures), and the same for constrained decoding as a reference.
+     (the gate's two measures);
+  3. with --reward-budget: the mean reward of those replies. Each valid reply's config is trained
+     (train.py, the given budget) and rewarded against the incumbent of the held-out run's time
+     (nas_agent_graph/reward.py); an invalid reply gets the reward of a failed run (-1).
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=6)
     p.add_argument("--max-train", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reward-budget", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="train each reply's config with these --set overrides and report the mean reward, "
+                        "e.g. training.max_epochs=1 training.max_steps_per_epoch=30 training.patience=1")
     a = p.parse_args()
 
     import torch
@@ -95,6 +101,38 @@ def main() -> None:
     for name, r, sec in rows:
         print(f"| {name} | {r['valid']}/{r['n']} | {r['closeness']:.3f} | {sec:.1f} | "
               f"{r['validity'] - rows[0][1]['validity']:+.2f} |")
+    if a.reward_budget is not None:
+        print(f"\nmean reward of the held-out replies (trained with {' '.join(a.reward_budget) or 'the full budget'})")
+        print("| model | rewards | mean reward |\n|---|---|---:|")
+        for name, r, _ in rows:
+            rewards = [reply_reward(params, s, state, space, a.reward_budget, f"{name.replace(' ', '_')}_{i}")
+                       for i, (params, s) in enumerate(zip(r["params"], held))]
+            print(f"| {name} | {', '.join(f'{x:+.2f}' for x in rewards)} | {sum(rewards) / len(rewards):+.3f} |")
+
+
+def reply_reward(params, sample, state, space, budget, tag) -> float:
+    """Train a reply's config like the agent would and reward it against the incumbent of the
+    held-out run's time; an invalid reply (params None) is a failure."""
+    import subprocess
+
+    from nas_agent.agent_state import get_run
+    from nas_agent.config import apply_overrides, parse_config_source, render_config
+    from nas_agent_graph.reward import FAILURE, compute_reward
+
+    if params is None:
+        return FAILURE
+    base = state.meta.get("base_config") or parse_config_source((ROOT / "config.py").read_text())
+    config = apply_overrides(space.to_config(params, base), list(budget))
+    runs = Path("/tmp/nas_lora_bench/runs")
+    runs.mkdir(parents=True, exist_ok=True)
+    cfg = runs / f"{tag}.py"
+    cfg.write_text(render_config(config))
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--tag", tag, "--runs-dir",
+                    str(runs), "--overwrite"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = json.loads((runs / tag / "metrics.json").read_text())
+    run = get_run(state, sample["run_id"])
+    before = get_run(state, run.extra.get("incumbent_before")) if run and run.extra.get("incumbent_before") else None
+    return compute_reward(metrics["status"], metrics.get("val_mse"), before.val_mse if before else None)
 
 
 if __name__ == "__main__":

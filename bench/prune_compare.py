@@ -1,12 +1,15 @@
-"""Learning-curve pruning against none, and the noise floor of the base config, on this machine.
+"""Parallel runs and learning-curve pruning against one plain run at a time, and the noise floor
+of the base config, on this machine.
 
-    NAS_DATA_DIR=../shared/data python bench/prune_compare.py                      # 12-run tpe studies
+    NAS_DATA_DIR=../shared/data python bench/prune_compare.py --parallel 2        # 12-run tpe studies
     NAS_DATA_DIR=../shared/data python bench/prune_compare.py --runs 4 --noise-seeds 3 \
         --budget training.max_epochs=2 training.max_steps_per_epoch=5 --config tiny_config.py   # a quick check
 
-1. One `python -m nas_agent_graph --proposer tpe` study per pruning mode (`none`, the baseline,
-   then each of --prune), the same seed, config, space (bench/cpu_space.json) and per-run budget,
-   run one after the other. Printed per mode: the final best val/test MSE, the study's wall-clock,
+1. One `python -m nas_agent_graph --proposer tpe` study per variant, the same seed, config, space
+   (bench/cpu_space.json) and per-run budget, run one after the other: `--parallel 1 --prune none`
+   (the baseline), then each --prune mode at --parallel 1, then each --parallel N > 1 without
+   pruning. A --parallel 1 study runs with OMP_NUM_THREADS=--threads; a parallel one leaves it
+   unset, so the agent splits the cores between its runs. Printed per variant: the final best val/test MSE, the study's wall-clock,
    the wall-clock until the run that holds the final best was recorded (from the study's
    `meta.created_at` to that run's record time, one-second resolution), the runs pruned and the
    epochs trained; ratios against `none` measured in the same invocation.
@@ -41,21 +44,24 @@ def _ts(text: str) -> float:
     return dt.datetime.fromisoformat(text).timestamp()
 
 
-def run_study(mode: str, a, out: Path, env: dict) -> dict:
-    folder = out / f"prune_{mode}"
+def run_study(mode: str, parallel: int, a, out: Path, env: dict) -> dict:
+    folder = out / f"prune_{mode}_p{parallel}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     shutil.copy(a.config, folder / "config.py")
     cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", str(a.runs), "--proposer", "tpe",
-           "--seed", str(a.seed), "--space", str(a.space), "--prune", mode, "--prune-warmup", a.prune_warmup]
+           "--seed", str(a.seed), "--space", str(a.space), "--prune", mode, "--prune-warmup", a.prune_warmup,
+           "--parallel", str(parallel)]
+    if parallel > 1:
+        env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
     for s in a.budget:
         cmd += ["--set", s]
     rc, wall = run_orchestrator(cmd, folder, env)
     state = load_agent_state(folder / "agent_state.json")
     best = get_best_run(state)
     to_best = _ts(best.started_at) - _ts(state.meta["created_at"]) if best else None
-    return {"mode": mode, "rc": rc, "runs": len(state.runs), "wall_s": wall, "to_best_s": to_best,
+    return {"mode": mode, "parallel": parallel, "rc": rc, "runs": len(state.runs), "wall_s": wall, "to_best_s": to_best,
             "best": best.run_id if best else None, "val": best.val_mse if best else None,
             "test": best.test_mse if best else None,
             "pruned": sum(r.status == "pruned" for r in state.runs),
@@ -89,7 +95,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prune", nargs="+", default=["median"], choices=["median", "asha"])
+    p.add_argument("--prune", nargs="*", default=["median"], choices=["median", "asha"])
+    p.add_argument("--parallel", nargs="*", type=int, default=[2], help="--parallel values > 1 to compare")
     p.add_argument("--prune-warmup", default="1,3")
     p.add_argument("--budget", nargs="+", default=BUDGET, metavar="KEY=VALUE")
     p.add_argument("--config", type=Path, default=ROOT / "config.py")
@@ -102,14 +109,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
 
-    rows = [run_study(mode, a, out, env) for mode in ["none", *a.prune]]
+    variants = [("none", 1), *((m, 1) for m in a.prune), *(("none", n) for n in a.parallel if n > 1)]
+    rows = [run_study(mode, n, a, out, env) for mode, n in variants]
     base = rows[0]
     print(f"\n{a.runs}-run tpe studies, seed {a.seed}, budget {' '.join(a.budget)}, --prune-warmup {a.prune_warmup}")
-    head = ("prune", "rc", "runs", "pruned", "epochs", "best", "val MSE", "test MSE", "wall s", "to best s",
+    head = ("prune", "parallel", "rc", "runs", "pruned", "epochs", "best", "val MSE", "test MSE", "wall s", "to best s",
             "wall ratio", "to-best ratio", "val ratio")
     print(" | ".join(head))
     for r in rows:
-        print(" | ".join([r["mode"], str(r["rc"]), str(r["runs"]), str(r["pruned"]), str(r["epochs"]),
+        print(" | ".join([r["mode"], str(r["parallel"]), str(r["rc"]), str(r["runs"]), str(r["pruned"]), str(r["epochs"]),
                           str(r["best"]), _f(r["val"], ".4f"), _f(r["test"], ".4f"), f"{r['wall_s']:.0f}",
                           _f(r["to_best_s"], ".0f"), _ratio(r["wall_s"], base["wall_s"]),
                           _ratio(r["to_best_s"], base["to_best_s"]), _ratio(r["val"], base["val"])]))

@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from nas_agent.agent_state import AgentState, RunInfo, get_run, replace_run
+from nas_agent.agent_state import AgentState, RunInfo, get_best_run, get_run, replace_run
 
 CONFIRM_PROPOSER = "confirm"
 CONFIRM_ALPHA = 0.05
@@ -40,8 +40,9 @@ class ConfirmationPlan:
 
 
 def pending_candidate(state: AgentState) -> RunInfo | None:
-    """The run waiting for its confirmations, or None."""
-    for run in reversed(state.runs):
+    """The run waiting for its confirmations, or None. With --parallel, a run in flight may beat
+    the incumbent while another waits: candidates are then confirmed one at a time, oldest first."""
+    for run in state.runs:
         confirm = run.extra.get("confirm") if isinstance(run.extra, dict) else None
         if isinstance(confirm, dict) and confirm.get("status") == "pending":
             return run
@@ -173,7 +174,27 @@ def conclude(state: AgentState, min_delta: float) -> RunInfo | None:
     updated = RunInfo(**{**cand.to_dict(), "accepted": accepted, "reason": reason,
                          "extra": {**cand.extra, "confirm": info}})
     replace_run(state, updated)  # an accepted candidate becomes the best (the latest accepted run)
+    _next_candidate_against_best(state, min_delta)
     return updated
+
+
+def _next_candidate_against_best(state: AgentState, min_delta: float) -> None:
+    """A candidate that waited its turn (--parallel) is compared with the incumbent of now: if the
+    one just concluded became the best, the waiting one must beat that instead, and one that no
+    longer does on its single seed is rejected at once."""
+    nxt = pending_candidate(state)
+    best = get_best_run(state)
+    if nxt is None or best is None or best.run_id == nxt.extra["confirm"]["incumbent"]:
+        return
+    info = {**nxt.extra["confirm"], "incumbent": best.run_id}
+    if nxt.val_mse is None or best.val_mse is None or nxt.val_mse >= best.val_mse - min_delta:
+        info["status"] = "rejected"
+        reason = (f"not confirmed: val_mse {nxt.val_mse} no longer beats the incumbent {best.run_id} "
+                  f"({best.val_mse}), accepted while this run waited for its confirmations")
+        replace_run(state, RunInfo(**{**nxt.to_dict(), "reason": reason, "extra": {**nxt.extra, "confirm": info}}))
+        _next_candidate_against_best(state, min_delta)
+    else:
+        replace_run(state, RunInfo(**{**nxt.to_dict(), "extra": {**nxt.extra, "confirm": info}}))
 
 
 def noise_floor_text(state: AgentState) -> str | None:

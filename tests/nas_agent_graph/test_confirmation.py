@@ -53,6 +53,40 @@ def test_the_plan_is_derived_from_the_study_alone():
     assert study.meta["noise_floor"]["run_id"] == "run_0000" and study.meta["noise_floor"]["n"] == 3
 
 
+def test_two_candidates_from_parallel_runs_are_confirmed_one_at_a_time_against_the_incumbent_of_now():
+    def run(i, val, **kw):
+        return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
+    pending = {"status": "pending", "k": 2, "incumbent": "run_0000"}
+    # run_0001 and run_0002 trained at the same time and both beat run_0000
+    study = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
+                             run(2, 0.7, extra={"confirm": dict(pending)})], best_run_id="run_0000")
+    assert next_confirmation(study).candidate == "run_0001"  # the oldest first
+    for i, target, val in ((3, "run_0001", 0.52), (4, "run_0000", 0.98)):
+        assert next_confirmation(study).target == target
+        study.runs.append(run(i, val, proposer="confirm", extra={"confirms": target}, parent_run_id=target))
+    done = conclude(study, 0.0)
+    assert done.run_id == "run_0001" and done.accepted and study.best_run_id == "run_0001"
+    # run_0002 (0.7) no longer beats the new incumbent (0.5): rejected without spending runs on it
+    second = study.runs[2]
+    assert second.extra["confirm"]["status"] == "rejected" and not second.accepted
+    assert "no longer beats the incumbent run_0001" in second.reason
+    assert next_confirmation(study) is None
+
+
+def test_a_waiting_candidate_that_still_beats_the_new_incumbent_is_confirmed_against_it():
+    def run(i, val, **kw):
+        return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
+    pending = {"status": "pending", "k": 2, "incumbent": "run_0000"}
+    study = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
+                             run(2, 0.3, extra={"confirm": dict(pending)})], best_run_id="run_0000")
+    for i, target, val in ((3, "run_0001", 0.52), (4, "run_0000", 0.98)):
+        study.runs.append(run(i, val, proposer="confirm", extra={"confirms": target}, parent_run_id=target))
+    assert conclude(study, 0.0).accepted
+    assert study.runs[2].extra["confirm"] == {**pending, "incumbent": "run_0001"}
+    plan = next_confirmation(study)
+    assert (plan.candidate, plan.target) == ("run_0002", "run_0002")
+
+
 def test_confirmation_rejects_a_candidate_that_differs_only_by_seed(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     reseeded = base_raw(tmp_path)
