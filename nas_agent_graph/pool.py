@@ -137,14 +137,18 @@ class RunPool:
         self._flights[spec.run_id] = _Flight(spec, slot, stop, future)
 
     def _launch(self, spec: RunSpec, slot: int, stop: threading.Event) -> LaunchResult:
-        extra_env = slot_env(slot, self.parallel, self.env, self.gpus, self.cores)
         common = dict(run_id=spec.run_id, extra_args=spec.extra_args, files=spec.files,
                       on_progress=spec.on_progress, stop_event=stop)
         if self.launcher == "ray":
             from nas_agent_graph.ray_launcher import ray_launch_run
             kw = {k: v for k, v in self.launch_kwargs.items() if k != "python"}  # the worker's own python
-            return ray_launch_run(spec.run_dir, spec.config_text, **common, **kw,
-                                  env_overrides={**self.ray_env(), **extra_env}, **self.ray_options)
+            env = self.ray_env()
+            # Ray picks the GPU (num_gpus); the task's CPUs are its share of its node's cores.
+            threads = str(max(1, int(self.ray_options.get("num_cpus", 1))))
+            env.update({var: threads for var in THREAD_VARS if var not in self.env})
+            return ray_launch_run(spec.run_dir, spec.config_text, **common, **kw, env_overrides=env,
+                                  **self.ray_options)
+        extra_env = slot_env(slot, self.parallel, self.env, self.gpus, self.cores)
         return launch_run(spec.run_dir, spec.config_text, **common, **self.launch_kwargs,
                           env={**self.env, **extra_env})
 

@@ -181,3 +181,23 @@ def test_sigkill_with_two_runs_in_flight_then_resume_loses_and_repeats_nothing(s
     assert_all_recorded(study, 4)
     for folder in folders:  # each killed run ran again once; its partial files are kept aside
         assert (folder / "attempt_1" / "train.log").exists() and not (folder / "attempt_2").exists()
+
+
+@pytest.mark.timeout(600)
+def test_a_two_run_study_on_a_local_ray_cluster(study):
+    """--launcher ray: the CLI starts a local cluster, each run is a Ray task; nothing is left behind."""
+    pytest.importorskip("ray", reason="Ray is not installed (optional): pip install -r requirements-ray.txt")
+    from tests.nas_agent_graph.test_ray_launcher import ray_leftovers_removed
+
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(2, "--launcher", "ray")]
+    pids: list[int] = []
+    with ray_leftovers_removed(pids):  # the CLI's pid names its local cluster's session folder
+        proc = subprocess.Popen(args, cwd=study, env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        pids.append(proc.pid)
+        _, err = proc.communicate(timeout=500)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Ray cluster (local)" in err and "each run asks for {'num_cpus': 1, 'num_gpus': 0}" in err
+    state = assert_all_recorded(study, 2)
+    assert all(r.status == "ok" for r in state.runs)
+    assert not list((study / "runs").glob(".ray_shared_*"))  # the shared-filesystem markers are cleaned up
