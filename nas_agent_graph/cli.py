@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -145,7 +146,7 @@ def parse_ray_resources(text: str | None) -> dict:
         cpus, gpus = (float(p) for p in text.split(","))
     except ValueError:
         raise ConfigError(f"--ray-resources {text!r}: expected CPUS,GPUS as two numbers, e.g. 4,1") from None
-    if cpus <= 0 or gpus < 0:
+    if not (math.isfinite(cpus) and math.isfinite(gpus)) or cpus <= 0 or gpus < 0:
         raise ConfigError(f"--ray-resources {text!r}: expected CPUS > 0 and GPUS >= 0")
     return {"num_cpus": cpus, "num_gpus": gpus}
 
@@ -243,8 +244,6 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
 
 
 def run_search(ctx: Context) -> int:
-    from nas_agent_graph.display import PlainDisplay, RichDisplay
-    from nas_agent_graph.graph import build_graph
     from nas_agent_graph.proposers import route_optuna_logging
     from nas_agent_graph.search_space import load_space
 
@@ -255,30 +254,40 @@ def run_search(ctx: Context) -> int:
             load_config(ctx.config_path)  # a new study needs a valid starting config
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
         ctx.space = ctx.space or load_space(ctx.space_path)
-        ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)
-        ctx.started_at = time.monotonic()
-        display = ctx.display or (RichDisplay() if sys.stderr.isatty() else PlainDisplay())
-        ctx.display = display
-        with closing(sqlite3.connect(ctx.checkpoint_path, check_same_thread=False)) as conn, \
-                (display if isinstance(display, RichDisplay) else nullcontext()):
-            graph = build_graph(SqliteSaver(conn))
-            remaining = max(ctx.max_runs - len(study.runs), 0) + 1
-            cfg = {"configurable": {"thread_id": thread_id(ctx.state_path)},
-                   "recursion_limit": 50 + remaining * (8 + 2 * (ctx.max_retries + 1))}
-            snap = graph.get_state(cfg)
-            resume = bool(snap.next) and checkpoint_agrees(snap.values, snap.next, study)
-            if snap.next and snap.values.get("run_id") is None:
-                log.info("the interrupted pass had not started a run yet; starting it again")
-            elif snap.next and not resume:
-                log.warning("the checkpoint (at %s, %s) disagrees with %s, which wins: starting a fresh pass",
-                            snap.next, snap.values.get("run_id"), ctx.state_path)
-            elif resume:
-                log.info("resuming at %s for %s", snap.next[0], snap.values.get("run_id"))
-            try:
-                _start_launcher(ctx)
-                final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
-            finally:
-                _stop_launcher(ctx)
+        try:
+            _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
+            ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)
+            return _search(ctx, study)
+        finally:
+            _stop_launcher(ctx)
+
+
+def _search(ctx: Context, study: AgentState) -> int:
+    """Run the graph (resuming its checkpoint when it agrees with the study) to its stop."""
+    from nas_agent_graph.display import PlainDisplay, RichDisplay
+    from nas_agent_graph.graph import build_graph
+
+    ctx.started_at = time.monotonic()
+    display = ctx.display or (RichDisplay() if sys.stderr.isatty() else PlainDisplay())
+    ctx.display = display
+    with closing(sqlite3.connect(ctx.checkpoint_path, check_same_thread=False)) as conn, \
+            (display if isinstance(display, RichDisplay) else nullcontext()):
+        graph = build_graph(SqliteSaver(conn))
+        cfg = {"configurable": {"thread_id": thread_id(ctx.state_path)}}
+        snap = graph.get_state(cfg)
+        # Steps left: each run left to propose, and each run in flight to collect (a resume may
+        # hold more than --max-runs leaves room for: they are drained, not dropped).
+        remaining = max(ctx.max_runs - len(study.runs), 0) + len(snap.values.get("in_flight") or []) + 1
+        cfg["recursion_limit"] = 50 + remaining * (8 + 2 * (ctx.max_retries + 1))
+        resume = bool(snap.next) and checkpoint_agrees(snap.values, snap.next, study)
+        if snap.next and snap.values.get("run_id") is None:
+            log.info("the interrupted pass had not started a run yet; starting it again")
+        elif snap.next and not resume:
+            log.warning("the checkpoint (at %s, %s) disagrees with %s, which wins: starting a fresh pass",
+                        snap.next, snap.values.get("run_id"), ctx.state_path)
+        elif resume:
+            log.info("resuming at %s for %s", snap.next[0], snap.values.get("run_id"))
+        final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
     return 1 if final.get("stop_failed") else 0
 
 
@@ -286,11 +295,15 @@ def _start_launcher(ctx: Context) -> None:
     """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run."""
     if ctx.launcher != "ray":
         return
-    from nas_agent_graph.ray_launcher import connect
+    from nas_agent_graph.ray_launcher import check_resources, connect
 
-    resources = connect(ctx.ray_address)
-    ctx.ray_options.setdefault("num_cpus", 1)
-    ctx.ray_options.setdefault("num_gpus", 1 if resources.get("GPU", 0) >= 1 else 0)
+    try:
+        resources = connect(ctx.ray_address)
+        ctx.ray_options.setdefault("num_cpus", 1)
+        ctx.ray_options.setdefault("num_gpus", 1 if resources.get("GPU", 0) >= 1 else 0)
+        check_resources(ctx.ray_options["num_cpus"], ctx.ray_options["num_gpus"])
+    except (ImportError, ValueError, RuntimeError, ConnectionError) as e:
+        raise ConfigError(f"--launcher ray: {e}") from None
     log.info("Ray cluster %s: %s; each run asks for %s", ctx.ray_address or "(local)", resources, ctx.ray_options)
 
 

@@ -174,14 +174,15 @@ def conclude(state: AgentState, min_delta: float) -> RunInfo | None:
     updated = RunInfo(**{**cand.to_dict(), "accepted": accepted, "reason": reason,
                          "extra": {**cand.extra, "confirm": info}})
     replace_run(state, updated)  # an accepted candidate becomes the best (the latest accepted run)
-    _next_candidate_against_best(state, min_delta)
+    retarget_pending(state, min_delta)
     return updated
 
 
-def _next_candidate_against_best(state: AgentState, min_delta: float) -> None:
-    """A candidate that waited its turn (--parallel) is compared with the incumbent of now: if the
-    one just concluded became the best, the waiting one must beat that instead, and one that no
-    longer does on its single seed is rejected at once."""
+def retarget_pending(state: AgentState, min_delta: float) -> None:
+    """The pending candidate is compared with the incumbent of now: when another run became the
+    best while it waited (--parallel: a candidate concluded before it, or model code accepted at
+    once), it must beat that one instead, and one that no longer does on its own seed is rejected
+    at once. A no-op when nothing is pending or the incumbent has not changed."""
     nxt = pending_candidate(state)
     best = get_best_run(state)
     if nxt is None or best is None or best.run_id == nxt.extra["confirm"]["incumbent"]:
@@ -192,7 +193,7 @@ def _next_candidate_against_best(state: AgentState, min_delta: float) -> None:
         reason = (f"not confirmed: val_mse {nxt.val_mse} no longer beats the incumbent {best.run_id} "
                   f"({best.val_mse}), accepted while this run waited for its confirmations")
         replace_run(state, RunInfo(**{**nxt.to_dict(), "reason": reason, "extra": {**nxt.extra, "confirm": info}}))
-        _next_candidate_against_best(state, min_delta)
+        retarget_pending(state, min_delta)
     else:
         replace_run(state, RunInfo(**{**nxt.to_dict(), "extra": {**nxt.extra, "confirm": info}}))
 

@@ -7,6 +7,7 @@ decisions. Elsewhere (a log file, CI): one plain line per event.
 from __future__ import annotations
 
 import sys
+import threading
 from collections import deque
 from typing import Optional
 
@@ -78,6 +79,7 @@ class RichDisplay(PlainDisplay):
         self.training: dict[str, str] = {}  # run id -> its epoch progress, for each run in flight
         self.max_epochs: dict[str, Optional[int]] = {}
         self.decisions: deque[str] = deque(maxlen=6)
+        self.lock = threading.RLock()
 
     def __enter__(self):
         self.live.start()
@@ -88,13 +90,17 @@ class RichDisplay(PlainDisplay):
         return False
 
     def _refresh(self) -> None:
-        table = Table.grid(padding=(0, 1))
-        for line in self.decisions:
-            table.add_row(Text.from_markup(line))
-        flying = [Text(f"{run_id}: training, {progress}") for run_id, progress in sorted(dict(self.training).items())]
-        body = Group(Text(self.study_line, style="bold"), Text(self.best_line, style="green"),
-                     Text(f"{self.current} {self.progress}"), *flying, table)
-        self.live.update(Panel(body, title="nas_agent_graph", border_style="blue"))
+        # on_epoch comes from the runs' threads (nas_agent_graph.pool) while the graph's thread
+        # appends decisions: the panel is built from copies, under a lock.
+        with self.lock:
+            decisions, training = list(self.decisions), dict(self.training)
+            table = Table.grid(padding=(0, 1))
+            for line in decisions:
+                table.add_row(Text.from_markup(line))
+            flying = [Text(f"{run_id}: training, {progress}") for run_id, progress in sorted(training.items())]
+            body = Group(Text(self.study_line, style="bold"), Text(self.best_line, style="green"),
+                         Text(f"{self.current} {self.progress}"), *flying, table)
+            self.live.update(Panel(body, title="nas_agent_graph", border_style="blue"))
 
     def on_study(self, state: AgentState) -> None:
         self.max_runs = state.max_runs
@@ -112,7 +118,8 @@ class RichDisplay(PlainDisplay):
         self._refresh()
 
     def on_rejected(self, run_id: str, error: str) -> None:
-        self.decisions.append(f"[yellow]{run_id} proposal rejected[/]: {error.splitlines()[0][:120]}")
+        with self.lock:
+            self.decisions.append(f"[yellow]{run_id} proposal rejected[/]: {error.splitlines()[0][:120]}")
         self._refresh()
 
     def on_launch(self, run_id: str, config: dict) -> None:
@@ -132,12 +139,14 @@ class RichDisplay(PlainDisplay):
     def on_decision(self, run: RunInfo, state: AgentState) -> None:
         self.training.pop(run.run_id, None)
         mark = "[green]accepted[/]" if run.accepted else "[red]rejected[/]" if run.status != "ok" else "rejected"
-        self.decisions.append(f"{run.run_id} {run.status} val_mse {_fmt(run.val_mse)} {mark}")
+        with self.lock:
+            self.decisions.append(f"{run.run_id} {run.status} val_mse {_fmt(run.val_mse)} {mark}")
         self._update_study(state)
         self._refresh()
 
     def on_message(self, text: str) -> None:
-        self.decisions.append(Text(text).markup)
+        with self.lock:
+            self.decisions.append(Text(text).markup)
         self._refresh()
 
     def on_stop(self, message: str) -> None:

@@ -42,6 +42,7 @@ from nas_agent_graph.confirmation import (
     confirmation_config,
     next_confirmation,
     noise_floor_text,
+    retarget_pending,
 )
 from nas_agent_graph.context import ROOT, Context
 from nas_agent_graph.launcher import (
@@ -145,6 +146,7 @@ def get_pool(ctx: Context) -> RunPool:
     """The session's pool of runs in flight, made on first use (the CLI may also set ctx.pool)."""
     if ctx.pool is None:
         ctx.pool = RunPool(ctx.parallel, ctx.launcher, env=ctx.env, ray_options=ctx.ray_options,
+                           ray_local=ctx.ray_address is None,
                            launch_kwargs=dict(python=ctx.python, train_script=ctx.train_script,
                                               runs_dir=ctx.runs_dir, timeout_s=ctx.run_timeout))
     return ctx.pool
@@ -249,19 +251,26 @@ def load_state(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     sync_incumbent(study, ctx)
     sync_model(study, ctx)
     _display(ctx, "on_study", state=study)
-    in_flight = _consistent_flights(study, state.get("in_flight") or [])
+    in_flight = _consistent_flights(study, state.get("in_flight") or [], ctx)
     _resubmit(in_flight, ctx)
     stop = stop_update(study, ctx)
     return {**fresh_pass(), **stop, "message": None, "finetune_due": _finetune_due(study, ctx),
             "in_flight": in_flight, "can_propose": can_propose(study, in_flight, ctx, stop["stop_reason"])}
 
 
-def _consistent_flights(study: AgentState, in_flight: list[dict]) -> list[dict]:
+def _consistent_flights(study: AgentState, in_flight: list[dict], ctx: Context) -> list[dict]:
     """The checkpoint's runs in flight that agent_state.json has not recorded (it always wins)."""
     recorded = {r.run_id for r in study.runs}
     kept = [e for e in in_flight if e["run_id"] not in recorded]
     if len(kept) < len(in_flight):
         log.info("%d run(s) in flight at the crash were recorded already", len(in_flight) - len(kept))
+    ids = recorded | {e["run_id"] for e in kept}
+    if len(ids) < len(recorded) + len(kept) or ids != {run_id_for(i) for i in range(len(ids))}:
+        # e.g. agent_state.json was restored from a backup: the ids would clash with new runs.
+        log.warning("the checkpoint's runs in flight (%s) do not follow the %d runs of %s, which wins; "
+                    "they are dropped (their folders are set aside when their ids are used again)",
+                    ", ".join(e["run_id"] for e in kept), len(recorded), ctx.state_path)
+        return []
     if kept:
         log.info("resuming %d run(s) in flight: %s", len(kept), ", ".join(e["run_id"] for e in kept))
     return kept
@@ -379,7 +388,7 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     run_id, proposal = state["run_id"], state["proposal"]
     in_flight = state.get("in_flight") or []
     _resubmit(in_flight, ctx)
-    if ctx.free_llm:
+    if ctx.free_llm and ctx.parallel == 1:  # with --parallel, in `wait` (not before every proposal)
         _free_llm()
     spec = _run_spec(run_id, proposal, ctx)
     _set_aside_stale_folder(spec.run_dir, spec.config_text)
@@ -401,6 +410,11 @@ def _run_spec(run_id: str, proposal: dict, ctx: Context) -> RunSpec:
     if code is not None:  # a model-code proposal trains its own file, kept in the run folder
         files["model.py"] = code
         extra_args = ["--model", str(run_dir / "model.py")]
+    elif ctx.allow_code and ctx.model_path.is_file():
+        # model.py may be replaced by an accepted code proposal while this run waits or starts
+        # (--parallel), or live on another node (Ray): the run trains a copy taken now.
+        files["model.py"] = ctx.model_path.read_text(encoding="utf-8")
+        extra_args = ["--model", str(run_dir / "model.py")]
     elif (model_file := _model_file(ctx)) is not None:
         extra_args = ["--model", str(model_file)]
     return RunSpec(run_id=run_id, run_dir=run_dir, config_text=config_text, extra_args=extra_args, files=files,
@@ -414,6 +428,8 @@ def wait(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     in_flight = state.get("in_flight") or []
     _resubmit(in_flight, ctx)
     _test_pause("wait", in_flight[-1]["run_id"] if in_flight else "", ctx)
+    if ctx.free_llm and ctx.parallel > 1:  # every slot is busy: give the runs the LLM's memory
+        _free_llm()
     run_id, result = get_pool(ctx).wait_any()
     entry = next(e for e in in_flight if e["run_id"] == run_id)
     # Written after the run: launch_run moves the files of an unfinished folder aside first.
@@ -430,16 +446,15 @@ def _pruning_watch(run_dir: Path, run_id: str, ctx: Context):
     past = past_curves(load_agent_state(ctx.state_path), ctx.runs_dir) if ctx.prune != "none" else []
     asked = []
 
-    def on_progress(history: list[dict]) -> None:
+    def on_progress(history: list[dict]) -> None:  # runs in the run's thread (nas_agent_graph.pool)
+        if ctx.prune != "none" and not asked:
+            decision = prune_decision(ctx.prune, past, [h.get("val_mse") for h in history],
+                                      warmup_epochs=ctx.prune_warmup_epochs, min_runs=ctx.prune_min_runs)
+            if decision is not None:
+                asked.append(decision)
+                request_prune(run_dir, decision.text(), decision.to_dict())
+                log.info("%s: %s", run_id, decision.text())
         _display(ctx, "on_epoch", run_id=run_id, history=history)
-        if ctx.prune == "none" or asked:
-            return
-        decision = prune_decision(ctx.prune, past, [h.get("val_mse") for h in history],
-                                  warmup_epochs=ctx.prune_warmup_epochs, min_runs=ctx.prune_min_runs)
-        if decision is not None:
-            asked.append(decision)
-            request_prune(run_dir, decision.text(), decision.to_dict())
-            log.info("%s: %s", run_id, decision.text())
 
     return on_progress
 
@@ -499,6 +514,7 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if recorded is None:
         record = _make_record(state, study, ctx)
         add_run(study, record)
+        retarget_pending(study, ctx.min_delta)  # a run accepted at once (model code) while a candidate waits
         concluded = conclude(study, ctx.min_delta)  # the last confirmation: accept or reject the candidate
         if concluded is not None:
             log.info("%s %s", concluded.run_id, concluded.reason)

@@ -95,7 +95,8 @@ class RunPool:
     """
 
     def __init__(self, parallel: int, launcher: str = "local", *, env: Mapping[str, str] | None = None,
-                 launch_kwargs: dict[str, Any] | None = None, ray_options: dict[str, Any] | None = None):
+                 launch_kwargs: dict[str, Any] | None = None, ray_options: dict[str, Any] | None = None,
+                 ray_local: bool = True):
         if parallel < 1:
             raise ValueError(f"--parallel must be >= 1, got {parallel}")
         if launcher not in LAUNCHERS:
@@ -105,6 +106,7 @@ class RunPool:
         self.env = dict(os.environ if env is None else env)
         self.launch_kwargs = dict(launch_kwargs or {})
         self.ray_options = dict(ray_options or {})
+        self.ray_local = ray_local  # a local Ray cluster shares this machine's paths
         self.gpus = visible_gpus(self.env) if launcher == "local" else []
         self.cores = cpu_count()
         self._flights: dict[str, _Flight] = {}
@@ -137,6 +139,8 @@ class RunPool:
         self._flights[spec.run_id] = _Flight(spec, slot, stop, future)
 
     def _launch(self, spec: RunSpec, slot: int, stop: threading.Event) -> LaunchResult:
+        if stop.is_set():  # queued behind other runs while the search shut down: never start it
+            raise LaunchCancelled(f"{spec.run_id}: the search shut down before it started")
         common = dict(run_id=spec.run_id, extra_args=spec.extra_args, files=spec.files,
                       on_progress=spec.on_progress, stop_event=stop)
         if self.launcher == "ray":
@@ -153,8 +157,12 @@ class RunPool:
                           env={**self.env, **extra_env})
 
     def ray_env(self) -> dict[str, str]:
-        """What a Ray worker's environment gets from ours: the project's NAS_* settings and
-        whatever the caller's env sets differently from this process's (e.g. a test's data dir)."""
+        """What a Ray worker's environment gets from ours. A local cluster (--ray-address omitted)
+        shares this machine, so it gets the project's NAS_* settings (the data dir) and whatever
+        the caller's env sets differently from this process's; a joined cluster's nodes keep their
+        own (NAS_DATA_DIR set on each node before `ray start`, see README)."""
+        if not self.ray_local:
+            return {}
         out = {k: v for k, v in self.env.items() if k.startswith("NAS_")}
         out.update({k: v for k, v in self.env.items() if os.environ.get(k) != v and k not in ("PWD", "OLDPWD")})
         return out
@@ -182,10 +190,11 @@ class RunPool:
         """Stop every run in flight and wait (up to grace_s per run) for its thread to finish."""
         for flight in self._flights.values():
             flight.stop.set()
+            flight.future.cancel()  # a run still queued for a thread never starts
         for run_id, flight in list(self._flights.items()):
             try:
                 flight.future.result(timeout=grace_s)
-            except LaunchCancelled:
+            except (LaunchCancelled, cf.CancelledError):
                 log.info("%s: stopped; a resumed search runs it again", run_id)
             except cf.TimeoutError:
                 log.error("%s: still running %gs after the stop request; check `ps` for its train.py", run_id,

@@ -9,7 +9,8 @@ The templates are plain files so a person can read and edit what the model sees:
 
 They are rendered with (all values are preformatted strings, so templates need no logic):
 
-    task        dataset, features_text, seq_len_text, pred_len, budget, naive_hint, n_runs, n_ok, n_failed
+    task        dataset, features_text, seq_len_text, pred_len, budget, naive_hint, n_runs, n_ok, n_failed,
+                n_running
     space       SearchSpace.describe(): one line per key with its type and range
     incumbent   {run_id, val, params (all keys, JSON), summary} or None
     top, last   runs as {run_id, status, val, params, summary}; `params` of a run other than the
@@ -146,11 +147,13 @@ def task_info(study: AgentState, base_config: dict) -> dict[str, str]:
         budget.append(f"{training['time_budget_s']} s")
     budget.append(f"early stopping after {training.get('patience')} epochs without improvement")
     n_ok = sum(1 for r in study.runs if r.status in SCORED and r.val_mse is not None)
+    n_running = sum(1 for r in study.runs if r.status == "running")  # --parallel: runs in flight
     return {"dataset": dataset, "features_text": features_text,
             "seq_len_text": f"the last {seq_len} steps" if seq_len else "a window",
             "pred_len": str(data.get("pred_len")), "budget": ", ".join(budget),
             "naive_hint": "1.5 on ETTh1 at horizon 96" if dataset == "ETTh1" else "1 or more",
-            "n_runs": str(len(study.runs)), "n_ok": str(n_ok), "n_failed": str(len(study.runs) - n_ok)}
+            "n_runs": str(len(study.runs)), "n_ok": str(n_ok), "n_failed": str(len(study.runs) - n_ok - n_running),
+            "n_running": str(n_running)}
 
 
 def run_params(run: RunInfo, space: SearchSpace) -> dict[str, Any] | None:

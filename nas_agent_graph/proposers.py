@@ -137,6 +137,10 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
         return None
     value = run_value(run)
     state = TrialState.COMPLETE if value is not None else TrialState.FAIL
+    if run.status == "running":
+        # A run in flight (--parallel; see nodes.study_view): a RUNNING trial, so TPE's constant
+        # liar steers the next proposal away from it instead of ignoring it like a FAIL.
+        state = TrialState.RUNNING
     intermediate = {}
     if run.status == "pruned":
         # A pruned run is shown as Optuna's PRUNED trial with its learning curve: TPE ranks it
@@ -216,6 +220,8 @@ class OptunaProposer:
                 "system_attrs": _json_attrs(frozen.system_attrs, f"{self.name} trial {trial.number}"),
                 "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
                 "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+                # runs in flight, without the trial asked just now
+                "n_running": sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)) - 1,
                 "skipped_runs": list(study.user_attrs["skipped_runs"]),
             },
         }

@@ -192,6 +192,11 @@ def _check_cluster(ray, num_cpus: float, num_gpus: float) -> None:
                          f"for one run (nodes: {sizes}); ask for fewer per run or add such a node")
 
 
+def check_resources(num_cpus: float, num_gpus: float) -> None:
+    """Raise a clear error now when no live node could ever run one run with these resources."""
+    _check_cluster(_import_ray(), num_cpus, num_gpus)
+
+
 def _write_marker(runs_dir: Path) -> tuple[Path, str]:
     """A file with a fresh random name and content: a task that reads it at this path shares our filesystem.
 

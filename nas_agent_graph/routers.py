@@ -19,10 +19,15 @@ def _next_run(state: GraphState) -> Literal["propose", "wait"]:
     return "propose" if state.get("can_propose", True) or not state.get("in_flight") else "wait"
 
 
+def _finetune_or_drain(state: GraphState) -> Literal["finetune", "wait"]:
+    """A due fine-tune waits until no run is in flight (training and LoRA would share the device)."""
+    return "wait" if state.get("in_flight") else "finetune"
+
+
 def after_load(state: GraphState) -> Literal["finetune", "propose", "wait", "stop"]:
     if state.get("stop_reason"):
         return _stop_or_drain(state)
-    return "finetune" if state.get("finetune_due") else _next_run(state)
+    return _finetune_or_drain(state) if state.get("finetune_due") else _next_run(state)
 
 
 def after_validate(state: GraphState) -> Literal["launch", "propose", "wait", "stop"]:
@@ -38,7 +43,7 @@ def after_launch(state: GraphState) -> Literal["propose", "wait"]:
 def after_collect(state: GraphState) -> Literal["finetune", "propose", "wait", "stop"]:
     if state.get("stop_reason"):
         return _stop_or_drain(state)
-    return "finetune" if state.get("finetune_due") else _next_run(state)
+    return _finetune_or_drain(state) if state.get("finetune_due") else _next_run(state)
 
 
 def after_finetune(state: GraphState) -> Literal["propose", "wait", "stop"]:

@@ -51,6 +51,9 @@ def test_routers_with_runs_in_flight():
     assert routers.after_collect({"in_flight": flying, "stop_reason": "patience"}) == "wait"
     assert routers.after_validate({"in_flight": flying, "validation_error": "bad", "stop_reason": "x"}) == "wait"
     assert routers.after_load({"in_flight": [], "stop_reason": "max runs"}) == "stop"
+    # a due fine-tune waits for the runs in flight to end (no new run starts meanwhile)
+    assert routers.after_collect({"in_flight": flying, "finetune_due": True, "can_propose": True}) == "wait"
+    assert routers.after_collect({"in_flight": [], "finetune_due": True}) == "finetune"
 
 
 @dataclass

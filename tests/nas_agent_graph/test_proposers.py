@@ -136,6 +136,24 @@ def test_failures_become_fail_trials(space, base):
     validate_config(proposer.propose(state, base, 0, None).config)
 
 
+def test_runs_in_flight_are_running_trials_that_steer_tpe_away(space, base):
+    """--parallel: a run still training is a RUNNING trial (constant liar), not a FAIL that TPE ignores."""
+    from nas_agent_graph.nodes import study_view
+
+    proposer = make_proposer("tpe", space, seed=3)
+    state = AgentState()
+    for value in (0.9, 0.8, 0.7, 0.6, 0.5, 0.55):
+        record(state, proposer.propose(state, base, 0, None), status="ok", value=value)
+    flying = proposer.propose(state, base, 0, None)
+    view = study_view(state, [{"run_id": "run_0006", "proposal": {"config": flying.config, "raw_config": flying.config,
+                                                                  "proposer": "tpe", "parent_run_id": None, "meta": {}}}])
+    study = proposer.build_study(view)
+    assert study.trials[-1].state == TrialState.RUNNING and study.trials[-1].user_attrs["run_id"] == "run_0006"
+    nxt = proposer.propose(view, base, 0, None)
+    assert nxt.meta["optuna"]["n_running"] == 1
+    assert config_hash(nxt.config) != config_hash(flying.config)
+
+
 def test_runs_outside_the_space_are_skipped(space, base):
     odd = json.loads(json.dumps(base))
     odd["model"].update({"d_model": 100, "n_heads": 4, "d_ff": 400})
