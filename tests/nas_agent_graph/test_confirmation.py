@@ -37,20 +37,20 @@ def test_student_t_and_welch_match_tables():
 def test_the_plan_is_derived_from_the_study_alone():
     def run(i, val, **kw):
         return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
-    study = AgentState(runs=[run(0, 1.0, accepted=True),
+    st = AgentState(runs=[run(0, 1.0, accepted=True),
                              run(1, 0.5, extra={"confirm": {"status": "pending", "k": 3, "incumbent": "run_0000"}})],
                        best_run_id="run_0000")
     plans = []
     for i in range(2, 6):
-        plan = next_confirmation(study)
+        plan = next_confirmation(st)
         plans.append((plan.target, plan.index))
-        study.runs.append(run(i, 0.5 if plan.target == "run_0001" else 1.0, proposer="confirm",
+        st.runs.append(run(i, 0.5 if plan.target == "run_0001" else 1.0, proposer="confirm",
                               extra={"confirms": plan.target}, parent_run_id=plan.target))
     assert plans == [("run_0001", 1), ("run_0001", 2), ("run_0000", 1), ("run_0000", 2)]
-    assert next_confirmation(study) is None
-    done = conclude(study, 0.0)
-    assert done.accepted and study.best_run_id == "run_0001" and done.extra["confirm"]["status"] == "accepted"
-    assert study.meta["noise_floor"]["run_id"] == "run_0000" and study.meta["noise_floor"]["n"] == 3
+    assert next_confirmation(st) is None
+    done = conclude(st, 0.0)
+    assert done.accepted and st.best_run_id == "run_0001" and done.extra["confirm"]["status"] == "accepted"
+    assert st.meta["noise_floor"]["run_id"] == "run_0000" and st.meta["noise_floor"]["n"] == 3
 
 
 def test_two_candidates_from_parallel_runs_are_confirmed_one_at_a_time_against_the_incumbent_of_now():
@@ -58,32 +58,32 @@ def test_two_candidates_from_parallel_runs_are_confirmed_one_at_a_time_against_t
         return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
     pending = {"status": "pending", "k": 2, "incumbent": "run_0000"}
     # run_0001 and run_0002 trained at the same time and both beat run_0000
-    study = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
+    st = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
                              run(2, 0.7, extra={"confirm": dict(pending)})], best_run_id="run_0000")
-    assert next_confirmation(study).candidate == "run_0001"  # the oldest first
+    assert next_confirmation(st).candidate == "run_0001"  # the oldest first
     for i, target, val in ((3, "run_0001", 0.52), (4, "run_0000", 0.98)):
-        assert next_confirmation(study).target == target
-        study.runs.append(run(i, val, proposer="confirm", extra={"confirms": target}, parent_run_id=target))
-    done = conclude(study, 0.0)
-    assert done.run_id == "run_0001" and done.accepted and study.best_run_id == "run_0001"
+        assert next_confirmation(st).target == target
+        st.runs.append(run(i, val, proposer="confirm", extra={"confirms": target}, parent_run_id=target))
+    done = conclude(st, 0.0)
+    assert done.run_id == "run_0001" and done.accepted and st.best_run_id == "run_0001"
     # run_0002 (0.7) no longer beats the new incumbent (0.5): rejected without spending runs on it
-    second = study.runs[2]
+    second = st.runs[2]
     assert second.extra["confirm"]["status"] == "rejected" and not second.accepted
     assert "no longer beats the incumbent run_0001" in second.reason
-    assert next_confirmation(study) is None
+    assert next_confirmation(st) is None
 
 
 def test_a_waiting_candidate_that_still_beats_the_new_incumbent_is_confirmed_against_it():
     def run(i, val, **kw):
         return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
     pending = {"status": "pending", "k": 2, "incumbent": "run_0000"}
-    study = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
+    st = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
                              run(2, 0.3, extra={"confirm": dict(pending)})], best_run_id="run_0000")
     for i, target, val in ((3, "run_0001", 0.52), (4, "run_0000", 0.98)):
-        study.runs.append(run(i, val, proposer="confirm", extra={"confirms": target}, parent_run_id=target))
-    assert conclude(study, 0.0).accepted
-    assert study.runs[2].extra["confirm"] == {**pending, "incumbent": "run_0001"}
-    plan = next_confirmation(study)
+        st.runs.append(run(i, val, proposer="confirm", extra={"confirms": target}, parent_run_id=target))
+    assert conclude(st, 0.0).accepted
+    assert st.runs[2].extra["confirm"] == {**pending, "incumbent": "run_0001"}
+    plan = next_confirmation(st)
     assert (plan.candidate, plan.target) == ("run_0002", "run_0002")
 
 
@@ -95,19 +95,19 @@ def test_confirmation_rejects_a_candidate_that_differs_only_by_seed(tmp_path, mo
     ctx = make_ctx(tmp_path, ScriptedProposer([reseeded]), max_runs=6, overrides=QUICK, confirm_seeds=3,
                    min_delta=-1.0, env=run_env())
     assert run_search(ctx) == 0
-    study = load_agent_state(ctx.state_path)
-    assert [r.proposer for r in study.runs] == ["baseline", "scripted"] + ["confirm"] * 4
-    cand = study.runs[1]
-    assert [r.extra["confirms"] for r in study.runs[2:]] == ["run_0001"] * 2 + ["run_0000"] * 2
-    assert all(r.parent_run_id == r.extra["confirms"] and not r.accepted for r in study.runs[2:])
-    seeds = [r.config["training"]["seed"] for r in study.runs]
+    st = load_agent_state(ctx.state_path)
+    assert [r.proposer for r in st.runs] == ["baseline", "scripted"] + ["confirm"] * 4
+    cand = st.runs[1]
+    assert [r.extra["confirms"] for r in st.runs[2:]] == ["run_0001"] * 2 + ["run_0000"] * 2
+    assert all(r.parent_run_id == r.extra["confirms"] and not r.accepted for r in st.runs[2:])
+    seeds = [r.config["training"]["seed"] for r in st.runs]
     assert len(set(seeds)) == 6  # every run its own seed
     info = cand.extra["confirm"]
-    assert info["status"] == "rejected" and not cand.accepted and study.best_run_id == "run_0000"
+    assert info["status"] == "rejected" and not cand.accepted and st.best_run_id == "run_0000"
     assert info["p"] >= 0.05 and info["candidate_stats"]["n"] == 3 and info["incumbent_stats"]["n"] == 3
     assert cand.reason.startswith("not confirmed: val_mse")
-    assert study.meta["noise_floor"]["run_id"] == "run_0000" and study.meta["noise_floor"]["std"] > 0
-    assert "noise floor ±" in render_status(study)
+    assert st.meta["noise_floor"]["run_id"] == "run_0000" and st.meta["noise_floor"]["std"] > 0
+    assert "noise floor ±" in render_status(st)
 
 
 def test_confirmation_accepts_a_clearly_better_config(tmp_path, monkeypatch):
@@ -117,11 +117,11 @@ def test_confirmation_accepts_a_clearly_better_config(tmp_path, monkeypatch):
     better["training"]["lr"] = 3e-3
     ctx = make_ctx(tmp_path, ScriptedProposer([better]), max_runs=6, overrides=QUICK, confirm_seeds=3, env=run_env())
     assert run_search(ctx) == 0
-    study = load_agent_state(ctx.state_path)
-    cand = study.runs[1]
-    assert cand.extra["confirm"]["status"] == "accepted" and cand.accepted and study.best_run_id == "run_0001"
+    st = load_agent_state(ctx.state_path)
+    cand = st.runs[1]
+    assert cand.extra["confirm"]["status"] == "accepted" and cand.accepted and st.best_run_id == "run_0001"
     assert cand.extra["confirm"]["p"] < 0.05 and cand.reason.startswith("confirmed: val_mse")
-    assert len(confirmations_of(study, "run_0001")) == 2 and len(confirmations_of(study, "run_0000")) == 2
+    assert len(confirmations_of(st, "run_0001")) == 2 and len(confirmations_of(st, "run_0000")) == 2
     assert "0.003" in (tmp_path / "config.py").read_text()  # the confirmed config is the incumbent now
 
 
