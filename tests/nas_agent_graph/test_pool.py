@@ -155,6 +155,7 @@ def test_parallel_search_runs_two_at_once_with_no_lost_or_duplicated_run(study):
     assert any(r.extra["proposal"]["optuna"]["n_running"] >= 1 for r in state.runs if r.proposer == "tpe")
 
 
+@pytest.mark.slow  # about a minute of real training (CI's second pass runs it)
 @pytest.mark.timeout(900)
 def test_sigkill_with_two_runs_in_flight_then_resume_loses_and_repeats_nothing(study):
     """Kill the orchestrator while two train.py runs are going; the resume reruns both, once."""
@@ -188,6 +189,7 @@ def test_sigkill_with_two_runs_in_flight_then_resume_loses_and_repeats_nothing(s
         assert (folder / "attempt_1" / "train.log").exists() and not (folder / "attempt_2").exists()
 
 
+@pytest.mark.slow  # starts a Ray cluster in the CLI's process (CI's second pass runs it)
 @pytest.mark.timeout(600)
 def test_a_two_run_study_on_a_local_ray_cluster(study):
     """--launcher ray: the CLI starts a local cluster, each run is a Ray task; nothing is left behind."""
