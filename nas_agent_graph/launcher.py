@@ -141,8 +141,12 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "wb") as log_file:
         proc = _start_child(cmd, log_file, train_script.parent, child_env)
-        _write_launch_record(run_dir, proc, cmd)
-        log.info("%s: started pid %d: %s", run_id, proc.pid, " ".join(cmd))
+        try:  # an interrupt (Ctrl-C, a Ray cancel) may come before _supervise takes over
+            _write_launch_record(run_dir, proc, cmd)
+            log.info("%s: started pid %d: %s", run_id, proc.pid, " ".join(cmd))
+        except BaseException:
+            _kill_after_error(proc, term_grace_s)
+            raise
         timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s, stop_event)
     duration = time.monotonic() - start
     metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)

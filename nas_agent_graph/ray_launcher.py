@@ -228,18 +228,34 @@ def _await(ray, ref, run_dir: Path, on_progress, poll_s: float, stop_event: thre
                 raise LaunchCancelled(f"{run_dir.name}: the search is shutting down")
     except BaseException:
         log.warning("%s: orchestrator interrupted; cancelling its Ray task", run_dir.name)
-        _cancel(ray, ref, run_dir.name)
+        _cancel(ray, ref, run_dir)
         raise
     watcher.check()  # the last epoch, written just before train.py exited
 
 
-def _cancel(ray, ref, run_id: str) -> None:
+def _cancel(ray, ref, run_dir: Path) -> None:
     """Stop the task and its train.py; never raise over the error that led here.
 
     First a plain cancel (a KeyboardInterrupt in the task, on which launch_run stops train.py's
     process group and a temporary folder is removed); if the task is still there after the grace
-    period, force: Ray kills the worker, and train.py gets SIGTERM as its parent died.
+    period, force: Ray kills the worker, and train.py gets SIGTERM as its parent died. Last, a
+    train.py of this run still alive on this machine (launch.json, shared filesystem) is stopped
+    with its whole process group: on a loaded machine the plain cancel may come too late, and a
+    killed worker takes down train.py but not the processes train.py started.
     """
+    run_id = run_dir.name
+    try:
+        _cancel_task(ray, ref, run_id)
+    finally:
+        try:
+            _stop_orphan(run_dir, _TERM_GRACE_S)
+        except Exception:
+            log.exception("%s: stopping its train.py after the cancel failed; check `ps -ef | grep %s`",
+                          run_id, run_id)
+
+
+def _cancel_task(ray, ref, run_id: str) -> None:
+    """The Ray side of _cancel: plain, then forced after _CANCEL_GRACE_S."""
     try:
         ray.cancel(ref)
         if ray.wait([ref], timeout=_CANCEL_GRACE_S)[0]:
