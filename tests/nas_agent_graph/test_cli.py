@@ -184,7 +184,9 @@ def test_checkpoint_and_state_agree_after_crashes(study):
         state = load_agent_state(state_path)
         with sqlite3.connect(study / "runs" / "checkpoints.sqlite") as conn:
             snap = build_graph(SqliteSaver(conn)).get_state({"configurable": {"thread_id": thread_id(state_path)}})
-        if snap.next:
+        # A checkpoint without a pass run id (e.g. at `wait`, runs in flight) is never resumed in place:
+        # the next session starts a fresh pass from load_state, which keeps and checks the runs in flight.
+        if snap.next and snap.values.get("run_id") is not None:
             assert checkpoint_agrees(snap.values, snap.next, state), (snap.next, snap.values.get("run_id"))
     done = cli(study, *search_args(4))
     assert done.returncode == 0, done.stderr[-3000:]
