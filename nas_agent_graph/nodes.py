@@ -427,7 +427,6 @@ def wait(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     in_flight = state.get("in_flight") or []
     _resubmit(in_flight, ctx)
-    _test_pause("wait", in_flight[-1]["run_id"] if in_flight else "", ctx)
     if ctx.free_llm and ctx.parallel > 1:  # every slot is busy: give the runs the LLM's memory
         _free_llm()
     run_id, result = get_pool(ctx).wait_any()

@@ -23,6 +23,11 @@ from tests.nas_agent_graph.test_graph import ScriptedProposer, base_raw, make_ct
 QUICK = ["training.max_epochs=1", "training.max_steps_per_epoch=10"]
 
 
+def run(i, val, **kw):
+    """A finished run of a scripted study (pure-function tests of the confirmation plan)."""
+    return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
+
+
 def test_student_t_and_welch_match_tables():
     assert student_t_cdf(-2.132, 4) == pytest.approx(0.05, abs=1e-4)  # t(0.95, 4) = 2.132
     assert student_t_cdf(-12.706, 1) == pytest.approx(0.025, abs=1e-4)
@@ -35,8 +40,6 @@ def test_student_t_and_welch_match_tables():
 
 
 def test_the_plan_is_derived_from_the_study_alone():
-    def run(i, val, **kw):
-        return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
     st = AgentState(runs=[run(0, 1.0, accepted=True),
                              run(1, 0.5, extra={"confirm": {"status": "pending", "k": 3, "incumbent": "run_0000"}})],
                        best_run_id="run_0000")
@@ -54,8 +57,6 @@ def test_the_plan_is_derived_from_the_study_alone():
 
 
 def test_two_candidates_from_parallel_runs_are_confirmed_one_at_a_time_against_the_incumbent_of_now():
-    def run(i, val, **kw):
-        return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
     pending = {"status": "pending", "k": 2, "incumbent": "run_0000"}
     # run_0001 and run_0002 trained at the same time and both beat run_0000
     st = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
@@ -74,8 +75,6 @@ def test_two_candidates_from_parallel_runs_are_confirmed_one_at_a_time_against_t
 
 
 def test_a_waiting_candidate_that_still_beats_the_new_incumbent_is_confirmed_against_it():
-    def run(i, val, **kw):
-        return RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=val, config={"training": {"seed": 1}}, **kw)
     pending = {"status": "pending", "k": 2, "incumbent": "run_0000"}
     st = AgentState(runs=[run(0, 1.0, accepted=True), run(1, 0.5, extra={"confirm": dict(pending)}),
                              run(2, 0.3, extra={"confirm": dict(pending)})], best_run_id="run_0000")

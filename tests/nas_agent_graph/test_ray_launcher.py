@@ -26,6 +26,8 @@ from nas_agent_graph import ray_launcher
 from nas_agent_graph.launcher import LaunchCancelled, is_finished, kill_process_group
 from nas_agent_graph.ray_launcher import MARKER_PREFIX, NO_SHARED_FS_ENV, ray_launch_run
 from tests.conftest import DATA_DIR, ROOT, TINY_CONFIG
+from tests.nas_agent_graph.test_launcher import _wait as wait_for
+from tests.nas_agent_graph.test_launcher import alive
 
 # Not the test process's whole environment: a task gets its node's environment plus these.
 ENV = {"NAS_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
@@ -64,25 +66,6 @@ def launch(tmp_path: Path, script: Path | None = None, run_id: str = "run_0000",
         kwargs["train_script"] = script
     return ray_launch_run(runs / run_id, kwargs.pop("config_text", "training = {}\n"), run_id=run_id,
                           runs_dir=runs, **kwargs)
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in "ZX"
-
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def no_markers_left(runs: Path) -> bool:
