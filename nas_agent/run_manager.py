@@ -27,6 +27,11 @@ def run_id_for(index: int) -> str:
     return f"run_{index:04d}"
 
 
+def ids_in_order(ids: set[str]) -> bool:
+    """True when `ids` are exactly run_0000 .. run_N (ids are handed out in order, none skipped)."""
+    return ids == {run_id_for(i) for i in range(len(ids))}
+
+
 def next_run_id(runs_dir: str | Path, known_ids: Iterable[str] = ()) -> str:
     """The next free id: one past the highest of the known ids and the folders on disk."""
     numbers = [int(m.group(1)) for rid in known_ids if (m := RUN_ID_RE.match(rid))]

@@ -227,7 +227,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
     run must be exactly run_0000 .. run_N without overlap; the pass's run may already be recorded
     only at decide/collect_lora/stop (a crash after the save, before the checkpoint).
     """
-    from nas_agent.run_manager import run_id_for
+    from nas_agent.run_manager import ids_in_order
 
     run_id = values.get("run_id")
     if run_id is None:
@@ -239,8 +239,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
     after_save = bool(set(next_nodes) & {"decide", "collect_lora", "stop"})
     if run_id in recorded and not after_save:
         return False
-    ids = recorded | set(flying) | {run_id}
-    return ids == {run_id_for(i) for i in range(len(ids))}
+    return ids_in_order(recorded | set(flying) | {run_id})
 
 
 def run_search(ctx: Context) -> int:

@@ -35,7 +35,7 @@ from nas_agent.agent_state import (
 from nas_agent.config import ConfigError, apply_overrides, config_hash, load_config, parse_config_source, render_config
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
-from nas_agent.run_manager import get_run_dir, run_id_for
+from nas_agent.run_manager import get_run_dir, ids_in_order, run_id_for
 from nas_agent_graph.confirmation import (
     CONFIRM_PROPOSER,
     conclude,
@@ -265,7 +265,7 @@ def _consistent_flights(study: AgentState, in_flight: list[dict], ctx: Context) 
     if len(kept) < len(in_flight):
         log.info("%d run(s) in flight at the crash were recorded already", len(in_flight) - len(kept))
     ids = recorded | {e["run_id"] for e in kept}
-    if len(ids) < len(recorded) + len(kept) or ids != {run_id_for(i) for i in range(len(ids))}:
+    if len(ids) < len(recorded) + len(kept) or not ids_in_order(ids):
         # e.g. agent_state.json was restored from a backup: the ids would clash with new runs.
         log.warning("the checkpoint's runs in flight (%s) do not follow the %d runs of %s, which wins; "
                     "they are dropped (their folders are set aside when their ids are used again)",
