@@ -27,6 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nas_agent_graph.lora.adapters import LoraSettings  # noqa: E402  (needs ROOT on the path)
+
+LORA_DEFAULTS = LoraSettings()
+
 
 def messages_from_text(text: str) -> list[dict]:
     """The inverse of prompting.messages_text ("### role\\ncontent" blocks)."""
@@ -44,6 +48,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--held-out", type=int, default=6)
     p.add_argument("--max-train", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=LORA_DEFAULTS.batch_size)
+    p.add_argument("--max-len", type=int, default=None, help="tokens per training sample (default: the agent's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reward-budget", nargs="*", default=None, metavar="KEY=VALUE",
                    help="train each reply's config with these --set overrides and report the mean reward, "
@@ -54,7 +60,7 @@ def main() -> None:
 
     from nas_agent.agent_state import load_agent_state
     from nas_agent_graph.llm.chat_model import LocalChatModel
-    from nas_agent_graph.lora.adapters import LoraSettings, best_params, evaluate, read_samples, train_adapter
+    from nas_agent_graph.lora.adapters import best_params, evaluate, read_samples, train_adapter
     from nas_agent_graph.search_space import load_space
 
     torch.set_num_threads(a.threads)
@@ -69,7 +75,7 @@ def main() -> None:
         sys.exit(f"only {len(samples)} LLM samples in {a.study}; need more than --held-out {a.held_out}")
     held, rest = samples[-a.held_out:], samples[:-a.held_out]
     train = sorted(rest, key=lambda s: -s["reward"])[:a.max_train]
-    settings = LoraSettings(steps=a.steps)
+    settings = LoraSettings(steps=a.steps, batch_size=a.batch_size, max_len=a.max_len)
     out = Path("/tmp/nas_lora_bench/adapter")
     t0 = time.perf_counter()
     verdict = train_adapter(train, out, 1, settings)
@@ -96,10 +102,12 @@ def main() -> None:
         t0 = time.perf_counter()
         r = evaluate(chat, adapter, prompts, space, targets, 320)
         rows.append((name, r, (time.perf_counter() - t0) / len(prompts)))
+    (out.parent / "eval.json").write_text(json.dumps({name: r for name, r, _ in rows}, indent=1))
     print(f"\nheld-out prompts: {len(prompts)}; closeness to the study's {len(targets)} best configs")
-    print("| model | valid (unconstrained) | closeness | s per reply | vs base validity |\n|---|---:|---:|---:|---:|")
+    print("| model | JSON objects | valid (unconstrained) | closeness | s per reply | vs base validity |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, r, sec in rows:
-        print(f"| {name} | {r['valid']}/{r['n']} | {r['closeness']:.3f} | {sec:.1f} | "
+        print(f"| {name} | {r['json_objects']}/{r['n']} | {r['valid']}/{r['n']} | {r['closeness']:.3f} | {sec:.1f} | "
               f"{r['validity'] - rows[0][1]['validity']:+.2f} |")
     if a.reward_budget is not None:
         print(f"\nmean reward of the held-out replies (trained with {' '.join(a.reward_budget) or 'the full budget'})")

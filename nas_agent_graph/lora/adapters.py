@@ -259,18 +259,19 @@ def best_params(state: AgentState, space: Any, k: int = TOP_CONFIGS) -> list[dic
 def evaluate(chat: Any, adapter: tuple[str, str] | None, prompts: list[list[dict]], space: Any,
              targets: list[dict], max_new_tokens: int) -> dict:
     """Unconstrained greedy replies of the base model (adapter None) or an adapter (name, path)
-    to each prompt: validity and closeness to the target configs, and each reply's params (None
-    when invalid)."""
+    to each prompt: validity and closeness to the target configs, each reply's params (None
+    when invalid), and how many replies were JSON objects at all (valid or not)."""
     from nas_agent_graph.llm.chat_model import from_dicts
     from nas_agent_graph.llm.proposal_schema import params_from_json
 
     model = chat.model_copy(update={"adapter": adapter[0] if adapter else None,
                                     "adapter_path": adapter[1] if adapter else None,
                                     "temperature": 0.0, "max_new_tokens": max_new_tokens})
-    valid, closeness, replies, proposed = 0, [], [], []
+    valid, objects, closeness, replies, proposed = 0, 0, [], [], []
     for messages in prompts:
         reply = model.invoke(from_dicts(messages))
         parsed = reply.additional_kwargs.get("parsed")
+        objects += isinstance(parsed, dict)
         score = 0.0
         try:
             params = params_from_json(parsed, space) if parsed is not None else None
@@ -283,7 +284,7 @@ def evaluate(chat: Any, adapter: tuple[str, str] | None, prompts: list[list[dict
         replies.append(str(reply.content)[:400])
         proposed.append(params)
     n = max(len(prompts), 1)
-    return {"n": len(prompts), "valid": valid, "validity": round(valid / n, 4),
+    return {"n": len(prompts), "valid": valid, "validity": round(valid / n, 4), "json_objects": objects,
             "closeness": round(sum(closeness) / n, 4), "replies": replies, "params": proposed}
 
 

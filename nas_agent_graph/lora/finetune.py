@@ -12,8 +12,9 @@ Supervised fine-tuning on prompt -> response: each sample is the chat rendering 
 messages (exactly as at inference, nas_agent_graph.llm.backend.render_prompt) followed by the
 response and the end-of-sequence token. The loss is on the response tokens only, and only the
 response positions are sent through the output layer (`logits_to_keep`), because with a
-262k-token vocabulary the full logits dominate memory. Long prompts are cut from the left so
-the response and the end of the prompt (the study's latest runs, the request) stay.
+262k-token vocabulary the full logits dominate memory. A prompt too long for max_len loses its
+middle: its head (instructions, search space) and its tail (candidates, the request) stay,
+because those decide the reply's format; the runs listed in between are what is dropped.
 
 On CUDA with a 4-bit base this is QLoRA (peft's k-bit preparation); on the CPU it is plain LoRA
 over the bf16/fp32 base. The adapter folder is written into a temporary sibling and renamed into
@@ -46,15 +47,19 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DEFAULTS = {"steps": 40, "lr": 5e-4, "batch_size": 2, "max_len": None, "seed": 0, "r": 8, "alpha": 16,
             "dropout": 0.05, "target_modules": DEFAULT_TARGETS}
 # Tokens per sample when max_len is not given. On the CPU a step costs about linearly in tokens
-# (2 x 1024 tokens took ~25 s per step on 2 cores with the 270M model), so prompts are cut to
-# their end (latest runs, candidates, the request) - what teaches the answer format; on a GPU
-# the whole prompt fits.
-MAX_LEN = {"cpu": 384, "cuda": 4096}
+# (2 x 1024 tokens took ~25 s per step on 2 cores with the 270M model). The agent's prompts are
+# ~3000 tokens and a reply ~200: 1664 keeps half of the rest from the prompt's head (system,
+# task, search space: ~720 tokens) and half from its tail (the request, sampler candidates). An adapter trained on the last 180
+# prompt tokens only (384 in all) replied in the right format but dropped keys that the full
+# prompt's run listings omit. On a GPU the whole prompt fits.
+MAX_LEN = {"cpu": 1664, "cuda": 4096}
+CUT_MARK = "\n[...]\n"  # stands where a prompt's middle was dropped
 
 
 def encode(tokenizer: Any, messages: list[dict], response: str, max_len: int) -> tuple[list[int], int]:
-    """(token ids of prompt + response + EOS, number of response tokens), the prompt cut from the
-    left so that the whole fits max_len (the response is never cut)."""
+    """(token ids of prompt + response + EOS, number of response tokens). A prompt too long for
+    max_len keeps its first and last tokens, half the room each, with CUT_MARK between (the
+    response is never cut)."""
     from nas_agent_graph.llm.backend import render_prompt
 
     prompt = render_prompt(tokenizer, messages)
@@ -65,7 +70,9 @@ def encode(tokenizer: Any, messages: list[dict], response: str, max_len: int) ->
         response_ids = response_ids + [tokenizer.eos_token_id]
     room = max(max_len - len(response_ids), 8)
     if len(prompt_ids) > room:
-        prompt_ids = prompt_ids[-room:]
+        mark = tokenizer(CUT_MARK, add_special_tokens=False)["input_ids"]
+        keep = max(room - len(mark), 2)
+        prompt_ids = prompt_ids[:keep // 2] + mark + prompt_ids[len(prompt_ids) - (keep - keep // 2):]
     return prompt_ids + response_ids, len(response_ids)
 
 

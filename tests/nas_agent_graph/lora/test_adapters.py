@@ -22,7 +22,9 @@ from tests.nas_agent_graph.llm.test_proposer import BASE, small_study
 MICRO = space_from_overrides({**{k: None for k in DEFAULT_SPACE if k not in (
     "model.e_layers", "model.attn", "model.revin", "training.batch_size")},
     "model.e_layers": {"type": "categorical", "choices": [1, 2]}})
-QUICK = LoraSettings(steps=12, lr=2e-3, batch_size=2, max_len=256, r=8, alpha=16, held_out=2, gate_max_new_tokens=80)
+# max_len 512 keeps these ~450-550-token prompts (nearly) whole: with 256 only the system message and
+# the request were left after the middle cut, and 12 steps no longer taught the format.
+QUICK = LoraSettings(steps=12, lr=2e-3, batch_size=2, max_len=512, r=8, alpha=16, held_out=2, gate_max_new_tokens=80)
 
 
 def make_samples(n: int, seed: int, response: str | None = None) -> list[dict]:

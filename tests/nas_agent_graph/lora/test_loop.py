@@ -15,18 +15,20 @@ from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 MICRO_FILE = {**{k: None for k in DEFAULT_SPACE if k not in ("model.e_layers", "model.attn", "model.revin",
                                                              "training.batch_size")},
               "model.e_layers": {"type": "categorical", "choices": [1, 2]}}
-# gate_tolerance=1: the gate compares validity only. On this 4-key space the base model already
-# answers validly, so closeness on one held-out prompt would be a coin flip between two valid replies.
-LORA = ["trigger=2", "reward_threshold=0", "held_out=1", "steps=12", "lr=2e-3", "max_len=256",
+# gate_tolerance=1: the gate compares validity only; closeness on one held-out prompt would be a
+# coin flip between two valid replies. trigger=4: the adapter trains on 3 samples (1 is held out).
+# Trained on a single sample it memorised it (loss 1e-5) and replied nothing to the next prompt.
+LORA = ["trigger=4", "reward_threshold=0", "held_out=1", "steps=12", "lr=1e-3", "max_len=512",
         "gate_max_new_tokens=80", "gate_tolerance=1"]
+RUNS = 6
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 3 LLM proposals, 4 runs, one fine-tune and the gate: ~5 min on 2 idle cores
+@pytest.mark.timeout(1800)  # 5 LLM proposals, 6 runs, one fine-tune and the gate: ~4 min on 2 idle cores
 def test_short_loop_finetunes_promotes_and_uses_the_adapter(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     (tmp_path / "space.json").write_text(json.dumps(MICRO_FILE))
-    args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", "4", "--proposer", "llm", "--space", "space.json",
+    args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", str(RUNS), "--proposer", "llm", "--space", "space.json",
             "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
     for item in LORA:
         args += ["--lora", item]
@@ -43,11 +45,14 @@ def test_short_loop_finetunes_promotes_and_uses_the_adapter(tmp_path):
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "loss_curve.png").exists()
     meta = json.loads((adapter / "meta.json").read_text())
     assert meta["final_loss"] < meta["first_loss"]
-    # runs before the fine-tune used the base model, the run after it the adapter
-    adapters = [json.loads((tmp_path / "runs" / f"run_{i:04d}" / "llm.json").read_text())["adapter"] for i in (1, 2, 3)]
-    assert adapters == [None, None, "v1"]
+    # runs before the fine-tune used the base model, the runs after it the adapter
+    after = first["promoted_at_run"]
+    assert 5 <= after < RUNS, after
+    adapters = [json.loads((tmp_path / "runs" / f"run_{i:04d}" / "llm.json").read_text())["adapter"]
+                for i in range(1, RUNS)]
+    assert adapters == [None] * (after - 1) + ["v1"] * (RUNS - after)
     samples = read_samples(tmp_path / "runs" / "lora" / "samples.jsonl")
-    assert [s["run_id"] for s in samples] == ["run_0000", "run_0001", "run_0002", "run_0003"]
+    assert [s["run_id"] for s in samples] == [f"run_{i:04d}" for i in range(RUNS)]
     assert samples[-1]["adapter_version"] == "v1" and samples[1]["messages"][0]["role"] == "system"
     listing = subprocess.run([PYTHON, "-m", "nas_agent_graph.lora", "list"], cwd=tmp_path,
                              env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
