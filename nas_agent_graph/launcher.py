@@ -231,6 +231,23 @@ def _stop_orphan(run_dir: Path, grace_s: float) -> None:
         kill_process_group(pgid, grace_s)
 
 
+def _stop_attempt_group(run_dir: Path, grace_s: float) -> bool:
+    """Stop what is left of the process group in run_dir's launch.json; True if anything was.
+
+    Only for a record written by the attempt just cancelled (move_aside cleared older ones):
+    then its group id is ours even when the leader, train.py, is gone or a zombie (killed with
+    its Ray worker, never reaped where PID 1 does not reap), and processes train.py started
+    are still in it. A group id is not reused while any member lives.
+    """
+    record = _read_launch_record(run_dir)
+    pgid = record.get("pgid") if record else None
+    if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgrp() or not _group_alive(pgid):
+        return False
+    log.warning("%s: processes of its train.py (group %d) outlived the cancel; stopping them", run_dir.name, pgid)
+    kill_process_group(pgid, grace_s)
+    return True
+
+
 def _read_launch_record(run_dir: Path) -> dict | None:
     """launch.json as a dict; None when absent or unreadable (it is only a hint)."""
     path = run_dir / LAUNCH_FILE

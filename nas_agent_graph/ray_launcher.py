@@ -48,6 +48,7 @@ from nas_agent_graph.launcher import (
     _log_tail,
     _result,
     _reused_result,
+    _stop_attempt_group,
     _stop_orphan,
     is_finished,
     launch_run,
@@ -238,17 +239,17 @@ def _cancel(ray, ref, run_dir: Path) -> None:
 
     First a plain cancel (a KeyboardInterrupt in the task, on which launch_run stops train.py's
     process group and a temporary folder is removed); if the task is still there after the grace
-    period, force: Ray kills the worker, and train.py gets SIGTERM as its parent died. Last, a
-    train.py of this run still alive on this machine (launch.json, shared filesystem) is stopped
-    with its whole process group: on a loaded machine the plain cancel may come too late, and a
-    killed worker takes down train.py but not the processes train.py started.
+    period, force: Ray kills the worker, and train.py gets SIGTERM as its parent died. Last,
+    what is left on this machine of this attempt's process group (launch.json, shared
+    filesystem) is stopped: a killed worker takes down train.py but not the processes train.py
+    started (seen in the full test suite: train.py a zombie, its child still running).
     """
     run_id = run_dir.name
     try:
         _cancel_task(ray, ref, run_id)
     finally:
         try:
-            _stop_orphan(run_dir, _TERM_GRACE_S)
+            _stop_attempt_group(run_dir, _TERM_GRACE_S)
         except Exception:
             log.exception("%s: stopping its train.py after the cancel failed; check `ps -ef | grep %s`",
                           run_id, run_id)

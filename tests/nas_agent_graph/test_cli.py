@@ -125,6 +125,7 @@ def wait_for(predicate, timeout=180, step=0.1):
     raise AssertionError("condition not reached in time")
 
 
+@pytest.mark.slow  # two CLI sessions with real training (~50 s); the default suite must stay under 15 min
 def test_resume_after_sigkill_during_training(study):
     env = run_env(PYTHONPATH=str(ROOT))
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(3), "--set", "training.max_steps_per_epoch=200"]

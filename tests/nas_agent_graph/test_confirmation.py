@@ -86,6 +86,7 @@ def test_a_waiting_candidate_that_still_beats_the_new_incumbent_is_confirmed_aga
     assert (plan.candidate, plan.target) == ("run_0002", "run_0002")
 
 
+@pytest.mark.slow  # 4 real training runs (~65 s); the default suite must stay under 15 min
 def test_confirmation_rejects_a_candidate_that_differs_only_by_seed(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     reseeded = base_raw(tmp_path)
@@ -109,6 +110,7 @@ def test_confirmation_rejects_a_candidate_that_differs_only_by_seed(tmp_path, mo
     assert "noise floor ±" in render_status(st)
 
 
+@pytest.mark.slow  # 4 real training runs (~65 s); the default suite must stay under 15 min
 def test_confirmation_accepts_a_clearly_better_config(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     (tmp_path / "config.py").write_text(TINY_CONFIG.replace('"lr": 1e-3', '"lr": 1e-6'))  # a base that barely learns

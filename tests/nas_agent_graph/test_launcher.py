@@ -402,3 +402,32 @@ def test_real_train_py_tiny_run(tmp_path):
     assert seen and seen[-1] == result.history
     assert "status:         ok" in log_text, "train.py's stdout summary is streamed into train.log"
     assert log_text.count("epoch 1/1 train_mse") == 1, "train.py must not also write train.log itself"
+
+
+def test_cancel_cleanup_stops_the_group_of_a_zombie_train_py(tmp_path):
+    """What a Ray worker killed mid-run leaves: train.py exited but unreaped (a zombie, as under a
+    PID 1 that does not reap), the process it started still running in its group. The orphan
+    check for an earlier orchestrator leaves a dead leader alone; the cancel cleanup stops the group."""
+    from nas_agent_graph.launcher import LAUNCH_FILE, _stop_attempt_group, _stop_orphan
+
+    run_dir = tmp_path / "runs" / "run_0000"
+    run_dir.mkdir(parents=True)
+    leader = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(child.pid, flush=True)
+    """), str(run_dir)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    grandchild = int(leader.stdout.readline())
+    (run_dir / LAUNCH_FILE).write_text(json.dumps({"pid": leader.pid, "pgid": leader.pid}))
+    assert _wait(lambda: not alive(leader.pid), 10) and alive(grandchild)  # exited, not reaped: a zombie
+    try:
+        _stop_orphan(run_dir, 2.0)
+        assert alive(grandchild)
+        assert _stop_attempt_group(run_dir, 2.0)
+        assert _wait(lambda: not alive(grandchild), 5)
+        assert not _stop_attempt_group(run_dir, 2.0)  # nothing left: nothing to do
+    finally:
+        leader.stdout.close()
+        leader.wait()
+        if alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)

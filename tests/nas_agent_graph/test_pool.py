@@ -142,6 +142,7 @@ def assert_all_recorded(study: Path, n_runs: int):
     return state
 
 
+@pytest.mark.slow  # a 5-run parallel CLI study (~40 s); the default suite must stay under 15 min
 def test_parallel_search_runs_two_at_once_with_no_lost_or_duplicated_run(study):
     proc = cli(study, *search_args(5, steps=30))
     assert proc.returncode == 0, proc.stderr[-3000:]

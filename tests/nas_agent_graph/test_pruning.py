@@ -133,6 +133,7 @@ def test_a_stale_prune_request_does_not_stop_a_new_attempt(tmp_path, tiny_config
 
 # --------------------------------------------------------------------------- a real search
 
+@pytest.mark.slow  # a real search (~50 s); the default suite must stay under 15 min
 def test_search_prunes_a_run_that_learns_nothing_and_not_a_good_one(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     base = base_raw(tmp_path)

@@ -107,6 +107,7 @@ def test_without_constrained_decoding_it_falls_back_to_extraction(chat, monkeypa
     assert len(llm["calls"]) == (1 if first["valid"] else 2)
 
 
+@pytest.mark.slow  # a CLI study with LLM proposals (~60 s); the default suite must stay under 15 min
 def test_cli_hybrid_study_traces_every_llm_run(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))

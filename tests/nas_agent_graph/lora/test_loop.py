@@ -24,8 +24,8 @@ RUNS = 6
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 5 LLM proposals, 6 runs, one fine-tune and the gate: ~4 min on 2 idle cores
-def test_short_loop_finetunes_promotes_and_uses_the_adapter(tmp_path):
+@pytest.mark.timeout(1800)  # 6 LLM proposals, 7 runs, one fine-tune and the gate: ~5 min on 2 idle cores
+def test_short_loop_finetunes_promotes_and_uses_the_adapter_and_a_new_session_keeps_it(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     (tmp_path / "space.json").write_text(json.dumps(MICRO_FILE))
     args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", str(RUNS), "--proposer", "llm", "--space", "space.json",
@@ -57,3 +57,14 @@ def test_short_loop_finetunes_promotes_and_uses_the_adapter(tmp_path):
     listing = subprocess.run([PYTHON, "-m", "nas_agent_graph.lora", "list"], cwd=tmp_path,
                              env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "| v1 | promoted |" in listing.stdout and "adapter in use: v1" in listing.stdout
+
+    # A new session (as after a crash: nothing but the files) proposes with the promoted adapter
+    # from agent_state.json at once, and does not train it again.
+    args[args.index("--max-runs") + 1] = str(RUNS + 1)
+    proc = subprocess.run(args, cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "runs" / f"run_{RUNS:04d}" / "llm.json").read_text())
+    assert resumed["adapter"] == "v1"
+    lora = load_agent_state(tmp_path / "agent_state.json").meta["lora"]
+    assert lora["active"] == 1 and len(lora["adapters"]) == 1
