@@ -48,7 +48,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--held-out", type=int, default=6)
     p.add_argument("--max-train", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=LORA_DEFAULTS.batch_size)
+    p.add_argument("--batch-size", type=int, default=LORA_DEFAULTS.batch_size,
+                   help="samples per step (default: the agent's, 1 on the CPU)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per training sample (default: the agent's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reward-budget", nargs="*", default=None, metavar="KEY=VALUE",

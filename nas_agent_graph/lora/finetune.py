@@ -44,15 +44,18 @@ log = logging.getLogger(__name__)
 
 # Gemma, Llama and DeepSeek-Coder all name their attention and MLP projections this way.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULTS = {"steps": 40, "lr": 5e-4, "batch_size": 2, "max_len": None, "seed": 0, "r": 8, "alpha": 16,
+DEFAULTS = {"steps": 40, "lr": 5e-4, "batch_size": None, "max_len": None, "seed": 0, "r": 8, "alpha": 16,
             "dropout": 0.05, "target_modules": DEFAULT_TARGETS}
 # Tokens per sample when max_len is not given. On the CPU a step costs about linearly in tokens
 # (2 x 1024 tokens took ~25 s per step on 2 cores with the 270M model). The agent's prompts are
 # ~3000 tokens and a reply ~200: 1664 keeps half of the rest from the prompt's head (system,
-# task, search space: ~720 tokens) and half from its tail (the request, sampler candidates). An adapter trained on the last 180
-# prompt tokens only (384 in all) replied in the right format but dropped keys that the full
-# prompt's run listings omit. On a GPU the whole prompt fits.
+# task, search space: ~720 tokens) and half from its tail (the request, sampler candidates).
+# An adapter trained on the last 180 prompt tokens only (384 in all) replied in the right
+# format but dropped keys that the full prompt's run listings omit. On a GPU the whole prompt fits.
 MAX_LEN = {"cpu": 1664, "cuda": 4096}
+# Samples per step when batch_size is not given: at 1664 tokens on the CPU a batch of 2 peaked at
+# 14.0 GB resident (8.2 GB for 1), too close to a 24 GB machine's limit with runs beside it.
+BATCH_SIZE = {"cpu": 1, "cuda": 2}
 CUT_MARK = "\n[...]\n"  # stands where a prompt's middle was dropped
 
 
@@ -131,8 +134,11 @@ def run(job: dict) -> dict:
     # fp32 master weights on the CPU: bf16 LoRA updates of a few steps would round away.
     dtype = torch.float32 if device == "cpu" else None
     model, tokenizer, info = backend.load_model(job.get("base"), quant, device, dtype=dtype)
+    kind = "cpu" if device == "cpu" else "cuda"
     if settings["max_len"] is None:
-        settings["max_len"] = MAX_LEN["cpu" if device == "cpu" else "cuda"]
+        settings["max_len"] = MAX_LEN[kind]
+    if settings["batch_size"] is None:
+        settings["batch_size"] = BATCH_SIZE[kind]
     if quant in ("4bit", "8bit"):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

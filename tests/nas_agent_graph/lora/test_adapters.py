@@ -144,6 +144,11 @@ def test_settings_parser_names_the_bad_item():
     s = LoraSettings.from_items(["trigger=3", "steps=5", "target_modules=q_proj,v_proj", "max_len=none"])
     assert (s.trigger, s.steps, s.target_modules, s.max_len) == (3, 5, ("q_proj", "v_proj"), None)
     assert LoraSettings.from_items(["off"]).enabled is False
+    assert (LoraSettings().batch_size, LoraSettings.from_items(["batch_size=2"]).batch_size) == (None, 2)
+    with pytest.raises(ValueError, match="'batch_size=x'.*not a valid int"):
+        LoraSettings.from_items(["batch_size=x"])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        LoraSettings.from_items(["batch_size=0"])
     with pytest.raises(ValueError, match="'trigger=x'.*not a valid int"):
         LoraSettings.from_items(["trigger=x"])
     with pytest.raises(ValueError, match="KEY one of"):

@@ -18,7 +18,7 @@ MICRO_FILE = {**{k: None for k in DEFAULT_SPACE if k not in ("model.e_layers", "
 # gate_tolerance=1: the gate compares validity only; closeness on one held-out prompt would be a
 # coin flip between two valid replies. trigger=4: the adapter trains on 3 samples (1 is held out).
 # Trained on a single sample it memorised it (loss 1e-5) and replied nothing to the next prompt.
-LORA = ["trigger=4", "reward_threshold=0", "held_out=1", "steps=12", "lr=1e-3", "max_len=512",
+LORA = ["trigger=4", "reward_threshold=0", "held_out=1", "steps=12", "lr=1e-3", "max_len=512", "batch_size=2",
         "gate_max_new_tokens=80", "gate_tolerance=1"]
 RUNS = 6
 
