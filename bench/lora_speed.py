@@ -15,6 +15,8 @@ subprocess the agent uses, and prints:
   3. with --reward-budget: the mean reward of those replies. Each valid reply's config is trained
      (train.py, the given budget) and rewarded against the incumbent of the held-out run's time
      (nas_agent_graph/reward.py); an invalid reply gets the reward of a failed run (-1).
+
+The adapter and the replies (eval.json) are left in /tmp/nas_lora_bench/ for inspection.
 """
 from __future__ import annotations
 
@@ -26,10 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from nas_agent_graph.lora.adapters import LoraSettings  # noqa: E402  (needs ROOT on the path)
-
-LORA_DEFAULTS = LoraSettings()
 
 
 def messages_from_text(text: str) -> list[dict]:
@@ -48,8 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--held-out", type=int, default=6)
     p.add_argument("--max-train", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=LORA_DEFAULTS.batch_size,
-                   help="samples per step (default: the agent's, 1 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the agent's, 1 on the CPU)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per training sample (default: the agent's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reward-budget", nargs="*", default=None, metavar="KEY=VALUE",
@@ -61,7 +58,7 @@ def main() -> None:
 
     from nas_agent.agent_state import load_agent_state
     from nas_agent_graph.llm.chat_model import LocalChatModel
-    from nas_agent_graph.lora.adapters import best_params, evaluate, read_samples, train_adapter
+    from nas_agent_graph.lora.adapters import LoraSettings, best_params, evaluate, read_samples, train_adapter
     from nas_agent_graph.search_space import load_space
 
     torch.set_num_threads(a.threads)
@@ -93,6 +90,8 @@ def main() -> None:
     print(f"| seconds per step (incl. load) | {meta['seconds'] / meta['steps']:.1f} |")
     print(f"| adapter wall time (subprocess start to verdict) | {wall:.0f} s |")
     print(f"| adapter size | {meta['adapter_bytes'] / 1e6:.1f} MB |")
+    if meta.get("peak_rss_bytes"):
+        print(f"| peak resident memory of the training process | {meta['peak_rss_bytes'] / 1e9:.1f} GB |")
     print(f"| loss first -> final | {meta['first_loss']:.3f} -> {meta['final_loss']:.3f} |")
 
     chat = LocalChatModel(temperature=0.0, max_new_tokens=320)

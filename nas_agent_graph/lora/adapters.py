@@ -51,6 +51,7 @@ from nas_agent_graph.context import ROOT
 log = logging.getLogger(__name__)
 
 TOP_CONFIGS = 3         # closeness is measured to the nearest of this many best configs
+_OPTIONAL_INTS = ("max_len", "batch_size")  # settings where None means the device's default
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,9 @@ class LoraSettings:
     steps: int = 40
     lr: float = 5e-4
     batch_size: int | None = None
-    """Samples per step (None: 1 on the CPU, 2 on CUDA; on the CPU at 1664 tokens a batch of 2 peaked
-    at 14.0 GB resident and 26 s per step, a batch of 1 at 8.2 GB and 13 s)."""
+    """Samples per step (None: the device's default in finetune.DEVICE_DEFAULTS, 1 on the CPU)."""
     max_len: int | None = None
-    """Tokens per training sample (None: 384 on the CPU, 4096 on CUDA; prompts are cut from the left)."""
+    """Tokens per training sample (None: finetune.DEVICE_DEFAULTS; a longer prompt loses its middle)."""
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -98,7 +98,7 @@ class LoraSettings:
             try:
                 if key == "target_modules":
                     values[key] = tuple(x.strip() for x in raw.split(",") if x.strip())
-                elif key in ("max_len", "batch_size"):
+                elif key in _OPTIONAL_INTS:
                     values[key] = None if raw.lower() in ("", "none") else int(raw)
                 elif kinds[key] is bool:
                     if raw.lower() not in ("true", "false", "1", "0", "on", "off"):
@@ -107,7 +107,7 @@ class LoraSettings:
                 else:
                     values[key] = kinds[key](raw)
             except ValueError:
-                kind = "int" if key in ("max_len", "batch_size") else kinds[key].__name__
+                kind = "int" if key in _OPTIONAL_INTS else kinds[key].__name__
                 raise ValueError(f"--lora {item!r}: {raw!r} is not a valid {kind}") from None
         settings = cls(**values)
         if min(settings.trigger, settings.held_out, settings.steps, settings.rollback_window,

@@ -21,7 +21,8 @@ over the bf16/fp32 base. The adapter folder is written into a temporary sibling 
 place, so a killed job leaves no half adapter:
 
     adapter_model.safetensors, adapter_config.json   the peft adapter
-    meta.json        base model, sample keys, steps, seconds, losses, final loss, settings
+    meta.json        base model, sample keys, steps, seconds, losses, final loss, settings,
+                     peak resident memory of the training process
     loss_curve.png   training loss per step
 
 The last line on stdout is a JSON summary ({"ok": true, ...} or {"ok": false, "error": ...}).
@@ -46,17 +47,32 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULTS = {"steps": 40, "lr": 5e-4, "batch_size": None, "max_len": None, "seed": 0, "r": 8, "alpha": 16,
             "dropout": 0.05, "target_modules": DEFAULT_TARGETS}
-# Tokens per sample when max_len is not given. On the CPU a step costs about linearly in tokens
-# (2 x 1024 tokens took ~25 s per step on 2 cores with the 270M model). The agent's prompts are
-# ~3000 tokens and a reply ~200: 1664 keeps half of the rest from the prompt's head (system,
-# task, search space: ~720 tokens) and half from its tail (the request, sampler candidates).
-# An adapter trained on the last 180 prompt tokens only (384 in all) replied in the right
-# format but dropped keys that the full prompt's run listings omit. On a GPU the whole prompt fits.
-MAX_LEN = {"cpu": 1664, "cuda": 4096}
-# Samples per step when batch_size is not given: at 1664 tokens on the CPU a batch of 2 peaked at
-# 14.0 GB resident (8.2 GB for 1), too close to a 24 GB machine's limit with runs beside it.
-BATCH_SIZE = {"cpu": 1, "cuda": 2}
+# What a job leaves None is set per device. max_len: on the CPU a step costs about linearly in
+# tokens; the agent's prompts are ~3000 tokens and a reply ~200, and 1664 keeps half of the rest
+# from the prompt's head (system, task, search space: ~720 tokens) and half from its tail (the
+# request, sampler candidates). An adapter trained on the last 180 prompt tokens only (384 in all)
+# replied in the right format but dropped keys that the full prompt's run listings omit. On a GPU
+# the whole prompt fits. batch_size: at 1664 tokens on the CPU a batch of 2 peaked at 14.0 GB
+# resident and 26 s per step, a batch of 1 at 8.2 GB and 13 s: 2 is too close to a 24 GB
+# machine's limit with runs beside it.
+DEVICE_DEFAULTS = {"cpu": {"max_len": 1664, "batch_size": 1}, "cuda": {"max_len": 4096, "batch_size": 2}}
 CUT_MARK = "\n[...]\n"  # stands where a prompt's middle was dropped
+
+
+def with_device_defaults(settings: dict, device: str) -> dict:
+    """`settings` with every None that DEVICE_DEFAULTS covers set for `device` ("cpu" or a CUDA device)."""
+    defaults = DEVICE_DEFAULTS["cpu" if device == "cpu" else "cuda"]
+    return {**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def encode(tokenizer: Any, messages: list[dict], response: str, max_len: int) -> tuple[list[int], int]:
@@ -134,11 +150,7 @@ def run(job: dict) -> dict:
     # fp32 master weights on the CPU: bf16 LoRA updates of a few steps would round away.
     dtype = torch.float32 if device == "cpu" else None
     model, tokenizer, info = backend.load_model(job.get("base"), quant, device, dtype=dtype)
-    kind = "cpu" if device == "cpu" else "cuda"
-    if settings["max_len"] is None:
-        settings["max_len"] = MAX_LEN[kind]
-    if settings["batch_size"] is None:
-        settings["batch_size"] = BATCH_SIZE[kind]
+    settings = with_device_defaults(settings, device)
     if quant in ("4bit", "8bit"):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -178,7 +190,7 @@ def run(job: dict) -> dict:
             "quant": quant, "device": device, "sample_keys": [s["key"] for s in samples],
             "n_samples": len(samples), "steps": int(settings["steps"]), "seconds": round(time.perf_counter() - t0, 2),
             "losses": losses, "first_loss": losses[0], "final_loss": losses[-1],
-            "response_tokens": sum(n for _, n in encoded), "settings": settings,
+            "response_tokens": sum(n for _, n in encoded), "settings": settings, "peak_rss_bytes": peak_rss_bytes(),
             "adapter_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from nas_agent_graph.llm import backend
-from nas_agent_graph.lora.finetune import CUT_MARK, encode
+from nas_agent_graph.lora.finetune import CUT_MARK, DEVICE_DEFAULTS, encode, with_device_defaults
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,11 @@ def test_a_long_prompt_loses_its_middle_and_keeps_head_tail_and_reply(tokenizer)
     assert "run_0200" not in text
     assert ids[-n_resp:] == full[-n_resp:]  # the reply is never cut
     assert ids[:100] == full[:100] and ids[-n_resp - 100:] == full[-n_resp - 100:]
+
+
+def test_device_defaults_fill_only_what_the_job_left_open():
+    job = {"steps": 5, "max_len": None, "batch_size": None}
+    assert with_device_defaults(job, "cpu") == {"steps": 5, "max_len": 1664, "batch_size": 1}
+    assert with_device_defaults(job, "cuda:0") == {"steps": 5, **DEVICE_DEFAULTS["cuda"]}
+    assert with_device_defaults({"max_len": 256, "batch_size": 3}, "cpu") == {"max_len": 256, "batch_size": 3}
+    assert job["batch_size"] is None  # the job itself is left as it was
