@@ -32,6 +32,34 @@ Shape conventions (B = batch, L = time steps, C = channels, H = heads, E = head 
 Time marks always have 4 columns. embed="timeF": continuous features in
 [-0.5, 0.5] (hour, weekday, day-of-month, day-of-year). embed="fixed"/"learned":
 integer-valued calendar fields [month 1-12, day 1-31, weekday 0-6, hour 0-23].
+
+The model space (issue 12)
+--------------------------
+`build_model` builds one of a family of forecasters, chosen by keys of the config's
+`model` section. `head="decoder"` is the Informer above; `head="linear"` is a
+`Forecaster` (below), assembled from five independent choices:
+
+    revin     True: RevIN around the whole model (Kim et al., ICLR 2022)
+    decomp    "moving_avg": the input is split into a moving-average trend and the
+              seasonal rest; the trend gets its own linear map to the horizon
+              (DLinear, Zeng et al., AAAI 2023), the rest goes through the backbone
+    channels  "independent": every variate is its own univariate series, one set of
+              weights for all (PatchTST's channel independence)
+    tokens    "time": one token per time step; "patch": one token per patch of
+              patch_len steps every stride steps (PatchTST, Nie et al., ICLR 2023);
+              "variate": one token per variate's whole window (iTransformer,
+              Liu et al., ICLR 2024)
+    mixer     "attention" (prob or full, e_layers encoder layers), "mlp" (token-mixing
+              and feature-mixing MLPs with residuals, TSMixer, Chen et al., TMLR 2023),
+              or "none" (no embedding either: the head sees the raw values)
+
+and a linear head to the horizon. Which combinations are meaningful is the config
+schema's business (nas_agent/schema.py); the classes below only check what they need.
+
+    DLinear       decomp moving_avg, tokens time, mixer none
+    PatchTST      revin, channels independent, tokens patch, mixer attention (full)
+    iTransformer  revin, tokens variate, mixer attention (full)
+    TSMixer-style revin, tokens time, mixer mlp
 """
 
 import math
@@ -498,9 +526,240 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# -----------------------------------------------------------------------------
+# The model space beyond Informer: normalisation, decomposition, channels, tokens,
+# mixer and a linear head (see the module docstring).
+
+@dataclass
+class ForecasterConfig:
+    seq_len: int
+    pred_len: int
+    enc_in: int
+    c_out: int
+    revin: bool = False
+    decomp: str = "none"  # "none" | "moving_avg"
+    decomp_kernel: int = 25
+    channels: str = "mixed"  # "mixed" | "independent"
+    tokens: str = "time"  # "time" | "patch" | "variate"
+    patch_len: int = 16
+    stride: int = 8
+    mixer: str = "attention"  # "attention" | "mlp" | "none"
+    attn: str = "full"  # "prob" | "full", with mixer="attention"
+    d_model: int = 128
+    n_heads: int = 8
+    e_layers: int = 2
+    d_ff: int = 256
+    dropout: float = 0.1
+    factor: int = 5
+    activation: str = "gelu"
+
+    def __post_init__(self):
+        allowed = {"decomp": ("none", "moving_avg"), "channels": ("mixed", "independent"),
+                   "tokens": ("time", "patch", "variate"), "mixer": ("attention", "mlp", "none"),
+                   "attn": ("prob", "full"), "activation": ("gelu", "relu")}
+        for name, choices in allowed.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"model config: {name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("seq_len", "pred_len", "enc_in", "c_out", "decomp_kernel", "patch_len", "stride",
+                     "d_model", "n_heads", "e_layers", "d_ff", "factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.c_out not in (self.enc_in, 1):
+            raise ValueError(f"model config: c_out must be enc_in ({self.enc_in}) or 1 (the target, the last "
+                             f"input channel), got {self.c_out}")
+        if self.tokens == "patch" and self.patch_len > self.seq_len:
+            raise ValueError(f"model config: patch_len ({self.patch_len}) must be <= seq_len ({self.seq_len})")
+        if self.decomp == "moving_avg" and self.decomp_kernel > self.seq_len:
+            raise ValueError(f"model config: decomp_kernel ({self.decomp_kernel}) must be <= seq_len ({self.seq_len})")
+        if self.tokens == "variate" and self.channels == "independent":
+            raise ValueError("model config: variate tokens need channels='mixed' (one variate is one token)")
+        if self.mixer == "attention" and self.d_model % self.n_heads:
+            raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+
+def n_patches(seq_len, patch_len, stride):
+    """Patches over a window padded at the end with `stride` copies of its last value
+    (PatchTST): floor((L - P) / S) + 1 patches of the window, plus one over the padding."""
+    return (seq_len - patch_len) // stride + 2
+
+
+class MovingAverage(nn.Module):
+    """Trend = moving average over time, the window padded by repeating its first and last
+    values so the trend has the input's length; seasonal = input - trend."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x):  # [B, L, C] -> (seasonal, trend), each [B, L, C]
+        front, back = (self.kernel - 1) // 2, self.kernel // 2
+        padded = torch.cat([x[:, :1].expand(-1, front, -1), x, x[:, -1:].expand(-1, back, -1)], dim=1)
+        trend = F.avg_pool1d(padded.transpose(1, 2), self.kernel, stride=1).transpose(1, 2)
+        return x - trend, trend
+
+
+class Tokenizer(nn.Module):
+    """[B, L, c] -> tokens [B, N, D]. With embed=False the raw values are the tokens
+    (mixer "none": nothing between the values and the linear head)."""
+
+    def __init__(self, cfg: ForecasterConfig, c, embed):
+        super().__init__()
+        self.kind, self.patch_len, self.stride = cfg.tokens, cfg.patch_len, cfg.stride
+        L = cfg.seq_len
+        self.n_tokens, raw_dim = {
+            "time": (L, c),
+            "patch": (n_patches(L, cfg.patch_len, cfg.stride), cfg.patch_len * c),
+            "variate": (c, L),
+        }[cfg.tokens]
+        self.dim = cfg.d_model if embed else raw_dim
+        self.proj = nn.Linear(raw_dim, cfg.d_model) if embed else None
+        if embed and cfg.mixer == "attention" and cfg.tokens == "time":
+            self.register_buffer("position", sinusoid_table(L, cfg.d_model), persistent=False)
+        elif embed and cfg.mixer == "attention" and cfg.tokens == "patch":
+            # PatchTST learns its positional encoding; attention alone cannot tell patches apart.
+            self.position = nn.Parameter(torch.empty(self.n_tokens, cfg.d_model).uniform_(-0.02, 0.02))
+        else:
+            self.position = None
+        # Variate tokens carry no position: which variate is which is in the token itself,
+        # and the model stays equivariant to the order of the variates.
+        self.dropout = nn.Dropout(cfg.dropout) if embed else nn.Identity()
+
+    def forward(self, x):
+        if self.kind == "variate":
+            x = x.transpose(1, 2)  # [B, c, L]
+        elif self.kind == "patch":
+            x = torch.cat([x, x[:, -1:].expand(-1, self.stride, -1)], dim=1)
+            x = x.unfold(1, self.patch_len, self.stride)  # [B, N, c, P]
+            x = x.transpose(2, 3).flatten(2)  # [B, N, P * c], each patch's values time-major
+        if self.proj is None:
+            return x
+        x = self.proj(x)
+        if self.position is not None:
+            x = x + self.position
+        return self.dropout(x)
+
+
+class MixerBlock(nn.Module):
+    """TSMixer's block over tokens [B, N, D]: a token-mixing MLP (shared over features),
+    then a feature-mixing MLP (shared over tokens), each pre-normalised, with residuals."""
+
+    def __init__(self, n_tokens, d_model, d_ff, dropout, activation):
+        super().__init__()
+        act = nn.GELU if activation == "gelu" else nn.ReLU
+        self.token_norm = nn.LayerNorm(d_model)
+        self.token_mlp = nn.Sequential(nn.Linear(n_tokens, n_tokens), act(), nn.Dropout(dropout))
+        self.feature_norm = nn.LayerNorm(d_model)
+        self.feature_mlp = nn.Sequential(nn.Linear(d_model, d_ff), act(), nn.Dropout(dropout),
+                                         nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+
+    def forward(self, x):
+        x = x + self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.feature_mlp(self.feature_norm(x))
+
+
+def make_mixer(cfg: ForecasterConfig, n_tokens):
+    if cfg.mixer == "attention":
+        d, drop = cfg.d_model, cfg.dropout
+        return nn.Sequential(*[
+            EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, drop, cfg.factor), d, cfg.n_heads),
+                         d, cfg.d_ff, drop, cfg.activation)
+            for _ in range(cfg.e_layers)])
+    if cfg.mixer == "mlp":
+        return nn.Sequential(*[MixerBlock(n_tokens, cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+                               for _ in range(cfg.e_layers)])
+    return nn.Identity()
+
+
+class LinearHead(nn.Module):
+    """Tokens [B, N, D] -> forecast [B, pred_len, c].
+
+    time tokens: a linear map over time (N -> pred_len), then over features (D -> c);
+        with raw tokens (D == c) the feature map is left out, so mixer "none" is a linear
+        model of each channel's own past (DLinear's linear part).
+    patch tokens: flatten all patches (N * D -> pred_len * c), PatchTST's head.
+    variate tokens: each variate's token to its own horizon (D -> pred_len).
+    """
+
+    def __init__(self, kind, n_tokens, dim, pred_len, c, dropout):
+        super().__init__()
+        self.kind, self.pred_len, self.c = kind, pred_len, c
+        self.dropout = nn.Dropout(dropout)
+        if kind == "time":
+            self.over_time = nn.Linear(n_tokens, pred_len)
+            self.over_features = nn.Linear(dim, c) if dim != c else None
+        elif kind == "patch":
+            self.proj = nn.Linear(n_tokens * dim, pred_len * c)
+        else:
+            self.proj = nn.Linear(dim, pred_len)
+
+    def forward(self, z):
+        z = self.dropout(z)
+        if self.kind == "time":
+            y = self.over_time(z.transpose(1, 2)).transpose(1, 2)  # [B, pred_len, D]
+            return y if self.over_features is None else self.over_features(y)
+        if self.kind == "patch":
+            return self.proj(z.flatten(1)).view(-1, self.pred_len, self.c)
+        return self.proj(z).transpose(1, 2)  # [B, c, pred_len] -> [B, pred_len, c]
+
+
+class Forecaster(nn.Module):
+    """RevIN -> decomposition -> (channel independence) -> tokens -> mixer -> linear head."""
+
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.enc_in
+        self.revin = RevIN(C) if cfg.revin else None
+        self.decomp = MovingAverage(cfg.decomp_kernel) if cfg.decomp == "moving_avg" else None
+        # DLinear's trend map: one linear map over time, shared by every channel.
+        self.trend = nn.Linear(cfg.seq_len, cfg.pred_len) if self.decomp is not None else None
+        c = 1 if cfg.channels == "independent" else C
+        self.tokenizer = Tokenizer(cfg, c, embed=cfg.mixer != "none")
+        self.mixer = make_mixer(cfg, self.tokenizer.n_tokens)
+        self.head = LinearHead(cfg.tokens, self.tokenizer.n_tokens, self.tokenizer.dim, cfg.pred_len, c, cfg.dropout)
+        # The forecast covers every input channel; "MS" (c_out == 1) keeps the target, the last one.
+        self.out = slice(None) if cfg.c_out == C else slice(-1, None)
+
+    def backbone(self, x):  # [B, L, C] -> [B, pred_len, C]
+        B, L, C = x.shape
+        if self.cfg.channels == "independent":
+            x = x.transpose(1, 2).reshape(B * C, L, 1)
+        y = self.head(self.mixer(self.tokenizer(x)))
+        if self.cfg.channels == "independent":
+            y = y.reshape(B, C, self.cfg.pred_len).transpose(1, 2)
+        return y
+
+    def forward(self, x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None):
+        # Time marks and the decoder input are Informer's; these families read x_enc alone.
+        cfg = self.cfg
+        if x_enc.dim() != 3 or tuple(x_enc.shape[1:]) != (cfg.seq_len, cfg.enc_in):
+            raise ValueError(f"x_enc: expected shape [B, {cfg.seq_len}, {cfg.enc_in}], got {list(x_enc.shape)}")
+        x = x_enc
+        if self.revin is not None:
+            mean, std = self.revin.stats(x)
+            x = self.revin.norm(x, mean, std)
+        if self.decomp is not None:
+            x, trend = self.decomp(x)
+            y = self.backbone(x) + self.trend(trend.transpose(1, 2)).transpose(1, 2)
+        else:
+            y = self.backbone(x)
+        y = y[..., self.out]
+        if self.revin is not None:
+            y = self.revin.denorm(y, mean, std, self.out)
+        return y
+
+
+def _kwargs_for(cls, model: dict, **fixed) -> dict:
+    known = {f.name for f in fields(cls)}
+    return {**{k: v for k, v in model.items() if k in known and v is not None}, **fixed}
+
+
 def build_model(config) -> nn.Module:
-    """Informer from the project config: a nested dict with "data" and "model" sections
-    (or an object with .model_dump() returning one). Unknown keys are ignored."""
+    """The forecaster a project config describes: a nested dict with "data" and "model"
+    sections (or an object with .model_dump() returning one). Unknown keys are ignored.
+
+    model.head "decoder" (the default) is Informer; "linear" is a Forecaster of the
+    family the other model keys choose."""
     if hasattr(config, "model_dump"):
         config = config.model_dump()
     data, model = config["data"], config["model"]
@@ -508,7 +767,8 @@ def build_model(config) -> nn.Module:
         if model.get(key) is None:
             raise ValueError(f"model.{key} is None: it must be set from the data (its number of channels) "
                              "before building the model")
-    known = {f.name for f in fields(InformerConfig)}
-    kwargs = {k: v for k, v in model.items() if k in known}
-    kwargs.update(seq_len=data["seq_len"], label_len=data["label_len"], pred_len=data["pred_len"])
-    return Informer(InformerConfig(**kwargs))
+    if model.get("head", "decoder") == "decoder":
+        return Informer(InformerConfig(**_kwargs_for(
+            InformerConfig, model, seq_len=data["seq_len"], label_len=data["label_len"], pred_len=data["pred_len"])))
+    return Forecaster(ForecasterConfig(**_kwargs_for(
+        ForecasterConfig, model, seq_len=data["seq_len"], pred_len=data["pred_len"])))

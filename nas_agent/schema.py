@@ -113,16 +113,54 @@ class ModelConfig(_Section):
     embed: Literal["timeF", "fixed", "learned"] = "timeF"
     activation: Literal["gelu", "relu"] = "gelu"
     mix: bool = True
-    revin: bool = False
+    # The model space (model.py's docstring). The defaults are Informer; FAMILY_RULES says
+    # which combinations make a model.
+    revin: bool = False  # normalisation: RevIN, or none
+    head: Literal["decoder", "linear"] = "decoder"  # Informer's generative decoder, or flatten + linear
+    tokens: Literal["time", "patch", "variate"] = "time"
+    channels: Literal["mixed", "independent"] = "mixed"
+    mixer: Literal["attention", "mlp", "none"] = "attention"  # attention: model.attn says which
+    decomp: Literal["none", "moving_avg"] = "none"  # trend + seasonal (DLinear)
+    decomp_kernel: int = Field(25, ge=2, le=2048)  # moving-average window, <= data.seq_len
+    patch_len: int = Field(16, ge=1, le=2048)  # with tokens "patch"; <= data.seq_len
+    stride: int = Field(8, ge=1, le=2048)  # with tokens "patch"
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
+    def _family(self) -> "ModelConfig":
+        for key, needs in FAMILY_RULES.get(("head", self.head), {}).items():
+            _require(self, "head", key, needs)
+        if self.tokens == "variate":
+            _require(self, "tokens", "channels", ("mixed",))
+        if self.uses_attention() and self.d_model % self.n_heads:
             raise ValueError(
-                f"d_model must be divisible by n_heads: expected d_model % n_heads == 0, "
+                f"model.d_model must be divisible by model.n_heads: expected d_model % n_heads == 0, "
                 f"got {self.d_model} % {self.n_heads} == {self.d_model % self.n_heads}"
             )
         return self
+
+    def uses_attention(self) -> bool:
+        return self.head == "decoder" or self.mixer == "attention"
+
+
+# What a choice needs of other keys: head "decoder" is Informer's encoder-decoder over time
+# steps, so it needs the other keys at Informer's values.
+FAMILY_RULES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    ("head", "decoder"): {"tokens": ("time",), "channels": ("mixed",), "mixer": ("attention",),
+                          "decomp": ("none",)},
+}
+_WHY = {
+    ("head", "decoder"): "Informer's generative decoder reads every time step of every variate; "
+                         "set model.head to 'linear' for the other families",
+    ("tokens", "variate"): "with variate tokens each variate is one token, so channels are mixed by the mixer",
+}
+
+
+def _require(m: "ModelConfig", key: str, other: str, allowed: tuple[str, ...]) -> None:
+    value, got = getattr(m, key), getattr(m, other)
+    if got not in allowed:
+        expected = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"model.{other}: expected {expected} with model.{key} {value!r}, got {got!r} "
+                         f"({_WHY[(key, value)]})")
 
 
 class TrainingConfig(_Section):
@@ -212,10 +250,19 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Config":
-        d = self.data
+        d, m = self.data, self.model
         if d.label_len > d.seq_len:
             raise ValueError(
                 f"data.label_len must be <= data.seq_len (the decoder's known part is taken from the "
                 f"encoder window): got label_len {d.label_len} > seq_len {d.seq_len}"
             )
+        if m.head == "linear" and m.tokens == "patch" and m.patch_len > d.seq_len:
+            raise ValueError(f"model.patch_len: expected 1 <= patch_len <= data.seq_len ({d.seq_len}), "
+                             f"got {m.patch_len}; use a shorter patch or a longer look-back")
+        if m.head == "linear" and m.decomp == "moving_avg" and m.decomp_kernel > d.seq_len:
+            raise ValueError(f"model.decomp_kernel: expected 2 <= decomp_kernel <= data.seq_len ({d.seq_len}), "
+                             f"got {m.decomp_kernel}; a moving average cannot be longer than the look-back")
+        if m.head == "linear" and m.tokens == "variate" and d.features == "S":
+            raise ValueError("model.tokens: 'variate' needs several variates, got data.features 'S' (one variate); "
+                             "use features 'M' or 'MS', or tokens 'time' or 'patch'")
         return self
