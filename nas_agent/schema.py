@@ -12,6 +12,7 @@ turns them into "expected versus actual" lines for people.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from typing import Any, Literal, Optional
 
@@ -225,9 +226,15 @@ class TrainingConfig(_Section):
         return self
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(qualified: str):
+    """The constructor parameters of an allowed class (cached: configs are validated often)."""
+    return inspect.signature(resolve_class(qualified).__init__).parameters
+
+
 def _check_kwargs(field: str, qualified: str, kwargs: dict, supplied: tuple[str, ...]) -> None:
     """Check keyword arguments against the class signature: unknown, reserved and missing ones."""
-    params = inspect.signature(resolve_class(qualified).__init__).parameters
+    params = _parameters(qualified)
     accepted = [p for p in params if p not in ("self", "args", "kwargs") and p not in supplied]
     for key in kwargs:
         if key in supplied:

@@ -36,6 +36,9 @@ LLM_PROPOSERS = ("hybrid", "llm")
 GEN_KEYS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
 SUBCOMMANDS = ("check", "status", "report")
 USAGE_ERROR = 2
+# Seconds of training per run by default: with start-up, evaluation and the proposal, a run takes
+# about 5 minutes, so the README's 100-run search ends within 10 hours on a 2-core CPU.
+DEFAULT_RUN_BUDGET_S = 240
 
 
 # --------------------------------------------------------------------------- arguments
@@ -59,7 +62,14 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="proposer seed: the same seed reproduces the proposals")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, e.g. --set training.max_epochs=3 for a quick search")
+    p.add_argument("--run-budget", default=str(DEFAULT_RUN_BUDGET_S), metavar="SECONDS|none",
+                   help="training time of every run (training.time_budget_s), so runs compare and 100 runs "
+                        "fit a night on a CPU; --set training.time_budget_s wins; 'none': each run trains to its "
+                        "max_epochs (default: %(default)s)")
     p.add_argument("--space", type=Path, default=None, help="JSON file that narrows or extends the search space")
+    p.add_argument("--warm-start", nargs="+", default=None, metavar="off|FILE",
+                   help="configs trained right after the baseline, one run each: 'off', or config files "
+                        "(default: the shipped configs/ of DLinear, PatchTST, iTransformer and TSMixer)")
     llm = p.add_argument_group("LLM (proposers hybrid and llm)")
     llm.add_argument("--llm", default=None, metavar="MODEL",
                      help="Hugging Face id (e.g. deepseek-ai/deepseek-coder-6.7b-instruct) or local directory; "
@@ -138,6 +148,37 @@ def parse_prune_warmup(text: str) -> tuple[int, int]:
     return epochs, runs
 
 
+def with_run_budget(overrides: list[str], budget: str) -> list[str]:
+    """--set items plus training.time_budget_s=BUDGET, unless they set it or BUDGET is 'none'."""
+    if budget.strip().lower() == "none":
+        return list(overrides)
+    try:
+        seconds = float(budget)
+    except ValueError:
+        raise ConfigError(f"--run-budget {budget!r}: expected seconds (e.g. 240) or 'none'") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"--run-budget {budget!r}: expected a positive number of seconds, or 'none'")
+    if any(item.partition("=")[0].strip() == "training.time_budget_s" for item in overrides):
+        return list(overrides)
+    return [*overrides, f"training.time_budget_s={seconds:g}"]
+
+
+def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
+    """--warm-start: None = the shipped archetypes, ['off'] = none, else the files given."""
+    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES
+
+    if items is None:
+        return DEFAULT_ARCHETYPES
+    if items == ["off"]:
+        return ()
+    if "off" in items:
+        raise ConfigError(f"--warm-start {' '.join(items)}: 'off' cannot be combined with files")
+    missing = [i for i in items if not Path(i).is_file()]
+    if missing:
+        raise ConfigError(f"--warm-start: no such config file: {', '.join(missing)} (give config files, or 'off')")
+    return tuple(Path(i) for i in items)
+
+
 def parse_ray_resources(text: str | None) -> dict:
     """--ray-resources CPUS,GPUS as Ray task options ({} when not given); a bad value is a ConfigError."""
     if text is None:
@@ -175,7 +216,9 @@ def context_from_args(a: argparse.Namespace) -> Context:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
-                   proposer=a.proposer, seed=a.seed, overrides=list(a.set), space_path=a.space,
+                   proposer=a.proposer, seed=a.seed, overrides=with_run_budget(a.set, a.run_budget),
+                   space_path=a.space,
+                   warm_start=parse_warm_start(a.warm_start),
                    run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,
                    time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
                    max_failures=a.max_failures, smoke_timeout=a.smoke_timeout, prune=a.prune,
@@ -243,6 +286,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
 
 
 def run_search(ctx: Context) -> int:
+    from nas_agent_graph.archetypes import ArchetypeProposer, load_archetypes
     from nas_agent_graph.proposers import route_optuna_logging
     from nas_agent_graph.search_space import load_space
 
@@ -253,6 +297,8 @@ def run_search(ctx: Context) -> int:
             load_config(ctx.config_path)  # a new study needs a valid starting config
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
         ctx.space = ctx.space or load_space(ctx.space_path)
+        if ctx.warm_start and ctx.archetype_obj is None:  # a bad file fails here, before any run
+            ctx.archetype_obj = ArchetypeProposer(load_archetypes(ctx.warm_start))
         try:
             _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
             ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)

@@ -31,6 +31,9 @@ class Context:
     overrides: list[str] = field(default_factory=list)
     """--set KEY=VALUE applied to every proposal (e.g. training.max_epochs=3)."""
     space_path: Optional[Path] = None
+    warm_start: tuple[Path, ...] = ()
+    """Configs trained right after the baseline, one run each (proposer "archetype"); the CLI
+    defaults to the shipped ones (nas_agent_graph/archetypes.py), this dataclass to none."""
     run_timeout: Optional[float] = None
     """Hard wall-clock limit per train.py process, seconds; the process group is killed."""
     max_params: Optional[int] = None
@@ -97,6 +100,8 @@ class Context:
 
     # Built once per invocation by the CLI; not settings.
     proposer_obj: Any = None
+    archetype_obj: Any = None
+    """The warm start's ArchetypeProposer, or None without --warm-start configs."""
     space: Any = None
     display: Any = None
     pool: Any = None

@@ -63,6 +63,7 @@ from nas_agent_graph.lora.adapters import (
     record_failed_finetune,
     samples_path,
 )
+from nas_agent_graph.archetypes import PROPOSER as ARCHETYPE
 from nas_agent_graph.proposers import BaselineProposer, ProposalError, llm_validity_text
 from nas_agent_graph.reward import compute_reward
 from nas_agent_graph.search_space import SpaceError
@@ -298,7 +299,7 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if plan is not None:  # a pending candidate's confirmations come first, straight from configs
         return {"run_id": run_id, "attempt": attempt, "proposal": _confirmation_proposal(study, plan, run_id, ctx),
                 "validation_error": None}
-    proposer = BaselineProposer() if not study.runs and attempt == 0 else ctx.proposer_obj
+    proposer = _proposer_for(study, attempt, ctx)
     _test_pause("propose", run_id, ctx)
     _display(ctx, "on_propose", run_id=run_id, proposer=proposer.name, attempt=attempt)
     try:
@@ -309,6 +310,15 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         out = {"config": None, "raw_config": None, "proposer": proposer.name, "parent_run_id": None,
                "meta": getattr(e, "meta", {}), "error": str(e)}
     return {"run_id": run_id, "attempt": attempt, "proposal": out, "validation_error": None}
+
+
+def _proposer_for(study: AgentState, attempt: int, ctx: Context):
+    """The baseline first, then each warm-start archetype once, then the search's proposer."""
+    if not study.runs and attempt == 0:
+        return BaselineProposer()
+    if ctx.archetype_obj is not None and ctx.archetype_obj.pending(study):
+        return ctx.archetype_obj
+    return ctx.proposer_obj
 
 
 def _confirmation_proposal(study: AgentState, plan, run_id: str, ctx: Context) -> dict[str, Any]:
@@ -345,6 +355,8 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if not any(r.get("key") == key for r in study.rejected):  # idempotent on re-run after a crash
         entry = {"attempt": attempt, "proposer": proposal["proposer"], "config": proposal["config"],
                  "error": verdict.message, "at": utc_now_iso(), "key": key, "run_id": state["run_id"]}
+        if proposal.get("meta", {}).get("archetype"):  # so the warm start moves on to the next one
+            entry["archetype"] = proposal["meta"]["archetype"]
         llm = proposal.get("meta", {}).get("llm")
         if llm:  # the LLM's validity counts rejected proposals too
             entry["llm"] = {k: llm.get(k) for k in LLM_SUMMARY_KEYS}
@@ -352,7 +364,9 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         study.rejected.append(entry)
         save_agent_state(study, ctx.state_path)
     _display(ctx, "on_rejected", run_id=state["run_id"], error=verdict.message)
-    tries = state.get("tries", 0) + 1
+    # A warm-start config that does not fit this study (a duplicate, over --max-params) is skipped;
+    # it says nothing about the proposer, so it does not count towards --max-retries.
+    tries = state.get("tries", 0) + (proposal["proposer"] != ARCHETYPE)
     update: dict[str, Any] = {"validation_error": verdict.message, "feedback": verdict.message,
                               "attempt": attempt + 1, "tries": tries}
     if tries > ctx.max_retries:

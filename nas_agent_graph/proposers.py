@@ -152,7 +152,7 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     return optuna.trial.create_trial(
         state=state, value=value if state == TrialState.COMPLETE else None, params=params,
-        distributions=space.distributions(), intermediate_values=intermediate,
+        distributions=space.distributions(params), intermediate_values=intermediate,
         user_attrs={"run_id": run.run_id}, system_attrs=stored_system_attrs(run))
 
 
@@ -205,8 +205,9 @@ class OptunaProposer:
 
     def _ask(self, study: optuna.Study, base_config: dict, attempt: int) -> Proposal:
         """Ask one trial and turn it into a Proposal (the trial stays RUNNING in the study)."""
-        trial = study.ask(self.space.distributions())
-        params = {k: _plain(v) for k, v in trial.params.items()}
+        trial = study.ask()
+        # Define-by-run: a conditional key (patch_len, say) is only suggested where it exists.
+        params = {k: _plain(v) for k, v in self.space.sample(trial, base_config).items()}
         config = self.space.to_config(params, base_config)
         frozen = study.get_trials(deepcopy=False)[trial.number]
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))

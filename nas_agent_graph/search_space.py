@@ -17,6 +17,21 @@ Entry shapes:
     {"type": "int", "low": <int>, "high": <int>, "step": <int, default 1>, "log": <bool, default false>}
     {"type": "categorical", "choices": [<null | bool | number | string>, ...]}
 
+Conditional keys. Any entry may carry `"when"`, which says in which part of the space the key
+exists (the architecture families of model.py need it: `patch_len` means nothing without patch
+tokens):
+
+    "when": {"model.tokens": ["patch"]}                               # tokens is "patch"
+    "when": {"model.head": ["linear"], "model.mixer": ["attention"]}  # both hold
+    "when": [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]}]   # either holds
+
+A condition names a categorical key that comes earlier in the space (it holds when that key is
+active and takes one of the listed values), or a config field outside the space (it holds when
+the base config's value is listed). An inactive key is not sampled, not shown to the LLM and
+not part of a run's params; its config field takes the schema's default (a virtual key derives
+from the default config's ratio), so configs that differ only in unused settings are one config.
+Samplers sample define-by-run, key by key in the space's order.
+
 Keys are "section.field" config paths, plus three VIRTUAL keys that exist so the schema's
 cross-field rules hold by construction, never by rejection:
 
@@ -41,6 +56,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import logging
 import math
@@ -58,45 +74,62 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- the default space
 
+_ATTENTION = [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]}]
+_WIDTH = [{"model.head": ["decoder"]}, {"model.mixer": ["attention", "mlp"]}]
+
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    # Input window: 2, 4, 8 or 14 days of hourly history.
-    "data.seq_len": {"type": "categorical", "choices": [48, 96, 192, 336]},
-    # Virtual: the decoder's start token as a fraction of the input window (sets data.label_len).
-    "data.label_frac": {"type": "categorical", "choices": [0.25, 0.5, 1.0]},
-    # Attention heads.
-    "model.n_heads": {"type": "categorical", "choices": [2, 4, 8]},
-    # Virtual: width per head (sets model.d_model = head_dim * n_heads: 32 to 512).
-    "model.head_dim": {"type": "categorical", "choices": [16, 32, 64]},
-    # Encoder depth; with distilling each layer halves the sequence.
-    "model.e_layers": {"type": "int", "low": 1, "high": 3, "step": 1, "log": False},
-    # Decoder depth; Informer uses 1 or 2.
-    "model.d_layers": {"type": "int", "low": 1, "high": 2, "step": 1, "log": False},
-    # Virtual: feed-forward width as a multiple of d_model (sets model.d_ff).
-    "model.ff_mult": {"type": "categorical", "choices": [2, 4]},
-    # Dropout everywhere in the model; ETTh1 is small, so some regularisation may pay.
-    "model.dropout": {"type": "float", "low": 0.0, "high": 0.3, "log": False},
-    # ProbSparse sampling factor c (ignored by full attention).
-    "model.factor": {"type": "categorical", "choices": [3, 5, 8]},
-    # ProbSparse (the Informer's) or canonical full attention.
-    "model.attn": {"type": "categorical", "choices": ["prob", "full"]},
-    # Halve the sequence between encoder layers.
-    "model.distil": {"type": "categorical", "choices": [True, False]},
-    # Continuous time features or calendar embeddings.
-    "model.embed": {"type": "categorical", "choices": ["timeF", "fixed", "learned"]},
+    # Look-back: 4 days to 30 days of hourly history (the ETTh1 splits allow up to 720).
+    "data.seq_len": {"type": "categorical", "choices": [96, 192, 336, 512, 720]},
+    # The family's skeleton: Informer's encoder-decoder, or a backbone with a linear head.
+    "model.head": {"type": "categorical", "choices": ["decoder", "linear"]},
+    # Linear-head families: what a token is, how channels are treated, what mixes the tokens.
+    "model.tokens": {"type": "categorical", "choices": ["time", "patch", "variate"],
+                     "when": {"model.head": ["linear"]}},
+    "model.channels": {"type": "categorical", "choices": ["mixed", "independent"],
+                       "when": {"model.head": ["linear"], "model.tokens": ["time", "patch"]}},
+    "model.patch_len": {"type": "categorical", "choices": [8, 16, 24, 32], "when": {"model.tokens": ["patch"]}},
+    "model.stride": {"type": "categorical", "choices": [4, 8, 16], "when": {"model.tokens": ["patch"]}},
+    "model.mixer": {"type": "categorical", "choices": ["attention", "mlp", "none"],
+                    "when": {"model.head": ["linear"]}},
+    # Trend + seasonal decomposition (DLinear), and its moving-average window.
+    "model.decomp": {"type": "categorical", "choices": ["none", "moving_avg"], "when": {"model.head": ["linear"]}},
+    "model.decomp_kernel": {"type": "categorical", "choices": [13, 25, 49],
+                            "when": {"model.decomp": ["moving_avg"]}},
     # Reversible instance normalisation: often a large gain on drifting series.
     "model.revin": {"type": "categorical", "choices": [True, False]},
+    # ProbSparse (Informer's) or canonical full attention, wherever there is attention.
+    "model.attn": {"type": "categorical", "choices": ["prob", "full"], "when": _ATTENTION},
+    # ProbSparse sampling factor c.
+    "model.factor": {"type": "categorical", "choices": [3, 5, 8], "when": {"model.attn": ["prob"]}},
+    # Width; every choice is divisible by every head count.
+    "model.d_model": {"type": "categorical", "choices": [16, 32, 64, 128, 256, 512], "when": _WIDTH},
+    "model.n_heads": {"type": "categorical", "choices": [1, 2, 4, 8], "when": _ATTENTION},
+    # Encoder layers (attention) or mixer blocks (MLP).
+    "model.e_layers": {"type": "int", "low": 1, "high": 6, "step": 1, "log": False, "when": _WIDTH},
+    # Feed-forward width (attention) or feature-mixing hidden width (MLP).
+    "model.d_ff": {"type": "categorical", "choices": [64, 128, 256, 512, 1024, 2048], "when": _WIDTH},
+    # Informer only: decoder depth, distilling, time-mark embedding, the decoder's start token.
+    "model.d_layers": {"type": "int", "low": 1, "high": 2, "step": 1, "log": False,
+                       "when": {"model.head": ["decoder"]}},
+    "model.distil": {"type": "categorical", "choices": [True, False], "when": {"model.head": ["decoder"]}},
+    "model.embed": {"type": "categorical", "choices": ["timeF", "fixed", "learned"],
+                    "when": {"model.head": ["decoder"]}},
+    # Virtual: the decoder's start token as a fraction of the input window (sets data.label_len).
+    "data.label_frac": {"type": "categorical", "choices": [0.25, 0.5, 1.0], "when": {"model.head": ["decoder"]}},
+    # Dropout everywhere in the model (the papers use 0 to 0.9).
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.9, "log": False},
     # Optimizer; SGD gets momentum 0.9 (OPTIMIZER_KWARGS).
     "training.optimizer_class": {"type": "categorical", "choices": ["optim.Adam", "optim.AdamW", "optim.SGD"]},
-    # Learning rate, log scale around the paper's 1e-4.
+    # Learning rate, log scale: 1e-4 (Informer, PatchTST) to 5e-3 (DLinear) and beyond.
     "training.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    # L2 / decoupled weight decay, log scale.
-    "training.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    # L2 / decoupled weight decay; the papers mostly use none.
+    "training.weight_decay": {"type": "categorical", "choices": [0.0, 1e-5, 1e-4, 1e-3]},
     # Batch size: smaller batches, more (noisier) steps per epoch.
-    "training.batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+    "training.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
     # LR schedule; each one's arguments come from SCHEDULER_KWARGS. null = constant rate.
     "training.scheduler_class": {"type": "categorical", "choices": [
         "optim.lr_scheduler.CosineAnnealingLR", "optim.lr_scheduler.StepLR",
-        "optim.lr_scheduler.ReduceLROnPlateau", None]},
+        "optim.lr_scheduler.ExponentialLR", "optim.lr_scheduler.ReduceLROnPlateau", None]},
     # Training loss; validation is always scored with MSE.
     "training.criterion_class": {"type": "categorical", "choices": ["nn.MSELoss", "nn.L1Loss", "nn.HuberLoss"]},
 }
@@ -111,8 +144,9 @@ SCHEDULER_KWARGS: dict[str | None, tuple[str, Callable[[int], dict[str, Any]]]] 
     # Halve the rate after 1 epoch without validation improvement (train.py steps it on val_mse).
     "optim.lr_scheduler.ReduceLROnPlateau": ("factor=0.5, patience=1",
                                              lambda max_epochs: {"factor": 0.5, "patience": 1}),
-    # Not in the default space; here so that a space file may name them.
-    "optim.lr_scheduler.ExponentialLR": ("gamma=0.9", lambda max_epochs: {"gamma": 0.9}),
+    # Halve the rate every epoch (Informer's, DLinear's and iTransformer's schedule).
+    "optim.lr_scheduler.ExponentialLR": ("gamma=0.5", lambda max_epochs: {"gamma": 0.5}),
+    # Not in the default space; here so that a space file may name it.
     "optim.lr_scheduler.MultiStepLR": ("milestones at 1/2 and 3/4 of max_epochs, gamma=0.5", lambda max_epochs: {
         "milestones": sorted({max(1, max_epochs // 2), max(1, (3 * max_epochs) // 4)}), "gamma": 0.5}),
     # No scheduler: a constant learning rate.
@@ -261,6 +295,12 @@ VIRTUAL_KEYS: dict[str, _Virtual] = {v.key: v for v in (
 )}
 
 
+@functools.lru_cache(maxsize=1)
+def _default_config() -> dict:
+    """The schema's defaults as a full config dict (the value of an inactive key). Shared: read only."""
+    return Config().model_dump()
+
+
 def _config_fields() -> list[str]:
     return [f"{s}.{f}" for s, model in _SECTIONS.items() for f in model.model_fields]
 
@@ -285,14 +325,36 @@ def _normalise_entry(key: str, entry: Any, where: str) -> dict[str, Any]:
     kind = entry["type"]
     required, optional = _ENTRY_FIELDS[kind]
     missing = sorted(required - entry.keys())
-    unknown = sorted(entry.keys() - required - optional.keys() - {"type"})
+    unknown = sorted(entry.keys() - required - optional.keys() - {"type", "when"})
     if missing or unknown:
         what = "; ".join(filter(None, [f"missing {', '.join(missing)}" if missing else "",
                                        f"unknown field(s) {', '.join(unknown)}" if unknown else ""]))
         raise SpaceError(f"{where}: {key!r}: {what}; expected {_SHAPES[kind]}")
-    out = {"type": kind, **optional, **{k: v for k, v in entry.items() if k != "type"}}
+    out = {"type": kind, **optional, **{k: v for k, v in entry.items() if k not in ("type", "when")}}
     (_check_categorical if kind == "categorical" else _check_range)(key, out, where)
+    when = _normalise_when(key, entry.get("when"), where)
+    if when:
+        out["when"] = when
     return out
+
+
+def _normalise_when(key: str, when: Any, where: str) -> list[dict[str, list]]:
+    """A `when` as a list of conjunctions {key: [allowed values]}; [] means always active."""
+    shape = ('{"model.tokens": ["patch"]} or a list of such objects (any one of them holding), '
+             'each mapping a key to the list of its values for which this key exists')
+    if when is None:
+        return []
+    conjunctions = when if isinstance(when, list) else [when]
+    for conj in conjunctions:
+        if not isinstance(conj, dict) or not conj or not all(
+                isinstance(k, str) and isinstance(v, list) and v for k, v in conj.items()):
+            raise SpaceError(f"{where}: {key!r}: 'when' must be {shape}; got {_short(when)}")
+    return [dict(conj) for conj in conjunctions]
+
+
+def _describe_when(when: list[dict[str, list]]) -> str:
+    return " or ".join(" and ".join(f"{k} is {' or '.join(json.dumps(v) for v in allowed)}"
+                                    for k, allowed in conj.items()) for conj in when)
 
 
 def _check_range(key: str, e: dict, where: str) -> None:
@@ -384,6 +446,8 @@ class SearchSpace:
         for key, entry in entries.items():
             self._check_key(key, entries)
             self.entries[key] = _normalise_entry(key, entry, where)
+        for key in self.entries:
+            self._check_when(key)
         default_base = Config().model_dump()
         for key, entry in self.entries.items():
             self._check_against_schema(key, entry, default_base)
@@ -406,6 +470,49 @@ class SearchSpace:
                 raise SpaceError(f"{self.where}: {key!r} and the virtual key {v.key!r} ({v.formula}) "
                                  f"both set {key}; search one of them: set the other to null")
 
+    def _check_when(self, key: str) -> None:
+        """A condition names an earlier categorical key (with some of its choices) or a config
+        field outside the space."""
+        order = list(self.entries)
+        for conj in self.entries[key].get("when", []):
+            for other, allowed in conj.items():
+                if other in self.entries:
+                    entry = self.entries[other]
+                    if order.index(other) >= order.index(key) or entry["type"] != "categorical":
+                        raise SpaceError(f"{self.where}: {key!r}: 'when' names {other!r}, which must be a "
+                                         f"categorical key listed before {key!r}")
+                    # A value the default space offers may have been narrowed away: it never holds then.
+                    known = entry["choices"] + DEFAULT_SPACE.get(other, {}).get("choices", [])
+                    bad = [a for a in allowed if not any(_same(a, c) for c in known)]
+                    if bad:
+                        raise SpaceError(f"{self.where}: {key!r}: 'when' lists {_short(bad[0])} for {other!r}, "
+                                         f"which is not one of its choices {_short(entry['choices'])}")
+                elif other in VIRTUAL_KEYS or other not in _config_fields():
+                    raise SpaceError(f"{self.where}: {key!r}: 'when' names {other!r}, which is neither a key of "
+                                     f"the space nor a config field{_did_you_mean(other)}")
+
+    def _witness(self, key: str, value: Any, base: dict) -> dict[str, Any]:
+        """Params in which `key` is active with `value`: the conditions it needs are met, every
+        other active key at its first choice (or low end). Used to check values against the schema."""
+        needed: dict[str, Any] = {}
+
+        def need(k: str) -> None:
+            for conj in self.entries[k].get("when", [])[:1]:
+                for other, allowed in conj.items():
+                    if other in self.entries and other not in needed:
+                        needed[other] = allowed[0]
+                        need(other)
+        need(key)
+        params: dict[str, Any] = {}
+        for k, entry in self.entries.items():
+            if self.is_active(k, params, base):
+                first = entry["choices"][0] if entry["type"] == "categorical" else entry["low"]
+                params[k] = value if k == key else needed.get(k, first)
+        if key not in params:
+            raise SpaceError(f"{self.where}: {key!r} can never be active: its 'when' conditions "
+                             f"({_describe_when(self.entries[key]['when'])}) cannot all hold")
+        return params
+
     def _check_against_schema(self, key: str, entry: dict, base: dict) -> None:
         """Every choice (or range end) must make a valid config; class names become canonical."""
         canonical = []
@@ -415,7 +522,7 @@ class SearchSpace:
             if problem:
                 raise SpaceError(f"{self.where}: {key!r}: value {_short(value)} {problem}")
             try:
-                validate_config(self._apply({key: value}, base), where=f"{key}={_short(value)}")
+                validate_config(self._apply(self._witness(key, value, base), base), where=f"{key}={_short(value)}")
             except ConfigError as e:
                 raise SpaceError(f"{self.where}: {key!r}: value {_short(value)} does not make a valid "
                                  f"config on the default base:\n{e}") from None
@@ -424,20 +531,90 @@ class SearchSpace:
             entry["choices"] = canonical
             _check_categorical(key, entry, self.where)  # "Adam" and "optim.Adam" are one choice
 
+    # -- conditions
+
+    def is_active(self, key: str, params: dict[str, Any], base: dict) -> bool:
+        """Whether `key` exists given the params chosen so far (earlier keys) and the base config."""
+        when = self.entries[key].get("when")
+        if not when:
+            return True
+
+        def holds(other: str, allowed: list) -> bool:
+            if other in self.entries:
+                return other in params and any(_same(params[other], a) for a in allowed)
+            return any(_same(_get(base, other), a) for a in allowed)
+        return any(all(holds(o, a) for o, a in conj.items()) for conj in when)
+
+    def active_keys(self, params: dict[str, Any], base: dict) -> list[str]:
+        """The keys active for `params` (which may hold more), in the space's order."""
+        chosen: dict[str, Any] = {}
+        keys = []
+        for key in self.entries:
+            if self.is_active(key, chosen, base):
+                keys.append(key)
+                if key in params:  # a missing key stays active, but no condition on it holds
+                    chosen[key] = params[key]
+        return keys
+
+    def conditional(self) -> bool:
+        return any(entry.get("when") for entry in self.entries.values())
+
+    def sample(self, trial, base_config: dict) -> dict[str, Any]:
+        """Define-by-run: suggest each active key from an Optuna trial, in the space's order."""
+        base = self._full(base_config, "base config")
+        params: dict[str, Any] = {}
+        for key, e in self.entries.items():
+            if not self.is_active(key, params, base):
+                continue
+            if e["type"] == "float":
+                params[key] = trial.suggest_float(key, e["low"], e["high"], log=e["log"])
+            elif e["type"] == "int":
+                params[key] = trial.suggest_int(key, e["low"], e["high"], step=e["step"], log=e["log"])
+            else:
+                params[key] = trial.suggest_categorical(key, e["choices"])
+        return params
+
+    def branches(self, base_config: dict | None = None) -> list[tuple[dict[str, Any], list[str]]]:
+        """Every way the conditions can play out: (values of the keys that conditions name,
+        the keys active then), in the space's order. An unconditional space has one branch."""
+        base = self.full_config(base_config)
+        drivers = {k for e in self.entries.values() for conj in e.get("when", []) for k in conj}
+        order = list(self.entries)
+        out: list[tuple[dict[str, Any], list[str]]] = []
+
+        def walk(i: int, chosen: dict[str, Any]) -> None:
+            if i == len(order):
+                out.append(({k: v for k, v in chosen.items() if k in drivers}, list(chosen)))
+                return
+            key = order[i]
+            if not self.is_active(key, chosen, base):
+                walk(i + 1, chosen)
+            elif key in drivers:
+                for choice in self.entries[key]["choices"]:
+                    walk(i + 1, {**chosen, key: choice})
+            else:
+                walk(i + 1, {**chosen, key: None})
+        walk(0, {})
+        return out
+
     # -- params <-> configs
 
     def _apply(self, params: dict[str, Any], base: dict) -> dict:
         """Deep copy of a full config with `params` applied, then the virtual derivations."""
         cfg = copy.deepcopy(base)
+        default = _default_config()
         base_criterion = base["training"]["criterion_class"]
-        naturals = {k: v.natural(base) for k, v in VIRTUAL_KEYS.items() if k not in params}
-        for key, value in params.items():
-            if key not in VIRTUAL_KEYS:
-                _set(cfg, key, value)
+        # A virtual key outside the space keeps the base's ratio; an inactive one the default's.
+        naturals = {k: v.natural(default if k in self.entries else base) for k, v in VIRTUAL_KEYS.items()}
+        for key in self.entries:
+            if key in VIRTUAL_KEYS:
+                continue
+            # An inactive key takes the schema default: settings a model does not use have one value.
+            _set(cfg, key, params[key] if key in params else _get(default, key))
         for key, v in VIRTUAL_KEYS.items():
-            if any(field in params for field in v.derives):
-                continue  # the derived field is searched directly
-            for path, derived in v.derive(cfg, params.get(key, naturals.get(key))).items():
+            if any(field in params or field in self.entries for field in v.derives):
+                continue  # the derived field is in the space itself
+            for path, derived in v.derive(cfg, params.get(key, naturals[key])).items():
                 _set(cfg, path, derived)
         training = cfg["training"]
         if "training.optimizer_class" in params:
@@ -453,28 +630,38 @@ class SearchSpace:
     def _full(self, config: dict, where: str) -> dict:
         return validate_config(config, where=where).model_dump()
 
+    def full_config(self, config: dict | None = None) -> dict:
+        """A config with every field filled in (the schema's defaults when None), for `is_active`."""
+        return _default_config() if config is None else self._full(config, "base config")
+
     def to_config(self, params: dict[str, Any], base_config: dict) -> dict:
         """A new full config: the base with `params` applied (virtual keys derived); it validates.
 
         `params` must hold exactly the space's keys, each inside its entry (SpaceError otherwise).
         """
-        missing = [k for k in self.entries if k not in params]
-        unknown = [k for k in params if k not in self.entries]
-        if missing or unknown:
-            raise SpaceError(f"params do not match the search space: missing {missing or 'none'}, "
-                             f"not in the space {unknown or 'none'}; give one value per key of "
-                             f"the space ({', '.join(self.entries)})")
-        clean = {}
-        for key, value in params.items():
-            value = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
-            ok, clean[key] = _match(self.entries[key], value)
-            if not ok:
-                raise SpaceError(f"params[{key!r}] = {_short(value)} is outside the search space "
-                                 f"({_describe_entry(self.entries[key])})")
         try:
             base = self._full(base_config, "base config")
         except ConfigError as e:
             raise SpaceError(f"the base config is invalid, fix it first:\n{e}") from None
+        clean: dict[str, Any] = {}
+        missing = []
+        for key, entry in self.entries.items():
+            if not self.is_active(key, clean, base):
+                continue
+            if key not in params:
+                missing.append(key)
+                continue
+            value = params[key]
+            value = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
+            ok, clean[key] = _match(entry, value)
+            if not ok:
+                raise SpaceError(f"params[{key!r}] = {_short(value)} is outside the search space "
+                                 f"({_describe_entry(entry)})")
+        extra = [k for k in params if k not in clean and k not in missing]
+        if missing or extra:
+            raise SpaceError(f"params do not match the search space: missing {missing or 'none'}, "
+                             f"not in the space or not used with these values {extra or 'none'}; give one "
+                             f"value per active key ({', '.join(self.active_keys(params, base))})")
         cfg = self._apply(clean, base)
         try:
             validate_config(cfg, where="config built from params")
@@ -495,8 +682,10 @@ class SearchSpace:
         except ConfigError as e:
             log.debug("config is not representable: it does not validate: %s", e)
             return None
-        params = {}
+        params: dict[str, Any] = {}
         for key, entry in self.entries.items():
+            if not self.is_active(key, params, full):
+                continue
             ok, params[key] = self._param_for(key, entry, full)
             if not ok:
                 log.debug("config is not representable: %s is outside %s", key, _describe_entry(entry))
@@ -518,14 +707,18 @@ class SearchSpace:
 
     # -- views
 
-    def distributions(self) -> dict[str, od.BaseDistribution]:
-        """Optuna distributions, one per key, in the space's order."""
-        return {key: _distribution(entry) for key, entry in self.entries.items()}
+    def distributions(self, params: dict[str, Any] | None = None) -> dict[str, od.BaseDistribution]:
+        """Optuna distributions, one per key (or per key of `params`), in the space's order."""
+        return {key: _distribution(entry) for key, entry in self.entries.items()
+                if params is None or key in params}
 
     def describe(self) -> str:
         """One line per key, for prompts and --help."""
         lines = []
+        reachable = {k for _, keys in self.branches() for k in keys}
         for key, entry in self.entries.items():
+            if key not in reachable:
+                continue  # its conditions name values the space no longer offers
             note = ""
             if key in VIRTUAL_KEYS:
                 note = f"  (virtual: {VIRTUAL_KEYS[key].formula})"
@@ -536,12 +729,17 @@ class SearchSpace:
             elif key == "training.optimizer_class":
                 sgd = [c for c in entry["choices"] if c in OPTIMIZER_KWARGS]
                 note = "".join(f"  ({c} gets optimizer_kwargs {json.dumps(OPTIMIZER_KWARGS[c])})" for c in sgd)
+            if entry.get("when"):
+                note += f"  (only when {_describe_when(entry['when'])})"
             lines.append(f"{key}: {_describe_entry(entry)}{note}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         """The space in the file format; removed default keys appear as null, so it loads back."""
         out: dict[str, Any] = copy.deepcopy(self.entries)
+        for key, entry in out.items():
+            if "when" in DEFAULT_SPACE.get(key, {}) and "when" not in entry:
+                entry["when"] = None  # made unconditional on purpose; a missing "when" would inherit
         out.update({key: None for key in DEFAULT_SPACE if key not in self.entries})
         return out
 
@@ -562,6 +760,9 @@ def space_from_overrides(overrides: dict[str, Any], where: str = "search space")
                 raise SpaceError(f"{where}: {key!r} is null (remove) but is not in the default space"
                                  f"{_did_you_mean(key)}; default keys: {', '.join(DEFAULT_SPACE)}")
             del entries[key]
+        elif isinstance(entry, dict) and "when" not in entry and key in DEFAULT_SPACE and "when" in DEFAULT_SPACE[key]:
+            # A new range for a conditional key keeps the condition ("when": null makes it unconditional).
+            entries[key] = {**entry, "when": DEFAULT_SPACE[key]["when"]}
         else:
             entries[key] = entry
     return SearchSpace(entries, where=where)

@@ -46,15 +46,25 @@ def _property(key: str, entry: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{key!r}: unknown search-space entry type {kind!r}")
 
 
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
 def proposal_json_schema(space: SearchSpace) -> dict[str, Any]:
-    """A JSON schema for one proposal: the space's keys, exact types and ranges, all required."""
-    properties = {key: _property(key, entry) for key, entry in space.entries.items()}
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties),
-        "additionalProperties": False,
-    }
+    """A JSON schema for one proposal: the space's keys, exact types and ranges, all required.
+
+    A conditional space (keys with "when") gives one object per branch under "anyOf": the keys
+    that conditions name are pinned to the branch's values, and only the keys active in that
+    branch appear, so a constrained reply is a valid combination by construction.
+    """
+    if not space.conditional():
+        return _object({key: _property(key, entry) for key, entry in space.entries.items()})
+    branches = []
+    for fixed, keys in space.branches():
+        branches.append(_object({key: {"enum": [_json_value(fixed[key])]} if key in fixed
+                                 else _property(key, space.entries[key]) for key in keys}))
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 
 def _is_number(value: Any) -> bool:
@@ -95,11 +105,13 @@ def _param(key: str, entry: dict[str, Any], value: Any) -> Any:
     return int(value)
 
 
-def params_from_json(obj: Any, space: SearchSpace) -> dict[str, Any]:
-    """Optuna-style params (one value per space key, in the space's order) from a JSON object.
+def params_from_json(obj: Any, space: SearchSpace, base_config: dict | None = None) -> dict[str, Any]:
+    """Optuna-style params (one value per active space key, in the space's order) from a JSON object.
 
     Raises ValueError naming the key when a key is missing, unknown, or its value is outside
-    the space. A JSON string is parsed first.
+    the space. Keys of the space that the reply's own choices leave inactive (patch_len with
+    time tokens) are ignored. A JSON string is parsed first. `base_config` decides conditions
+    on config fields outside the space (default: the schema's defaults).
     """
     if isinstance(obj, (str, bytes)):
         try:
@@ -112,8 +124,17 @@ def params_from_json(obj: Any, space: SearchSpace) -> dict[str, Any]:
     unknown = [k for k in obj if k not in space.entries]
     if unknown:
         raise ValueError(f"{unknown[0]}: not a search-space key (keys: {', '.join(space.entries)})")
-    missing = [k for k in space.entries if k not in obj]
+    base = space.full_config(base_config)
+    params: dict[str, Any] = {}
+    missing = []
+    for key, entry in space.entries.items():
+        if not space.is_active(key, params, base):
+            continue
+        if key in obj:
+            params[key] = _param(key, entry, obj[key])
+        else:
+            missing.append(key)
     if missing:
         raise ValueError(f"{missing[0]}: missing from the proposal"
                          + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""))
-    return {key: _param(key, entry, obj[key]) for key, entry in space.entries.items()}
+    return params

@@ -15,17 +15,20 @@ from nas_agent.agent_state import load_agent_state
 from nas_agent.config import load_config
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 
-TINY_SPACE = {
+TINY_SPACE = {  # every family of the default space, at tiny sizes
     "model.n_heads": {"type": "categorical", "choices": [2]},
-    "model.head_dim": {"type": "categorical", "choices": [4, 8]},
+    "model.d_model": {"type": "categorical", "choices": [8, 16]},
     "model.e_layers": {"type": "int", "low": 1, "high": 2},
     "model.d_layers": None,
-    "model.ff_mult": {"type": "categorical", "choices": [2]},
+    "model.d_ff": {"type": "categorical", "choices": [16, 32]},
     "data.seq_len": {"type": "categorical", "choices": [48]},
+    "model.decomp_kernel": {"type": "categorical", "choices": [13, 25]},  # <= seq_len
     "data.label_frac": {"type": "categorical", "choices": [0.5]},
     "training.batch_size": {"type": "categorical", "choices": [32]},
 }
 QUICK = ["--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
+# No warm start: the shipped archetypes are full-size models (test_warm_start has tiny ones).
+NO_WARM_START = ["--warm-start", "off"]
 
 
 @pytest.fixture
@@ -42,7 +45,8 @@ def cli(study: Path, *args, timeout=600, **kw):
 
 
 def search_args(max_runs, proposer="tpe", *extra):
-    return ["--max-runs", str(max_runs), "--proposer", proposer, "--space", "space.json", *QUICK, *extra]
+    return ["--max-runs", str(max_runs), "--proposer", proposer, "--space", "space.json", *QUICK, *NO_WARM_START,
+            *extra]
 
 
 def assert_consistent(study: Path, n_runs: int):

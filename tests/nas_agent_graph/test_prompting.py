@@ -34,6 +34,8 @@ def synthetic_study(n: int, seed: int = 0) -> AgentState:
     for i in range(n):
         params = {}
         for key, entry in SPACE.entries.items():
+            if not SPACE.is_active(key, params, BASE):
+                continue  # define-by-run, as the samplers draw
             if entry["type"] == "categorical":
                 params[key] = rng.choice(entry["choices"])
             elif entry["type"] == "int":

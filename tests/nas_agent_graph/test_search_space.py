@@ -1,4 +1,5 @@
-"""The search space: every sample is a valid config, params round-trip, user files are checked."""
+"""The search space: every sample is a valid config, params round-trip, conditional keys exist
+only where they mean something, user files are checked."""
 import json
 
 import optuna
@@ -7,6 +8,8 @@ import pytest
 from nas_agent.config import load_config, validate_config
 from nas_agent_graph.search_space import DEFAULT_SPACE, SearchSpace, SpaceError, load_space, space_from_overrides
 from tests.conftest import ROOT
+
+SHIPPED = ("informer", "dlinear", "patchtst42", "patchtst64", "itransformer", "tsmixer")
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +28,57 @@ def _write(tmp_path, overrides) -> str:
     return str(path)
 
 
-def _random_params(space: SearchSpace, n: int, seed: int = 0) -> list[dict]:
+def _random_params(space: SearchSpace, n: int, seed: int = 0, base: dict | None = None) -> list[dict]:
+    """Define-by-run samples, as the proposers draw them."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [study.ask(space.distributions()).params for _ in range(n)]
+    base = base or load_config(ROOT / "config.py").model_dump()
+    return [space.sample(study.ask(), base) for _ in range(n)]
 
 
 def test_every_random_sample_is_valid_and_round_trips(space, base):
-    for params in _random_params(space, 300):
+    families = set()
+    for params in _random_params(space, 400):
         config = space.to_config(params, base)
         cfg = validate_config(config)
         m, d = cfg.model, cfg.data
-        assert m.d_model % m.n_heads == 0
-        assert m.d_model == params["model.head_dim"] * params["model.n_heads"]
-        assert m.d_ff == params["model.ff_mult"] * m.d_model
         assert 1 <= d.label_len <= d.seq_len
         assert space.from_config(config) == params
+        families.add((m.head, m.tokens, m.mixer))
+        if m.head == "linear":
+            assert "model.d_layers" not in params and "data.label_frac" not in params
+        if m.tokens == "patch":
+            assert {"model.patch_len", "model.stride"} <= params.keys()
+        else:
+            assert "model.patch_len" not in params and m.patch_len == 16  # the schema default
+        if m.mixer == "none" and m.head == "linear":
+            assert "model.d_model" not in params and m.d_model == 256
+    # Informer, and every token kind with every mixer, are reached.
+    assert ("decoder", "time", "attention") in families
+    assert {(t, x) for h, t, x in families if h == "linear"} == {
+        (t, x) for t in ("time", "patch", "variate") for x in ("attention", "mlp", "none")}
+
+
+def test_conditional_keys_follow_their_conditions(space, base):
+    assert space.conditional()
+    params = next(p for p in _random_params(space, 200) if p.get("model.tokens") == "patch")
+    with pytest.raises(SpaceError, match=r"missing \['model.patch_len'\]"):
+        space.to_config({k: v for k, v in params.items() if k != "model.patch_len"}, base)
+    informer = next(p for p in _random_params(space, 50) if p["model.head"] == "decoder")
+    with pytest.raises(SpaceError, match=r"not used with these values \['model.patch_len'\]"):
+        space.to_config({**informer, "model.patch_len": 16}, base)
+    assert space.active_keys({"model.head": "linear", "model.tokens": "variate"}, base).count("model.channels") == 0
+    assert "model.channels" in space.active_keys({"model.head": "linear", "model.tokens": "time"}, base)
+
+
+def test_branches_match_the_active_keys(space, base):
+    branches = space.branches()
+    assert len(branches) == 26  # decoder: attn x2; linear: tokens x3, mixer (attention: attn x2, mlp, none), decomp x2
+    for params in _random_params(space, 60, seed=3):
+        fixed = {k: params[k] for k in ("model.head", "model.tokens", "model.mixer", "model.attn", "model.decomp")
+                 if k in params}
+        match = [keys for f, keys in branches if f == fixed]
+        assert match == [list(params)]
 
 
 def test_to_config_returns_a_new_dict_and_derives_companion_settings(space, base):
@@ -67,27 +106,57 @@ def test_to_config_rejects_params_outside_the_space(space, base):
         space.to_config({k: v for k, v in params.items() if k != "model.dropout"}, base)
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_are_points_of_the_default_space(space, name):
+    config = load_config(ROOT / "configs" / f"{name}.py").model_dump()
+    params = space.from_config(config)
+    assert params is not None, f"configs/{name}.py is outside the default space: samplers could not learn from it"
+    assert params["model.head"] == config["model"]["head"]
+
+
 def test_baseline_is_representable_and_odd_configs_are_not(space, base):
     params = space.from_config(base)
-    assert params["model.head_dim"] == 64 and params["model.n_heads"] == 4
-    assert params["data.label_frac"] == 0.5 and params["model.ff_mult"] == 4
+    assert params["model.head"] == "decoder" and params["model.d_model"] == 256 and params["model.n_heads"] == 4
+    assert params["data.label_frac"] == 0.5 and params["model.d_ff"] == 1024
+    assert "model.tokens" not in params
     odd = json.loads(json.dumps(base))
     odd["model"].update({"d_model": 100, "n_heads": 4, "d_ff": 400})
-    assert space.from_config(odd) is None
-    odd = json.loads(json.dumps(base))
-    odd["model"]["d_ff"] = 3 * 256  # ff_mult 3 is not a choice
     assert space.from_config(odd) is None
     assert space.from_config({"model": {"d_model": 100, "n_heads": 3}}) is None  # invalid config
     partial = {"training": {"lr": 1e-3}}  # schema defaults fill the rest
     assert space.from_config(partial)["training.lr"] == 1e-3
 
 
+def test_old_informer_space_is_kept_as_a_file(base):
+    space = load_space(ROOT / "spaces" / "informer.json")
+    assert not any(k in space.entries for k in ("model.tokens", "model.mixer", "model.d_model"))
+    for params in _random_params(space, 100):
+        cfg = validate_config(space.to_config(params, base))
+        assert cfg.model.head == "decoder"
+        assert cfg.model.d_model == params["model.head_dim"] * params["model.n_heads"]
+        assert cfg.model.d_ff == params["model.ff_mult"] * cfg.model.d_model
+        assert space.from_config(cfg.model_dump()) == params
+
+
+def test_a_space_file_restricts_a_study_to_one_family(tmp_path, base):
+    space = load_space(ROOT / "spaces" / "patchtst.json")
+    text = space.describe()
+    assert "model.d_layers" not in text and "model.patch_len" in text  # keys that can never exist are not shown
+    for params in _random_params(space, 40):
+        cfg = validate_config(space.to_config(params, base))
+        assert (cfg.model.head, cfg.model.tokens, cfg.model.channels, cfg.model.mixer) == (
+            "linear", "patch", "independent", "attention")
+        assert cfg.model.revin and cfg.data.seq_len >= 336
+
+
 def test_describe_and_to_json(space, tmp_path):
     text = space.describe()
     assert len(text.splitlines()) == len(DEFAULT_SPACE)
     assert "training.lr: float in [1e-05, 0.01], log scale" in text
-    assert "model.d_model = head_dim * n_heads" in text
-    narrowed = load_space(_write(tmp_path, {"model.dropout": None}))
+    assert 'model.patch_len: one of [8, 16, 24, 32]  (only when model.tokens is "patch")' in text
+    narrowed = load_space(_write(tmp_path, {"model.dropout": None,
+                                            "model.stride": {"type": "categorical", "choices": [8], "when": None}}))
+    assert "when" not in narrowed.entries["model.stride"]  # made unconditional on purpose
     again = load_space(_write(tmp_path, narrowed.to_json()))
     assert again.entries == narrowed.entries and "model.dropout" not in again.entries
 
@@ -99,9 +168,11 @@ def test_user_file_narrows_and_extends(tmp_path, base):
         "training.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
         "model.activation": {"type": "categorical", "choices": ["gelu", "relu"]},
         "training.optimizer_class": {"type": "categorical", "choices": ["Adam", "torch.optim.SGD"]},
+        "model.patch_len": {"type": "categorical", "choices": [12, 16]},  # keeps its condition
     })
     space = load_space(path)
     assert "model.dropout" not in space.entries and "model.activation" in space.entries
+    assert space.entries["model.patch_len"]["when"] == [{"model.tokens": ["patch"]}]
     assert space.entries["training.optimizer_class"]["choices"] == ["optim.Adam", "optim.SGD"]
     for params in _random_params(space, 40, seed=1):
         config = space.to_config(params, base)
@@ -113,19 +184,19 @@ def test_user_file_narrows_and_extends(tmp_path, base):
 
 
 def test_removed_virtual_key_keeps_the_base_ratio(base):
-    space = space_from_overrides({"model.head_dim": None, "data.label_frac": None})
+    space = space_from_overrides({"model.d_model": None, "data.label_frac": None,
+                                  "model.head": {"type": "categorical", "choices": ["decoder"]}})
     for params in _random_params(space, 30):
         cfg = validate_config(space.to_config(params, base))
-        assert cfg.model.d_model == 64 * cfg.model.n_heads  # the base's 256 / 4
         assert cfg.data.label_len == cfg.data.seq_len // 2  # the base's 48 / 96
-    fixed = space_from_overrides({"model.head_dim": None, "model.n_heads": None})
-    assert all(fixed.to_config(p, base)["model"]["d_model"] == 256 for p in _random_params(fixed, 10))
+        # Not searched: the base's width per head (256 / 4), so d_model % n_heads holds whatever n_heads is.
+        assert cfg.model.d_model == 64 * cfg.model.n_heads
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"training.lrr": {"type": "float", "low": 1e-4, "high": 1e-3}}, r"unknown key 'training.lrr' \(did you mean 'training.lr'\?\)"),
     ({"lr": {"type": "float", "low": 1e-4, "high": 1e-3}}, r"did you mean 'training.lr'"),
-    ({"model.head_dimm": None}, r"did you mean 'model.head_dim'"),
+    ({"model.d_modell": None}, r"did you mean 'model.d_model'"),
     ({"model.dropout": [0.1, 0.2]}, r"'model.dropout': expected an entry of one of these shapes"),
     ({"model.dropout": {"type": "float", "min": 0.0, "high": 0.2}}, r"'model.dropout': missing low; unknown field\(s\) min; expected \{\"type\": \"float\""),
     ({"model.dropout": {"type": "float", "low": 0.3, "high": 0.1}}, r"low 0.3 is above high 0.1"),
@@ -139,7 +210,12 @@ def test_removed_virtual_key_keeps_the_base_ratio(base):
     ({"training.optimizer_class": {"type": "categorical", "choices": ["Adam", "optim.Adam"]}}, r"listed twice"),
     ({"model.dropout": {"type": "float", "low": 0.0, "high": 0.95}}, r"'model.dropout': value 0.95 does not make a valid config"),
     ({"data.label_frac": {"type": "categorical", "choices": [0.5, 1.5]}}, r"value 1.5 must be a number in \(0, 1\]"),
-    ({"model.d_model": {"type": "categorical", "choices": [128, 256]}}, r"'model.d_model' and the virtual key 'model.head_dim'.*set the other to null"),
+    ({"model.head_dim": {"type": "categorical", "choices": [16, 32]}}, r"'model.d_model' and the virtual key 'model.head_dim'.*set the other to null"),
+    ({"model.patch_len": {"type": "categorical", "choices": [16], "when": {"model.strid": ["x"]}}}, r"'when' names 'model.strid'.*did you mean 'model.stride'"),
+    ({"model.patch_len": {"type": "categorical", "choices": [16], "when": {"model.tokens": ["pach"]}}}, r"'when' lists \"pach\" for 'model.tokens'"),
+    ({"model.tokens": {"type": "categorical", "choices": ["time"], "when": {"model.patch_len": [16]}}}, r"'when' names 'model.patch_len', which must be a categorical key listed before"),
+    ({"model.patch_len": {"type": "categorical", "choices": [16], "when": "tokens=patch"}}, r"'when' must be"),
+    ({"model.tokens": {"type": "categorical", "choices": ["time", "patch"], "when": None}}, r"(?s)'model.tokens': value \"patch\" does not make a valid config.*with model.head 'decoder'"),
     ({"model.enc_in": {"type": "int", "low": 1, "high": 7}}, r"'model.enc_in' cannot be searched: it is filled in by train.py"),
     ({"data.pred_len": {"type": "categorical", "choices": [24, 96]}}, r"would not be comparable"),
 ])
@@ -158,8 +234,10 @@ def test_bad_json_and_missing_file(tmp_path):
         load_space(tmp_path / "nope.json")
 
 
-def test_direct_d_model_is_allowed_without_head_dim(base):
-    space = space_from_overrides({"model.head_dim": None,
-                                  "model.d_model": {"type": "categorical", "choices": [128, 256]}})
-    for params in _random_params(space, 20):
-        assert space.to_config(params, base)["model"]["d_model"] in (128, 256)
+def test_head_dim_may_replace_d_model(base):
+    space = space_from_overrides({"model.d_model": None,
+                                  "model.head_dim": {"type": "categorical", "choices": [16, 32]}})
+    for params in _random_params(space, 30):
+        cfg = validate_config(space.to_config(params, base))
+        if "model.n_heads" in params:
+            assert cfg.model.d_model == params["model.head_dim"] * params["model.n_heads"]
