@@ -46,8 +46,9 @@ def test_run_writes_every_file_and_beats_naive(two_runs):
         assert isinstance(m[k], float) and m[k] == m[k] and m[k] < 1e3, k
     assert m["val_mse"] < m["naive_val_mse"], "must beat repeating the last value"
     assert m["epochs_run"] == 3 and 1 <= m["best_epoch"] <= 3 and m["n_params"] > 0
-    history = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    saved = json.loads((run / "history.json").read_text())
+    history = saved["epochs"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and saved["best_epoch"] == m["best_epoch"]
     assert set(history[0]) >= {"train_mse", "val_mse", "val_mae", "lr", "epoch_time_s"}
     # The reported val_mse is the best epoch's, re-measured on the restored checkpoint.
     assert m["val_mse"] == pytest.approx(history[m["best_epoch"] - 1]["val_mse"], rel=1e-6)
@@ -109,7 +110,7 @@ def test_overwrite_seed_flag_and_other_training_classes(tmp_path, tiny_config):
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = metrics_of(tmp_path, "r")
     assert m["seed"] == 7 and m["epochs_run"] == 2 and m["status"] == "ok"
-    history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())
+    history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["epochs"]
     if history[1]["val_mse"] >= history[0]["val_mse"]:  # plateau stepped with the validation MSE
         assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.1)
     assert all(h["train_loss"] != h["train_mse"] for h in history)  # Huber loss optimised, MSE reported

@@ -168,8 +168,8 @@ def test_field_type_errors(tmp_path, field, value, expected):
 
 def test_missing_and_unknown_fields(tmp_path):
     data = _valid_dict()
-    del data["runs"][0]["reason"]
-    assert "runs[0]: missing field(s) reason" in _load_error(tmp_path, data)
+    del data["runs"][0]["val_mse"]  # a key of the original nas_system's format: required
+    assert "runs[0]: missing field(s) val_mse" in _load_error(tmp_path, data)
     data = _valid_dict()
     data["runs"][0]["val_mes"] = 0.3
     assert "runs[0]: unknown field(s) 'val_mes'" in _load_error(tmp_path, data)

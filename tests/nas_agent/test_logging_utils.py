@@ -39,11 +39,12 @@ def test_unknown_status_rejected_on_save(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_missing_status_rejected_on_save(tmp_path):
+def test_missing_status_is_saved_as_ok(tmp_path):
     metrics = _metrics()
     del metrics["status"]
-    with pytest.raises(ValueError, match="no 'status' key"):
-        save_metrics(tmp_path, metrics)
+    save_metrics(tmp_path, metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "ok"
+    assert "status" not in metrics  # the caller's dict is left alone
 
 
 def test_corrupt_metrics_raises_with_path(tmp_path):
@@ -56,7 +57,6 @@ def test_corrupt_metrics_raises_with_path(tmp_path):
 
 
 @pytest.mark.parametrize("content, expected", [
-    ('{"val_mse": 0.3}', "missing field 'status'"),
     ('{"status": "weird"}', "unknown run status 'weird'"),
     ('[1, 2]', "expected a JSON object"),
 ])
@@ -72,14 +72,16 @@ def test_history_round_trip(tmp_path):
                 "val_mae": 0.9, "lr": 1e-3, "epoch_time_s": 0.5},
                {"epoch": 2, "train_loss": float("nan"), "train_mse": float("nan"),
                 "val_mse": float("inf"), "val_mae": None, "lr": 1e-3, "epoch_time_s": 0.5}]
-    save_history(tmp_path, history)
+    save_history(tmp_path, {"best_epoch": 1, "epochs": history})
     loaded = load_history(tmp_path)
-    assert loaded[0] == history[0]
-    assert loaded[1]["val_mse"] is None and loaded[1]["train_loss"] is None
+    assert loaded["best_epoch"] == 1 and loaded["epochs"][0] == history[0]
+    assert loaded["epochs"][1]["val_mse"] is None and loaded["epochs"][1]["train_loss"] is None
+    on_disk = json.loads((tmp_path / "history.json").read_text())
+    assert list(on_disk) == ["best_epoch", "epochs"] and len(on_disk["epochs"]) == 2
 
 
 def test_missing_history_is_empty(tmp_path):
-    assert load_history(tmp_path) == []
+    assert load_history(tmp_path) == {"best_epoch": None, "epochs": []}
 
 
 def test_corrupt_history_raises_with_path(tmp_path):
@@ -89,5 +91,11 @@ def test_corrupt_history_raises_with_path(tmp_path):
         load_history(tmp_path)
     assert str(path) in str(info.value)
     path.write_text(json.dumps([{"epoch": 1}, 5]), encoding="utf-8")
-    with pytest.raises(MetricsError, match=r"history\[1\] must be an object"):
+    with pytest.raises(MetricsError, match=r"epochs\[1\] must be an object"):
+        load_history(tmp_path)
+    path.write_text(json.dumps({"best_epoch": "one", "epochs": []}), encoding="utf-8")
+    with pytest.raises(MetricsError, match="best_epoch must be an epoch number or null, got 'one'"):
+        load_history(tmp_path)
+    path.write_text(json.dumps({"best": 1, "runs": []}), encoding="utf-8")
+    with pytest.raises(MetricsError, match='expected {"best_epoch": N, "epochs"'):
         load_history(tmp_path)

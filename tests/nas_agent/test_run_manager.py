@@ -1,8 +1,8 @@
 """Run folder naming and config snapshots."""
 import pytest
 
-from nas_agent.config import load_config
-from nas_agent.run_manager import get_run_dir, next_run_id, run_id_for, snapshot_config
+from nas_agent.config import load_config, write_config
+from nas_agent.run_manager import get_run_dir, next_run_id, run_id_for
 from tests.conftest import ROOT
 
 
@@ -16,13 +16,15 @@ def test_ids_count_from_known_ids_and_folders(tmp_path):
 
 
 def test_run_dir_rejects_path_tricks(tmp_path):
-    assert get_run_dir(tmp_path, "run_0002") == tmp_path / "run_0002"
-    for bad in ("../run_0001", "run_1", "run_0001/..", "x"):
+    assert get_run_dir("run_0002", tmp_path, create=False) == tmp_path / "run_0002"
+    assert not (tmp_path / "run_0002").exists()
+    for bad in ("../run_0001", "run_1", "run_0001/..", "x", tmp_path):
         with pytest.raises(ValueError, match="bad run id"):
-            get_run_dir(tmp_path, bad)
+            get_run_dir(bad, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_snapshot_is_a_loadable_config(tmp_path):
+def test_written_config_is_loadable(tmp_path):
     cfg = load_config(ROOT / "config.py", ["training.lr=0.003"])
-    path = snapshot_config(cfg, tmp_path / "config_used.py", header="snapshot")
+    path = write_config(cfg, tmp_path / "config_used.py", header="snapshot")
     assert load_config(path) == cfg and path.read_text().startswith("# snapshot")
