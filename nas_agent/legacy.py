@@ -174,10 +174,12 @@ def canonicalise(raw: dict) -> dict:
         if _has(out, path):
             moves += _moves(path, _pop(out, path))
     # Checked before any move: what is there now was written in the canonical spelling.
-    clashes = [f"{source} and {dotted(target)} both set {alias.what}; keep one"
-               for source, alias, target, _ in moves if _has(out, target)]
+    clashes: dict[KeyPath, str] = {}
+    for source, alias, target, _ in moves:
+        if _has(out, target) and not any(target[:len(t)] == t for t in clashes):  # one line per dict
+            clashes[target] = f"{source} and {dotted(target)} both set {alias.what}; keep one"
     if clashes:
-        raise ValueError("; ".join(clashes))
+        raise ValueError("; ".join(clashes.values()))
     for _, _, target, value in moves:
         _set(out, target, value)
     return out

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from nas_agent.config import load_config
+from nas_agent.config import load_config, parse_config_source
 from tests.conftest import PYTHON, ROOT, run_env
 
 OUTPUTS = ("config_used.py", "metrics.json", "history.json", "learning_curve.png", "best_model.pth", "train.log")
@@ -209,3 +209,25 @@ def test_a_pending_signal_interrupts_evaluation(tiny_config):
             train_mod.evaluate(model, ds.val, torch.device("cpu"), amp=False)
     finally:
         train_mod._stop_signal.clear()
+
+
+def test_readme_config_trains_and_its_config_used_reruns_as_is(tmp_path, readme_config):
+    """The original nas_system's config.py example, as written, with a small budget (a few steps, a small
+    slice of ETTh1 to evaluate on); an override in its spelling; config_used.py comes out in the same
+    spelling and re-runs without flags to the same result."""
+    proc = train(tmp_path, readme_config, "old", "--set", "training.max_epochs=1",
+                 "--set", "training.max_steps_per_epoch=5", "--set", "data.split=ratio",
+                 "--set", "data.split_ratios=[0.1, 0.02, 0.02]", "--set", "training.optimizer_params.lr=3e-4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "runs" / "old"
+    history = json.loads((run / "history.json").read_text())
+    assert history["best_epoch"] == 1 and history["epochs"][0]["lr"] == pytest.approx(3e-4)
+    used = run / "config_used.py"
+    raw = parse_config_source(used.read_text())
+    assert raw["training"]["optimizer_params"] == {"lr": 3e-4, "weight_decay": 1e-4}
+    assert raw["training"]["scheduler_params"] == {"T_max": 10} and raw["data"]["batch_size"] == 32
+    assert "lr" not in raw["training"] and raw["seed"] == 2021
+    again = train(tmp_path, used, "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    first, second = metrics_of(tmp_path, "old"), metrics_of(tmp_path, "again")
+    assert first["config_hash"] == second["config_hash"] and first["val_mse"] == second["val_mse"]

@@ -99,3 +99,47 @@ def test_corrupt_history_raises_with_path(tmp_path):
     path.write_text(json.dumps({"best": 1, "runs": []}), encoding="utf-8")
     with pytest.raises(MetricsError, match='expected {"best_epoch": N, "epochs"'):
         load_history(tmp_path)
+
+
+# --------------------------------------------------------------------------- the original nas_system's API
+
+def test_readme_logging_snippet_in_a_fresh_directory(tmp_path, monkeypatch):
+    """The README's logging example, as written: metrics without a status, runs/run_0000 not made yet."""
+    monkeypatch.chdir(tmp_path)
+    from pathlib import Path
+    from nas_agent import save_metrics, load_metrics, save_history, load_history
+
+    metrics = {
+        "val_mse": 0.185,
+        "test_mse": 0.192,
+        "best_epoch": 17,
+    }
+    save_metrics(Path("runs/run_0000"), metrics)
+    metrics = load_metrics(Path("runs/run_0000"))
+    assert metrics == {"status": "ok", "val_mse": 0.185, "test_mse": 0.192, "best_epoch": 17}
+
+    history = {
+        "best_epoch": 17,
+        "epochs": [
+            {"epoch": 0, "train_mse": 1.02, "val_mse": 1.05},
+            {"epoch": 1, "train_mse": 0.85, "val_mse": 0.89},
+        ]
+    }
+    save_history(Path("runs/run_0000"), history)
+    assert json.loads((tmp_path / "runs" / "run_0000" / "history.json").read_text()) == history
+    assert load_history(Path("runs/run_0000")) == history
+
+
+def test_files_of_the_original_format_and_of_earlier_versions_load(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({  # the README's metrics.json: no status
+        "best_epoch": 17, "val_mse": 0.1855, "test_mse": 0.1923, "train_mse": 0.1621,
+        "train_time_sec": 285.4, "n_params": 4932103}))
+    assert load_metrics(tmp_path)["status"] == "ok" and load_metrics(tmp_path)["n_params"] == 4932103
+    # history.json of earlier versions of this project: the bare list of epochs.
+    epochs = [{"epoch": 1, "train_mse": 1.0, "val_mse": 0.9, "lr": 1e-3},
+              {"epoch": 2, "train_mse": 0.8, "val_mse": 0.7, "lr": 1e-3},
+              {"epoch": 3, "train_mse": 0.7, "val_mse": 0.75, "lr": 1e-3}]
+    (tmp_path / "history.json").write_text(json.dumps(epochs))
+    assert load_history(tmp_path) == {"best_epoch": 2, "epochs": epochs}
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": 1, "val_mse": None}]))
+    assert load_history(tmp_path)["best_epoch"] is None  # no finite val_mse: no best epoch

@@ -28,3 +28,20 @@ def test_written_config_is_loadable(tmp_path):
     cfg = load_config(ROOT / "config.py", ["training.lr=0.003"])
     path = write_config(cfg, tmp_path / "config_used.py", header="snapshot")
     assert load_config(path) == cfg and path.read_text().startswith("# snapshot")
+
+
+def test_readme_run_manager_snippet_in_a_fresh_directory(tmp_path, monkeypatch):
+    """The README's example, as written: the run folder is made under ./runs, the config copied as is."""
+    from tests.conftest import README_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.py").write_text(README_CONFIG)
+    from pathlib import Path
+    from nas_agent import get_run_dir, snapshot_config
+
+    run_dir = get_run_dir("run_0000")
+    snapshot_config(Path("config.py"), run_dir)
+
+    assert run_dir == Path("runs/run_0000") and (tmp_path / "runs" / "run_0000").is_dir()
+    assert (tmp_path / "runs" / "run_0000" / "config_used.py").read_text() == README_CONFIG
+    assert load_config(run_dir / "config_used.py") == load_config(tmp_path / "config.py")
