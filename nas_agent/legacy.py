@@ -138,7 +138,7 @@ def _moves(path: KeyPath, value: Any) -> list[tuple[str, Alias, KeyPath, Any]]:
     """
     if _is_old_dict(path):
         if not isinstance(value, dict):
-            raise ValueError(f"{dotted(path)} must be a dict of arguments, e.g. {{\"T_max\": 10}}, got {value!r}")
+            raise ValueError(f"{dotted(path)} must be a dict of arguments, got {value!r}")
         wild = next(a for a in ALIASES if a.wild and a.old[:-1] == path)
         moves = [(dotted(path), wild, wild.target, {})]
         for key, item in value.items():
