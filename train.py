@@ -2,8 +2,10 @@
 
     python train.py --config config.py --tag run_0000 [--set training.max_epochs=2] ...
 
-writes runs/<tag>/: config_used.py (re-runnable as is), history.json (one record per
-epoch, rewritten after every epoch), learning_curve.png, best_model.pth (state_dict,
+writes runs/<tag>/: config_used.py (the effective config, re-runnable as is, in the key
+spelling of --config: a config in the original nas_system's format gets one in that format),
+history.json ({"best_epoch": N, "epochs": [one record per epoch]}, rewritten after every
+epoch), learning_curve.png, best_model.pth (state_dict,
 config, scaler), train.log, and metrics.json, written atomically and last, so its
 presence means the run finished. A greppable `key: value` summary ends the output.
 
@@ -36,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas_agent.config import ConfigError, config_hash, load_config
+from nas_agent.config import ConfigError, config_hash, config_style, load_config, write_config
 from nas_agent.data import DataError, load_dataset
 from nas_agent.logging_utils import save_history, save_metrics
-from nas_agent.run_manager import snapshot_config
 from nas_agent.schema import resolve_class
 
 log = logging.getLogger("train")
@@ -294,13 +295,13 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         record = {"epoch": epoch, "train_loss": loss_sum / step, "train_mse": mse_sum / step,
                   "val_mse": val_mse, "val_mae": val_mae, "lr": lr, "epoch_time_s": time.monotonic() - t_epoch}
         state["history"].append(record)
-        save_history(run_dir, state["history"])  # per-epoch progress for the orchestrator
         improved = val_mse < state["best_val"]
         if improved:
             state.update(best_val=val_mse, best_epoch=epoch, best_state=copy.deepcopy(model.state_dict()))
             bad_epochs = 0
         else:
             bad_epochs += 1
+        save_history(run_dir, history_file(state))  # per-epoch progress for the orchestrator
         log.info("epoch %d/%d train_mse %.4f val_mse %.4f val_mae %.4f lr %.2e time %.1fs%s", epoch,
                  tc.max_epochs, record["train_mse"], val_mse, val_mae, lr, record["epoch_time_s"],
                  " *" if improved else "")
@@ -310,6 +311,11 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- outputs
+
+def history_file(state: dict) -> dict:
+    """history.json's content: the best epoch so far and every completed epoch."""
+    return {"best_epoch": state["best_epoch"], "epochs": state["history"]}
+
 
 def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
@@ -362,6 +368,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.runs_dir) / args.tag
     try:
         cfg = load_config(args.config, overrides)
+        style = config_style(args.config)  # config_used.py is written in the same key spelling
         if args.model is not None and not Path(args.model).is_file():
             raise ConfigError(f"--model {args.model}: file not found")
         device = pick_device(args.device)
@@ -385,10 +392,10 @@ def main(argv=None) -> int:
         ds = load_dataset(cfg.data, cfg.model.embed, device)
         cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
         cfg.model.c_out = ds.c_out
-        snapshot_config(cfg, run_dir / "config_used.py",
-                        header=f"Effective config of {args.tag}: {args.config}" +
-                               (f" with --set {' '.join(overrides)}" if overrides else "") +
-                               f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
+        write_config(cfg, run_dir / "config_used.py", style=style,
+                     header=f"Effective config of {args.tag}: {args.config}" +
+                            (f" with --set {' '.join(overrides)}" if overrides else "") +
+                            f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
         model = load_build_model(args.model)(cfg.model_dump()).to(device)
         metrics["n_params"] = sum(p.numel() for p in model.parameters())
         log.info("data %s: %d/%d/%d windows, %d channels; model %d parameters; device %s", ds.path,
@@ -429,7 +436,7 @@ def main(argv=None) -> int:
     metrics["train_time_sec"] = round(state["train_time_sec"], 3)
     if state["best_epoch"]:
         metrics["train_mse"] = history[state["best_epoch"] - 1]["train_mse"]
-    write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics)
+    write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics, style)
     print_summary(metrics, run_dir)
     return EXIT_CODES[metrics["status"]]
 
@@ -442,12 +449,13 @@ def final_evaluation(model, ds, device, amp: bool, state: dict, metrics: dict) -
     metrics["test_mse"], metrics["test_mae"] = evaluate(model, ds.test, device, amp)
 
 
-def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict) -> None:
+def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict,
+                  style: frozenset[str] = frozenset()) -> None:
     """Write every file that exists to be written; metrics.json strictly last."""
     try:
         if not (run_dir / "config_used.py").exists():  # failed before the data was read
-            snapshot_config(cfg, run_dir / "config_used.py", header=f"Effective config of {tag}")
-        save_history(run_dir, state["history"])
+            write_config(cfg, run_dir / "config_used.py", header=f"Effective config of {tag}", style=style)
+        save_history(run_dir, history_file(state))
         plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
         if model is not None and state["best_state"] is not None:
             ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],

@@ -6,16 +6,20 @@ search can be stopped and resumed, inspected with `cat`, and repaired by hand.
 It is written atomically with the previous version kept as
 `agent_state.json.bak`, and a corrupt file is never overwritten.
 
-JSON schema (version 1). All keys are required unless marked optional.
+JSON schema (version 1). The original nas_system's keys are required (max_runs,
+best_run_id, runs; and run_id, val_mse, test_mse, history_summary, accepted in a
+run), so its files load as they are; the keys this project added are optional
+when reading and take the defaults below. Saving always writes every key.
 
     {
-      "version":     int, must be 1 (STATE_VERSION). A larger number means the
-                     file was written by a newer nas_agent and is refused.
+      "version":     int, optional (default 1, STATE_VERSION; the original format
+                     has none). A larger number means the file was written by a
+                     newer nas_agent and is refused.
       "max_runs":    int >= 1 or null. Run budget of the search; null = unlimited.
       "best_run_id": str or null. run_id of the current best run; it must name a
                      run in "runs" whose "accepted" is true. null = no run accepted yet.
       "runs":        list of run objects, in launch order (see below); run_ids unique.
-      "rejected":    list of objects, one per proposal that failed validation and
+      "rejected":    list, optional (default []), one object per proposal that failed validation and
                      was never run:
                        "attempt":  int, the proposal attempt number (0-based).
                        "proposer": str, who proposed it (e.g. "llm", "random").
@@ -23,14 +27,15 @@ JSON schema (version 1). All keys are required unless marked optional.
                        "error":    str, why it was rejected.
                        "at":       str, ISO-8601 UTC time of the rejection.
                      Extra keys are allowed and kept.
-      "meta":        object, study-level information (seed, proposer, created_at,
+      "meta":        object, optional (default {}), study-level information (seed, proposer, created_at,
                      dataset, ...); free-form.
     }
 
 A run object (RunInfo):
 
     "run_id":          str, non-empty, e.g. "run_0000"; also its folder name in runs/.
-    "status":          str, one of logging_utils.RUN_STATUSES.
+    "status":          str, one of logging_utils.RUN_STATUSES (default "ok": the
+                       original format recorded finished runs only).
     "val_mse":         number or null (null when missing or non-finite, e.g. diverged).
     "val_mae":         number or null.
     "test_mse":        number or null.
@@ -41,11 +46,15 @@ A run object (RunInfo):
     "proposer":        str, who proposed the config (e.g. "llm", "random", "baseline").
     "config":          object, the full training config as plain JSON.
     "parent_run_id":   str or null, the run this config was derived from.
-    "started_at":      str, ISO-8601 UTC timestamp, e.g. "2025-01-31T12:00:00+00:00".
+    "started_at":      str, ISO-8601 UTC timestamp, e.g. "2025-01-31T12:00:00+00:00"
+                       (default: when the record was made or, for a file
+                       without it, loaded).
     "duration_s":      number or null, wall-clock seconds of the run.
     "error_tail":      str or null, last lines of the error output of a failed run.
-    "extra":           object, optional (default {}): forward-compatible slot for
+    "extra":           object (default {}): forward-compatible slot for
                        proposer / LLM / seed details.
+
+Fields without a stated default default to null, "" or {} (the RunInfo defaults).
 
 NaN or infinite numbers are stored as null (strict JSON).
 """
@@ -69,6 +78,9 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 STATE_FILE = "agent_state.json"
 BACKUP_SUFFIX = ".bak"
+# The original nas_system's keys: required in a file; the rest have defaults.
+_STATE_REQUIRED = {"max_runs", "best_run_id", "runs"}
+_RUN_REQUIRED = {"run_id", "val_mse", "test_mse", "history_summary", "accepted"}
 
 _REJECTED_FIELDS = {"attempt": int, "proposer": str, "error": str, "at": str}
 
@@ -171,7 +183,7 @@ def _check_keys(d: dict, where: str, required: set[str], optional: set[str]) -> 
 class RunInfo:
     """Everything the agent remembers about one training run (see module docstring)."""
     run_id: str
-    status: str
+    status: str = "ok"
     val_mse: float | None = None
     val_mae: float | None = None
     test_mse: float | None = None
@@ -199,8 +211,8 @@ class RunInfo:
         "runs[3].val_mse: expected a number or null, got 'abc'".
         """
         _expect_dict(d, where)
-        names = {f.name for f in fields(cls)}
-        _check_keys(d, where, names - {"extra"}, {"extra"})
+        _check_keys(d, where, _RUN_REQUIRED, {f.name for f in fields(cls)} - _RUN_REQUIRED)
+        d = {**cls(run_id="run_0000").to_dict(), **d}  # defaults for the keys the file left out
         status = _expect_str(d["status"], f"{where}.status")
         if status not in RUN_STATUSES:
             raise AgentStateError(f"{where}.status: unknown status {status!r}; "
@@ -222,7 +234,7 @@ class RunInfo:
             started_at=_expect_timestamp(d["started_at"], f"{where}.started_at"),
             duration_s=_expect_number(d["duration_s"], f"{where}.duration_s"),
             error_tail=_expect_str(d["error_tail"], f"{where}.error_tail", nullable=True),
-            extra=_expect_dict(d.get("extra", {}), f"{where}.extra"),
+            extra=_expect_dict(d["extra"], f"{where}.extra"),
         )
 
 
@@ -251,8 +263,8 @@ class AgentState:
     def from_dict(cls, d: Any) -> "AgentState":
         """Build and fully validate a state from parsed JSON (types and invariants)."""
         _expect_dict(d, "top level")
-        _check_keys(d, "top level", {"version", "max_runs", "best_run_id", "runs",
-                                     "rejected", "meta"}, set())
+        _check_keys(d, "top level", _STATE_REQUIRED, {"version", "rejected", "meta"})
+        d = {"version": STATE_VERSION, "rejected": [], "meta": {}, **d}
         version = _expect_int(d["version"], "version")
         _check_version(version)
         runs = [RunInfo.from_dict(r, f"runs[{i}]")
@@ -345,8 +357,9 @@ def _parse_state_text(text: str, path: Path) -> AgentState:
         raise AgentStateError(f"{path}: {exc}. {_how_to_fix(path)}") from None
 
 
-def load_agent_state(path: str | os.PathLike) -> AgentState:
-    """Read and validate a state file; a missing file gives a fresh empty state.
+def load_agent_state(path: str | os.PathLike = STATE_FILE) -> AgentState:
+    """Read and validate a state file (default: agent_state.json in the current directory);
+    a missing file gives a fresh empty state.
 
     The file is only read, never created or modified, so a bad file stays
     exactly as it was for the user to inspect.
@@ -384,8 +397,9 @@ def _serialise(state: AgentState, path: Path) -> str:
     return text
 
 
-def save_agent_state(state: AgentState, path: str | os.PathLike) -> None:
-    """Validate and atomically write the state, keeping the previous file as .bak.
+def save_agent_state(state: AgentState, path: str | os.PathLike = STATE_FILE) -> None:
+    """Validate and atomically write the state (default: agent_state.json in the current
+    directory), keeping the previous file as .bak.
 
     Refuses (AgentStateError) to replace an existing file that does not load,
     so a corrupt or newer-version file is preserved for the user to inspect

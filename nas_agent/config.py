@@ -13,6 +13,11 @@ LLM. The allowlist:
 Anything else (calls, other imports, lambdas, comprehensions, f-strings, walrus,
 dunder attributes, subscripts, ...) is rejected with its line number. Class names come
 out of the loader as strings ("optim.Adam") and go back in as bare names when rendered.
+
+Files, overrides and dicts may also use the original nas_system's spellings
+(`training.optimizer_params`, `data.batch_size`, a top-level `seed`, ...; see
+nas_agent/legacy.py): they are made canonical before validation, and `config_style` +
+`render_config(..., style=...)` write a config back in the spelling a file used.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from nas_agent import legacy
+from nas_agent._atomic import atomic_write_text
 from nas_agent.schema import ALLOWED_CLASSES, Config
 
 log = logging.getLogger(__name__)
@@ -163,8 +170,13 @@ def parse_config_source(source: str, where: str = "<config>") -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- validation
 
+def _problems(where: str, lines: list[str]) -> str:
+    return "\n".join([f"{where}: invalid config ({len(lines)} problem{'s' if len(lines) > 1 else ''}):",
+                      *(f"  {line}" for line in lines)])
+
+
 def format_validation_error(err: ValidationError, where: str) -> str:
-    lines = [f"{where}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''}):"]
+    lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
@@ -172,16 +184,32 @@ def format_validation_error(err: ValidationError, where: str) -> str:
         shown = "" if e["type"] in ("value_error", "missing") else f", got {got!r}"
         if isinstance(got, dict):
             shown = ""
-        lines.append(f"  {loc}: {msg}{shown}")
-    return "\n".join(lines)
+        lines.append(f"{loc}: {msg}{shown}")
+    return _problems(where, lines)
+
+
+def canonicalise(raw: Any, where: str = "<config>") -> Any:
+    """A raw dict with the original nas_system's spellings made canonical (see nas_agent/legacy.py)."""
+    try:
+        return legacy.canonicalise(raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def validate_config(raw: dict[str, Any], where: str = "<config>") -> Config:
-    """Validate a plain dict (from a file, a proposal or an override) into a Config."""
+    """Validate a plain dict (from a file, a proposal or an override) into a Config.
+
+    Either spelling is accepted; unknown keys are checked here, before the old spellings are
+    moved, so a typo gets a hint from both vocabularies.
+    """
+    unknown = legacy.unknown_keys(raw)
+    if unknown:
+        raise ConfigError(_problems(where, unknown))
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(canonicalise(raw, where))
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, where)) from None
+        # Errors name canonical keys; say how the file's old spellings were read.
+        raise ConfigError(format_validation_error(e, where) + legacy.spellings_note(raw)) from None
 
 
 def _is_json_value(v: Any) -> bool:
@@ -213,30 +241,43 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     """Apply `section.key=value` (or `section.key.sub=value`) overrides to a raw config dict.
 
     Values are Python literals (`2`, `1e-3`, `True`, `[0.7, 0.1, 0.2]`) or bare strings.
-    Returns a new dict; the input is not modified.
+    Keys and the dict may use either spelling (`training.optimizer_params.lr=3e-4`, `seed=42`);
+    both are made canonical first, so an override replaces a setting whichever way the config
+    spelled it. Returns a new dict; the input is not modified.
     """
-    out = json.loads(json.dumps(raw))
+    out = canonicalise(json.loads(json.dumps(raw)), "config")
     for item in overrides:
         key, sep, text = item.partition("=")
-        path = key.strip().split(".")
-        if not sep or len(path) < 2 or not all(path):
+        path = tuple(key.strip().split("."))
+        if not sep or not all(path):
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.max_epochs=2")
-        if path[0] not in Config.model_fields:
-            raise ConfigError(f"--set {item!r}: unknown section {path[0]!r}; expected one of "
-                              f"{', '.join(Config.model_fields)}")
-        node = out.setdefault(path[0], {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: section {path[0]!r} of the config is not a dict")
-        for part in path[1:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a dict")
-        node[path[-1]] = _parse_override_value(text.strip())
+        try:
+            pairs = legacy.to_canonical(path, _parse_override_value(text.strip()))
+        except ValueError as e:
+            raise ConfigError(f"--set {item!r}: {e}") from None
+        for target, value in pairs:
+            _set_override(out, target, value, item)
     return out
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Load a config file (no exec), apply overrides, validate. Raises ConfigError."""
+def _set_override(out: dict, path: tuple[str, ...], value: Any, item: str) -> None:
+    if len(path) < 2:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.max_epochs=2")
+    if path[0] not in Config.model_fields:
+        raise ConfigError(f"--set {item!r}: unknown section {path[0]!r}; expected one of "
+                          f"{', '.join(Config.model_fields)}")
+    node = out.setdefault(path[0], {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {item!r}: section {path[0]!r} of the config is not a dict")
+    for part in path[1:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a dict")
+    node[path[-1]] = value
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The raw dict of a config file, as spelled in it (no exec, no validation)."""
     path = Path(path)
     if not path.is_file():  # also refuses FIFOs and devices, which could block or never end
         raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a regular file")
@@ -246,12 +287,27 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         source = blob.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
-    raw = parse_config_source(source, str(path))
+    return parse_config_source(source, str(path))
+
+
+def config_style(path: str | Path) -> frozenset[str]:
+    """The original nas_system spellings to write this file's configs back in (render_config's style)."""
+    return legacy.style_of(read_config(path))
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Load a config file (no exec), apply overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    as_written = read_config(path)
+    raw = canonicalise(as_written, str(path))  # before overrides, which replace a setting in either spelling
     overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
     shown = " ".join(o if len(o) <= 80 else o[:77] + "..." for o in overrides)
     where = str(path) + (f" with --set {shown}" if overrides else "")
-    return validate_config(raw, where)
+    try:
+        return validate_config(raw, where)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{legacy.spellings_note(as_written)}") from None
 
 
 # --------------------------------------------------------------------------- rendering
@@ -272,15 +328,28 @@ def _render_value(value: Any, key: str | None, indent: int) -> str:
     return repr(value)  # numbers, booleans, None
 
 
-def render_config(config: Config | dict[str, Any], header: str = "") -> str:
-    """Render a config as a loadable config file (the inverse of `load_config`)."""
+def render_config(config: Config | dict[str, Any], header: str = "", style: Iterable[str] = ()) -> str:
+    """Render a config as a loadable config file (the inverse of `load_config`).
+
+    `style` (from `config_style`) names original nas_system spellings to write, e.g.
+    {"training.optimizer_params"}; by default the canonical keys are written.
+    """
     d = config.model_dump() if isinstance(config, Config) else config
+    d = legacy.restyle(d, style) if style else d
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     lines += ["import torch.nn as nn", "import torch.optim as optim", ""]
     for section, values in d.items():
         lines.append(f"{section} = {_render_value(values, None, 0)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_config(config: Config | dict[str, Any], path: str | Path, header: str = "",
+                 style: Iterable[str] = ()) -> Path:
+    """Render a config (see `render_config`) into a loadable config file, atomically."""
+    path = Path(path)
+    atomic_write_text(path, render_config(config, header=header, style=style))
+    return path
 
 
 def config_hash(config: Config | dict[str, Any]) -> str:

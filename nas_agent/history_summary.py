@@ -10,7 +10,8 @@ compare runs without drowning in digits.
 The output is deterministic (same input, same string) so prompts are
 reproducible and cacheable.
 
-History records are the dicts described in `nas_agent.logging_utils`. A metric
+A history is history.json's object, {"best_epoch": N, "epochs": [...]}, or the bare
+list of epochs; the records are the dicts described in `nas_agent.logging_utils`. A metric
 whose key is present but whose value is null, NaN or inf counts as
 non-finite (history.json stores NaN as null).
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from nas_agent.logging_utils import as_history
 
 TREND_WINDOW = 3          # epochs looked back over for "improving / flat / worsening"
 PLATEAU_EPOCHS = 3        # no improvement for this many epochs counts as a plateau
@@ -67,13 +70,16 @@ def fmt(x: float | None) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def build_history_summary(history: list[dict], metrics: dict | None = None) -> str:
+def build_history_summary(history: dict | list[dict], metrics: dict | None = None) -> str:
     """Summarise a training history in plain English for an LLM prompt.
 
-    `metrics` (the run's metrics.json) is optional; when its status is not
-    "ok" the summary opens with the status and the first line of the error,
-    since that matters more than any curve.
+    `history` is what load_history returns (or its list of epochs). `metrics` (the
+    run's metrics.json) is optional; when its status is not "ok" the summary opens
+    with the status and the first line of the error, since that matters more than
+    any curve. The best epoch is worked out from val_mse, so the text agrees with
+    the curve even when a hand-written best_epoch does not.
     """
+    history = as_history(history)["epochs"]
     sentences: list[tuple[int, str]] = []
     status = _status_sentence(metrics)
     if status:

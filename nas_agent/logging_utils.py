@@ -6,7 +6,9 @@ Non-finite floats (a diverged run's NaN loss) are stored as null.
 
 metrics.json: one JSON object with the final outcome of a run.
 
-    status          str, one of RUN_STATUSES (required; see below).
+    status          str, one of RUN_STATUSES (see below). The original nas_system wrote
+                    no status; a file without one was a finished run and reads as "ok",
+                    and save_metrics writes "ok" when the dict has none.
     best_epoch      int | null   1-based epoch with the lowest val_mse.
     val_mse         float | null validation MSE at best_epoch.
     val_mae         float | null validation MAE at best_epoch.
@@ -23,20 +25,30 @@ metrics.json: one JSON object with the final outcome of a run.
 Only `status` is checked here; the trainer owns the other keys, and readers
 must tolerate missing ones (a run that failed before training has no val_mse).
 
-history.json: a JSON list, one object per completed epoch, in order.
+history.json: one JSON object, the original nas_system's format, rewritten by
+train.py after every epoch:
 
-    epoch         int    1-based epoch number.
-    train_loss    float  mean training loss (the criterion actually optimised).
-    train_mse     float  training MSE.
-    val_mse       float  validation MSE.
-    val_mae       float  validation MAE.
-    lr            float  learning rate used during the epoch.
-    epoch_time_s  float  wall-clock seconds for the epoch.
+    {"best_epoch": 3, "epochs": [{"epoch": 1, "train_mse": 1.02, "val_mse": 1.05, "lr": 1e-4, ...}, ...]}
+
+    best_epoch    int | null  the `epoch` of the lowest val_mse so far; null before any.
+    epochs        list, one object per completed epoch, in order:
+      epoch         int    1-based epoch number.
+      train_loss    float  mean training loss (the criterion actually optimised).
+      train_mse     float  training MSE.
+      val_mse       float  validation MSE.
+      val_mae       float  validation MAE.
+      lr            float  learning rate used during the epoch.
+      epoch_time_s  float  wall-clock seconds for the epoch.
+
+Earlier versions of this project wrote only the list of epochs; `load_history` reads
+that form too and always returns the object form (`as_history`), so readers use
+`load_history(run_dir)["epochs"]`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -74,18 +86,18 @@ def check_status(status: Any, where: str) -> None:
 
 
 def save_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:
-    """Validate and atomically write run_dir/metrics.json; return its path.
+    """Validate and atomically write run_dir/metrics.json (making run_dir); return its path.
 
     Validation happens before writing so that a bad status is caught in the
-    run that produced it, not later by the agent reading the file.
+    run that produced it, not later by the agent reading the file. A dict
+    without a status (the original nas_system's form) is written as "ok".
     """
     path = Path(run_dir) / METRICS_FILE
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: metrics must be a dict, got {type(metrics).__name__}")
-    if "status" not in metrics:
-        raise ValueError(f"{path}: metrics has no 'status' key; set it to one of "
-                         f"{', '.join(RUN_STATUSES)}")
+    metrics = {"status": "ok", **metrics}
     check_status(metrics["status"], f"{path}: field 'status'")
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, metrics)
     return path
 
@@ -103,9 +115,7 @@ def load_metrics(run_dir: str | os.PathLike) -> dict | None:
     if not isinstance(data, dict):
         raise MetricsError(f"{path}: expected a JSON object, got {type(data).__name__}; "
                            "re-run the training job or delete the file")
-    if "status" not in data:
-        raise MetricsError(f"{path}: missing field 'status'; add one of "
-                           f"{', '.join(RUN_STATUSES)} or re-run the training job")
+    data.setdefault("status", "ok")  # the original nas_system's files have none
     try:
         check_status(data["status"], f"{path}: field 'status'")
     except ValueError as exc:
@@ -113,33 +123,66 @@ def load_metrics(run_dir: str | os.PathLike) -> dict | None:
     return data
 
 
-def save_history(run_dir: str | os.PathLike, history: list[dict]) -> Path:
-    """Atomically write run_dir/history.json (list of per-epoch dicts); return its path."""
+def save_history(run_dir: str | os.PathLike, history: dict | list[dict]) -> Path:
+    """Atomically write run_dir/history.json (making run_dir); return its path.
+
+    `history` is {"best_epoch": N, "epochs": [...]}; a bare list of epochs is written in that
+    form, with best_epoch worked out from val_mse.
+    """
     path = Path(run_dir) / HISTORY_FILE
-    _check_history(history, path, ValueError)
+    history = as_history(history, str(path), ValueError)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, history)
     return path
 
 
-def load_history(run_dir: str | os.PathLike) -> list[dict]:
-    """Read run_dir/history.json; [] if absent (the run completed no epoch)."""
+def load_history(run_dir: str | os.PathLike) -> dict:
+    """Read run_dir/history.json as {"best_epoch": N, "epochs": [...]}, whichever form the file has.
+
+    A missing file (the run completed no epoch) gives {"best_epoch": None, "epochs": []}.
+    """
     path = Path(run_dir) / HISTORY_FILE
     if not path.exists():
-        return []
-    data = _read_json(path)
-    _check_history(data, path, MetricsError)
-    return data
+        return {"best_epoch": None, "epochs": []}
+    return as_history(_read_json(path), str(path), MetricsError)
 
 
-def _check_history(history: Any, path: Path, error: type[Exception]) -> None:
-    """Raise `error` unless history is a list of dicts, naming the bad index."""
-    if not isinstance(history, list):
-        raise error(f"{path}: history must be a list of per-epoch objects, "
-                    f"got {type(history).__name__}")
-    for i, record in enumerate(history):
+def as_history(history: Any, where: str = "history", error: type[Exception] = ValueError) -> dict:
+    """A history in the object form, from the object form or the older bare list of epochs.
+
+    Raises `error` naming the bad part unless the epochs are a list of objects and best_epoch
+    is an integer or null. Other top-level keys are kept.
+    """
+    if isinstance(history, list):
+        history = {"best_epoch": best_epoch_of(history), "epochs": history}
+    if not isinstance(history, dict) or not isinstance(history.get("epochs"), list):
+        raise error(f"{where}: expected {{\"best_epoch\": N, \"epochs\": [per-epoch objects]}} "
+                    f"(or a list of per-epoch objects), got {_kind(history)}")
+    for i, record in enumerate(history["epochs"]):
         if not isinstance(record, dict):
-            raise error(f"{path}: history[{i}] must be an object, "
-                        f"got {type(record).__name__}")
+            raise error(f"{where}: epochs[{i}] must be an object, got {type(record).__name__}")
+    best = history.get("best_epoch", best_epoch_of(history["epochs"]))
+    if best is not None and (isinstance(best, bool) or not isinstance(best, int)):
+        raise error(f"{where}: best_epoch must be an epoch number or null, got {best!r}")
+    return {"best_epoch": best, **history}
+
+
+def best_epoch_of(epochs: list) -> int | None:
+    """The `epoch` (1-based position if absent) with the lowest finite val_mse; None if none."""
+    best, best_val = None, math.inf
+    for i, record in enumerate(epochs):
+        if not isinstance(record, dict):
+            continue
+        val, epoch = record.get("val_mse"), record.get("epoch")
+        if isinstance(val, (int, float)) and not isinstance(val, bool) and val < best_val:
+            best, best_val = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else i + 1, val
+    return best
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(value)[:5]}"
+    return type(value).__name__
 
 
 def _read_json(path: Path) -> Any:

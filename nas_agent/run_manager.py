@@ -1,4 +1,9 @@
-"""Run folders: naming (run_0000, run_0001, ...), locating, and config snapshots."""
+"""Run folders: naming (run_0000, run_0001, ...), locating, and config snapshots.
+
+As in the original nas_system, `get_run_dir("run_0000")` makes and returns runs/run_0000 in
+the current directory, and `snapshot_config(Path("config.py"), run_dir)` copies the config
+file into it as config_used.py.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,19 +12,26 @@ from pathlib import Path
 from typing import Iterable
 
 from nas_agent._atomic import atomic_write_text
-from nas_agent.config import render_config
-from nas_agent.schema import Config
 
 log = logging.getLogger(__name__)
 
 RUN_ID_RE = re.compile(r"^run_(\d{4,})$")
+RUNS_DIR = "runs"
+CONFIG_SNAPSHOT = "config_used.py"
 
 
-def get_run_dir(runs_dir: str | Path, run_id: str) -> Path:
-    """The folder of a run. Run ids are checked so a proposal cannot name '../x'."""
-    if not RUN_ID_RE.match(run_id):
-        raise ValueError(f"bad run id {run_id!r}: expected run_ followed by digits, e.g. run_0007")
-    return Path(runs_dir) / run_id
+def get_run_dir(run_id: str, runs_dir: str | Path = RUNS_DIR, *, create: bool = True) -> Path:
+    """The folder of a run, made if missing unless create=False.
+
+    Run ids are checked so a proposal cannot name '../x'.
+    """
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise ValueError(f"bad run id {run_id!r}: expected run_ followed by digits, e.g. run_0007 "
+                         f"(the call is get_run_dir(run_id, runs_dir))")
+    path = Path(runs_dir) / run_id
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def run_id_for(index: int) -> str:
@@ -41,8 +53,14 @@ def next_run_id(runs_dir: str | Path, known_ids: Iterable[str] = ()) -> str:
     return run_id_for(max(numbers, default=-1) + 1)
 
 
-def snapshot_config(config: Config | dict, path: str | Path, header: str = "") -> Path:
-    """Write a config as a loadable config file, atomically."""
-    path = Path(path)
-    atomic_write_text(path, render_config(config, header=header))
+def snapshot_config(config_path: str | Path, run_dir: str | Path) -> Path:
+    """Copy a config file, as written, into run_dir as config_used.py (atomically); return its path.
+
+    train.py writes the effective config instead (nas_agent.config.write_config), since --set
+    overrides are not in the file.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_SNAPSHOT
+    atomic_write_text(path, Path(config_path).read_text(encoding="utf-8"))
     return path

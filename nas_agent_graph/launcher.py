@@ -64,7 +64,7 @@ class LaunchResult:
 
     status: str              # one of RUN_STATUSES
     metrics: dict            # the run's metrics.json content (read, or synthesised when train.py left none)
-    history: list[dict]      # history.json ([] if none)
+    history: list[dict]      # the epochs of history.json ([] if none)
     duration_s: float        # wall-clock of this launch (0 when reused)
     error_tail: str | None   # last ~30 lines of train.log when status != "ok", else None
     returncode: int | None   # child's exit code (None when reused)
@@ -118,7 +118,7 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     orphaned child of an earlier orchestrator is stopped, earlier files are moved into
     attempt_N/, config.py is written and train.py is started with its output streamed
     into train.log. `files` ({name: text}) are written into the folder beside config.py.
-    `on_progress(history)` is called whenever history.json changes.
+    `on_progress(epochs)` is called with the per-epoch records whenever history.json changes.
     After `timeout_s` seconds the whole process group is stopped and the status is
     "timeout". A KeyboardInterrupt (or any error) while waiting stops the group and is
     re-raised; so is LaunchCancelled when `stop_event` is set by another thread (a parallel
@@ -417,7 +417,7 @@ def _wait_exit_unreaped(pid: int, timeout_s: float | None) -> bool:
 
 
 class _HistoryWatcher:
-    """Calls on_progress(history) when history.json changes; a failing callback is only logged."""
+    """Calls on_progress(epochs) when history.json changes; a failing callback is only logged."""
 
     def __init__(self, run_dir: Path, on_progress):
         self.path = run_dir / HISTORY_FILE
@@ -437,7 +437,7 @@ class _HistoryWatcher:
             return
         self.last = stamp
         try:
-            self.on_progress(load_history(self.run_dir))
+            self.on_progress(load_history(self.run_dir)["epochs"])
         except Exception:
             log.exception("%s: on_progress callback failed; the run goes on", self.run_dir.name)
 
@@ -563,7 +563,7 @@ def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: 
     tail = _log_tail(run_dir) or "(train.log is empty)"
     log.warning("%s: %s", run_id, reason)
     metrics = {"status": status, **{key: None for key in METRIC_KEYS}}
-    metrics.update(epochs_run=len(load_history(run_dir)), error=f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{tail}",
+    metrics.update(epochs_run=len(load_history(run_dir)["epochs"]), error=f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{tail}",
                    tag=run_id, returncode=returncode)
     return metrics
 
@@ -589,6 +589,6 @@ def _reused_result(run_dir: Path) -> LaunchResult:
 
 def _result(run_dir: Path, metrics: dict, duration: float, returncode, *, reused: bool, attempt: int) -> LaunchResult:
     status = metrics["status"]
-    return LaunchResult(status=status, metrics=metrics, history=load_history(run_dir), duration_s=duration,
+    return LaunchResult(status=status, metrics=metrics, history=load_history(run_dir)["epochs"], duration_s=duration,
                         error_tail=None if status == "ok" else _log_tail(run_dir), returncode=returncode,
                         reused=reused, attempt=attempt)

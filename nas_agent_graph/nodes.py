@@ -32,7 +32,9 @@ from nas_agent.agent_state import (
     save_agent_state,
     utc_now_iso,
 )
-from nas_agent.config import ConfigError, apply_overrides, config_hash, load_config, parse_config_source, render_config
+from nas_agent.config import (ConfigError, apply_overrides, config_hash, load_config, parse_config_source,
+                              render_config, write_config)
+from nas_agent.legacy import style_of
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
 from nas_agent.run_manager import get_run_dir, ids_in_order, run_id_for
@@ -166,16 +168,19 @@ def sync_incumbent(state: AgentState, ctx: Context) -> None:
 
     config.py gets the best proposal without this study's --set overrides (a quick search's
     max_epochs=3 is a property of the search, not of the config it found). The previous
-    incumbent is kept under runs/incumbents/ before it is replaced.
+    incumbent is kept under runs/incumbents/ before it is replaced. The file keeps its key
+    spelling: one in the original nas_system's format is rewritten in that format.
     """
     best = get_best_run(state)
     if best is None:
         return
     incumbent = best.extra.get("incumbent_config") or best.config
     want = config_hash(incumbent)
+    style: frozenset[str] = frozenset()
     if ctx.config_path.exists():
         try:
             current = parse_config_source(ctx.config_path.read_text(), str(ctx.config_path))
+            style = style_of(current)
             if config_hash(current) == want:
                 return
         except ValueError:
@@ -186,7 +191,7 @@ def sync_incumbent(state: AgentState, ctx: Context) -> None:
             shutil.copy2(ctx.config_path, keep)
     header = (f"Incumbent: {best.run_id}, val_mse {best.val_mse:.6f}, written by nas_agent_graph.\n"
               f"Earlier incumbents are kept in {ctx.runs_dir / 'incumbents'}/.")
-    atomic_write_text(ctx.config_path, render_config(_without_channels(incumbent), header=header))
+    write_config(_without_channels(incumbent), ctx.config_path, header=header, style=style)
     log.info("config.py now holds the incumbent %s", best.run_id)
 
 
@@ -198,7 +203,7 @@ def sync_model(state: AgentState, ctx: Context) -> None:
     best = get_best_run(state)
     if best is None or not best.extra.get("proposal", {}).get("code_sha256"):
         return
-    source = get_run_dir(ctx.runs_dir, best.run_id) / "model.py"
+    source = get_run_dir(best.run_id, ctx.runs_dir, create=False) / "model.py"
     if not source.is_file():
         log.warning("%s is the best run but its model.py is missing; %s is left as it is", best.run_id, ctx.model_path)
         return
@@ -417,7 +422,7 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
 
 def _run_spec(run_id: str, proposal: dict, ctx: Context) -> RunSpec:
     """What the pool needs to run a proposal: the config text, a proposed model file, train.py's --model."""
-    run_dir = get_run_dir(ctx.runs_dir, run_id)
+    run_dir = get_run_dir(run_id, ctx.runs_dir, create=False)
     config_text = render_config(proposal["config"], header=f"{run_id}: proposed by {proposal['proposer']}")
     code = proposal.get("meta", {}).get("model_code")
     files, extra_args = {}, []
@@ -446,7 +451,7 @@ def wait(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     run_id, result = get_pool(ctx).wait_any()
     entry = next(e for e in in_flight if e["run_id"] == run_id)
     # Written after the run: launch_run moves the files of an unfinished folder aside first.
-    write_trace(get_run_dir(ctx.runs_dir, run_id), entry["proposal"])
+    write_trace(get_run_dir(run_id, ctx.runs_dir, create=False), entry["proposal"])
     out = dataclasses.asdict(result)
     out.pop("history", None)  # read from disk by summarise; keeps checkpoints small
     return {"run_id": run_id, "attempt": entry.get("attempt", 0), "proposal": entry["proposal"],
@@ -514,7 +519,7 @@ def _set_aside_stale_folder(run_dir: Path, config_text: str) -> None:
 def summarise(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """A few sentences about the learning curve, for the study record and LLM prompts."""
     ctx = runtime.context
-    run_dir = get_run_dir(ctx.runs_dir, state["run_id"])
+    run_dir = get_run_dir(state["run_id"], ctx.runs_dir, create=False)
     return {"summary": build_history_summary(load_history(run_dir), state["launch"]["metrics"])}
 
 
@@ -553,7 +558,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
     val = val if isinstance(val, (int, float)) and math.isfinite(val) else None
     best = get_best_run(study)
     best_val = best.val_mse if best else None
-    run_dir = get_run_dir(ctx.runs_dir, state["run_id"])
+    run_dir = get_run_dir(state["run_id"], ctx.runs_dir, create=False)
     pruned = read_prune_request(run_dir) if status == "pruned" else None
     confirm_meta = proposal.get("meta", {}) if proposal["proposer"] == CONFIRM_PROPOSER else None
     pending = None
@@ -582,7 +587,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
              "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke"),
              "incumbent_config": proposal.get("raw_config"),
-             "curve": [h.get("val_mse") for h in load_history(run_dir)]}
+             "curve": [h.get("val_mse") for h in load_history(run_dir)["epochs"]]}
     if pruned is not None:
         extra["pruned"] = pruned
     if pending is not None:

@@ -162,7 +162,7 @@ def curve_of(run: RunInfo, runs_dir: Path | None = None) -> tuple[float, ...] | 
     curve = run.extra.get("curve") if isinstance(run.extra, dict) else None
     if curve is None and runs_dir is not None:
         try:
-            curve = [h.get("val_mse") for h in load_history(Path(runs_dir) / run.run_id)]
+            curve = [h.get("val_mse") for h in load_history(Path(runs_dir) / run.run_id)["epochs"]]
         except (OSError, ValueError):
             curve = None
     return _finite(curve) if curve else None

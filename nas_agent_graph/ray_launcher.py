@@ -353,7 +353,7 @@ def _record_failure(run_dir: Path, run_id: str, error: BaseException | None, met
     earlier = f"\ntrain.py's own error: {metrics.get('error')}" if metrics is not None else ""
     tail = _log_tail(run_dir) or f"({LOG_FILE} is empty or was not brought back)"
     final = metrics or {key: None for key in METRIC_KEYS}
-    final.update(status="failed", epochs_run=len(load_history(run_dir)), tag=run_id, returncode=None,
+    final.update(status="failed", epochs_run=len(load_history(run_dir)["epochs"]), tag=run_id, returncode=None,
                  error=f"{reason}\n{_ray_error_text(error)}{earlier}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{tail}")
     save_metrics(run_dir, final)
     return final

@@ -467,7 +467,7 @@ def _safe_history(runs_dir: Path, run_id: str) -> list[dict]:
     """A run's history.json, or [] when it is missing or unreadable (logged, not raised),
     because one broken run folder must not cost the whole report."""
     try:
-        return load_history(runs_dir / run_id)
+        return load_history(runs_dir / run_id)["epochs"]
     except (MetricsError, OSError) as exc:
         log.warning("skipping learning curve of %s: %s", run_id, exc)
         return []

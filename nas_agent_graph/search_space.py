@@ -10,6 +10,8 @@ touching code through a JSON file (`load_space(path)`), which maps config paths 
     }
 
 (JSON has no comments; keys starting with "#" are ignored so a file can carry notes.)
+Keys may use the original nas_system's spellings ("training.optimizer_params.lr",
+"data.batch_size", ...; see nas_agent/legacy.py); they name the canonical key.
 
 Entry shapes:
 
@@ -67,6 +69,7 @@ from typing import Any, Callable
 import optuna.distributions as od
 
 from nas_agent.config import ConfigError, validate_config
+from nas_agent.legacy import canonical_key
 from nas_agent.schema import ALLOWED_CLASSES, Config, DataConfig, ModelConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -752,9 +755,11 @@ def space_from_overrides(overrides: dict[str, Any], where: str = "search space")
         raise SpaceError(f"{where}: expected a JSON object mapping config paths to entries, "
                          f"e.g. {{\"training.lr\": {_SHAPES['float']}}}; got {_short(overrides)}")
     entries = copy.deepcopy(DEFAULT_SPACE)
+    spelled: dict[str, str] = {}
     for key, entry in overrides.items():
         if isinstance(key, str) and key.startswith("#"):
             continue  # a comment
+        key = _one_spelling(key, spelled, where)
         if entry is None:
             if key not in entries:
                 raise SpaceError(f"{where}: {key!r} is null (remove) but is not in the default space"
@@ -766,6 +771,15 @@ def space_from_overrides(overrides: dict[str, Any], where: str = "search space")
         else:
             entries[key] = entry
     return SearchSpace(entries, where=where)
+
+
+def _one_spelling(key: str, spelled: dict[str, str], where: str) -> str:
+    """The canonical key; two keys of a file naming one setting is an error naming both."""
+    canonical = canonical_key(key)
+    if canonical in spelled:
+        raise SpaceError(f"{where}: {spelled[canonical]!r} and {key!r} both name {canonical}; keep one")
+    spelled[canonical] = key
+    return canonical
 
 
 def load_space(path: str | Path | None) -> SearchSpace:

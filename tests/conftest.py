@@ -18,6 +18,44 @@ training = {"max_epochs": 2, "batch_size": 32, "lr": 1e-3, "max_steps_per_epoch"
             "scheduler_class": None, "scheduler_kwargs": {}, "patience": 2}
 '''
 
+# The config.py example of the original nas_system's README, as written there (its Russian
+# comments put in English): the format its users' files are in.
+README_CONFIG = '''import torch.optim as optim
+import torch.nn as nn
+
+# Model architecture
+model = {
+    "d_model": 256,         # model width
+    "n_heads": 4,           # attention heads
+    "e_layers": 3,          # encoder layers
+    "d_layers": 1,          # decoder layers
+    "d_ff": 1024,           # feed-forward width
+    "dropout": 0.1,         # dropout
+}
+
+# Training
+training = {
+    "optimizer_class": optim.Adam,  # or optim.AdamW, optim.SGD
+    "optimizer_params": {
+        "lr": 0.0001,
+        "weight_decay": 0.0001,
+    },
+    "criterion_class": nn.MSELoss,  # or nn.L1Loss, nn.SmoothL1Loss
+    "scheduler_class": optim.lr_scheduler.CosineAnnealingLR,
+    "scheduler_params": {"T_max": 10},
+    "max_epochs": 20,
+    "patience": 5,          # early stopping
+}
+'''
+
+
+@pytest.fixture
+def readme_config(tmp_path) -> Path:
+    path = tmp_path / "readme_config.py"
+    path.write_text(README_CONFIG)
+    return path
+
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from nas_agent.config import load_config
+from nas_agent.config import load_config, parse_config_source
 from tests.conftest import PYTHON, ROOT, run_env
 
 OUTPUTS = ("config_used.py", "metrics.json", "history.json", "learning_curve.png", "best_model.pth", "train.log")
@@ -46,8 +46,9 @@ def test_run_writes_every_file_and_beats_naive(two_runs):
         assert isinstance(m[k], float) and m[k] == m[k] and m[k] < 1e3, k
     assert m["val_mse"] < m["naive_val_mse"], "must beat repeating the last value"
     assert m["epochs_run"] == 3 and 1 <= m["best_epoch"] <= 3 and m["n_params"] > 0
-    history = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    saved = json.loads((run / "history.json").read_text())
+    history = saved["epochs"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and saved["best_epoch"] == m["best_epoch"]
     assert set(history[0]) >= {"train_mse", "val_mse", "val_mae", "lr", "epoch_time_s"}
     # The reported val_mse is the best epoch's, re-measured on the restored checkpoint.
     assert m["val_mse"] == pytest.approx(history[m["best_epoch"] - 1]["val_mse"], rel=1e-6)
@@ -109,7 +110,7 @@ def test_overwrite_seed_flag_and_other_training_classes(tmp_path, tiny_config):
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = metrics_of(tmp_path, "r")
     assert m["seed"] == 7 and m["epochs_run"] == 2 and m["status"] == "ok"
-    history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())
+    history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["epochs"]
     if history[1]["val_mse"] >= history[0]["val_mse"]:  # plateau stepped with the validation MSE
         assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.1)
     assert all(h["train_loss"] != h["train_mse"] for h in history)  # Huber loss optimised, MSE reported
@@ -208,3 +209,25 @@ def test_a_pending_signal_interrupts_evaluation(tiny_config):
             train_mod.evaluate(model, ds.val, torch.device("cpu"), amp=False)
     finally:
         train_mod._stop_signal.clear()
+
+
+def test_readme_config_trains_and_its_config_used_reruns_as_is(tmp_path, readme_config):
+    """The original nas_system's config.py example, as written, with a small budget (a few steps, a small
+    slice of ETTh1 to evaluate on); an override in its spelling; config_used.py comes out in the same
+    spelling and re-runs without flags to the same result."""
+    proc = train(tmp_path, readme_config, "old", "--set", "training.max_epochs=1",
+                 "--set", "training.max_steps_per_epoch=5", "--set", "data.split=ratio",
+                 "--set", "data.split_ratios=[0.1, 0.02, 0.02]", "--set", "training.optimizer_params.lr=3e-4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "runs" / "old"
+    history = json.loads((run / "history.json").read_text())
+    assert history["best_epoch"] == 1 and history["epochs"][0]["lr"] == pytest.approx(3e-4)
+    used = run / "config_used.py"
+    raw = parse_config_source(used.read_text())
+    assert raw["training"]["optimizer_params"] == {"lr": 3e-4, "weight_decay": 1e-4}
+    assert raw["training"]["scheduler_params"] == {"T_max": 10} and raw["data"]["batch_size"] == 32
+    assert "lr" not in raw["training"] and raw["seed"] == 2021
+    again = train(tmp_path, used, "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    first, second = metrics_of(tmp_path, "old"), metrics_of(tmp_path, "again")
+    assert first["config_hash"] == second["config_hash"] and first["val_mse"] == second["val_mse"]

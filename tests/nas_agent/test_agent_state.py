@@ -168,8 +168,8 @@ def test_field_type_errors(tmp_path, field, value, expected):
 
 def test_missing_and_unknown_fields(tmp_path):
     data = _valid_dict()
-    del data["runs"][0]["reason"]
-    assert "runs[0]: missing field(s) reason" in _load_error(tmp_path, data)
+    del data["runs"][0]["val_mse"]  # a key of the original nas_system's format: required
+    assert "runs[0]: missing field(s) val_mse" in _load_error(tmp_path, data)
     data = _valid_dict()
     data["runs"][0]["val_mes"] = 0.3
     assert "runs[0]: unknown field(s) 'val_mes'" in _load_error(tmp_path, data)
@@ -363,3 +363,54 @@ def test_sigkill_during_saves_never_leaves_a_broken_state(tmp_path):
                 leftovers.add(p.name)
     # Temp files left behind prove some kills landed inside a save (the case under test).
     assert leftovers, f"no kill interrupted a save (seed {seed}); the test proved nothing"
+
+
+# --------------------------------------------------------------------------- the original nas_system's API
+
+def test_readme_state_snippet_in_a_fresh_directory(tmp_path, monkeypatch):
+    """The README's agent_state example, as written: no paths, RunInfo without a status."""
+    monkeypatch.chdir(tmp_path)
+    from nas_agent import (
+        load_agent_state, save_agent_state, add_run,
+        get_best_run, get_recent_runs, RunInfo
+    )
+
+    state = load_agent_state()
+    run_info = RunInfo(
+        run_id="run_0000",
+        val_mse=0.185,
+        test_mse=0.192,
+        history_summary="...",
+        accepted=True
+    )
+    state = add_run(state, run_info)
+    save_agent_state(state)
+
+    best = get_best_run(state)
+    assert f"Best: {best.run_id}, MSE: {best.val_mse}" == "Best: run_0000, MSE: 0.185"
+    recent = get_recent_runs(state, k=5)
+    assert [r.run_id for r in recent] == ["run_0000"] and run_info.status == "ok"
+    saved = json.loads((tmp_path / "agent_state.json").read_text())
+    assert saved["best_run_id"] == "run_0000" and saved["runs"][0]["accepted"] is True
+    assert load_agent_state().runs[0].test_mse == 0.192  # read back from ./agent_state.json
+
+
+def test_agent_state_file_of_the_original_format_loads(tmp_path):
+    """The README's agent_state.json: no version, rejected or meta; runs with five fields. (The README's
+    example names run_0003 as best but lists only run_0000, an excerpt; here the lists agree.)"""
+    path = tmp_path / "agent_state.json"
+    path.write_text(json.dumps({
+        "max_runs": 100,
+        "best_run_id": "run_0000",
+        "runs": [{"run_id": "run_0000", "val_mse": 0.1855, "test_mse": 0.1923,
+                  "history_summary": "20 epochs, best_epoch=17...", "accepted": True}],
+    }))
+    state = load_agent_state(path)
+    run = get_best_run(state)
+    assert (state.version, state.max_runs, state.rejected, state.meta) == (STATE_VERSION, 100, [], {})
+    assert (run.run_id, run.status, run.val_mse, run.test_mse, run.accepted) == ("run_0000", "ok", 0.1855,
+                                                                                 0.1923, True)
+    add_run(state, RunInfo(run_id="run_0001", val_mse=0.2, test_mse=0.21, history_summary="", accepted=False))
+    save_agent_state(state, path)  # saved with every key, and the original keys as they were
+    again = json.loads(path.read_text())
+    assert again["runs"][0]["history_summary"] == "20 epochs, best_epoch=17..." and len(again["runs"]) == 2

@@ -132,3 +132,23 @@ def test_hard_cap_with_huge_error_and_long_history():
 def test_fmt_is_compact():
     assert [fmt(x) for x in (1e-4, 2.5e-6, 0.341234, 12345.6, 0.0, 3, NAN)] == \
         ["1e-4", "2.5e-6", "0.3412", "1.235e4", "0", "3", "nan"]
+
+
+def test_readme_summary_snippet_reads_either_history_form(tmp_path, monkeypatch):
+    """The README's example: load_history, then build_history_summary on what it returns."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    from nas_agent import load_history, build_history_summary, save_history
+
+    train = [1.02 - 0.04 * i for i in range(20)]
+    val = [1.05 - 0.04 * i for i in range(18)] + [0.4, 0.45]  # lowest at epoch 17 (0-based, as in the README)
+    epochs = [{"epoch": i, "train_mse": t, "val_mse": v, "lr": 1e-4} for i, (t, v) in enumerate(zip(train, val))]
+    save_history(Path("runs/run_0000"), {"best_epoch": 17, "epochs": epochs})
+
+    history = load_history(Path("runs/run_0000"))
+    summary = build_history_summary(history)
+    assert summary.startswith("Ran 20 epochs; best epoch 17 with val_mse 0.37.")
+    (tmp_path / "runs" / "run_0000" / "history.json").write_text(json.dumps(epochs))  # the older list form
+    assert build_history_summary(load_history(Path("runs/run_0000"))) == summary == build_history_summary(epochs)

@@ -238,6 +238,32 @@ def test_check_subcommand(study):
     assert big.returncode == 1 and "too many parameters" in big.stdout
 
 
+def test_check_subcommand_reads_the_original_format(study):
+    from tests.conftest import README_CONFIG
+    (study / "old.py").write_text(README_CONFIG)
+    ok = cli(study, "check", "old.py", "--set", "training.optimizer_params.lr=3e-4")
+    assert ok.returncode == 0 and "OK: old.py would be accepted" in ok.stdout, ok.stdout + ok.stderr[-2000:]
+    (study / "mixed.py").write_text(README_CONFIG.replace('"max_epochs": 20,', '"max_epochs": 20, "lr": 1e-3,'))
+    mixed = cli(study, "check", "mixed.py")
+    assert mixed.returncode == 1
+    assert "training.optimizer_params.lr and training.lr both set the learning rate; keep one" in mixed.stdout
+
+
+def test_search_from_a_config_in_the_original_format(study):
+    """The base config of a search in the README's format, and an override in its spelling for every run.
+    (The model is shrunk by --set so the one run stays quick; the file itself is left as written.)"""
+    from tests.conftest import README_CONFIG
+    (study / "config.py").write_text(README_CONFIG)
+    small = ["--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
+             "--set", "model.e_layers=1", "--set", "data.seq_len=48", "--set", "data.label_len=24"]
+    proc = cli(study, *search_args(1, "tpe", "--set", "training.optimizer_params.lr=3e-4", *small))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_agent_state(study / "agent_state.json")
+    assert state.runs[0].status == "ok" and state.meta["base_config"]["training"]["scheduler_kwargs"] == {"T_max": 10}
+    assert load_config(study / "runs" / "run_0000" / "config_used.py").training.lr == 3e-4
+    assert (study / "config.py").read_text() == README_CONFIG  # the baseline is the incumbent: nothing to rewrite
+
+
 def test_check_with_a_model_file(study):
     good = cli(study, "check", "config.py", "--model", str(ROOT / "model.py"))
     assert good.returncode == 0 and "OK:" in good.stdout

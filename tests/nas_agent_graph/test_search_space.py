@@ -241,3 +241,20 @@ def test_head_dim_may_replace_d_model(base):
         cfg = validate_config(space.to_config(params, base))
         if "model.n_heads" in params:
             assert cfg.model.d_model == params["model.head_dim"] * params["model.n_heads"]
+
+
+def test_space_file_keys_in_the_original_spelling_name_the_canonical_keys(tmp_path, base):
+    space = load_space(_write(tmp_path, {
+        "training.optimizer_params.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+        "training.optimizer_params.weight_decay": None,
+        "data.batch_size": {"type": "categorical", "choices": [8, 16]},
+    }))
+    assert "training.weight_decay" not in space.entries
+    assert space.entries["training.lr"]["high"] == 1e-3 and space.entries["training.batch_size"]["choices"] == [8, 16]
+    assert not any("optimizer_params" in key or key.startswith("data.batch") for key in space.entries)
+    for params in _random_params(space, 10):
+        config = space.to_config(params, base)
+        assert 1e-4 <= config["training"]["lr"] <= 1e-3 and config["training"]["batch_size"] in (8, 16)
+    with pytest.raises(SpaceError, match="'training.lr' and 'training.optimizer_params.lr' both name training.lr; "
+                                         "keep one"):
+        load_space(_write(tmp_path, {"training.lr": None, "training.optimizer_params.lr": None}))
