@@ -530,6 +530,11 @@ def count_parameters(model: nn.Module) -> int:
 # The model space beyond Informer: normalisation, decomposition, channels, tokens,
 # mixer and a linear head (see the module docstring).
 
+CHOICES = {"decomp": ("none", "moving_avg"), "channels": ("mixed", "independent"),
+           "tokens": ("time", "patch", "variate"), "mixer": ("attention", "mlp", "none"),
+           "attn": ("prob", "full"), "activation": ("gelu", "relu")}
+
+
 @dataclass
 class ForecasterConfig:
     seq_len: int
@@ -554,12 +559,9 @@ class ForecasterConfig:
     activation: str = "gelu"
 
     def __post_init__(self):
-        allowed = {"decomp": ("none", "moving_avg"), "channels": ("mixed", "independent"),
-                   "tokens": ("time", "patch", "variate"), "mixer": ("attention", "mlp", "none"),
-                   "attn": ("prob", "full"), "activation": ("gelu", "relu")}
-        for name, choices in allowed.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"model config: {name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("decomp", "channels", "tokens", "mixer", "attn", "activation"):
+            if getattr(self, name) not in CHOICES[name]:
+                raise ValueError(f"model config: {name} must be one of {CHOICES[name]}, got {getattr(self, name)!r}")
         for name in ("seq_len", "pred_len", "enc_in", "c_out", "decomp_kernel", "patch_len", "stride",
                      "d_model", "n_heads", "e_layers", "d_ff", "factor"):
             if getattr(self, name) < 1:

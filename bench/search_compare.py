@@ -11,6 +11,22 @@ each with OMP_NUM_THREADS = cores / jobs so that they share the machine evenly.
 
 Overhead per run = (study wall-clock - time inside train.py - smoke tests) / runs: what
 the graph itself costs (proposing, checkpoints, state saves, process start-up).
+
+Architecture-search arms (issue 12), each a study of at most --minutes of study time with the
+product's defaults (full default space, --run-budget 240 s per run), one study at a time:
+
+    NAS_DATA_DIR=../shared/data python bench/search_compare.py --arms default tpe tpe-informer random \
+        --seeds 0 1 --minutes 90 --out /tmp/nas_arms
+
+    default        the README's command: warm start from configs/, then the hybrid proposer (TPE + LLM)
+    tpe            warm start, then TPE, on the model space
+    tpe-informer   TPE on the old Informer-only space (spaces/informer.json), no warm start
+    random         random search on the model space, no warm start
+
+An arm's folder is kept: running the command again resumes a study that was killed (its
+--time-budget counts study time over all sessions) and only reads one that has finished, so the
+comparison builds up over several sessions. Selection is by validation MSE only; the test MSE
+of the run chosen by validation is printed, never used.
 """
 from __future__ import annotations
 
@@ -29,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
+from nas_agent.schema import model_family  # noqa: E402
 from nas_agent_graph.proposers import llm_records, llm_validity  # noqa: E402
 
 BUDGET = ["training.max_epochs=3", "training.max_steps_per_epoch=60", "training.patience=3"]
@@ -49,13 +66,14 @@ def run_orchestrator(cmd: list[str], folder: Path, env: dict) -> tuple[int, floa
 
 
 def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budget: list[str]) -> dict:
-    folder = out / f"{proposer}_seed{seed}"
+    folder = out / f"{proposer}_seed{seed}"  # the proposer comparison of issue 4: budgets as given, no warm start
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     shutil.copy(ROOT / "config.py", folder / "config.py")
     cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", str(runs), "--proposer", proposer,
-           "--seed", str(seed), "--space", str(ROOT / "bench" / "cpu_space.json")]
+           "--seed", str(seed), "--space", str(ROOT / "bench" / "cpu_space.json"), "--warm-start", "off",
+           "--run-budget", "none"]
     for s in budget:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
@@ -80,8 +98,117 @@ def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budg
             "baseline_val": state.runs[0].val_mse if state.runs else None}
 
 
+ARMS = {
+    "default": ["--proposer", "hybrid"],
+    "tpe": ["--proposer", "tpe"],
+    "tpe-informer": ["--proposer", "tpe", "--space", str(ROOT / "spaces" / "informer.json"), "--warm-start", "off"],
+    "random": ["--proposer", "random", "--warm-start", "off"],
+}
+
+
+def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dict:
+    """One arm's study, resumed if its folder holds an unfinished one; its best-so-far curve."""
+    folder = out / f"{arm}_seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.py").exists():
+        shutil.copy(ROOT / "config.py", folder / "config.py")
+    state_file = folder / "agent_state.json"
+    budget = minutes * 60
+    done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
+    if not done:
+        cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),
+               "--time-budget", f"{budget:g}", *ARMS[arm]]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+        rc, _ = run_orchestrator(cmd, folder, env)
+        if rc != 0:
+            print(f"{arm} seed {seed}: the orchestrator exited {rc}; see {folder / 'orchestrator.log'}")
+    state = load_agent_state(state_file)
+    return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
+            "minutes": state.meta.get("time_used_s", 0.0) / 60,
+            "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config})}
+
+
+def best_so_far(state) -> list[dict]:
+    """After each run: minutes since the study's first run started, and the run with the lowest
+    val MSE so far (its test MSE is reported, never used)."""
+    curve, best = [], None
+    t0 = _when(state.runs[0].started_at) if state.runs else 0.0
+    for i, r in enumerate(state.runs):
+        if r.status in ("ok", "timeout") and r.val_mse is not None and (best is None or r.val_mse < best.val_mse):
+            best = r
+        end = _when(r.started_at) + (r.duration_s or 0.0)
+        curve.append({"run": i, "minutes": (end - t0) / 60, "proposer": r.proposer,
+                      "best_val": best.val_mse if best else None, "best_test": best.test_mse if best else None,
+                      "best_run": best.run_id if best else None})
+    return curve
+
+
+def _when(iso: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def arm_tables(rows: list[dict]) -> str:
+    """Markdown: per study its best-so-far at milestones, then per arm the mean ± std of the final best."""
+    out = ["| arm | seed | runs | study min | best val after 5 / 10 / 20 / all runs | test MSE of final best | "
+           "final best run (proposer) |", "|---|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        c = r["curve"]
+        at = lambda n: "-" if len(c) < n or c[n - 1]["best_val"] is None else f"{c[n - 1]['best_val']:.4f}"  # noqa: E731
+        last = c[-1] if c else {}
+        proposer = next((x["proposer"] for x in c if x["best_run"] and f"run_{x['run']:04d}" == last.get("best_run")), "-")
+        out.append(f"| {r['arm']} | {r['seed']} | {r['runs']} | {r['minutes']:.0f} | {at(5)} / {at(10)} / {at(20)} / "
+                   f"{at(len(c))} | {_f(last.get('best_test'))} | {last.get('best_run', '-')} ({proposer}) |")
+    out += ["", "| arm | studies | mean best val MSE | std | mean test MSE of best | std |", "|---|---:|---:|---:|---:|---:|"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        finals = [r["curve"][-1] for r in rows if r["arm"] == arm and r["curve"] and r["curve"][-1]["best_val"] is not None]
+        vals, tests = [f["best_val"] for f in finals], [f["best_test"] for f in finals if f["best_test"] is not None]
+        sd = lambda v: f"{statistics.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
+        out.append(f"| {arm} | {len(vals)} | {_f(statistics.mean(vals) if vals else None)} | {sd(vals)} | "
+                   f"{_f(statistics.mean(tests) if tests else None)} | {sd(tests)} |")
+    return "\n".join(out)
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def arms_main(a: argparse.Namespace) -> None:
+    """Run (or resume, or read) each arm's study; keep each finished study's curve as a small JSON
+    file in --results, and print and write the tables over every study kept there, so arms run in
+    different sessions add up to one comparison."""
+    threads = os.cpu_count() or 2  # one study at a time: the wall-clock comparison needs an idle machine
+    a.results.mkdir(parents=True, exist_ok=True)
+    command = "NAS_DATA_DIR=../shared/data python bench/search_compare.py " + " ".join(sys.argv[1:])
+    for seed in a.seeds:
+        for arm in a.arms:
+            row = run_arm(arm, seed, a.minutes, a.out, threads)
+            row.update(command=command, date=time.strftime("%Y-%m-%d"), finished=row["minutes"] >= a.minutes)
+            (a.results / f"{arm}_seed{seed}.json").write_text(json.dumps(row, indent=1))
+    rows = [json.loads(f.read_text()) for f in sorted(a.results.glob("*_seed*.json"))]
+    text = arm_tables(rows)
+    print(text)
+    for r in rows:
+        print(f"\n{r['arm']} seed {r['seed']} ({r['date']}): families tried {', '.join(r['families'])}")
+        print("| run | minutes | proposer | best val so far | its test MSE | best run |\n|---:|---:|---|---:|---:|---|")
+        for x in r["curve"]:
+            print(f"| {x['run']} | {x['minutes']:.1f} | {x['proposer']} | {_f(x['best_val'])} | {_f(x['best_test'])} | "
+                  f"{x['best_run']} |")
+    unfinished = [f"{r['arm']} seed {r['seed']}" for r in rows if not r.get("finished")]
+    note = f"\nNot finished yet (fewer than {a.minutes:g} minutes): {', '.join(unfinished)}.\n" if unfinished else ""
+    (a.results / "README.md").write_text(
+        f"# Architecture-search arms (issue 12)\n\nStudies of at most {a.minutes:g} minutes of study time on a "
+        f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "
+        f"command that made it. Regenerate: `{command}`\n\n{text}\n{note}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None,
+                   help="architecture-search arms (see the module docstring) instead of --proposers")
+    p.add_argument("--minutes", type=float, default=90.0, help="--arms: study time per study")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "search_arms",
+                   help="--arms: one JSON file per study and README.md with the tables (commit them)")
     p.add_argument("--proposers", nargs="+", default=["tpe", "random"])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -89,6 +216,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/nas_search_compare"))
     p.add_argument("--budget", nargs="+", default=BUDGET, metavar="KEY=VALUE", help="--set items for every run")
     a = p.parse_args()
+    if a.arms:
+        return arms_main(a)
     threads = max(1, (os.cpu_count() or 2) // a.jobs)
     tasks = [(pr, s) for s in a.seeds for pr in a.proposers]
     print(f"{len(tasks)} studies of {a.runs} runs, {a.jobs} at a time, {threads} thread(s) each; "

@@ -143,6 +143,16 @@ class ModelConfig(_Section):
         return self.head == "decoder" or self.mixer == "attention"
 
 
+def model_family(model: dict) -> str:
+    """A short name for a model section's family: "informer" (the decoder head), else
+    "<tokens>-<mixer>" with "-ci" for channel independence (e.g. "patch-attention-ci" is
+    PatchTST-like, "time-none-ci" with decomposition DLinear-like, "variate-attention" iTransformer-like)."""
+    if model.get("head", "decoder") == "decoder":
+        return "informer"
+    name = f"{model.get('tokens', 'time')}-{model.get('mixer', 'attention')}"
+    return name + ("-ci" if model.get("channels") == "independent" and model.get("tokens") != "variate" else "")
+
+
 # What a choice needs of other keys: head "decoder" is Informer's encoder-decoder over time
 # steps, so it needs the other keys at Informer's values.
 FAMILY_RULES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {

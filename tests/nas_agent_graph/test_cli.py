@@ -13,6 +13,7 @@ import pytest
 
 from nas_agent.agent_state import load_agent_state
 from nas_agent.config import load_config
+from nas_agent_graph.cli import DEFAULT_RUN_BUDGET_S
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 
 TINY_SPACE = {  # every family of the default space, at tiny sizes
@@ -49,6 +50,10 @@ def search_args(max_runs, proposer="tpe", *extra):
             *extra]
 
 
+def incumbent_budget(study: Path):
+    return load_config(study / "config.py").training.time_budget_s
+
+
 def assert_consistent(study: Path, n_runs: int):
     """No lost or duplicated runs; every recorded run has a finished folder that matches it."""
     state = load_agent_state(study / "agent_state.json")
@@ -75,7 +80,9 @@ def test_search_loop_for_each_proposer(study, proposer):
     assert state.best_run_id is not None and state.runs[0].accepted
     best = next(r for r in state.runs if r.run_id == state.best_run_id)
     # config.py is the incumbent without the session's --set; the original is kept when replaced.
-    quick = [QUICK[i + 1] for i in range(0, len(QUICK), 2)]
+    # Every run also got the default --run-budget, which stays out of config.py as well.
+    quick = [QUICK[i + 1] for i in range(0, len(QUICK), 2)] + [f"training.time_budget_s={DEFAULT_RUN_BUDGET_S}"]
+    assert incumbent_budget(study) is None
     no_channels = {"model": {"enc_in", "dec_in", "c_out"}}
     incumbent = load_config(study / "config.py")
     assert incumbent.training.max_steps_per_epoch == 25  # the base's value: the --set budget (5) stayed out
@@ -232,7 +239,8 @@ def test_check_subcommand(study):
     rejected = cli(study, "check", "bad.py")
     assert rejected.returncode == 1 and "REJECTED" in rejected.stdout and "bad.py:9" in rejected.stdout
     assert cli(study, *search_args(1)).returncode == 0
-    dup = cli(study, "check", "config.py", *QUICK)
+    # The search gave run_0000 the default --run-budget too: with it, the same settings.
+    dup = cli(study, "check", "config.py", *QUICK, "--set", f"training.time_budget_s={DEFAULT_RUN_BUDGET_S}")
     assert dup.returncode == 1 and "duplicate: the same settings already ran as run_0000" in dup.stdout
     big = cli(study, "check", "config.py", "--max-params", "100", "--set", "training.seed=9")
     assert big.returncode == 1 and "too many parameters" in big.stdout
