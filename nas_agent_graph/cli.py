@@ -31,7 +31,7 @@ from nas_agent_graph.search_space import SpaceError
 
 log = logging.getLogger(__name__)
 
-PROPOSERS = ("hybrid", "llm", "tpe", "cmaes", "random")
+PROPOSERS = ("auto", "hybrid", "llm", "tpe", "cmaes", "random")
 LLM_PROPOSERS = ("hybrid", "llm")
 GEN_KEYS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
 SUBCOMMANDS = ("check", "status", "report")
@@ -54,9 +54,10 @@ def search_parser() -> argparse.ArgumentParser:
                                             "check CONFIG, status, report (each has --help).")
     _common(p)
     p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
-    p.add_argument("--proposer", choices=PROPOSERS, default="hybrid",
-                   help="hybrid: the LLM picks or edits the sampler's candidates (default); llm: the LLM alone; "
-                        "tpe, cmaes, random: Optuna alone, no model is loaded")
+    p.add_argument("--proposer", choices=PROPOSERS, default="auto",
+                   help="auto (default): hybrid with a GPU, tpe on the CPU (see the README); hybrid: the LLM picks "
+                        "or edits the sampler's candidates; llm: the LLM alone; tpe, cmaes, random: Optuna alone, "
+                        "no model is loaded")
     p.add_argument("--config", type=Path, default=Path("config.py"),
                    help="the incumbent config; a new study starts from it, accepted runs replace it")
     p.add_argument("--seed", type=int, default=0, help="proposer seed: the same seed reproduces the proposals")
@@ -148,6 +149,16 @@ def parse_prune_warmup(text: str) -> tuple[int, int]:
     return epochs, runs
 
 
+def resolve_proposer(name: str) -> str:
+    """--proposer auto: the hybrid LLM proposer where it pays (a GPU: a proposal in seconds), TPE on
+    the CPU, where the embedded LLM takes ~100 s per proposal and did not beat TPE (README, Proposers)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "hybrid" if torch.cuda.is_available() else "tpe"
+
+
 def with_run_budget(overrides: list[str], budget: str) -> list[str]:
     """--set items plus training.time_budget_s=BUDGET, unless they set it or BUDGET is 'none'."""
     if budget.strip().lower() == "none":
@@ -201,8 +212,10 @@ def context_from_args(a: argparse.Namespace) -> Context:
         raise ConfigError(f"--candidates must be in [1, 16], got {a.candidates}")
     if a.prompt_tokens < 256:
         raise ConfigError(f"--prompt-tokens must be >= 256, got {a.prompt_tokens}")
-    if a.allow_code and a.proposer not in LLM_PROPOSERS:
-        raise ConfigError(f"--allow-code needs an LLM proposer (hybrid or llm), got --proposer {a.proposer}")
+    proposer = resolve_proposer(a.proposer)
+    if a.allow_code and proposer not in LLM_PROPOSERS:
+        raise ConfigError(f"--allow-code needs an LLM proposer (--proposer hybrid or llm), got --proposer {a.proposer}"
+                          + (f" (which is {proposer} here)" if a.proposer == "auto" else ""))
     warmup_epochs, min_runs = parse_prune_warmup(a.prune_warmup)
     if not 1 <= a.parallel <= 256:
         raise ConfigError(f"--parallel must be in [1, 256], got {a.parallel}")
@@ -216,7 +229,7 @@ def context_from_args(a: argparse.Namespace) -> Context:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
-                   proposer=a.proposer, seed=a.seed, overrides=with_run_budget(a.set, a.run_budget),
+                   proposer=proposer, seed=a.seed, overrides=with_run_budget(a.set, a.run_budget),
                    space_path=a.space,
                    warm_start=parse_warm_start(a.warm_start),
                    run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,

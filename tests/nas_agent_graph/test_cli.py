@@ -290,3 +290,34 @@ def test_check_with_a_model_file(study):
     assert bad.returncode == 1
     assert "smoke test failed: ValueError: model output: expected shape [32, 24, 7]" in bad.stdout
     assert "got [32, 48, 7]" in bad.stdout
+
+
+def test_proposer_auto_run_budget_and_warm_start_flags(tmp_path):
+    import torch
+
+    from nas_agent.config import ConfigError as CE
+    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES
+    from nas_agent_graph.cli import context_from_args, search_parser
+
+    def ctx(*args):
+        return context_from_args(search_parser().parse_args(list(args)))
+    default = ctx()
+    assert default.proposer == ("hybrid" if torch.cuda.is_available() else "tpe")
+    assert default.overrides == [f"training.time_budget_s={DEFAULT_RUN_BUDGET_S}"]
+    assert default.warm_start == DEFAULT_ARCHETYPES and all(p.is_file() for p in DEFAULT_ARCHETYPES)
+    assert ctx("--proposer", "hybrid").proposer == "hybrid"
+    assert ctx("--set", "training.time_budget_s=30").overrides == ["training.time_budget_s=30"]
+    assert ctx("--run-budget", "none").overrides == [] and ctx("--run-budget", "90").overrides[-1].endswith("=90")
+    assert ctx("--warm-start", "off").warm_start == ()
+    mine = tmp_path / "mine.py"
+    mine.write_text(TINY_CONFIG)
+    assert ctx("--warm-start", str(mine)).warm_start == (mine,)
+    for args, message in [(("--run-budget", "-5"), "positive number of seconds"),
+                          (("--run-budget", "soon"), "expected seconds"),
+                          (("--warm-start", "nope.py"), "no such config file: nope.py"),
+                          (("--warm-start", "off", str(mine)), "'off' cannot be combined")]:
+        with pytest.raises(CE, match=message):
+            ctx(*args)
+    if not torch.cuda.is_available():
+        with pytest.raises(CE, match=r"--allow-code needs an LLM proposer.*\(which is tpe here\)"):
+            ctx("--allow-code")
