@@ -676,19 +676,21 @@ class LinearHead(nn.Module):
     """Tokens [B, N, D] -> forecast [B, pred_len, c].
 
     time tokens: a linear map over time (N -> pred_len), then over features (D -> c);
-        with raw tokens (D == c) the feature map is left out, so mixer "none" is a linear
-        model of each channel's own past (DLinear's linear part).
+        with raw tokens (mixer "none", D == c) the feature map is left out, so the head is a
+        linear model of each channel's own past (DLinear's linear part).
     patch tokens: flatten all patches (N * D -> pred_len * c), PatchTST's head.
     variate tokens: each variate's token to its own horizon (D -> pred_len).
     """
 
-    def __init__(self, kind, n_tokens, dim, pred_len, c, dropout):
+    def __init__(self, kind, n_tokens, dim, pred_len, c, dropout, raw=False):
         super().__init__()
         self.kind, self.pred_len, self.c = kind, pred_len, c
         self.dropout = nn.Dropout(dropout)
         if kind == "time":
             self.over_time = nn.Linear(n_tokens, pred_len)
-            self.over_features = nn.Linear(dim, c) if dim != c else None
+            # Decided by raw, not by dim == c: embedded tokens with d_model == c are still
+            # features, not channels, and need the map back to the channels.
+            self.over_features = None if raw else nn.Linear(dim, c)
         elif kind == "patch":
             self.proj = nn.Linear(n_tokens * dim, pred_len * c)
         else:
@@ -718,7 +720,8 @@ class Forecaster(nn.Module):
         c = 1 if cfg.channels == "independent" else C
         self.tokenizer = Tokenizer(cfg, c, embed=cfg.mixer != "none")
         self.mixer = make_mixer(cfg, self.tokenizer.n_tokens)
-        self.head = LinearHead(cfg.tokens, self.tokenizer.n_tokens, self.tokenizer.dim, cfg.pred_len, c, cfg.dropout)
+        self.head = LinearHead(cfg.tokens, self.tokenizer.n_tokens, self.tokenizer.dim, cfg.pred_len, c, cfg.dropout,
+                               raw=self.tokenizer.proj is None)
         # The forecast covers every input channel; "MS" (c_out == 1) keeps the target, the last one.
         self.out = slice(None) if cfg.c_out == C else slice(-1, None)
 

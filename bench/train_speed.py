@@ -1,10 +1,14 @@
-"""Training speed on this machine: samples/s and seconds per epoch for two Informer sizes.
+"""Training speed on this machine: samples/s and seconds per epoch for the default config and
+every shipped config in configs/.
 
     NAS_DATA_DIR=../shared/data python bench/train_speed.py [--steps 20] [--device cpu]
 
-Times real training steps (forward, backward, optimizer step) on real ETTh1 batches,
-after warm-up, and full-split evaluation. Both configs are measured in the same run, so
-the ratio column is meaningful even on a noisy shared machine.
+Times real training steps (forward, backward, optimizer step, under the config's AMP setting
+as train.py runs them) on real batches of each config's data, after warm-up. Seconds per
+epoch = median step time x training windows // batch size (train.py drops the last partial
+batch), plus one measured evaluation of the val split. All configs are measured in the same
+run, so the ratio column against the default config.py is meaningful even on a noisy shared
+machine. A benchmark: it prints a table and asserts nothing about timing.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/ is a folder of scripts, not a package: `python bench/train_speed.py` puts bench/ on
+# the path, not the repository root that model.py, train.py and nas_agent live in.
 sys.path.insert(0, str(ROOT))
 
 from model import build_model  # noqa: E402
@@ -24,48 +30,63 @@ from nas_agent.config import load_config  # noqa: E402
 from nas_agent.data import load_dataset  # noqa: E402
 import train  # noqa: E402
 
-CONFIGS = {
-    "default config.py (d256, e3, 96->96)": [],
-    "Informer paper (d512, e2, 96->24)": [
-        "model.d_model=512", "model.n_heads=8", "model.e_layers=2", "model.d_layers=1", "model.d_ff=2048",
-        "model.factor=5", "model.dropout=0.05", "data.seq_len=96", "data.label_len=48", "data.pred_len=24",
-        "training.batch_size=32",
-    ],
-}
+WARMUP = 3  # steps left out of the timing: first calls allocate and pick kernels
 
 
-def measure(overrides: list[str], steps: int, device: torch.device) -> dict:
-    cfg = load_config(ROOT / "config.py", overrides)
+def config_files() -> list[Path]:
+    """The default config first (the baseline of the ratio column), then the shipped ones."""
+    return [ROOT / "config.py", *sorted((ROOT / "configs").glob("*.py"))]
+
+
+def endless_batches(windows, batch_size: int):
+    """Shuffled training batches as train.py draws them, starting a new epoch when one runs out."""
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        yield from windows.batches(batch_size, shuffle=True, generator=gen, drop_last=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_step_s(model, ds, cfg, steps: int, device: torch.device) -> float:
+    optimizer, _, criterion = train.make_optim(model, cfg.training)
+    batches = endless_batches(ds.train, cfg.training.batch_size)
+    model.train()
+    times = []
+    for i in range(WARMUP + steps):
+        x_enc, m_enc, x_dec, m_dec, y = next(batches)
+        sync(device)
+        t = time.perf_counter()
+        with train._autocast(device, cfg.training.amp):
+            loss = criterion(model(x_enc, m_enc, x_dec, m_dec).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(path: Path, steps: int, device: torch.device) -> dict:
+    cfg = load_config(path)
     ds = load_dataset(cfg.data, cfg.model.embed, device)
     cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
     cfg.model.c_out = ds.c_out
     torch.manual_seed(0)
     model = build_model(cfg.model_dump()).to(device)
-    optimizer, _, criterion = train.make_optim(model, cfg.training)
-    bs = cfg.training.batch_size
-    gen = torch.Generator().manual_seed(0)
-    batches = ds.train.batches(bs, shuffle=True, generator=gen, drop_last=True)
-    model.train()
-    times = []
-    for i in range(steps + 3):
-        x_enc, m_enc, x_dec, m_dec, y = next(batches)
-        t = time.perf_counter()
-        loss = criterion(model(x_enc, m_enc, x_dec, m_dec), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:  # warm-up steps excluded
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
+    step_s = median_step_s(model, ds, cfg, steps, device)
     t = time.perf_counter()
-    train.evaluate(model, ds.val, device, amp=False)
+    train.evaluate(model, ds.val, device, cfg.training.amp)
+    sync(device)
     eval_s = time.perf_counter() - t
+    bs = cfg.training.batch_size
     steps_per_epoch = len(ds.train) // bs
-    return {"params": sum(p.numel() for p in model.parameters()), "samples_s": bs / step_s,
-            "train_epoch_s": step_s * steps_per_epoch, "eval_s": eval_s,
-            "epoch_s": step_s * steps_per_epoch + eval_s, "steps_per_epoch": steps_per_epoch}
+    return {"window": f"{cfg.data.seq_len}->{cfg.data.pred_len}", "batch": bs,
+            "params": sum(p.numel() for p in model.parameters()), "samples_s": bs / step_s,
+            "train_epoch_s": step_s * steps_per_epoch, "eval_s": eval_s, "epoch_s": step_s * steps_per_epoch + eval_s}
 
 
 def main() -> None:
@@ -75,14 +96,16 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"median of {args.steps} steps after 3 warm-up")
-    rows = {name: measure(ov, args.steps, device) for name, ov in CONFIGS.items()}
-    base = next(iter(rows.values()))
-    print("\n| config | params | samples/s | train s/epoch | val eval s | s/epoch | epoch time vs default |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"median of {args.steps} steps after {WARMUP} warm-up")
+    rows = {str(path.relative_to(ROOT)): measure(path, args.steps, device) for path in config_files()}
+    base = rows["config.py"]
+    print("\n| config | in->out | params | batch | samples/s | train s/epoch | val eval s | s/epoch | "
+          "epoch time vs config.py |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['params']:,} | {r['samples_s']:.0f} | {r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | "
-              f"{r['epoch_s']:.1f} | {r['epoch_s'] / base['epoch_s']:.2f}x |")
+        print(f"| {name} | {r['window']} | {r['params']:,} | {r['batch']} | {r['samples_s']:.0f} | "
+              f"{r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | {r['epoch_s']:.1f} | "
+              f"{r['epoch_s'] / base['epoch_s']:.3f}x |")
 
 
 if __name__ == "__main__":

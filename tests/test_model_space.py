@@ -1,0 +1,233 @@
+"""Tests for the model space beyond Informer (model.py, issue 12): every family forward and
+backward in M, S and MS modes, channel independence, iTransformer's variate equivariance,
+the moving-average decomposition, patching and RevIN's affine equivariance.
+
+Models are built the way train.py builds them: a config validated by the schema, the
+channel counts filled in from the data mode, then build_model.
+"""
+import itertools
+
+import pytest
+import torch
+
+from model import Forecaster, ForecasterConfig, Informer, MovingAverage, Tokenizer, build_model, n_patches
+from nas_agent.config import validate_config
+
+SEQ_LEN, LABEL_LEN, PRED_LEN, BATCH = 24, 8, 6, 3
+N_VARS = 7  # ETTh1's channel count
+# Data mode -> (enc_in, c_out), as nas_agent.data sets them.
+MODES = {"M": (N_VARS, N_VARS), "S": (1, 1), "MS": (N_VARS, 1)}
+TINY = dict(d_model=8, n_heads=2, e_layers=2, d_ff=8, dropout=0.1, patch_len=8, stride=4, decomp_kernel=5)
+MIXERS = {"prob": dict(mixer="attention", attn="prob"), "full": dict(mixer="attention", attn="full"),
+          "mlp": dict(mixer="mlp"), "none": dict(mixer="none")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: a second intra-op thread only adds hand-offs, and on a shared 2-core machine
+    # it waits for a core (measured: 8 s with one thread, 50-80 s with two under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def is_valid(tokens, channels, features):
+    # Variate tokens need several variates, each its own token (schema: FAMILY rules, _cross_section).
+    return tokens != "variate" or (channels == "mixed" and features != "S")
+
+
+def build(features, **model):
+    """Validate a config through the schema, fill in the data-derived channels, build the model."""
+    cfg = validate_config({"data": {"features": features, "seq_len": SEQ_LEN, "label_len": LABEL_LEN,
+                                    "pred_len": PRED_LEN},
+                           "model": model}, "test")
+    enc_in, c_out = MODES[features]
+    cfg.model.enc_in = cfg.model.dec_in = enc_in
+    cfg.model.c_out = c_out
+    return build_model(cfg.model_dump())
+
+
+def forecaster(features, tokens, mixer, channels, decomp, revin, **extra):
+    return build(features, **{**TINY, "head": "linear", "tokens": tokens, "channels": channels,
+                              "decomp": decomp, "revin": revin, **MIXERS[mixer], **extra})
+
+
+def make_inputs(enc_in, seed=0, dtype=torch.float32):
+    """The four tensors train.py passes (x_enc, marks, x_dec, marks); the linear families read x_enc only."""
+    gen = torch.Generator().manual_seed(seed)
+    x_enc = (torch.randn(BATCH, SEQ_LEN, enc_in, generator=gen) * 3 + 1).to(dtype)
+    x_dec = torch.cat([x_enc[:, -LABEL_LEN:], torch.zeros(BATCH, PRED_LEN, enc_in, dtype=dtype)], dim=1)
+    marks = (torch.rand(BATCH, LABEL_LEN + SEQ_LEN + PRED_LEN, 4, generator=gen) - 0.5).to(dtype)
+    return x_enc, marks[:, :SEQ_LEN], x_dec, marks[:, SEQ_LEN - LABEL_LEN:SEQ_LEN + PRED_LEN]
+
+
+def predict(model, x_enc, seed=123):
+    # Reseeded so ProbSparse attention samples the same keys on every call.
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model(x_enc)
+
+
+def check_forward_backward(model, features):
+    enc_in, c_out = MODES[features]
+    model.train()
+    y = model(*make_inputs(enc_in))
+    assert y.shape == (BATCH, PRED_LEN, c_out)
+    assert torch.isfinite(y).all()
+    y.pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Every family, forward and backward, in every data mode
+
+FAMILIES = [combo for combo in itertools.product(MODES, ["time", "patch", "variate"], MIXERS,
+                                                 ["mixed", "independent"], ["none", "moving_avg"], [False, True])
+            if is_valid(combo[1], combo[3], combo[0])]
+
+
+@pytest.mark.parametrize("features,tokens,mixer,channels,decomp,revin", FAMILIES)
+def test_forecaster_forward_backward(features, tokens, mixer, channels, decomp, revin):
+    torch.manual_seed(0)
+    model = forecaster(features, tokens, mixer, channels, decomp, revin)
+    assert isinstance(model, Forecaster)
+    check_forward_backward(model, features)
+
+
+@pytest.mark.parametrize("features", MODES)
+@pytest.mark.parametrize("attn", ["prob", "full"])
+@pytest.mark.parametrize("revin", [False, True])
+def test_informer_forward_backward(features, attn, revin):
+    torch.manual_seed(0)
+    model = build(features, d_model=8, n_heads=2, e_layers=2, d_ff=8, attn=attn, revin=revin)
+    assert isinstance(model, Informer)
+    check_forward_backward(model, features)
+
+
+def test_the_linear_head_maps_embedded_features_back_to_channels_even_when_d_model_equals_them():
+    # d_model == 7 == the channel count (configs/tsmixer.py): the tokens are still learned
+    # features, so the head must map them back to the channels; only raw tokens skip that map.
+    embedded = forecaster("M", "time", "mlp", "mixed", "none", False, d_model=N_VARS)
+    assert isinstance(embedded.head.over_features, torch.nn.Linear)
+    raw = forecaster("M", "time", "none", "mixed", "none", False)
+    assert raw.head.over_features is None
+
+
+# -----------------------------------------------------------------------------
+# Channel independence and variate tokens: permuting the channels permutes the forecast
+
+PERM = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+
+
+def permuted_outputs(model):
+    x = make_inputs(N_VARS)[0]
+    return predict(model.eval(), x)[..., PERM], predict(model, x[..., PERM])
+
+
+@pytest.mark.parametrize("tokens,mixer,decomp,revin", list(itertools.product(
+    ["time", "patch"], MIXERS, ["none", "moving_avg"], [False, True])))
+def test_channel_independence_is_permutation_equivariant(tokens, mixer, decomp, revin):
+    torch.manual_seed(0)
+    expected, got = permuted_outputs(forecaster("M", tokens, mixer, "independent", decomp, revin))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("decomp,revin", list(itertools.product(["none", "moving_avg"], [False, True])))
+def test_itransformer_is_permutation_equivariant_over_variates(decomp, revin):
+    torch.manual_seed(0)
+    expected, got = permuted_outputs(forecaster("M", "variate", "full", "mixed", decomp, revin))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("tokens,mixer", [("time", "full"), ("patch", "full"), ("variate", "mlp")])
+def test_mixed_channels_are_not_permutation_equivariant(tokens, mixer):
+    # The control: the check above can fail. Mixed channels (or an MLP over variate tokens)
+    # tell the variates apart.
+    torch.manual_seed(0)
+    expected, got = permuted_outputs(forecaster("M", tokens, mixer, "mixed", "none", False))
+    assert not torch.allclose(got, expected, atol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# Moving-average decomposition
+
+KERNELS = [2, 3, 4, 5, 24, 25]
+
+
+def reference_trend(x, kernel):
+    """Step t's trend: the mean of x over steps t - (k-1)//2 .. t + k//2, clamped to the window
+    (the window's first and last values repeated), written as a plain loop."""
+    L = x.size(1)
+    front = (kernel - 1) // 2
+    rows = [x[:, [min(max(t - front + j, 0), L - 1) for j in range(kernel)]].mean(1) for t in range(L)]
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_moving_average_trend_plus_seasonal_is_the_input(kernel):
+    x = torch.randn(2, 25, 3, generator=torch.Generator().manual_seed(kernel), dtype=torch.float64)
+    seasonal, trend = MovingAverage(kernel)(x)
+    assert seasonal.shape == trend.shape == x.shape
+    torch.testing.assert_close(trend + seasonal, x)
+    torch.testing.assert_close(trend, reference_trend(x, kernel))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_moving_average_of_a_constant_is_that_constant(kernel):
+    x = torch.tensor([2.5, -1.0, 7.0]).expand(2, 25, 3)
+    seasonal, trend = MovingAverage(kernel)(x)
+    torch.testing.assert_close(trend, x)
+    torch.testing.assert_close(seasonal, torch.zeros_like(x))
+
+
+# -----------------------------------------------------------------------------
+# Patching
+
+def test_n_patches_of_the_patchtst_configs():
+    assert n_patches(336, 16, 8) == 42
+    assert n_patches(512, 16, 8) == 64
+
+
+@pytest.mark.parametrize("L,P,S", [(336, 16, 8), (512, 16, 8), (24, 8, 4), (24, 5, 7), (24, 3, 10), (24, 24, 4),
+                                   (24, 24, 24), (10, 3, 20), (7, 1, 1)])
+def test_tokenizer_makes_n_patches_patches_over_the_padded_window(L, P, S):
+    cfg = ForecasterConfig(seq_len=L, pred_len=1, enc_in=2, c_out=2, tokens="patch", patch_len=P, stride=S)
+    tokenizer = Tokenizer(cfg, c=2, embed=False)
+    x = torch.arange(L * 2, dtype=torch.float32).view(1, L, 2)
+    tokens = tokenizer(x)
+    assert tokens.shape == (1, n_patches(L, P, S), P * 2) and tokenizer.n_tokens == n_patches(L, P, S)
+    # Patch k holds steps kS .. kS+P-1 of the window padded with S copies of its last step,
+    # time-major (step t's channels side by side).
+    padded = torch.cat([x, x[:, -1:].expand(1, S, 2)], dim=1)
+    for k in range(tokens.size(1)):
+        torch.testing.assert_close(tokens[0, k], padded[0, k * S:k * S + P].flatten())
+
+
+# -----------------------------------------------------------------------------
+# RevIN: y(a x + b) = a y(x) + b, per channel
+
+REVIN_FAMILIES = [combo for combo in itertools.product(["M", "MS"], ["time", "patch", "variate"], MIXERS,
+                                                       ["mixed", "independent"], ["none", "moving_avg"])
+                  if is_valid(combo[1], combo[3], combo[0])]
+
+
+@pytest.mark.parametrize("features,tokens,mixer,channels,decomp", REVIN_FAMILIES)
+def test_revin_forecaster_is_affine_equivariant(features, tokens, mixer, channels, decomp):
+    torch.manual_seed(0)
+    model = forecaster(features, tokens, mixer, channels, decomp, True).double().eval()
+    with torch.no_grad():  # a trained RevIN affine, not the identity it starts as
+        model.revin.weight.uniform_(0.5, 2.0)
+        model.revin.bias.normal_()
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(N_VARS, generator=gen, dtype=torch.float64) * 4 + 0.5
+    b = torch.randn(N_VARS, generator=gen, dtype=torch.float64) * 5
+    x = make_inputs(N_VARS, dtype=torch.float64)[0]
+    y, y2 = predict(model, x), predict(model, a * x + b)
+    out = slice(None) if features == "M" else slice(-1, None)  # MS forecasts the last channel
+    # Not exact: RevIN's eps (1e-5) inside the std is not scaled by a.
+    torch.testing.assert_close(y2, a[out] * y + b[out], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y, y2)
