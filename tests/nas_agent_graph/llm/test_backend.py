@@ -196,21 +196,38 @@ def test_real_cache_rebuilds_after_corruption(converted, monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- the proposal schema
 
+def _good() -> dict:
+    """The baseline config's params (Informer: the decoder branch)."""
+    return SPACE.from_config(load_config(Path(__file__).resolve().parents[3] / "config.py").model_dump())
+
+
 def test_proposal_schema_is_exact():
-    props = SCHEMA["properties"]
-    assert list(props) == list(SPACE.entries) == SCHEMA["required"]
-    assert SCHEMA["additionalProperties"] is False
-    assert props["training.lr"] == {"type": "number", "minimum": 1e-5, "maximum": 1e-2}
-    assert props["model.e_layers"] == {"type": "integer", "minimum": 1, "maximum": 3}
-    assert props["training.scheduler_class"]["enum"][-1] is None
-    assert props["model.distil"] == {"enum": [True, False]}
+    # One branch per way the conditions play out, each with exactly its active keys, all required.
+    assert [list(b["properties"]) for b in SCHEMA["anyOf"]] == [keys for _, keys in SPACE.branches()]
+    for branch in SCHEMA["anyOf"]:
+        assert branch["required"] == list(branch["properties"]) and branch["additionalProperties"] is False
+    decoder = next(b["properties"] for b in SCHEMA["anyOf"] if b["properties"]["model.head"] == {"enum": ["decoder"]})
+    assert decoder["training.lr"] == {"type": "number", "minimum": 1e-5, "maximum": 1e-2}
+    assert decoder["model.e_layers"] == {"type": "integer", "minimum": 1, "maximum": 6}
+    assert decoder["training.scheduler_class"]["enum"][-1] is None
+    assert decoder["model.distil"] == {"enum": [True, False]}
+    assert "model.patch_len" not in decoder
+    patch = next(b["properties"] for b in SCHEMA["anyOf"] if b["properties"].get("model.tokens") == {"enum": ["patch"]})
+    assert patch["model.patch_len"] == {"enum": [8, 16, 24, 32]} and "model.d_layers" not in patch
     json.dumps(SCHEMA)
+    informer = proposal_json_schema(load_space(Path(__file__).resolve().parents[3] / "spaces" / "informer.json"))
+    prob, full = informer["anyOf"]  # the only condition left: factor exists with ProbSparse attention
+    assert set(prob["properties"]) - set(full["properties"]) == {"model.factor"}
+    unconditional = {k: v for k, v in SPACE.entries.items() if "when" not in v}
+    flat = proposal_json_schema(type(SPACE)(unconditional))
+    assert "anyOf" not in flat and list(flat["properties"]) == list(unconditional)  # one branch: a plain object
 
 
 def test_params_from_json_names_the_key():
-    good = {k: (e["choices"][0] if e["type"] == "categorical" else e["low"]) for k, e in SPACE.entries.items()}
+    good = _good()
     assert params_from_json(good, SPACE) == good
-    for key, bad in [("training.lr", 0.5), ("model.e_layers", 4), ("model.e_layers", 1.5),
+    assert params_from_json(dict(good, **{"model.patch_len": 16}), SPACE) == good  # unused with a decoder: ignored
+    for key, bad in [("training.lr", 0.5), ("model.e_layers", 7), ("model.e_layers", 1.5),
                      ("model.attn", "sparse"), ("model.distil", 1), ("data.seq_len", "96")]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             params_from_json(dict(good, **{key: bad}), SPACE)
@@ -218,32 +235,46 @@ def test_params_from_json_names_the_key():
         params_from_json({k: v for k, v in good.items() if k != "model.dropout"}, SPACE)
     with pytest.raises(ValueError, match="model.bogus: not a search-space key"):
         params_from_json(dict(good, **{"model.bogus": 1}), SPACE)
+    patch = dict(good, **{"model.head": "linear", "model.tokens": "patch"})
+    with pytest.raises(ValueError, match="model.channels: missing.*model.patch_len"):
+        params_from_json(patch, SPACE)
 
 
-def test_xgrammar_enforces_the_ranges(converted):
+def test_xgrammar_enforces_the_ranges_and_the_families(converted):
     import xgrammar as xgr
     from transformers import AutoTokenizer
     path, _ = converted
     tokenizer = AutoTokenizer.from_pretrained(path)
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer)))
     grammar = compiler.compile_json_schema(SCHEMA, any_whitespace=False)
-    good = {k: (e["choices"][0] if e["type"] == "categorical" else e["low"]) for k, e in SPACE.entries.items()}
-    # The grammar writes numbers in decimal form (json.dumps would write 1e-06 for weight_decay's low).
-    good.update({"training.lr": 0.0003, "training.weight_decay": 0.000001})
+    good = _good()
+    # The grammar writes numbers in decimal form (json.dumps would write 1e-05 for lr's low).
+    good.update({"training.lr": 0.0003})
 
     def accepts(obj):
         matcher = xgr.GrammarMatcher(grammar)
-        text = json.dumps(obj).replace("1e-06", "0.000001")
+        text = json.dumps(obj).replace("1e-05", "0.00001")
         return matcher.accept_string(text) and matcher.is_completed()
 
     assert accepts(good)
-    assert accepts(dict(good, **{"training.lr": 0.01, "model.dropout": 0.3, "model.e_layers": 3}))  # ends
-    for key, bad in [("training.lr", 0.02), ("training.lr", 0.000001), ("model.dropout", 0.5),
-                     ("model.dropout", -0.1), ("model.e_layers", 4), ("model.e_layers", 0),
+    assert accepts(dict(good, **{"training.lr": 0.01, "model.dropout": 0.3, "model.e_layers": 6}))  # ends
+    for key, bad in [("training.lr", 0.02), ("training.lr", 0.000001), ("model.dropout", 0.95),
+                     ("model.dropout", -0.1), ("model.e_layers", 7), ("model.e_layers", 0),
                      ("model.attn", "sparse"), ("data.seq_len", 97)]:
         assert not accepts(dict(good, **{key: bad})), (key, bad)
     assert not accepts({k: v for k, v in good.items() if k != "model.dropout"})
     assert not accepts(dict(good, extra=1))
+    # The families: a decoder has no patch_len; patch tokens need it; variate tokens have no channels key.
+    assert not accepts({**good, "model.patch_len": 16})
+    linear = {"data.seq_len": 336, "model.head": "linear", "model.tokens": "patch", "model.channels": "independent",
+              "model.patch_len": 16, "model.stride": 8, "model.mixer": "none", "model.decomp": "none",
+              "model.revin": True, **{k: good[k] for k in good if k.startswith("training.") or k == "model.dropout"}}
+    assert accepts(linear)
+    assert not accepts({k: v for k, v in linear.items() if k != "model.patch_len"})
+    variate = {**{k: v for k, v in linear.items() if k not in ("model.patch_len", "model.stride")},
+               "model.tokens": "variate"}
+    assert not accepts(variate)  # still has model.channels
+    assert accepts({k: v for k, v in variate.items() if k != "model.channels"})
 
 
 def test_extract_json():
