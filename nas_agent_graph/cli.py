@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import math
@@ -367,7 +368,13 @@ def _search(ctx: Context, study: AgentState) -> int:
                         snap.next, snap.values.get("run_id"), ctx.state_path)
         elif resume:
             log.info("resuming at %s for %s", snap.next[0], snap.values.get("run_id"))
-        final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+        try:
+            final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e):  # SQLITE_FULL: "database or disk is full"
+                raise
+            raise OSError(errno.ENOSPC, f"the checkpoint database refused a write ({e})",
+                          str(ctx.checkpoint_path)) from e
     return 1 if final.get("stop_failed") else 0
 
 
@@ -473,3 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        from nas_agent_graph.disk import disk_full_message, full_disk_error
+
+        if (full := full_disk_error(e)) is None:
+            raise
+        print(disk_full_message(full), file=sys.stderr)  # a condition to fix, not a crash: no traceback
+        return 1

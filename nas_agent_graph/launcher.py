@@ -19,6 +19,7 @@ resumed search reuses the outcome instead of paying for the run again.
 from __future__ import annotations
 
 import ctypes
+import errno
 import datetime as _dt
 import json
 import logging
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from nas_agent._atomic import atomic_write_json, atomic_write_text
+from nas_agent_graph.disk import mentions_full_disk
 from nas_agent_graph.limits import Caps, apply_in_child, memory_cap_reason, ran_out_of_memory
 from nas_agent.logging_utils import METRICS_FILE, HISTORY_FILE, load_history, load_metrics, save_metrics
 
@@ -152,6 +154,7 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
             raise
         timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s, stop_event)
     duration = time.monotonic() - start
+    _raise_if_disk_full(run_dir, run_id)
     metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)
     if caps is not None and caps.memory_gb and metrics["status"] == "failed":
         metrics = _label_memory_cap(run_dir, run_id, metrics, caps.memory_gb)
@@ -550,6 +553,21 @@ def _final_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: bool,
 LOG_TAIL_MARKER = "\n--- last lines of "
 _SIGNAL_HINTS = {"SIGKILL": "; possibly the out-of-memory killer, or the CPU-time cap's hard limit",
                  "SIGXCPU": ": it used up its CPU-time cap (RLIMIT_CPU), a backstop beside --run-timeout"}
+
+
+def _raise_if_disk_full(run_dir: Path, run_id: str) -> None:
+    """A run that failed because its own writes found the disk full is not the config's failure:
+    its metrics.json is set aside (the folder is then unfinished, and a resumed search runs it again)
+    and the search stops with ENOSPC naming the folder (nas_agent_graph/disk.py)."""
+    metrics = load_metrics(run_dir)
+    if metrics is not None and metrics.get("status") not in ("failed", "interrupted"):
+        return
+    if not (mentions_full_disk((metrics or {}).get("error")) or mentions_full_disk(_log_tail(run_dir))):
+        return
+    if metrics is not None:
+        os.replace(run_dir / METRICS_FILE, run_dir / f"disk_full_{METRICS_FILE}")
+    log.error("%s: train.py could not write its files: the disk is full", run_id)
+    raise OSError(errno.ENOSPC, f"train.py of {run_id} could not write its files", str(run_dir))
 
 
 def _label_memory_cap(run_dir: Path, run_id: str, metrics: dict, gb: float) -> dict:

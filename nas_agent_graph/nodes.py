@@ -54,6 +54,7 @@ from nas_agent_graph.launcher import (
     read_prune_request,
     request_prune,
 )
+from nas_agent_graph.disk import check_room_for_run
 from nas_agent_graph.limits import run_caps, smoke_caps
 from nas_agent_graph.pool import RunPool, RunSpec
 from nas_agent_graph.pruning import past_curves, prune_decision
@@ -414,6 +415,7 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if ctx.free_llm and ctx.parallel == 1:  # with --parallel, in `wait` (not before every proposal)
         _free_llm()
     spec = _run_spec(run_id, proposal, ctx)
+    check_room_for_run(spec.run_dir, (state.get("smoke") or {}).get("n_params"))  # else stop before starting
     _set_aside_stale_folder(spec.run_dir, spec.config_text)
     _display(ctx, "on_launch", run_id=run_id, config=proposal["config"])
     get_pool(ctx).submit(spec)
