@@ -91,7 +91,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, *,
     try:
         tmp = _write_temp(target, text)
     except OSError as exc:
-        exc.filename = str(target)  # name the file being written (a full disk's message), not its temp
+        if exc.errno is not None:  # name the file being written (a full disk's message), not its temp
+            exc.filename = str(target)
         raise
     try:
         if backup_path is not None and target.exists():
