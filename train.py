@@ -117,6 +117,17 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def cap_gpu_memory(device: torch.device) -> None:
+    """Hold torch's CUDA allocator to the orchestrator's memory cap ($NAS_MEMORY_CAP_GB, set by
+    nas_agent_graph/limits.py): its RLIMIT_DATA sees host memory only. A run over it fails with
+    CUDA out of memory, which the orchestrator records as "memory cap (N GB)"."""
+    gb = os.environ.get("NAS_MEMORY_CAP_GB")
+    if not gb or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(gb) * 1024 ** 3 / total))
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse to clobber an earlier run unless --overwrite; then make the folder."""
     existing = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
@@ -389,6 +400,7 @@ def main(argv=None) -> int:
                "config_hash": config_hash(cfg), "tag": args.tag}
     model = ds = None
     try:
+        cap_gpu_memory(device)
         ds = load_dataset(cfg.data, cfg.model.embed, device)
         cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
         cfg.model.c_out = ds.c_out

@@ -88,7 +88,12 @@ def atomic_write_text(path: str | os.PathLike, text: str, *,
     The temp file is removed if anything fails.
     """
     target = Path(path)
-    tmp = _write_temp(target, text)
+    try:
+        tmp = _write_temp(target, text)
+    except OSError as exc:
+        if exc.errno is not None:  # name the file being written (a full disk's message), not its temp
+            exc.filename = str(target)
+        raise
     try:
         if backup_path is not None and target.exists():
             _snapshot(target, Path(backup_path))

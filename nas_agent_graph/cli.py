@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import math
@@ -110,6 +111,7 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-retries", type=int, default=3, help="invalid proposals per run before stopping")
     limits.add_argument("--max-failures", type=int, default=3, help="failed runs in a row before stopping")
     limits.add_argument("--smoke-timeout", type=float, default=120.0, help="seconds for a proposal's smoke test")
+    limits.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     limits.add_argument("--confirm-seeds", type=int, default=1, metavar="K",
                         help="accept a better run only after K seeds of it and of the incumbent agree "
                              "(one-sided Welch's t-test); 1 = off (default)")
@@ -190,6 +192,20 @@ def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
     return tuple(Path(i) for i in items)
 
 
+RUN_MEMORY_HELP = ("memory cap of each smoke test and train.py run, in GB (default: the available memory "
+                   "less 3 GB for the orchestrator and LLM, divided by --parallel; see the README)")
+
+
+def parse_run_memory(text: str | None, parallel: int) -> float | None:
+    """--run-memory GB|off (None: the default for --parallel); a bad value is a ConfigError saying why."""
+    from nas_agent_graph.limits import CapError, default_run_memory_gb, parse_memory_gb
+
+    try:
+        return default_run_memory_gb(parallel) if text is None else parse_memory_gb(text, "--run-memory", None)
+    except CapError as e:
+        raise ConfigError(str(e)) from None
+
+
 def parse_ray_resources(text: str | None) -> dict:
     """--ray-resources CPUS,GPUS as Ray task options ({} when not given); a bad value is a ConfigError."""
     if text is None:
@@ -228,6 +244,12 @@ def context_from_args(a: argparse.Namespace) -> Context:
         lora = LoraSettings.from_items(a.lora)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    run_memory = parse_run_memory(a.run_memory, a.parallel)
+    if lora.memory_gb is None:  # the fine-tune's own default: it peaks at ~8.2 GB on the CPU
+        from dataclasses import replace
+
+        from nas_agent_graph.limits import default_lora_memory_gb
+        lora = replace(lora, memory_gb=default_lora_memory_gb(run_memory))
     return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
                    proposer=proposer, seed=a.seed, overrides=with_run_budget(a.set, a.run_budget),
                    space_path=a.space,
@@ -235,6 +257,7 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,
                    time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
                    max_failures=a.max_failures, smoke_timeout=a.smoke_timeout, prune=a.prune,
+                   run_memory_gb=run_memory,
                    confirm_seeds=a.confirm_seeds,
                    prune_warmup_epochs=warmup_epochs, prune_min_runs=min_runs,
                    llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
@@ -345,7 +368,13 @@ def _search(ctx: Context, study: AgentState) -> int:
                         snap.next, snap.values.get("run_id"), ctx.state_path)
         elif resume:
             log.info("resuming at %s for %s", snap.next[0], snap.values.get("run_id"))
-        final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+        try:
+            final = graph.invoke(None if resume else {}, cfg, context=ctx, durability="sync")
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e):  # SQLITE_FULL: "database or disk is full"
+                raise
+            raise OSError(errno.ENOSPC, f"the checkpoint database refused a write ({e})",
+                          str(ctx.checkpoint_path)) from e
     return 1 if final.get("stop_failed") else 0
 
 
@@ -388,8 +417,11 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-params", type=int, default=None)
     p.add_argument("--smoke-timeout", type=float, default=120.0)
+    p.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     _common(p)
     a = p.parse_args(argv)
+    from nas_agent_graph.limits import smoke_caps
+    caps = smoke_caps(parse_run_memory(a.run_memory, 1), a.smoke_timeout)
     try:
         cfg = load_config(a.config, a.set)
     except ConfigError as e:
@@ -397,7 +429,7 @@ def cmd_check(argv: list[str]) -> int:
         return 1
     study = load_agent_state(a.state) if a.state.exists() else None
     verdict = check_proposal(cfg.model_dump(), study, python=sys.executable, smoke_timeout=a.smoke_timeout,
-                             max_params=a.max_params, model_file=a.model)
+                             max_params=a.max_params, model_file=a.model and a.model.resolve(), caps=caps)
     if verdict.ok:
         print(f"OK: {a.config} would be accepted for a run ({verdict.n_params:,} parameters, smoke test "
               f"{verdict.smoke_seconds:.1f}s{', no duplicate in ' + str(a.state) if study else ''})")
@@ -448,3 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        from nas_agent_graph.disk import disk_full_message, full_disk_error
+
+        if (full := full_disk_error(e)) is None:
+            raise
+        print(disk_full_message(full), file=sys.stderr)  # a condition to fix, not a crash: no traceback
+        return 1

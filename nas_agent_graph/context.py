@@ -49,6 +49,9 @@ class Context:
     max_failures: int = 3
     """Failed runs in a row before the search stops with a diagnosis."""
     smoke_timeout: float = 120.0
+    run_memory_gb: Optional[float] = None
+    """Memory cap of each smoke test and train.py run, GB (--run-memory; nas_agent_graph/limits.py).
+    None: no memory cap (the CLI's default is computed from the machine's memory and --parallel)."""
     confirm_seeds: int = 1
     """> 1: a run that beats the incumbent is accepted only after it and the incumbent ran with
     this many seeds each and the difference is significant (nas_agent_graph/confirmation.py)."""

@@ -19,6 +19,7 @@ resumed search reuses the outcome instead of paying for the run again.
 from __future__ import annotations
 
 import ctypes
+import errno
 import datetime as _dt
 import json
 import logging
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from nas_agent._atomic import atomic_write_json, atomic_write_text
+from nas_agent_graph.disk import mentions_full_disk
+from nas_agent_graph.limits import Caps, apply_in_child, memory_cap_reason, ran_out_of_memory
 from nas_agent.logging_utils import METRICS_FILE, HISTORY_FILE, load_history, load_metrics, save_metrics
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
                timeout_s: float | None = None, env: Mapping[str, str] | None = None,
                on_progress: Callable[[list[dict]], None] | None = None, poll_s: float = 0.5,
                term_grace_s: float = 10.0, files: Mapping[str, str] | None = None,
-               stop_event: threading.Event | None = None) -> LaunchResult:
+               stop_event: threading.Event | None = None, caps: Caps | None = None) -> LaunchResult:
     """Run train.py for `run_id` into `run_dir` (= runs_dir/run_id) and return its outcome.
 
     Idempotent: a folder with metrics.json is returned as is (reused=True). Otherwise any
@@ -123,7 +126,8 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     "timeout". A KeyboardInterrupt (or any error) while waiting stops the group and is
     re-raised; so is LaunchCancelled when `stop_event` is set by another thread (a parallel
     search shutting down), after the group has been stopped. The child's environment gets PYTHONUNBUFFERED=1 unless `env` sets it, so
-    train.log fills while the run goes instead of at exit.
+    train.log fills while the run goes instead of at exit. `caps` (nas_agent_graph.limits) are set in
+    the child; a run that ran out of memory under them ends "failed" with reason "memory cap (N GB)".
     """
     run_dir, runs_dir, train_script = _check_launch_args(run_dir, run_id, runs_dir, train_script,
                                                          timeout_s, poll_s, term_grace_s)
@@ -138,9 +142,10 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
            "--runs-dir", str(runs_dir), *map(str, extra_args)]
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env.update(caps.env() if caps else {})
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "wb") as log_file:
-        proc = _start_child(cmd, log_file, train_script.parent, child_env)
+        proc = _start_child(cmd, log_file, train_script.parent, child_env, caps)
         try:  # an interrupt (Ctrl-C, a Ray cancel) may come before _supervise takes over
             _write_launch_record(run_dir, proc, cmd)
             log.info("%s: started pid %d: %s", run_id, proc.pid, " ".join(cmd))
@@ -149,7 +154,10 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
             raise
         timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s, stop_event)
     duration = time.monotonic() - start
+    _raise_if_disk_full(run_dir, run_id)
     metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)
+    if caps is not None and caps.memory_gb and metrics["status"] == "failed":
+        metrics = _label_memory_cap(run_dir, run_id, metrics, caps.memory_gb)
     return _result(run_dir, metrics, duration, proc.returncode, reused=False, attempt=attempt)
 
 
@@ -312,40 +320,47 @@ def _load_prctl():
     return prctl
 
 
-def _make_preexec(prctl):
-    """preexec_fn asking the kernel to SIGTERM the child when its parent thread dies.
+def _make_preexec(prctl, caps: Caps | None = None):
+    """preexec_fn asking the kernel to SIGTERM the child when its parent thread dies, and
+    setting `caps` (memory, CPU time, oom_score_adj) in the child before it runs anything.
 
     The signal follows the launching *thread*; that is safe here because launch_run
     blocks in that thread until the child has exited. If the parent died before prctl
-    took effect, the child stops itself at once.
+    took effect, the child stops itself at once. The rlimits are computed here, before
+    fork, so the child only makes syscalls.
     """
-    if prctl is None:
+    if prctl is None and caps is None:
         return None
     parent_pid = os.getpid()
+    limits = caps.rlimits() if caps else []
+    oom_adj = caps.oom_score_adj if caps else None
 
     def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if prctl is not None:
+            if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGTERM)
+        apply_in_child(limits, oom_adj)
 
     return preexec
 
 
-def child_preexec():
-    """preexec_fn for any long-running child of the orchestrator (training, fine-tuning): the
-    child gets SIGTERM when the orchestrator dies, however it dies (None where unsupported)."""
-    return _make_preexec(_load_prctl())
+def child_preexec(caps: Caps | None = None):
+    """preexec_fn for any child of the orchestrator that runs proposed code or trains (smoke test,
+    training, fine-tuning): SIGTERM when the orchestrator dies, however it dies, and `caps` set
+    (None where there is nothing to do)."""
+    return _make_preexec(_load_prctl(), caps)
 
 
-def _start_child(cmd: list[str], log_file, cwd: Path, env: dict) -> subprocess.Popen:
+def _start_child(cmd: list[str], log_file, cwd: Path, env: dict, caps: Caps | None = None) -> subprocess.Popen:
     """Start the child in its own session, stdout+stderr into train.log, no stdin."""
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                cwd=cwd, env=env, start_new_session=True, preexec_fn=_make_preexec(_load_prctl()))
+                                cwd=cwd, env=env, start_new_session=True, preexec_fn=child_preexec(caps))
     except subprocess.SubprocessError as exc:
-        raise RuntimeError(f"could not start {cmd[1]}: setting up the child (prctl PR_SET_PDEATHSIG) failed: "
-                           f"{exc}") from exc
+        raise RuntimeError(f"could not start {cmd[1]}: setting up the child (prctl PR_SET_PDEATHSIG, "
+                           f"resource caps {caps}) failed: {exc}") from exc
     except OSError as exc:
         raise RuntimeError(f"could not start {' '.join(cmd[:2])}: {exc}; check the python interpreter "
                            "and train_script paths") from exc
@@ -536,6 +551,41 @@ def _final_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: bool,
 
 
 LOG_TAIL_MARKER = "\n--- last lines of "
+_SIGNAL_HINTS = {"SIGKILL": "; possibly the out-of-memory killer, or the CPU-time cap's hard limit",
+                 "SIGXCPU": ": it used up its CPU-time cap (RLIMIT_CPU), a backstop beside --run-timeout"}
+
+
+def _raise_if_disk_full(run_dir: Path, run_id: str) -> None:
+    """A run that failed because its own writes found the disk full is not the config's failure:
+    its metrics.json is set aside (the folder is then unfinished, and a resumed search runs it again)
+    and the search stops with ENOSPC naming the folder (nas_agent_graph/disk.py)."""
+    metrics = load_metrics(run_dir)
+    if metrics is not None and metrics.get("status") not in ("failed", "interrupted"):
+        return
+    if not (mentions_full_disk((metrics or {}).get("error")) or mentions_full_disk(_log_tail(run_dir))):
+        return
+    if metrics is not None:
+        os.replace(run_dir / METRICS_FILE, run_dir / f"disk_full_{METRICS_FILE}")
+    log.error("%s: train.py could not write its files: the disk is full", run_id)
+    raise OSError(errno.ENOSPC, f"train.py of {run_id} could not write its files", str(run_dir))
+
+
+def _label_memory_cap(run_dir: Path, run_id: str, metrics: dict, gb: float) -> dict:
+    """A failed run that ran out of memory under its cap: its error starts with "memory cap (N GB)",
+    and the same line ends train.log, so the LLM's failure feedback (the log's tail) says it too."""
+    error = metrics.get("error") or ""
+    tail = _log_tail(run_dir)
+    if not (ran_out_of_memory(error) or ran_out_of_memory(tail)):
+        return metrics
+    reason = (f"{memory_cap_reason(gb)}: train.py ran out of memory under its cap (--run-memory {gb:g}); "
+              "propose a smaller model (d_model, d_ff, layers, seq_len, batch_size) or raise --run-memory")
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") as f:
+        f.write(f"\n[orchestrator] {reason}\n")
+    log.warning("%s: %s", run_id, reason)
+    metrics = {**metrics, "error": f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{_log_tail(run_dir)}",
+               "failure": "memory cap", "memory_cap_gb": gb}
+    save_metrics(run_dir, metrics)
+    return metrics
 
 
 def error_headline(error: str | None) -> str:
@@ -559,7 +609,7 @@ def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: 
         reason = f"train.py exited with code {returncode} without writing {METRICS_FILE}"
         if returncode < 0:
             name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else "a signal"
-            reason += f" (killed by {name}{'; possibly the out-of-memory killer' if name == 'SIGKILL' else ''})"
+            reason += f" (killed by {name}{_SIGNAL_HINTS.get(name, '')})"
     tail = _log_tail(run_dir) or "(train.log is empty)"
     log.warning("%s: %s", run_id, reason)
     metrics = {"status": status, **{key: None for key in METRIC_KEYS}}

@@ -54,6 +54,8 @@ from nas_agent_graph.launcher import (
     read_prune_request,
     request_prune,
 )
+from nas_agent_graph.disk import check_room_for_run
+from nas_agent_graph.limits import run_caps, smoke_caps
 from nas_agent_graph.pool import RunPool, RunSpec
 from nas_agent_graph.pruning import past_curves, prune_decision
 from nas_agent_graph.lora.adapters import (
@@ -151,7 +153,8 @@ def get_pool(ctx: Context) -> RunPool:
         ctx.pool = RunPool(ctx.parallel, ctx.launcher, env=ctx.env, ray_options=ctx.ray_options,
                            ray_local=ctx.ray_address is None,
                            launch_kwargs=dict(python=ctx.python, train_script=ctx.train_script,
-                                              runs_dir=ctx.runs_dir, timeout_s=ctx.run_timeout))
+                                              runs_dir=ctx.runs_dir, timeout_s=ctx.run_timeout,
+                                              caps=run_caps(ctx.run_memory_gb, ctx.run_timeout)))
     return ctx.pool
 
 
@@ -351,7 +354,8 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         # A confirmation repeats a run with another seed on purpose: no duplicate check.
         dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else view
         verdict = check_proposal(proposal["config"], dup_study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
-                                 max_params=ctx.max_params, env=ctx.env, model_file=_model_file(ctx))
+                                 max_params=ctx.max_params, env=ctx.env, model_file=_model_file(ctx),
+                                 caps=smoke_caps(ctx.run_memory_gb, ctx.smoke_timeout))
     if verdict.ok:
         return {"validation_error": None, "smoke": {"n_params": verdict.n_params, "seconds": verdict.smoke_seconds},
                 "proposal": {**proposal, "config": verdict.config}}
@@ -398,7 +402,8 @@ def _check_code_proposal(proposal: dict, code: str, study: AgentState, state: Gr
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "model.py", code)
     return check_proposal(proposal["config"], None, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
-                          max_params=ctx.max_params, env=ctx.env, model_file=folder / "model.py")
+                          max_params=ctx.max_params, env=ctx.env, model_file=folder / "model.py",
+                          caps=smoke_caps(ctx.run_memory_gb, ctx.smoke_timeout))
 
 
 def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -410,6 +415,7 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if ctx.free_llm and ctx.parallel == 1:  # with --parallel, in `wait` (not before every proposal)
         _free_llm()
     spec = _run_spec(run_id, proposal, ctx)
+    check_room_for_run(spec.run_dir, (state.get("smoke") or {}).get("n_params"))  # else stop before starting
     _set_aside_stale_folder(spec.run_dir, spec.config_text)
     _display(ctx, "on_launch", run_id=run_id, config=proposal["config"])
     get_pool(ctx).submit(spec)

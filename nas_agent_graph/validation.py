@@ -21,6 +21,7 @@ from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, config_hash, validate_config
 from nas_agent_graph.code_check import check_model_file
 from nas_agent_graph.context import ROOT
+from nas_agent_graph.limits import Caps, ran_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,22 @@ def find_duplicate(config: dict, state: AgentState) -> Optional[str]:
 
 
 def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict] = None,
-              model_file: Optional[Path] = None) -> dict:
+              model_file: Optional[Path] = None, caps: Optional[Caps] = None) -> dict:
     """Run nas_agent_graph.smoke in a subprocess; the verdict is a dict, never an exception.
 
     It runs from the project root with the root on PYTHONPATH, whatever the caller's cwd.
-    A model file that fails the static code check is never run.
+    A model file that fails the static code check is never run. `caps` (memory, CPU time,
+    oom_score_adj) are set in the child: the static check cannot see a build_model that
+    allocates 12 GB, the cap makes it fail at once ("exceeded its memory cap of N GB").
     """
+    from nas_agent_graph.launcher import child_preexec
+
     if model_file is not None and (problems := check_model_file(model_file)):
         return {"ok": False, "error": "model code rejected: " + "; ".join(problems)}
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["NAS_SMOKE_NONCE"] = nonce = secrets.token_hex(16)  # only smoke.py's own verdict line carries it
+    env.update(caps.env() if caps else {})
     cwd = ROOT
     with tempfile.TemporaryDirectory(prefix="nas_smoke_") as tmp:
         cfg_file = Path(tmp) / "config.json"
@@ -72,9 +78,14 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
             cmd += ["--model", str(model_file)]
         try:
             proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=child_preexec(caps))
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"smoke test timed out after {timeout_s:g}s"}
+    return _label_memory_cap(_read_verdict(proc, nonce), proc.stderr, caps)
+
+
+def _read_verdict(proc: subprocess.CompletedProcess, nonce: str) -> dict:
+    """smoke.py's verdict line (the one carrying the nonce), or a failure with stderr's tail."""
     for line in reversed(proc.stdout.strip().splitlines()):
         try:
             verdict = json.loads(line)
@@ -86,9 +97,20 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
     return {"ok": False, "error": f"smoke test exited with code {proc.returncode} and no verdict: {tail}"}
 
 
+def _label_memory_cap(verdict: dict, stderr: str, caps: Optional[Caps]) -> dict:
+    """A failed smoke test that ran out of memory under the cap says so first, for the proposer."""
+    if verdict.get("ok") or caps is None or not caps.memory_gb:
+        return verdict
+    error = str(verdict.get("error"))
+    if not (ran_out_of_memory(error) or ran_out_of_memory(stderr)):
+        return verdict
+    return {**verdict, "error": f"the model exceeded its memory cap of {caps.memory_gb:g} GB "
+                                f"(--run-memory); propose a smaller one. {error[:300]}"}
+
+
 def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke_timeout: float,
                    max_params: Optional[int] = None, env: Optional[dict] = None,
-                   model_file: Optional[Path] = None) -> Verdict:
+                   model_file: Optional[Path] = None, caps: Optional[Caps] = None) -> Verdict:
     try:
         cfg = validate_config(raw, "proposal").model_dump()
     except ConfigError as e:
@@ -97,7 +119,7 @@ def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke
         return Verdict(False, [f"duplicate: the same settings already ran as {dup}"], config=cfg)
     if model_file is not None and (problems := check_model_file(model_file)):
         return Verdict(False, problems, config=cfg)  # untrusted code: not run at all
-    result = run_smoke(cfg, python=python, timeout_s=smoke_timeout, env=env, model_file=model_file)
+    result = run_smoke(cfg, python=python, timeout_s=smoke_timeout, env=env, model_file=model_file, caps=caps)
     if not result.get("ok"):
         return Verdict(False, [f"smoke test failed: {result.get('error')}"], config=cfg)
     n_params = result["n_params"]

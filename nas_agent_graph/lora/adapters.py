@@ -81,6 +81,9 @@ class LoraSettings:
     rollback_margin: float = 0.15
     timeout_s: float = 3600.0
     """Wall-clock limit of one training subprocess."""
+    memory_gb: float | None = None
+    """Memory cap of the training subprocess in GB (RLIMIT_DATA; nas_agent_graph/limits.py). None: no
+    cap; the CLI sets its default, limits.default_lora_memory_gb (the fine-tune peaks at ~8.2 GB)."""
 
     @classmethod
     def from_items(cls, items: list[str]) -> "LoraSettings":
@@ -95,6 +98,12 @@ class LoraSettings:
                 continue
             if not sep or key not in kinds:
                 raise ValueError(f"--lora {item!r}: expected KEY=VALUE (or 'off') with KEY one of {', '.join(kinds)}")
+            if key == "memory_gb":  # a number of GB, 'off', or none (the CLI's default); CapError says why not
+                from nas_agent_graph.limits import parse_memory_gb
+                word = raw.strip().lower()  # off: 0, no cap; none: None, the CLI's default
+                values[key] = 0.0 if word == "off" else None if word in ("", "none") else \
+                    parse_memory_gb(raw, "--lora memory_gb", default=None)
+                continue
             try:
                 if key == "target_modules":
                     values[key] = tuple(x.strip() for x in raw.split(",") if x.strip())
@@ -211,6 +220,9 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
     log_file = out.parent / f"train_v{version}.log"
     from nas_agent_graph.launcher import child_preexec
+    from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count
+    # The same caps as a run's: memory (its own default), CPU time, and the OOM killer's first pick.
+    caps = Caps(memory_gb=settings.memory_gb, cpu_s=cpu_cap_s(settings.timeout_s, cpu_count()))
     try:
         # Its own session, and SIGTERM when the orchestrator dies: a killed search leaves no
         # training behind to race the resumed one for the same adapter folder.
@@ -218,14 +230,32 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
             proc = subprocess.run([python, "-m", "nas_agent_graph.lora.finetune", str(job_file)], cwd=ROOT,
                                   env=child_env, stdout=subprocess.PIPE, stderr=err, text=True,
                                   timeout=settings.timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
-                                  preexec_fn=child_preexec())
+                                  preexec_fn=child_preexec(caps))
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"training timed out after {settings.timeout_s:g}s (see {log_file})"}
     lines = proc.stdout.strip().splitlines()
     try:
-        return json.loads(lines[-1])
+        verdict = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
-        return {"ok": False, "error": f"training exited with code {proc.returncode} and no verdict; see {log_file}"}
+        verdict = {"ok": False, "error": f"training exited with code {proc.returncode} and no verdict; see {log_file}"}
+    return _label_memory_cap(verdict, log_file, settings.memory_gb)
+
+
+def _label_memory_cap(verdict: dict, log_file: Path, memory_gb: float | None) -> dict:
+    """A fine-tune that ran out of memory under its cap says so first (meta.lora records the reason)."""
+    from nas_agent_graph.limits import ran_out_of_memory
+
+    if verdict.get("ok") or not memory_gb:
+        return verdict
+    error = str(verdict.get("error"))
+    try:
+        log_tail = log_file.read_text(encoding="utf-8", errors="replace")[-8000:]
+    except OSError:
+        log_tail = ""
+    if not (ran_out_of_memory(error) or ran_out_of_memory(log_tail)):
+        return verdict
+    return {**verdict, "error": f"exceeded its memory cap of {memory_gb:g} GB (--lora memory_gb); "
+                                f"lower max_len or batch_size, or raise memory_gb: {error[:300]}"}
 
 
 # ----------------------------------------------------------------------------- the gate
