@@ -52,6 +52,7 @@ def run_study(mode: str, parallel: int, a, out: Path, env: dict) -> dict:
     shutil.copy(a.config, folder / "config.py")
     cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", str(a.runs), "--proposer", "tpe",
            "--seed", str(a.seed), "--space", str(a.space), "--prune", mode, "--prune-warmup", a.prune_warmup,
+           "--warm-start", "off", "--run-budget", "none",  # the epoch budget below is the budget
            "--parallel", str(parallel)]
     if parallel > 1:
         env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}

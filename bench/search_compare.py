@@ -18,8 +18,8 @@ product's defaults (full default space, --run-budget 240 s per run), one study a
     NAS_DATA_DIR=../shared/data python bench/search_compare.py --arms default tpe tpe-informer random \
         --seeds 0 1 --minutes 90 --out /tmp/nas_arms
 
-    default        the README's command: warm start from configs/, then the hybrid proposer (TPE + LLM)
-    tpe            warm start, then TPE, on the model space
+    default        warm start from configs/, then the hybrid proposer (TPE + LLM): the README's command with a GPU
+    tpe            warm start, then TPE, on the model space: the README's command on a CPU (--proposer auto)
     tpe-informer   TPE on the old Informer-only space (spaces/informer.json), no warm start
     random         random search on the model space, no warm start
 
@@ -99,7 +99,7 @@ def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budg
 
 
 ARMS = {
-    "default": ["--proposer", "hybrid"],
+    "default": ["--proposer", "hybrid"],  # the LLM arm: the GPU default; --proposer auto is tpe on a CPU
     "tpe": ["--proposer", "tpe"],
     "tpe-informer": ["--proposer", "tpe", "--space", str(ROOT / "spaces" / "informer.json"), "--warm-start", "off"],
     "random": ["--proposer", "random", "--warm-start", "off"],
