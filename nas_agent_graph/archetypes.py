@@ -13,7 +13,8 @@ per-run budget, and its score compares with every other run of the study.
 
 Which archetypes have run is read from agent_state.json (the runs, and the rejected proposals: an
 archetype the validation refused, say a duplicate or one over --max-params, is skipped, not retried),
-so a resumed study goes on where it stopped.
+so a resumed study goes on where it stopped. The warm start only ever comes first: once another
+proposer has run, no archetype is proposed (a study from before the warm start resumes unchanged).
 """
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ from pathlib import Path
 
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, load_config
+from nas_agent_graph.confirmation import CONFIRM_PROPOSER
 from nas_agent_graph.context import ROOT
 from nas_agent_graph.proposers import Proposal
 
 PROPOSER = "archetype"
+# Proposers of the runs a warm start may follow: the baseline, earlier archetypes and their
+# confirmation runs (--confirm-seeds).
+WARM_START_PHASE = ("baseline", PROPOSER, CONFIRM_PROPOSER)
 # Shipped in configs/. The Informer paper's config is left out: the baseline already is an Informer.
 DEFAULT_ARCHETYPES = tuple(ROOT / "configs" / f"{name}.py"
                            for name in ("dlinear", "patchtst42", "itransformer", "tsmixer", "patchtst64"))
@@ -80,6 +85,10 @@ class ArchetypeProposer:
         self.archetypes = archetypes
 
     def pending(self, study: AgentState) -> list[str]:
+        """The archetypes still to run; none once another proposer has run, so a study started
+        before the warm start existed (or with it off) is never interrupted by it on a resume."""
+        if any(r.proposer not in WARM_START_PHASE for r in study.runs):
+            return []
         done = tried(study)
         return [name for name, _ in self.archetypes if name not in done]
 

@@ -68,6 +68,10 @@ def test_each_archetype_is_proposed_once_and_a_refused_one_is_skipped(base):
     assert proposer.pending(state) == []
     with pytest.raises(ValueError, match="every warm-start config has run"):
         proposer.propose(state, base)
+    # An older study (another proposer already ran) is never interrupted by the warm start.
+    older = AgentState(runs=[RunInfo(run_id="run_0000", proposer="baseline", config=base),
+                             RunInfo(run_id="run_0001", proposer="tpe", config=base)])
+    assert proposer.pending(older) == []
 
 
 def test_two_warm_start_files_with_one_name_are_refused(tmp_path):
