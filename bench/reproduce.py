@@ -1,0 +1,276 @@
+"""Reproduce the shipped configs' published ETTh1/ETTh2 numbers (issue 12, section 5).
+
+    NAS_DATA_DIR=../shared/data python bench/reproduce.py [--configs dlinear itransformer]
+        [--datasets ETTh1 ETTh2] [--seeds 3] [--out /tmp/nas_reproduce] [--threads 1]
+        [--set training.max_epochs=2 ...] [--write] [--report-only]
+
+Trains each configs/<name>.py at its paper's settings on ETTh1 and ETTh2 (horizon 96, every
+test window scored, scaler fitted on the training rows), one train.py subprocess per
+(config, dataset, seed), one at a time, and prints test MSE/MAE as mean +- std over the seeds
+next to the published numbers. A run whose metrics.json already holds status ok or timeout
+is not trained again, so a killed benchmark resumes where it stopped; any other leftover
+(failed, interrupted, no metrics.json) is trained again with --overwrite.
+
+--set overrides are passed to every run. They make the runs deviate from the papers'
+settings: their runs go to separate folders (a hash of the overrides in the tag) and the
+table says so in bold. --report-only prints the table from what is in --out, training nothing.
+
+It is a benchmark: it prints tables and asserts nothing about time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nas_agent.config import load_config
+
+CONFIGS = ["dlinear", "itransformer", "patchtst42", "tsmixer", "patchtst64", "informer"]
+DATASETS = ["ETTh1", "ETTh2"]
+SEED0 = 2021  # seeds are 2021, 2022, ... (2021 is the PatchTST/DLinear scripts' seed)
+DONE = ("ok", "timeout")  # statuses that count as a finished run (timeout: best checkpoint tested)
+DEFAULT_OUT = "/tmp/nas_reproduce"
+RESULTS_MD = ROOT / "bench" / "results" / "reproduce.md"
+
+# Per-dataset settings of the papers' own scripts where they differ from the ETTh1 config.
+# These are the papers' settings, not deviations.
+PAPER_SETS: dict[tuple[str, str], list[str]] = {
+    # thuml/iTransformer scripts/multivariate_forecasting/ETT/iTransformer_ETTh2.sh: d_model 128, d_ff 128
+    # (ETTh1: 256/256, the config's values).
+    ("itransformer", "ETTh2"): ["model.d_model=128", "model.d_ff=128"],
+}
+
+# Published test MSE / MAE at horizon 96, multivariate. Source: /work/shared/reference-results.md,
+# checked against the sources it names. protocol "every window": every test window scored, as
+# here; "drop_last": the Informer2020 test loader that drops the last partial batch (optimistic
+# on ETTh1/ETTh2, so expect ours to be somewhat higher); "unverified": not established.
+# mae None: the source gives no MAE under that protocol.
+def _pub(L: int, mse: float, mae: float | None, protocol: str, source: str) -> dict:
+    return {"L": L, "mse": mse, "mae": mae, "protocol": protocol, "source": source}
+
+
+PUBLISHED: dict[tuple[str, str], dict] = {
+    ("informer", "ETTh1"): _pub(L=96, mse=0.865, mae=0.713, protocol="drop_last",
+                                source="Autoformer/TimesNet tables"),
+    ("informer", "ETTh2"): _pub(L=96, mse=3.755, mae=1.525, protocol="drop_last",
+                                source="iTransformer/TimesNet tables"),
+    ("dlinear", "ETTh1"): _pub(L=336, mse=0.384, mae=None, protocol="every window",
+                               source="FITS README (2023-12 re-run, drop_last fixed); paper 0.375/0.399 drop_last"),
+    # FITS re-ran DLinear on ETTh2 at lr 0.005 (the config's rate); the DLinear paper's 0.289/0.353
+    # used lr 0.05 and drop_last.
+    ("dlinear", "ETTh2"): _pub(L=336, mse=0.282, mae=None, protocol="every window",
+                               source="FITS README (re-run at lr 0.005); paper 0.289/0.353 drop_last"),
+    ("patchtst42", "ETTh1"): _pub(L=336, mse=0.385, mae=None, protocol="every window",
+                                  source="FITS README (re-run); paper 0.375/0.399 drop_last"),
+    ("patchtst42", "ETTh2"): _pub(L=336, mse=0.274, mae=None, protocol="every window",
+                                  source="FITS README (re-run); paper 0.274/0.336 drop_last"),
+    ("patchtst64", "ETTh1"): _pub(L=512, mse=0.370, mae=0.400, protocol="drop_last", source="PatchTST paper"),
+    ("itransformer", "ETTh1"): _pub(L=96, mse=0.386, mae=0.405, protocol="every window",
+                                    source="iTransformer paper (test batch 1)"),
+    ("itransformer", "ETTh2"): _pub(L=96, mse=0.297, mae=0.349, protocol="every window",
+                                    source="iTransformer paper (test batch 1)"),
+    ("tsmixer", "ETTh1"): _pub(L=512, mse=0.361, mae=0.392, protocol="unverified", source="TSMixer paper"),
+}
+TOLERANCE = 0.05
+
+# Why a row is (or was) off by more than 5%, with the evidence (findings of the runs in
+# bench/results/reproduce.md; printed under the table for the rows shown).
+NOTES: dict[tuple[str, str], str] = {
+    ("dlinear", "ETTh2"): (
+        "Seed noise, no settings mismatch found. Over 3 seeds 0.301 ± 0.018 (1.067x): seed 2023 "
+        "early-stopped at its epoch-2 best on a noisy validation curve (0.322). Over 10 seeds "
+        "(`--configs dlinear --seeds 10`) 0.2945 ± 0.0119 (1.044x; ETTh1 0.3749 ± 0.0058). The published "
+        "0.282 is a single run (seed 2021) of the FITS re-run."),
+    ("patchtst42", "ETTh1"): (
+        "One diagnostic run (seed 2021, stopped by hand through train.py's PRUNE file after epoch 42 "
+        "of 100, lr 1.3e-6, val MSE still improving by < 1e-4 per epoch, so patience 10 had not fired): "
+        "test 0.3952 / 0.4090 (1.026x), val 0.7308; not counted above (status pruned). model.py's "
+        "PatchTST differs from the official one (yuqinie98/PatchTST, PatchTST_backbone defaults): "
+        "LayerNorm instead of BatchNorm in the encoder, no residual attention (res_attention=True "
+        "there), attention-weight dropout and head dropout both = model.dropout 0.3 (official 0 and "
+        "head_dropout 0), RevIN with learned affine weights (official affine=0). The config's "
+        "ExponentialLR(0.9) decays from epoch 1 (official lradj type3 holds 1e-4 for 3 epochs) and "
+        "patience is 10 (official 100). The model differences apply to ETTh2 and PatchTST/64 too. Cost: "
+        "60-80 s/epoch on one contended thread and, with no min_delta, likely most of the 100 epochs: "
+        "1-2 h per run."),
+    ("tsmixer", "ETTh1"): (
+        "Expect it far off; not run to the end (about 4-5 min/epoch on one contended thread, up to 100 "
+        "epochs). Seed 2021 stopped by hand after 2 epochs: train MSE 45.2 then 16.6 (in train mode), "
+        "val 1.378 (naive 1.561), test 0.719. model.py applies model.dropout (0.9, the paper's) not only "
+        "inside the mixer MLPs, as the official TSMixer (google-research/tsmixer, res_block) does, but "
+        "also to the embedded input tokens (Tokenizer) and to the head's input (LinearHead); the official "
+        "model has no input projection, no dropout outside the blocks, and normalises over (time, "
+        "feature) jointly. The same 2 epochs with --set model.dropout=0.3 (a diagnostic, not the paper): "
+        "train 0.744 then 0.515, val 0.904, test 0.463."),
+    ("itransformer", "ETTh1"): (
+        "Within 5% on both datasets. model.py's iTransformer omits the official one's 4 time-feature tokens "
+        "(x_mark as extra variate tokens), its final encoder LayerNorm, and uses affine RevIN; "
+        "the head applies dropout 0.1 (official none)."),
+}
+
+
+def tag_for(config: str, dataset: str, seed: int, sets: list[str]) -> str:
+    tag = f"{config}_{dataset}_s{seed}"
+    if sets:
+        tag += "_set" + hashlib.sha1("\n".join(sets).encode()).hexdigest()[:8]
+    return tag
+
+
+def run_overrides(config: str, dataset: str, sets: list[str]) -> list[str]:
+    data = [] if dataset == "ETTh1" else [f"data.path=data/{dataset}.csv"]
+    return data + PAPER_SETS.get((config, dataset), []) + list(sets)
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def train_one(config: str, dataset: str, seed: int, args) -> dict | None:
+    """Run train.py for one (config, dataset, seed) unless a finished run is already there."""
+    tag = tag_for(config, dataset, seed, args.set)
+    run_dir = Path(args.out) / tag
+    m = read_metrics(run_dir)
+    if m and m.get("status") in DONE:
+        print(f"[skip] {tag}: {m['status']} test_mse {m.get('test_mse')}", flush=True)
+        return m
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{config}.py"),
+           "--tag", tag, "--runs-dir", str(args.out), "--seed", str(seed), "--device", args.device]
+    for s in run_overrides(config, dataset, args.set):
+        cmd += ["--set", s]
+    if run_dir.exists():
+        cmd.append("--overwrite")  # a killed or failed earlier attempt
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    print(f"[run ] {tag}: {shlex.join(cmd[1:])}", flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with open(Path(args.out) / f"{tag}.out", "w", encoding="utf-8") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    m = read_metrics(run_dir)
+    status = m.get("status") if m else f"no metrics.json (exit {rc})"
+    print(f"[done] {tag}: {status} test_mse {m.get('test_mse') if m else None} "
+          f"epochs {m.get('epochs_run') if m else None} wall {time.monotonic() - t0:.0f}s", flush=True)
+    return m
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def look_back(config: str, dataset: str, sets: list[str]) -> int | str:
+    try:
+        return load_config(ROOT / "configs" / f"{config}.py", run_overrides(config, dataset, sets)).data.seq_len
+    except Exception:  # noqa: BLE001 - a table cell, not a failure
+        return "?"
+
+
+def table(args) -> str:
+    head = ("| config | data | L | seeds done | test MSE | test MAE | val MSE (mean) | published MSE / MAE "
+            "(protocol) | ours / published | within 5% | train s/run | epochs (best) |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    notes = []
+    for config in args.configs:
+        for dataset in args.datasets:
+            runs = [read_metrics(Path(args.out) / tag_for(config, dataset, SEED0 + i, args.set))
+                    for i in range(args.seeds)]
+            runs = [m for m in runs if m and m.get("status") in DONE and m.get("test_mse") is not None]
+            mse = [m["test_mse"] for m in runs]
+            mae = [m["test_mae"] for m in runs]
+            val = [m["val_mse"] for m in runs]
+            timeouts = sum(m["status"] == "timeout" for m in runs)
+            pub = PUBLISHED.get((config, dataset))
+            if pub:
+                pub_cell = f"{pub['mse']:.3f} / {pub['mae']:.3f}" if pub["mae"] else f"{pub['mse']:.3f} / –"
+                pub_cell += f" ({pub['protocol']})"
+            else:
+                pub_cell = "none"
+            if pub and mse:
+                ratio = statistics.mean(mse) / pub["mse"]
+                ratio_cell = f"{ratio:.3f}"
+                within = "yes" if abs(ratio - 1) <= TOLERANCE else "no"
+                if pub["protocol"] != "every window":
+                    within += f" ({pub['protocol']})"
+            else:
+                ratio_cell, within = "–", "n.a."
+            train_s = f"{statistics.mean(m['train_time_sec'] for m in runs):.0f}" if runs else "–"
+            epochs = (f"{statistics.mean(m['epochs_run'] for m in runs):.1f} "
+                      f"({statistics.mean(m['best_epoch'] or 0 for m in runs):.1f})") if runs else "–"
+            done = f"{len(runs)}/{args.seeds}" + (f" ({timeouts} timeout)" if timeouts else "")
+            val_cell = f"{statistics.mean(val):.4f}" if val else "–"
+            lines.append(f"| {config} | {dataset} | {look_back(config, dataset, args.set)} | {done} | "
+                         f"{mean_std(mse)} | {mean_std(mae)} | {val_cell} | {pub_cell} | {ratio_cell} | "
+                         f"{within} | {train_s} | {epochs} |")
+            if pub:
+                notes.append(f"- {config} / {dataset}: published L={pub['L']}, {pub['source']}.")
+    out = "\n".join(lines)
+    paper = [f"- {c} / {d}: paper setting {' '.join(s)}" for (c, d), s in PAPER_SETS.items()
+             if c in args.configs and d in args.datasets]
+    out += "\n\nPublished numbers:\n" + "\n".join(notes + paper)
+    shown = [f"- {c} / {d}: {text}" for (c, d), text in NOTES.items() if c in args.configs and d in args.datasets]
+    if shown:
+        out += "\n\nNotes:\n" + "\n".join(shown)
+    if args.set:
+        out = (f"**Deviates from the papers' settings: every run had --set {' '.join(args.set)}**\n\n" + out)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS], choices=CONFIGS)
+    p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    p.add_argument("--seeds", type=int, default=3, help=f"seeds {SEED0}, {SEED0 + 1}, ... (default 3)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"runs folder (default {DEFAULT_OUT})")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each training (default 1)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every train.py (deviates from the papers' settings; marked in the table)")
+    p.add_argument("--write", action="store_true", help=f"also write the table to {RESULTS_MD.relative_to(ROOT)}")
+    p.add_argument("--report-only", action="store_true", help="train nothing; tabulate what is in --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not os.environ.get("NAS_DATA_DIR"):
+        print("warning: NAS_DATA_DIR is not set; train.py may try to download the data", file=sys.stderr)
+    if not args.report_only:
+        for config in args.configs:
+            for dataset in args.datasets:
+                for i in range(args.seeds):
+                    train_one(config, dataset, SEED0 + i, args)
+    text = table(args)
+    print(text)
+    if args.write:
+        RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
+        given = argv if argv is not None else sys.argv[1:]
+        cmd = "python bench/reproduce.py " + shlex.join(given)
+        rerun = "python bench/reproduce.py " + shlex.join(a for a in given if a != "--report-only")
+        RESULTS_MD.write_text(
+            f"# Reproduction of published ETTh1/ETTh2 numbers (horizon 96, every test window scored)\n\n"
+            f"Written {_dt.datetime.now().isoformat(timespec='minutes')} by `{cmd}` "
+            f"(OMP_NUM_THREADS={args.threads}, device {args.device}, seeds {SEED0}..{SEED0 + args.seeds - 1}).\n"
+            f"Reproduce (resumes; trains what is missing): `NAS_DATA_DIR=../shared/data {rerun}`\n\n"
+            f"{text}\n", encoding="utf-8")
+        print(f"wrote {RESULTS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
