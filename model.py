@@ -624,7 +624,9 @@ class Tokenizer(nn.Module):
             self.position = None
         # Variate tokens carry no position: which variate is which is in the token itself,
         # and the model stays equivariant to the order of the variates.
-        self.dropout = nn.Dropout(cfg.dropout) if embed else nn.Identity()
+        # Dropout on the embedded tokens is the transformers' (PatchTST, iTransformer); TSMixer
+        # drops out inside its mixing blocks only, and at its 0.9 here it would erase the input.
+        self.dropout = nn.Dropout(cfg.dropout) if embed and cfg.mixer == "attention" else nn.Identity()
 
     def forward(self, x):
         if self.kind == "variate":
@@ -682,10 +684,9 @@ class LinearHead(nn.Module):
     variate tokens: each variate's token to its own horizon (D -> pred_len).
     """
 
-    def __init__(self, kind, n_tokens, dim, pred_len, c, dropout, raw=False):
+    def __init__(self, kind, n_tokens, dim, pred_len, c, raw=False):
         super().__init__()
         self.kind, self.pred_len, self.c = kind, pred_len, c
-        self.dropout = nn.Dropout(dropout)
         if kind == "time":
             self.over_time = nn.Linear(n_tokens, pred_len)
             # Decided by raw, not by dim == c: embedded tokens with d_model == c are still
@@ -697,7 +698,7 @@ class LinearHead(nn.Module):
             self.proj = nn.Linear(dim, pred_len)
 
     def forward(self, z):
-        z = self.dropout(z)
+        # No dropout before the head: none of the papers has one (PatchTST's head_dropout is 0).
         if self.kind == "time":
             y = self.over_time(z.transpose(1, 2)).transpose(1, 2)  # [B, pred_len, D]
             return y if self.over_features is None else self.over_features(y)
@@ -720,7 +721,7 @@ class Forecaster(nn.Module):
         c = 1 if cfg.channels == "independent" else C
         self.tokenizer = Tokenizer(cfg, c, embed=cfg.mixer != "none")
         self.mixer = make_mixer(cfg, self.tokenizer.n_tokens)
-        self.head = LinearHead(cfg.tokens, self.tokenizer.n_tokens, self.tokenizer.dim, cfg.pred_len, c, cfg.dropout,
+        self.head = LinearHead(cfg.tokens, self.tokenizer.n_tokens, self.tokenizer.dim, cfg.pred_len, c,
                                raw=self.tokenizer.proj is None)
         # The forecast covers every input channel; "MS" (c_out == 1) keeps the target, the last one.
         self.out = slice(None) if cfg.c_out == C else slice(-1, None)
