@@ -51,7 +51,12 @@ def test_each_config_builds_the_family_it_names():
         assert isinstance(model, (Informer, Forecaster))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+# The heaviest three (a smoke test of a big model each) run in the slow pass.
+HEAVY = ("informer", "patchtst64", "tsmixer")
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c.stem in HEAVY else c
+                                    for c in CONFIGS], ids=lambda p: p.stem)
 def test_check_accepts_shipped_config(config, tmp_path):
     # A study file that does not exist: no duplicate check against whatever study lies around.
     proc = subprocess.run([PYTHON, "-m", "nas_agent_graph", "check", str(config.relative_to(ROOT)),

@@ -98,6 +98,7 @@ def test_samplers_reach_every_family_after_the_warm_start(base):
         assert wanted <= seen, (sampler, wanted - seen)
 
 
+@pytest.mark.slow  # 7 real runs through the CLI: about a minute
 def test_a_short_study_runs_the_baseline_then_each_archetype_then_the_sampler(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     tiny = load_config(tmp_path / "config.py").model_dump()

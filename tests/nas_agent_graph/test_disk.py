@@ -56,6 +56,7 @@ def test_a_run_whose_writes_find_the_disk_full_stops_and_reruns_after_space_is_f
     assert result.status == "ok" and result.attempt == 1
 
 
+@pytest.mark.slow  # a search on a tmpfs, stopped and resumed: ~25 s
 def test_a_full_runs_folder_stops_the_search_with_exit_1_and_the_same_command_completes_it(tmp_path, tmpfs):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
