@@ -132,11 +132,13 @@ def best_so_far(state) -> list[dict]:
     """After each run: minutes since the study's first run started, and the run with the lowest
     val MSE so far (its test MSE is reported, never used)."""
     curve, best = [], None
-    t0 = _when(state.runs[0].started_at) if state.runs else 0.0
+    # A run's record is made when it ends (RunInfo.started_at is the record's time), so the study
+    # started one duration before the first record.
+    t0 = _when(state.runs[0].started_at) - (state.runs[0].duration_s or 0.0) if state.runs else 0.0
     for i, r in enumerate(state.runs):
         if r.status in ("ok", "timeout") and r.val_mse is not None and (best is None or r.val_mse < best.val_mse):
             best = r
-        end = _when(r.started_at) + (r.duration_s or 0.0)
+        end = _when(r.started_at)
         curve.append({"run": i, "minutes": (end - t0) / 60, "proposer": r.proposer,
                       "best_val": best.val_mse if best else None, "best_test": best.test_mse if best else None,
                       "best_run": best.run_id if best else None})
