@@ -559,6 +559,16 @@ class SearchSpace:
                     chosen[key] = params[key]
         return keys
 
+    def complete(self, params: dict[str, Any], base: dict, fill: Callable[[str, dict], Any]) -> dict[str, Any]:
+        """`params` made whole for its own choices: keys they leave inactive dropped, keys they make
+        active and `params` lacks taken from `fill(key, entry)` (a changed tokens choice brings or
+        takes patch_len)."""
+        out: dict[str, Any] = {}
+        for key, entry in self.entries.items():
+            if self.is_active(key, out, base):
+                out[key] = params[key] if key in params else fill(key, entry)
+        return out
+
     def conditional(self) -> bool:
         return any(entry.get("when") for entry in self.entries.values())
 

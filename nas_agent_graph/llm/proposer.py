@@ -98,16 +98,6 @@ def _params_key(params: dict) -> str:
     return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in params.items()}, sort_keys=True)
 
 
-def _complete(space: SearchSpace, params: dict, rng: random.Random, base: dict) -> dict:
-    """`params` made whole again after a change: keys the change left inactive dropped, keys it
-    made active drawn at random (a changed tokens choice brings or takes patch_len)."""
-    out: dict[str, Any] = {}
-    for key, entry in space.entries.items():
-        if space.is_active(key, out, base):
-            out[key] = params[key] if key in params else _random_value(entry, rng)
-    return out
-
-
 def _random_value(entry: dict, rng: random.Random) -> Any:
     """A random value of one search-space entry."""
     if entry["type"] == "categorical":
@@ -278,7 +268,8 @@ class LLMProposer:
         base = self.space.full_config(None)
         for _ in range(100):
             key = rng.choice(self.space.active_keys(params, base))
-            params = _complete(self.space, {**params, key: _random_value(self.space.entries[key], rng)}, rng, base)
+            params = self.space.complete({**params, key: _random_value(self.space.entries[key], rng)}, base,
+                                         lambda _, entry: _random_value(entry, rng))
             changed.append(key)
             if _params_key(params) not in seen:
                 break

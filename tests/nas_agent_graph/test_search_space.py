@@ -258,3 +258,14 @@ def test_space_file_keys_in_the_original_spelling_name_the_canonical_keys(tmp_pa
     with pytest.raises(SpaceError, match="'training.lr' and 'training.optimizer_params.lr' both name training.lr; "
                                          "keep one"):
         load_space(_write(tmp_path, {"training.lr": None, "training.optimizer_params.lr": None}))
+
+
+def test_complete_brings_and_takes_the_keys_a_change_activates(space, base):
+    informer = space.from_config(base)
+    changed = space.complete({**informer, "model.head": "linear"}, base, lambda key, entry: entry["choices"][0]
+                             if entry["type"] == "categorical" else entry["low"])
+    assert changed["model.tokens"] == "time" and "model.d_layers" not in changed and "data.label_frac" not in changed
+    validate_config(space.to_config(changed, base))
+    patch = space.complete({**changed, "model.tokens": "patch"}, base, lambda key, entry: entry["choices"][-1])
+    assert patch["model.patch_len"] == 32 and patch["model.stride"] == 16
+    assert space.to_config(patch, base)["model"]["patch_len"] == 32
