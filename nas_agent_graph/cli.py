@@ -28,6 +28,7 @@ from nas_agent_graph.context import Context
 from nas_agent_graph.llm.backend import LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
 from nas_agent_graph.prompting import PromptError
+from nas_agent_graph.retention import DEFAULT_KEEP
 from nas_agent_graph.search_space import SpaceError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", type=Path, default=None, help="JSON file that narrows or extends the search space")
     p.add_argument("--warm-start", nargs="+", default=None, metavar="off|FILE",
                    help="configs trained right after the baseline, one run each: 'off', or config files "
-                        "(default: the shipped configs/ of DLinear, PatchTST, iTransformer and TSMixer)")
+                        "(default: the shipped configs/ of DLinear, PatchTST, iTransformer and TSMixer, when "
+                        "the search space searches the architecture)")
     llm = p.add_argument_group("LLM (proposers hybrid and llm)")
     llm.add_argument("--llm", default=None, metavar="MODEL",
                      help="Hugging Face id (e.g. deepseek-ai/deepseek-coder-6.7b-instruct) or local directory; "
@@ -112,6 +114,10 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-failures", type=int, default=3, help="failed runs in a row before stopping")
     limits.add_argument("--smoke-timeout", type=float, default=120.0, help="seconds for a proposal's smoke test")
     limits.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
+    limits.add_argument("--keep-checkpoints", default=None, metavar="N|all",
+                        help="keep best_model.pth of every incumbent and of the N best runs, delete the "
+                             "other finished runs' (their metrics, history and config stay); "
+                             "'all' keeps every one (default: %d)" % DEFAULT_KEEP)
     limits.add_argument("--confirm-seeds", type=int, default=1, metavar="K",
                         help="accept a better run only after K seeds of it and of the incumbent agree "
                              "(one-sided Welch's t-test); 1 = off (default)")
@@ -174,6 +180,23 @@ def with_run_budget(overrides: list[str], budget: str) -> list[str]:
     if any(item.partition("=")[0].strip() == "training.time_budget_s" for item in overrides):
         return list(overrides)
     return [*overrides, f"training.time_budget_s={seconds:g}"]
+
+
+def parse_keep_checkpoints(text: str | None) -> int | None:
+    """--keep-checkpoints N|all: N >= 0, or None for 'all'; a bad value is a ConfigError saying why."""
+    if text is None:
+        return DEFAULT_KEEP
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--keep-checkpoints {text!r}: expected a number of runs (e.g. {DEFAULT_KEEP}) "
+                          "or 'all'") from None
+    if n < 0:
+        raise ConfigError(f"--keep-checkpoints {text!r}: expected 0 or more runs (0 keeps only the "
+                          "incumbents' checkpoints), or 'all'")
+    return n
 
 
 def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
@@ -257,7 +280,7 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    run_timeout=a.run_timeout, max_params=a.max_params, min_delta=a.min_delta, patience=a.patience,
                    time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
                    max_failures=a.max_failures, smoke_timeout=a.smoke_timeout, prune=a.prune,
-                   run_memory_gb=run_memory,
+                   run_memory_gb=run_memory, keep_checkpoints=parse_keep_checkpoints(a.keep_checkpoints),
                    confirm_seeds=a.confirm_seeds,
                    prune_warmup_epochs=warmup_epochs, prune_min_runs=min_runs,
                    llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
@@ -322,7 +345,7 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
 
 
 def run_search(ctx: Context) -> int:
-    from nas_agent_graph.archetypes import ArchetypeProposer, load_archetypes
+    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, load_archetypes
     from nas_agent_graph.proposers import route_optuna_logging
     from nas_agent_graph.search_space import load_space
 
@@ -333,7 +356,11 @@ def run_search(ctx: Context) -> int:
             load_config(ctx.config_path)  # a new study needs a valid starting config
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
         ctx.space = ctx.space or load_space(ctx.space_path)
-        if ctx.warm_start and ctx.archetype_obj is None:  # a bad file fails here, before any run
+        if ctx.warm_start == DEFAULT_ARCHETYPES and not ctx.space.searches_architecture():
+            # A space that fixes the family (spaces/informer.json) asks for that family only.
+            log.info("warm start off: the search space fixes the architecture; give --warm-start FILE... "
+                     "to train configs first anyway")
+        elif ctx.warm_start and ctx.archetype_obj is None:  # a bad file fails here, before any run
             ctx.archetype_obj = ArchetypeProposer(load_archetypes(ctx.warm_start))
         try:
             _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
@@ -341,6 +368,29 @@ def run_search(ctx: Context) -> int:
             return _search(ctx, study)
         finally:
             _stop_launcher(ctx)
+
+
+def open_checkpoints(path: Path, state_path: Path) -> sqlite3.Connection:
+    """The checkpoint database, opened. It only mirrors progress (agent_state.json and the run
+    folders are the truth), so one that SQLite cannot read is moved aside, with a warning naming
+    the new file, and the search starts a fresh pass from agent_state.json instead of stopping."""
+    conn = sqlite3.connect(path, check_same_thread=False)
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems[:3]))
+        return conn
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        aside = path.with_name(f"{path.stem}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        for suffix in ("-wal", "-shm", "-journal"):  # SQLite's side files belong to the bad copy
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                os.replace(side, aside.with_name(aside.name + suffix))
+        os.replace(path, aside)
+        log.warning("%s is not a readable checkpoint database (%s); moved it to %s and resuming from %s "
+                    "and the run folders", path, e, aside.name, state_path)
+        return sqlite3.connect(path, check_same_thread=False)
 
 
 def _search(ctx: Context, study: AgentState) -> int:
@@ -351,7 +401,7 @@ def _search(ctx: Context, study: AgentState) -> int:
     ctx.started_at = time.monotonic()
     display = ctx.display or (RichDisplay() if sys.stderr.isatty() else PlainDisplay())
     ctx.display = display
-    with closing(sqlite3.connect(ctx.checkpoint_path, check_same_thread=False)) as conn, \
+    with closing(open_checkpoints(ctx.checkpoint_path, ctx.state_path)) as conn, \
             (display if isinstance(display, RichDisplay) else nullcontext()):
         graph = build_graph(SqliteSaver(conn))
         cfg = {"configurable": {"thread_id": thread_id(ctx.state_path)}}

@@ -52,6 +52,9 @@ class Context:
     run_memory_gb: Optional[float] = None
     """Memory cap of each smoke test and train.py run, GB (--run-memory; nas_agent_graph/limits.py).
     None: no memory cap (the CLI's default is computed from the machine's memory and --parallel)."""
+    keep_checkpoints: Optional[int] = None
+    """Keep best_model.pth of every incumbent and of this many best runs, delete the others'
+    (nas_agent_graph/retention.py); None keeps them all (the CLI defaults to retention.DEFAULT_KEEP)."""
     confirm_seeds: int = 1
     """> 1: a run that beats the incumbent is accepted only after it and the incumbent ran with
     this many seeds each and the difference is significant (nas_agent_graph/confirmation.py)."""

@@ -67,6 +67,7 @@ from nas_agent_graph.lora.adapters import (
     record_failed_finetune,
     samples_path,
 )
+from nas_agent_graph import retention
 from nas_agent_graph.archetypes import PROPOSER as ARCHETYPE
 from nas_agent_graph.proposers import BaselineProposer, ProposalError, llm_validity_text
 from nas_agent_graph.reward import compute_reward
@@ -544,7 +545,11 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
             log.info("%s %s", concluded.run_id, concluded.reason)
             _display(ctx, "on_message", text=f"{concluded.run_id} {concluded.reason}")
         _tick_time(study, ctx)
+        doomed = retention.mark_for_deletion(study, ctx.runs_dir, ctx.keep_checkpoints)
         save_agent_state(study, ctx.state_path)
+        if doomed:  # recorded first, deleted after: a crash in between only leaves a file to delete again
+            log.info("deleted %d checkpoint(s) (%.0f MB) under --keep-checkpoints %d: %s", len(doomed),
+                     retention.delete(doomed) / 1e6, ctx.keep_checkpoints, ", ".join(p.parent.name for p in doomed))
     else:
         record = recorded  # recorded before a crash; do not count it twice
     sync_incumbent(study, ctx)
@@ -593,7 +598,8 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
              "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke"),
              "incumbent_config": proposal.get("raw_config"),
-             "curve": [h.get("val_mse") for h in load_history(run_dir)["epochs"]]}
+             "curve": [h.get("val_mse") for h in load_history(run_dir)["epochs"]],
+             "checkpoint": retention.checkpoint_record(run_dir)}
     if pruned is not None:
         extra["pruned"] = pruned
     if pending is not None:

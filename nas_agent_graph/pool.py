@@ -145,8 +145,9 @@ class RunPool:
                       on_progress=spec.on_progress, stop_event=stop)
         if self.launcher == "ray":
             from nas_agent_graph.ray_launcher import ray_launch_run
-            # The worker's own python; the caps are this machine's (a Ray node sizes its own tasks).
-            kw = {k: v for k, v in self.launch_kwargs.items() if k not in ("python", "caps")}
+            # The worker's own python; the caps (--run-memory, the CPU backstop) go with the task and
+            # are set on train.py by the node that runs it.
+            kw = {k: v for k, v in self.launch_kwargs.items() if k != "python"}
             env = self.ray_env()
             # Ray picks the GPU (num_gpus); the task's CPUs are its share of its node's cores.
             threads = str(max(1, int(self.ray_options.get("num_cpus", 1))))

@@ -12,6 +12,7 @@ They are rendered with (all values are preformatted strings, so templates need n
     task        dataset, features_text, seq_len_text, pred_len, budget, naive_hint, n_runs, n_ok, n_failed,
                 n_running
     space       SearchSpace.describe(): one line per key with its type and range
+    families    (system.j2) whether the space chooses among model families: the guide to them is shown
     incumbent   {run_id, val, params (all keys, JSON), summary} or None
     top, last   runs as {run_id, status, val, params, summary}; `params` of a run other than the
                 incumbent lists only the keys where it differs from the incumbent
@@ -262,7 +263,8 @@ def config_messages(study: AgentState, space: SearchSpace, base_config: dict, *,
                     prompts_dir: Path | None = None) -> tuple[Messages, dict[str, Any]]:
     """The system and user messages asking for one configuration, within the token budget."""
     task = task_info(study, base_config)
-    system = render("system.j2", prompts_dir, task=task)
+    # The family guide only where the space can choose a family: it is ~200 tokens of a small prompt.
+    system = render("system.j2", prompts_dir, task=task, families=space.searches_architecture())
     space_text = space.describe()
 
     def make(lim: PromptLimits) -> Messages:
@@ -311,7 +313,7 @@ def code_messages(study: AgentState, space: SearchSpace, base_config: dict, curr
     """The messages asking for a new model file, within the token budget (the current model file
     is cut first, then the runs are trimmed)."""
     task = task_info(study, base_config)
-    system = render("system.j2", prompts_dir, task=task).replace(
+    system = render("system.j2", prompts_dir, task=task, families=False).replace(
         "Reply with exactly one JSON object and nothing else.", "Reply with one complete Python file.")
     count = count_tokens or estimate_tokens
     code_chars = 6000

@@ -54,6 +54,7 @@ from nas_agent_graph.launcher import (
     launch_run,
     move_aside,
 )
+from nas_agent_graph.limits import Caps
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def ray_launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Pa
                    timeout_s: float | None = None, env_overrides: Mapping[str, str] | None = None,
                    on_progress: Callable[[list[dict]], None] | None = None, files: Mapping[str, str] | None = None,
                    num_cpus: float = 1, num_gpus: float = 0, poll_s: float = 0.5,
-                   stop_event: threading.Event | None = None) -> LaunchResult:
+                   stop_event: threading.Event | None = None, caps: Caps | None = None) -> LaunchResult:
     """Run train.py for `run_id` as one Ray task and return its outcome, like `launch_run`.
 
     Idempotent: a finished folder is returned as is (reused=True, nothing launched). Otherwise
@@ -152,6 +153,8 @@ def ray_launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Pa
     history.json changes, on a shared filesystem only (see the module docstring). When
     `stop_event` is set, or on KeyboardInterrupt, the task is cancelled (train.py is stopped) and
     LaunchCancelled (or the KeyboardInterrupt) is raised. A task that dies gives status "failed".
+    `caps` (nas_agent_graph.limits) are set on train.py by the node that runs it, under that node's
+    hard limits, and a run over the memory cap ends "failed" with reason "memory cap (N GB)".
     The folder always ends with a metrics.json. Call `connect` first.
     `duration_s` is the wall-clock from submission, so it includes time queued for resources.
     """
@@ -167,7 +170,7 @@ def ray_launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Pa
     spec = _RunSpec(run_dir=str(run_dir), runs_dir=str(runs_dir), run_id=run_id, config_text=config_text,
                     train_script=str(train_script), extra_args=[str(a) for a in extra_args], timeout_s=timeout_s,
                     env_overrides=dict(env_overrides or {}), files=dict(files or {}), poll_s=poll_s,
-                    num_gpus=num_gpus, marker=str(marker), token=token)
+                    num_gpus=num_gpus, marker=str(marker), token=token, caps=caps)
     start = time.monotonic()
     try:
         ref = _submit(ray, spec, num_cpus, num_gpus)
@@ -394,6 +397,7 @@ class _RunSpec:
     num_gpus: float
     marker: str
     token: str
+    caps: Caps | None = None
     project_root: str = field(default=str(PROJECT_ROOT))
 
 
@@ -443,7 +447,7 @@ def _launch_here(spec: _RunSpec, run_dir: Path, runs_dir: Path, env: dict) -> La
     args = [_localize(arg, spec, run_dir) for arg in spec.extra_args]
     return launch_run(run_dir, spec.config_text, run_id=spec.run_id, runs_dir=runs_dir, python=sys.executable,
                       train_script=train_script, extra_args=args, timeout_s=spec.timeout_s, env=env,
-                      poll_s=spec.poll_s, term_grace_s=_TERM_GRACE_S, files=spec.files)
+                      poll_s=spec.poll_s, term_grace_s=_TERM_GRACE_S, files=spec.files, caps=spec.caps)
 
 
 def _localize(arg: str, spec: _RunSpec, run_dir: Path) -> str:

@@ -37,6 +37,7 @@ from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
 from nas_agent_graph.confirmation import noise_floor_text, pending_candidate
 from nas_agent_graph.proposers import llm_validity
+from nas_agent_graph.retention import checkpoint_cell, checkpoint_counts
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ _STATUS_COLOURS = {
 }
 _FALLBACK_COLOUR = "#000000"
 
-COLUMNS = ("run", "status", "val MSE", "test MSE", "accepted", "duration", "proposer", "params")
+COLUMNS = ("run", "status", "val MSE", "test MSE", "accepted", "duration", "proposer", "checkpoint", "params")
 _RIGHT_ALIGNED = {"val MSE", "test MSE", "duration"}
 BEST_MARK = "★"
 ACCEPTED_MARK = "✓"
@@ -235,6 +236,7 @@ def run_cells(run: RunInfo, best_run_id: str | None) -> dict[str, str]:
         "accepted": accepted_mark(run, best_run_id),
         "duration": format_duration(run.duration_s),
         "proposer": run.proposer or MISSING,
+        "checkpoint": checkpoint_cell(run),
         "params": compact_params(run.config),
     }
 
@@ -263,6 +265,9 @@ def study_summary(state: AgentState) -> str:
         parts.append(by_status)
     if noise := noise_floor_text(state):
         parts.append(noise)
+    kept, deleted = checkpoint_counts(state)
+    if deleted:
+        parts.append(f"checkpoints: {kept} kept, {deleted} deleted")
     if (pending := pending_candidate(state)) is not None:
         parts.append(f"{pending.run_id} pending confirmation")
     validity = llm_validity(state)

@@ -196,6 +196,10 @@ _ENTRY_FIELDS: dict[str, tuple[set[str], dict[str, Any]]] = {
 }
 
 
+# The model keys that choose the family (tokens, mixer, head...), as opposed to its sizes.
+ARCHITECTURE_KEYS = ("model.head", "model.tokens", "model.channels", "model.mixer", "model.decomp")
+
+
 class SpaceError(ValueError):
     """A search space (file or entry) or a params dict is invalid. The message says where and why."""
 
@@ -571,6 +575,17 @@ class SearchSpace:
 
     def conditional(self) -> bool:
         return any(entry.get("when") for entry in self.entries.values())
+
+    def searches_architecture(self) -> bool:
+        """Whether the structural keys (ARCHITECTURE_KEYS) can take more than one combination of
+        values: a key never active (head fixed to "decoder" leaves tokens out) does not count."""
+        seen = set()
+        for chosen, active in self.branches():
+            keys = [k for k in ARCHITECTURE_KEYS if k in active]
+            if any(k not in chosen and len(self.entries[k]["choices"]) > 1 for k in keys):
+                return True  # a choice that no condition names still varies within this branch
+            seen.add(tuple((k, chosen.get(k)) for k in keys))
+        return len(seen) > 1
 
     def sample(self, trial, base_config: dict) -> dict[str, Any]:
         """Define-by-run: suggest each active key from an Optuna trial, in the space's order."""

@@ -31,6 +31,7 @@ first balanced {...} (constrained=False in the result).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -283,6 +284,15 @@ def _convert_gguf(spec: LLMSpec, gguf_path: str, out_dir: Path) -> None:
     del model
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether a load failed for want of memory (a MemoryError, or ENOMEM from mmap or malloc):
+    rebuilding the cache would not help, and under a memory cap it would fail too."""
+    from nas_agent_graph.limits import ran_out_of_memory
+
+    return isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM or \
+        ran_out_of_memory(str(error))
+
+
 def ensure_converted(spec: LLMSpec, rebuild: bool = False) -> tuple[Path, dict[str, Any]]:
     """The converted HF directory of a GGUF spec, built (or rebuilt) when needed.
 
@@ -475,6 +485,8 @@ def _load(spec: LLMSpec, quant: Quant, device: str, dtype: Any) -> tuple[Any, An
     try:
         tokenizer, model = attempt()
     except Exception as e:  # noqa: BLE001 - safetensors, json, torch errors: all mean "unusable"
+        if _out_of_memory(e):  # a memory cap (RLIMIT_DATA) or a full machine, not a broken cache
+            raise LLMError(f"cannot load model {spec.name!r} from {source}: out of memory ({e})") from e
         if spec.kind in ("embedded", "gguf") and not build["built"]:
             # The cache passed the size check but does not load: rebuild it once.
             log.warning("the converted cache of %s does not load (%s); rebuilding it", spec.name, e)

@@ -88,8 +88,9 @@ def test_search_loop_for_each_proposer(study, proposer):
     assert incumbent.training.max_steps_per_epoch == 25  # the base's value: the --set budget (5) stayed out
     assert load_config(study / "config.py", quick).model_dump(exclude=no_channels) == \
         load_config(study / "runs" / best.run_id / "config.py").model_dump(exclude=no_channels)
-    if best.run_id != "run_0000":
-        assert (study / "runs" / "incumbents" / f"config_before_{best.run_id}.py").read_text() == TINY_CONFIG
+    if best.run_id != "run_0000":  # the first replacement kept the user's file (later ones keep incumbents)
+        kept = sorted((study / "runs" / "incumbents").glob("config_before_run_*.py"))
+        assert kept[-1].name == f"config_before_{best.run_id}.py" and kept[0].read_text() == TINY_CONFIG
     else:
         assert (study / "config.py").read_text() == TINY_CONFIG  # the baseline won: nothing rewritten
     assert "Search stopped: reached --max-runs 3" in proc.stderr
@@ -229,6 +230,44 @@ def test_corrupt_state_gives_a_clear_error_and_is_not_overwritten(study):
     assert "agent_state.json" in proc.stderr and "line 1" in proc.stderr
     assert path.read_text() == '{"version": 1, "runs": ['
     assert not (study / "runs" / "run_0000").exists()
+
+
+def test_corrupt_checkpoint_database_is_moved_aside_and_the_study_resumes(study):
+    assert cli(study, *search_args(2)).returncode == 0
+    db = study / "runs" / "checkpoints.sqlite"
+    db.write_bytes(b"not a database " * 200)
+    done = cli(study, *search_args(3))
+    assert done.returncode == 0, done.stderr[-3000:]
+    aside = list((study / "runs").glob("checkpoints.corrupt-*.sqlite"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"not a database")
+    assert "is not a readable checkpoint database" in done.stderr and aside[0].name in done.stderr
+    assert "Traceback" not in done.stderr
+    assert_consistent(study, 3)
+    assert sqlite3.connect(db).execute("PRAGMA quick_check").fetchone() == ("ok",)
+
+
+def test_keep_checkpoints_holds_exactly_across_a_resume(study):
+    def check(n_runs):
+        state = assert_consistent(study, n_runs)
+        scored = sorted((r for r in state.runs if r.val_mse is not None), key=lambda r: r.val_mse)
+        keep = {r.run_id for r in state.runs if r.accepted} | {r.run_id for r in scored[:1]}
+        have = {r.run_id for r in state.runs if (study / "runs" / r.run_id / "best_model.pth").exists()}
+        assert have == keep
+        for r in state.runs:
+            assert ("deleted_at" in (r.extra["checkpoint"] or {})) == (r.run_id not in keep)
+            assert (study / "runs" / r.run_id / "metrics.json").exists()
+        return state
+
+    args = search_args(3, "random", "--seed", "1", "--keep-checkpoints", "1")
+    assert cli(study, *args).returncode == 0
+    check(3)
+    args[1] = "5"
+    assert cli(study, *args).returncode == 0
+    state = check(5)
+    status = cli(study, "status").stdout
+    deleted = [r.run_id for r in state.runs if "deleted_at" in (r.extra["checkpoint"] or {})]
+    assert deleted and f"{5 - len(deleted)} kept, {len(deleted)} deleted" in status  # seed 1: some go
+    assert all("deleted" in line for line in status.splitlines() if line.strip().startswith(tuple(deleted)))
 
 
 def test_check_subcommand(study):

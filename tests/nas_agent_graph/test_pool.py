@@ -118,7 +118,7 @@ def study(tmp_path):
 
 def search_args(max_runs, *extra, steps=5):
     return ["--max-runs", str(max_runs), "--proposer", "tpe", "--space", "space.json", "--parallel", "2",
-            "--set", "training.max_epochs=1", "--set", f"training.max_steps_per_epoch={steps}", *extra]
+            "--warm-start", "off", "--set", "training.max_epochs=1", "--set", f"training.max_steps_per_epoch={steps}", *extra]
 
 
 def run_interval(run_dir: Path) -> tuple[float, float]:

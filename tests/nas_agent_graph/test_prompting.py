@@ -118,6 +118,16 @@ def test_incumbent_in_full_and_other_runs_as_differences():
     assert "differs from the incumbent in" in user
 
 
+def test_family_guide_only_when_the_space_chooses_a_family():
+    study = synthetic_study(3)
+    guide = "several model families"
+    system = config_messages(study, SPACE, BASE, limits=PromptLimits())[0][0]["content"]
+    assert guide in system and "PatchTST-like" in system
+    informer = load_space(ROOT / "spaces" / "informer.json")
+    system = config_messages(study, informer, BASE, limits=PromptLimits())[0][0]["content"]
+    assert guide not in system and "PatchTST" not in system and "Reply with exactly one JSON object" in system
+
+
 # 2048: the model space's description (28 keys with their conditions) and the families take ~1700
 # tokens with no run shown, so a tight budget still has room for a trimmed study.
 @pytest.mark.parametrize("budget", [3072, 2048])

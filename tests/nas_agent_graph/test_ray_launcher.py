@@ -23,11 +23,13 @@ import pytest
 
 from nas_agent.logging_utils import load_metrics
 from nas_agent_graph import ray_launcher
-from nas_agent_graph.launcher import LaunchCancelled, is_finished, kill_process_group
+from nas_agent_graph.launcher import LaunchCancelled, error_headline, is_finished, kill_process_group
+from nas_agent_graph.limits import Caps, cpu_cap_s
 from nas_agent_graph.ray_launcher import MARKER_PREFIX, NO_SHARED_FS_ENV, ray_launch_run
 from tests.conftest import DATA_DIR, ROOT, TINY_CONFIG
 from tests.nas_agent_graph.test_launcher import _wait as wait_for
 from tests.nas_agent_graph.test_launcher import alive
+from tests.nas_agent_graph.test_limits import LEAK
 
 # Not the test process's whole environment: a task gets its node's environment plus these.
 ENV = {"NAS_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
@@ -380,6 +382,15 @@ def test_an_error_inside_the_task_is_a_failed_run(cluster, tmp_path):
     assert result.status == "failed" and result.returncode is None
     assert error.startswith("the Ray task running train.py failed: FileNotFoundError"), error
     assert "notes.txt" in error.splitlines()[0]
+
+
+@pytest.mark.timeout(300)
+def test_the_caps_go_with_the_task_and_a_run_over_the_memory_cap_fails_with_the_reason(cluster, tmp_path):
+    (tmp_path / "leak.py").write_text(LEAK)
+    result = launch(tmp_path, config_text=TINY_CONFIG, timeout_s=240, extra_args=["--model", str(tmp_path / "leak.py")],
+                    caps=Caps(memory_gb=1.5, cpu_s=cpu_cap_s(None, 1)))
+    assert result.status == "failed"
+    assert error_headline(result.metrics["error"]).startswith("memory cap (1.5 GB): train.py ran out of memory")
 
 
 # --------------------------------------------------------------------------- without a cluster

@@ -269,3 +269,12 @@ def test_complete_brings_and_takes_the_keys_a_change_activates(space, base):
     patch = space.complete({**changed, "model.tokens": "patch"}, base, lambda key, entry: entry["choices"][-1])
     assert patch["model.patch_len"] == 32 and patch["model.stride"] == 16
     assert space.to_config(patch, base)["model"]["patch_len"] == 32
+
+
+def test_searches_architecture_decides_the_default_warm_start(space):
+    assert space.searches_architecture()  # the default space: the shipped archetypes run first
+    informer = load_space(ROOT / "spaces" / "informer.json")
+    assert not informer.searches_architecture()  # Informer's hyperparameters only: no DLinear warm start
+    assert space_from_overrides({"model.tokens": {"type": "categorical", "choices": ["time"]}}).searches_architecture()
+    decoder_only = {"model.head": {"type": "categorical", "choices": ["decoder"]}}
+    assert not space_from_overrides(decoder_only).searches_architecture()

@@ -111,8 +111,8 @@ def test_without_constrained_decoding_it_falls_back_to_extraction(chat, monkeypa
 def test_cli_hybrid_study_traces_every_llm_run(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
-    args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", "3", "--space", "space.json", "--sampler-fraction", "0.5",
-            "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
+    args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", "3", "--space", "space.json", "--proposer", "hybrid",
+            "--sampler-fraction", "0.5", "--warm-start", "off", "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
     proc = subprocess.run(args, cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -200,3 +200,21 @@ def test_a_missing_adapter_falls_back_to_the_base_model(tmp_path, caplog):
     proposer = LLMProposer(ScriptedChat(), MICRO, seed=0)
     proposer.use_adapter(state)
     assert proposer.chat.adapter is None and "is missing; proposing with the base model" in caplog.text
+
+
+def test_a_fine_tune_over_its_memory_cap_is_a_recorded_failure(tmp_path):
+    from nas_agent._atomic import append_jsonl
+    from nas_agent_graph.lora.adapters import finetune_and_gate, samples_path
+
+    settings = LoraSettings(trigger=2, held_out=1, steps=2, memory_gb=1.0)  # the model alone needs more
+    path = samples_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    for sample in make_samples(3, seed=4):
+        append_jsonl(path, sample)
+    state = AgentState(max_runs=10)
+    record = finetune_and_gate(state, tmp_path, settings, LocalChatModel(temperature=0.0), MICRO, python=PYTHON,
+                               env=run_env())
+    assert record["status"] == "failed", record
+    assert record["reason"].startswith("training failed: exceeded its memory cap of 1 GB (--lora memory_gb)"), \
+        record["reason"]
+    assert state.meta["lora"]["active"] is None and state.meta["lora"]["events"][-1]["kind"] == "failed"
