@@ -23,7 +23,7 @@ from pathlib import Path
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from nas_agent.agent_state import AgentState, AgentStateError, load_agent_state
-from nas_agent.config import ConfigError, load_config
+from nas_agent.config import ConfigError, apply_overrides, load_config, validate_config
 from nas_agent_graph.context import Context
 from nas_agent_graph.llm.backend import LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
@@ -344,6 +344,17 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
     return ids_in_order(recorded | set(flying) | {run_id})
 
 
+def check_overrides(study: AgentState, ctx: Context) -> None:
+    """The starting config (a new study's config file, or a resumed study's base config) with
+    every --set applied must validate, before any model loads or proposal is made: a --set that
+    breaks every config (model.dmodel=32) is a usage error, not a string of rejected proposals."""
+    if "created_at" not in study.meta:
+        load_config(ctx.config_path, ctx.overrides)  # names the file and the --set items
+        return
+    where = f"the base config in {ctx.state_path}" + (f" with --set {' '.join(ctx.overrides)}" if ctx.overrides else "")
+    validate_config(apply_overrides(study.meta["base_config"], ctx.overrides), where=where)
+
+
 def run_search(ctx: Context) -> int:
     from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, load_archetypes
     from nas_agent_graph.proposers import route_optuna_logging
@@ -352,8 +363,7 @@ def run_search(ctx: Context) -> int:
     route_optuna_logging()
     with StudyLock(ctx.state_path):
         study = load_agent_state(ctx.state_path)  # a corrupt file stops us here, untouched
-        if "created_at" not in study.meta:
-            load_config(ctx.config_path)  # a new study needs a valid starting config
+        check_overrides(study, ctx)
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
         ctx.space = ctx.space or load_space(ctx.space_path)
         if ctx.warm_start == DEFAULT_ARCHETYPES and not ctx.space.searches_architecture():

@@ -270,6 +270,20 @@ def test_keep_checkpoints_holds_exactly_across_a_resume(study):
     assert all("deleted" in line for line in status.splitlines() if line.strip().startswith(tuple(deleted)))
 
 
+def test_a_set_that_breaks_the_config_fails_at_start_up(study):
+    """Before any model loads or any proposal is made: exit 2, the schema's message, nothing written."""
+    start = time.monotonic()
+    bad = cli(study, "--max-runs", "3", "--proposer", "hybrid", "--set", "model.dmodel=32")
+    assert bad.returncode == 2 and "model.dmodel" in bad.stderr and "did you mean 'd_model'" in bad.stderr
+    assert "--set model.dmodel=32" in bad.stderr and "Traceback" not in bad.stderr and "LLM" not in bad.stderr
+    assert time.monotonic() - start < 60 and not (study / "agent_state.json").exists()
+    assert cli(study, *search_args(1)).returncode == 0  # a resumed study checks its base config too
+    before = (study / "agent_state.json").read_bytes()
+    again = cli(study, *search_args(2, "tpe", "--set", "training.lr=-1"))
+    assert again.returncode == 2 and "training.lr" in again.stderr and "base config" in again.stderr
+    assert (study / "agent_state.json").read_bytes() == before and not (study / "runs" / "run_0001").exists()
+
+
 def test_check_subcommand(study):
     ok = cli(study, "check", "config.py")
     assert ok.returncode == 0 and "OK: config.py would be accepted" in ok.stdout
