@@ -504,12 +504,19 @@ def cmd_status(argv: list[str]) -> int:
     from rich.console import Console
 
     from nas_agent_graph.report import render_status
+    from nas_agent_graph.unrecorded import describe, unrecorded_runs
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph status", description="Table of the study's runs.")
     _common(p)
     a = p.parse_args(argv)
     console = Console() if sys.stdout.isatty() else None  # colours on a terminal, plain text elsewhere
-    sys.stdout.write(render_status(load_agent_state(a.state), console, state_path=a.state))
+    study = load_agent_state(a.state)
+    sys.stdout.write(render_status(study, console, state_path=a.state))
+    unrecorded = unrecorded_runs(study, a.runs_dir)
+    if unrecorded:
+        print(f"\nNot in {a.state} yet (a run is recorded when it ends):")
+        for run in unrecorded:
+            print(f"  {describe(run)}")
     return 0
 
 

@@ -284,6 +284,24 @@ def test_a_set_that_breaks_the_config_fails_at_start_up(study):
     assert (study / "agent_state.json").read_bytes() == before and not (study / "runs" / "run_0001").exists()
 
 
+def test_status_shows_a_run_in_flight_and_then_interrupted(study):
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(2), "--set", "training.max_epochs=50"]
+    proc = subprocess.Popen(args, cwd=study, env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for((study / "runs" / "run_0000" / "history.json").exists)
+        live = cli(study, "status").stdout
+        assert "no runs yet" in live and "run_0000: in flight, " in live and "/50 epochs done" in live, live
+        assert "best val MSE" in live and "training now" in live
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    after = cli(study, "status").stdout
+    assert "run_0000: interrupted, " in after and "a resume trains it again from scratch" in after, after
+
+
 def test_check_subcommand(study):
     ok = cli(study, "check", "config.py")
     assert ok.returncode == 0 and "OK: config.py would be accepted" in ok.stdout
