@@ -227,15 +227,28 @@ def naive_mse(windows) -> float:
     return se / count
 
 
-def _progress(epoch: int, max_epochs: int, step: int, total: int, loss: float) -> None:
+def _eta(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _progress(epoch: int, max_epochs: int, step: int, total: int, loss: float, epoch_s: float,
+              run_left_s: float | None) -> None:
+    """The batch bar of a run by hand, on a terminal only (logs and pipes get the epoch lines):
+    rate, the epoch's ETA, and the run's ETA (all epochs left at this rate, capped by the budget)."""
     if not sys.stderr.isatty():
         return
     width = 30
     done = width * step // max(total, 1)
-    sys.stderr.write(f"\repoch {epoch}/{max_epochs} [{'#' * done}{'.' * (width - done)}] "
-                     f"{step}/{total} loss {loss:.4f}")
+    rate = step / epoch_s if epoch_s > 0 else 0.0
+    epoch_left = (total - step) / rate if rate else 0.0
+    run_left = epoch_left + (max_epochs - epoch) * total / rate if rate else 0.0
+    if run_left_s is not None:
+        run_left = min(run_left, run_left_s)
+    sys.stderr.write(f"\repoch {epoch}/{max_epochs} [{'#' * done}{'.' * (width - done)}] {step}/{total} "
+                     f"loss {loss:.4f} {rate:.1f} it/s epoch ETA {_eta(epoch_left)} run ETA {_eta(run_left)} ")
     if step == total:
-        sys.stderr.write("\r" + " " * 80 + "\r")
+        sys.stderr.write("\r" + " " * 110 + "\r")
     sys.stderr.flush()
 
 
@@ -293,7 +306,9 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             optimizer.step()
             loss_sum += loss.item()
             mse_sum += (pred.detach().float() - y).pow(2).mean().item()
-            _progress(epoch, tc.max_epochs, step, steps, loss_sum / step)
+            now = time.monotonic()
+            _progress(epoch, tc.max_epochs, step, steps, loss_sum / step, now - t_epoch,
+                      deadline - now if math.isfinite(deadline) else None)
             if step == steps:
                 break
         state["train_time_sec"] = time.monotonic() - start

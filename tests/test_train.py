@@ -231,3 +231,27 @@ def test_readme_config_trains_and_its_config_used_reruns_as_is(tmp_path, readme_
     assert again.returncode == 0, again.stderr[-2000:]
     first, second = metrics_of(tmp_path, "old"), metrics_of(tmp_path, "again")
     assert first["config_hash"] == second["config_hash"] and first["val_mse"] == second["val_mse"]
+
+
+def test_the_batch_bar_shows_rate_and_etas_on_a_terminal_only(monkeypatch):
+    import io
+
+    import train as train_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, run_left_s=None)
+    bar = term.getvalue()
+    # 2 it/s: 90 steps left in the epoch (45 s), and 8 more epochs of 120 steps (480 s)
+    assert "30/120" in bar and "2.0 it/s" in bar and "epoch ETA 0m45s" in bar and "run ETA 8m45s" in bar
+    term.truncate(0)
+    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, run_left_s=100.0)  # the time budget ends first
+    assert "run ETA 1m40s" in term.getvalue()
+    pipe = io.StringIO()
+    monkeypatch.setattr("sys.stderr", pipe)
+    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, run_left_s=None)
+    assert pipe.getvalue() == ""  # logs and pipes get the per-epoch lines only
