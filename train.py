@@ -57,6 +57,11 @@ USAGE_ERROR = 2
 OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png")
 EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
+# Where a run is inside its epoch, for the search's live panel: rewritten (atomically) at most
+# this often, since an epoch of the default config takes minutes and history.json says nothing
+# until it ends.
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 2.0
 
 
 class StopTraining(Exception):
@@ -232,24 +237,49 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _etas(epoch: int, max_epochs: int, step: int, steps: int, epoch_s: float,
+          budget_left: float | None) -> tuple[float | None, float | None, float | None]:
+    """(steps per second, seconds left in the epoch, seconds left in the run): the epochs left at
+    this epoch's rate, capped by the time budget; None before a rate exists."""
+    rate = step / epoch_s if epoch_s > 0 else None
+    if not rate:
+        return None, None, None
+    epoch_left = (steps - step) / rate
+    run_left = epoch_left + (max_epochs - epoch) * steps / rate
+    return rate, epoch_left, (min(run_left, budget_left) if budget_left is not None else run_left)
+
+
 def _progress(epoch: int, max_epochs: int, step: int, total: int, loss: float, epoch_s: float,
-              run_left_s: float | None) -> None:
-    """The batch bar of a run by hand, on a terminal only (logs and pipes get the epoch lines):
-    rate, the epoch's ETA, and the run's ETA (all epochs left at this rate, capped by the budget)."""
+              budget_left: float | None) -> None:
+    """The batch bar of a run by hand, on a terminal only (logs and pipes get the epoch lines)."""
     if not sys.stderr.isatty():
         return
     width = 30
     done = width * step // max(total, 1)
-    rate = step / epoch_s if epoch_s > 0 else 0.0
-    epoch_left = (total - step) / rate if rate else 0.0
-    run_left = epoch_left + (max_epochs - epoch) * total / rate if rate else 0.0
-    if run_left_s is not None:
-        run_left = min(run_left, run_left_s)
+    rate, epoch_left, run_left = _etas(epoch, max_epochs, step, total, epoch_s, budget_left)
+    speed = (f"{rate:.1f} it/s epoch ETA {_eta(epoch_left)} run ETA {_eta(run_left)} " if rate else "")
     sys.stderr.write(f"\repoch {epoch}/{max_epochs} [{'#' * done}{'.' * (width - done)}] {step}/{total} "
-                     f"loss {loss:.4f} {rate:.1f} it/s epoch ETA {_eta(epoch_left)} run ETA {_eta(run_left)} ")
+                     f"loss {loss:.4f} {speed}")
     if step == total:
         sys.stderr.write("\r" + " " * 110 + "\r")
     sys.stderr.flush()
+
+
+def write_progress(run_dir: Path, epoch: int, max_epochs: int, step: int, steps: int, epoch_s: float,
+                   budget_left: float | None) -> None:
+    """progress.json: the step within the epoch, the rate and the ETAs. Only a display reads
+    it, so a failed write (a full disk) is logged once and never stops training."""
+    from nas_agent._atomic import atomic_write_json
+
+    rate, epoch_left, run_left = _etas(epoch, max_epochs, step, steps, epoch_s, budget_left)
+    try:
+        atomic_write_json(run_dir / PROGRESS_FILE, {
+            "epoch": epoch, "max_epochs": max_epochs, "step": step, "steps": steps,
+            "steps_per_s": rate, "epoch_eta_s": epoch_left, "run_eta_s": run_left})
+    except OSError as e:
+        if not getattr(write_progress, "failed", False):
+            log.warning("cannot write %s (%s); training goes on", run_dir / PROGRESS_FILE, e)
+            write_progress.failed = True
 
 
 def make_optim(model, tc):
@@ -307,8 +337,11 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             loss_sum += loss.item()
             mse_sum += (pred.detach().float() - y).pow(2).mean().item()
             now = time.monotonic()
-            _progress(epoch, tc.max_epochs, step, steps, loss_sum / step, now - t_epoch,
-                      deadline - now if math.isfinite(deadline) else None)
+            budget_left = deadline - now if math.isfinite(deadline) else None
+            _progress(epoch, tc.max_epochs, step, steps, loss_sum / step, now - t_epoch, budget_left)
+            if now - state.get("progress_at", 0.0) >= PROGRESS_EVERY_S or step == steps:
+                state["progress_at"] = now
+                write_progress(run_dir, epoch, tc.max_epochs, step, steps, now - t_epoch, budget_left)
             if step == steps:
                 break
         state["train_time_sec"] = time.monotonic() - start

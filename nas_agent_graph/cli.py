@@ -409,7 +409,8 @@ def _search(ctx: Context, study: AgentState) -> int:
     from nas_agent_graph.graph import build_graph
 
     ctx.started_at = time.monotonic()
-    display = ctx.display or (RichDisplay() if sys.stderr.isatty() else PlainDisplay())
+    display = ctx.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
+                              else PlainDisplay())
     ctx.display = display
     with closing(open_checkpoints(ctx.checkpoint_path, ctx.state_path)) as conn, \
             (display if isinstance(display, RichDisplay) else nullcontext()):

@@ -54,6 +54,9 @@ def test_run_writes_every_file_and_beats_naive(two_runs):
     assert m["val_mse"] == pytest.approx(history[m["best_epoch"] - 1]["val_mse"], rel=1e-6)
     # Greppable summary block.
     assert "\nstatus:         ok\n" in proc.stdout and "test_mse:" in proc.stdout
+    # Where the run is inside its epoch, for the search's live panel: the last write is the epoch's end.
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["epoch"] == 3 and progress["step"] == progress["steps"] and progress["steps_per_s"] > 0
 
 
 def test_same_seed_gives_same_metrics(two_runs):
@@ -244,14 +247,14 @@ def test_the_batch_bar_shows_rate_and_etas_on_a_terminal_only(monkeypatch):
 
     term = Terminal()
     monkeypatch.setattr("sys.stderr", term)
-    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, run_left_s=None)
+    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, budget_left=None)
     bar = term.getvalue()
     # 2 it/s: 90 steps left in the epoch (45 s), and 8 more epochs of 120 steps (480 s)
     assert "30/120" in bar and "2.0 it/s" in bar and "epoch ETA 0m45s" in bar and "run ETA 8m45s" in bar
     term.truncate(0)
-    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, run_left_s=100.0)  # the time budget ends first
+    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, budget_left=100.0)  # the time budget ends first
     assert "run ETA 1m40s" in term.getvalue()
     pipe = io.StringIO()
     monkeypatch.setattr("sys.stderr", pipe)
-    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, run_left_s=None)
+    train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, budget_left=None)
     assert pipe.getvalue() == ""  # logs and pipes get the per-epoch lines only

@@ -252,6 +252,34 @@ def test_rich_display_renders_every_event():
     assert "proposal rejected" in text
 
 
+def test_rich_display_shows_progress_within_the_epoch_and_the_study_eta(tmp_path):
+    import io
+    import json
+    import time
+    from rich.console import Console
+    from nas_agent.agent_state import AgentState, RunInfo
+    from nas_agent_graph.display import RichDisplay
+
+    done = [RunInfo(run_id=f"run_000{i}", status="ok", val_mse=0.5, duration_s=60.0 * (i + 1), accepted=i == 0)
+            for i in range(3)]  # median 120 s a run
+    state = AgentState(max_runs=13, runs=done, best_run_id="run_0000")
+    (tmp_path / "run_0003").mkdir()
+    (tmp_path / "run_0003" / "progress.json").write_text(json.dumps(
+        {"epoch": 2, "max_epochs": 20, "step": 60, "steps": 264, "steps_per_s": 3.0, "epoch_eta_s": 68.0,
+         "run_eta_s": 1830.0}))
+    out = io.StringIO()
+    with RichDisplay(Console(file=out, force_terminal=True, width=140), runs_dir=tmp_path, parallel=2) as d:
+        d.on_study(state=state)
+        assert "ETA 10m00s" in d.study_line  # 10 runs left x 120 s / 2 at once
+        d.on_launch(run_id="run_0003", config={"training": {"max_epochs": 20}})
+        deadline = time.monotonic() + 10
+        while "it/s" not in d.training["run_0003"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert d.training["run_0003"].startswith("epoch 2/20 [####")
+        assert "60/264 3.0 it/s, epoch ETA 1m08s, run ETA 30m30s" in d.training["run_0003"]
+        d.on_stop(message="Search stopped.")
+
+
 def test_a_proposer_error_is_an_invalid_proposal_not_a_crash(tmp_path):
     good = base_raw(tmp_path)
     good["model"]["d_model"] = 24
