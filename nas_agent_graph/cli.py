@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 PROPOSERS = ("auto", "hybrid", "llm", "tpe", "cmaes", "random")
 LLM_PROPOSERS = ("hybrid", "llm")
 GEN_KEYS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
-SUBCOMMANDS = ("check", "status", "report")
+SUBCOMMANDS = ("check", "status", "report", "export-optuna")
 USAGE_ERROR = 2
 # Seconds of training per run by default: with start-up, evaluation and the proposal, a run takes
 # about 5 minutes, so the README's 100-run search ends within 10 hours on a 2-core CPU.
@@ -53,7 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def search_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph",
                                 description="Search Informer configs by training them. Subcommands: "
-                                            "check CONFIG, status, report (each has --help).")
+                                            "check CONFIG, status, report, export-optuna (each has --help).")
     _common(p)
     p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
     p.add_argument("--proposer", choices=PROPOSERS, default="auto",
@@ -281,6 +281,7 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    time_budget=a.time_budget, target_mse=a.target_mse, max_retries=a.max_retries,
                    max_failures=a.max_failures, smoke_timeout=a.smoke_timeout, prune=a.prune,
                    run_memory_gb=run_memory, keep_checkpoints=parse_keep_checkpoints(a.keep_checkpoints),
+                   optuna_mirror=True,
                    confirm_seeds=a.confirm_seeds,
                    prune_warmup_epochs=warmup_epochs, prune_min_runs=min_runs,
                    llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
@@ -534,13 +535,35 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export_optuna(argv: list[str]) -> int:
+    from nas_agent_graph.optuna_mirror import db_path, rebuild
+    from nas_agent_graph.proposers import route_optuna_logging
+    from nas_agent_graph.search_space import load_space
+
+    p = argparse.ArgumentParser(prog="python -m nas_agent_graph export-optuna",
+                                description="Rebuild runs/optuna.db from agent_state.json, for "
+                                            "optuna-dashboard sqlite:///runs/optuna.db")
+    _common(p)
+    p.add_argument("--space", type=Path, default=None,
+                   help="the study's search-space file (default: the one its last session used)")
+    a = p.parse_args(argv)
+    route_optuna_logging()
+    study = load_agent_state(a.state)
+    space_path = a.space or (Path(study.meta["space_path"]) if study.meta.get("space_path") else None)
+    a.runs_dir.mkdir(parents=True, exist_ok=True)
+    n = rebuild(study, load_space(space_path), db_path(a.runs_dir), a.state)
+    print(f"wrote {db_path(a.runs_dir)}: {n} trials; view it with optuna-dashboard sqlite:///{db_path(a.runs_dir)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            return {"check": cmd_check, "status": cmd_status, "report": cmd_report}[argv[0]](argv[1:])
+            return {"check": cmd_check, "status": cmd_status, "report": cmd_report,
+                    "export-optuna": cmd_export_optuna}[argv[0]](argv[1:])
         return run_search(context_from_args(search_parser().parse_args(argv)))
     except (AgentStateError, ConfigError, LockHeld, SpaceError, PromptError, LLMError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -52,6 +52,9 @@ class Context:
     run_memory_gb: Optional[float] = None
     """Memory cap of each smoke test and train.py run, GB (--run-memory; nas_agent_graph/limits.py).
     None: no memory cap (the CLI's default is computed from the machine's memory and --parallel)."""
+    optuna_mirror: bool = False
+    """Mirror the study into runs/optuna.db for optuna-dashboard (nas_agent_graph/optuna_mirror.py);
+    the CLI turns it on."""
     keep_checkpoints: Optional[int] = None
     """Keep best_model.pth of every incumbent and of this many best runs, delete the others'
     (nas_agent_graph/retention.py); None keeps them all (the CLI defaults to retention.DEFAULT_KEEP)."""

@@ -67,7 +67,7 @@ from nas_agent_graph.lora.adapters import (
     record_failed_finetune,
     samples_path,
 )
-from nas_agent_graph import retention
+from nas_agent_graph import optuna_mirror, retention
 from nas_agent_graph.archetypes import PROPOSER as ARCHETYPE
 from nas_agent_graph.proposers import BaselineProposer, ProposalError, llm_validity_text
 from nas_agent_graph.reward import compute_reward
@@ -157,6 +157,17 @@ def get_pool(ctx: Context) -> RunPool:
                                               runs_dir=ctx.runs_dir, timeout_s=ctx.run_timeout,
                                               caps=run_caps(ctx.run_memory_gb, ctx.run_timeout)))
     return ctx.pool
+
+
+def _mirror(study: AgentState, ctx: Context) -> None:
+    """runs/optuna.db for optuna-dashboard (nas_agent_graph/optuna_mirror.py); never stops the search."""
+    if not ctx.optuna_mirror:
+        return
+    try:
+        log.debug("runs/optuna.db: %s", optuna_mirror.sync(study, ctx.space, ctx.runs_dir, ctx.state_path))
+    except Exception as e:  # noqa: BLE001 - a derived view; agent_state.json already holds everything
+        log.warning("%s not updated (%s); the next run tries again, or run export-optuna",
+                    optuna_mirror.db_path(ctx.runs_dir), e)
 
 
 def _tick_time(state: AgentState, ctx: Context) -> None:
@@ -257,6 +268,7 @@ def load_state(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         study.meta.update(created_at=utc_now_iso(), seed=ctx.seed, proposer=ctx.proposer,
                           base_config=_without_channels(base.model_dump()), config_path=str(ctx.config_path))
     study.max_runs = ctx.max_runs
+    study.meta["space_path"] = str(ctx.space_path) if ctx.space_path else None  # for export-optuna
     save_agent_state(study, ctx.state_path)
     sync_incumbent(study, ctx)
     sync_model(study, ctx)
@@ -423,6 +435,7 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     entry = {"run_id": run_id, "attempt": state.get("attempt", 0), "proposal": proposal, "smoke": state.get("smoke")}
     in_flight = [*in_flight, entry]
     study = load_agent_state(ctx.state_path)
+    _mirror(study_view(study, in_flight), ctx)
     return {**fresh_pass(), "in_flight": in_flight,
             "can_propose": can_propose(study, in_flight, ctx, state.get("stop_reason"))}
 
@@ -554,6 +567,7 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         record = recorded  # recorded before a crash; do not count it twice
     sync_incumbent(study, ctx)
     sync_model(study, ctx)
+    _mirror(study_view(study, state.get("in_flight")), ctx)
     decision = {"accepted": record.accepted, "reason": record.reason, "reward": record.extra.get("reward")}
     _display(ctx, "on_decision", run=record, state=study)
     log.info("%s %s val_mse %s: %s", run_id, launch_out["status"], record.val_mse, record.reason)

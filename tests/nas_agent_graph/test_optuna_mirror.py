@@ -1,0 +1,140 @@
+"""runs/optuna.db mirrors agent_state.json for optuna-dashboard: a real study, a real dashboard."""
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nas_agent.agent_state import load_agent_state
+from nas_agent_graph.optuna_mirror import STUDY_NAME, db_path, sync
+from nas_agent_graph.search_space import load_space
+from tests.conftest import TINY_CONFIG
+from tests.nas_agent_graph.test_cli import TINY_SPACE, cli, search_args
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A 3-run TPE study of tiny models, run by the CLI (which keeps runs/optuna.db)."""
+    folder = tmp_path_factory.mktemp("mirror")
+    (folder / "config.py").write_text(TINY_CONFIG)
+    (folder / "space.json").write_text(json.dumps(TINY_SPACE))
+    proc = cli(folder, *search_args(3, "tpe", "--set", "training.max_epochs=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def trials_by_run(path: Path) -> dict[str, optuna.trial.FrozenTrial]:
+    ostudy = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{path}")
+    return {t.user_attrs["run_id"]: t for t in ostudy.trials}
+
+
+def comparable(t: optuna.trial.FrozenTrial) -> dict:
+    return {"state": t.state, "value": t.value, "params": t.params, "curve": t.intermediate_values,
+            "attrs": t.user_attrs}
+
+
+def test_every_run_is_a_trial_with_its_params_value_curve_and_attributes(study):
+    state = load_agent_state(study / "agent_state.json")
+    trials = trials_by_run(study / "runs" / "optuna.db")
+    assert list(trials) == [r.run_id for r in state.runs]
+    space = load_space(study / "space.json")
+    for run in state.runs:
+        t = trials[run.run_id]
+        assert t.state == TrialState.COMPLETE and t.value == pytest.approx(run.val_mse)
+        assert t.params == space.from_config(run.config)
+        assert list(t.intermediate_values.values()) == pytest.approx(run.extra["curve"]) and len(run.extra["curve"]) == 2
+        assert t.user_attrs["proposer"] == run.proposer and t.user_attrs["test_mse"] == pytest.approx(run.test_mse)
+
+
+def test_export_rebuilds_it_exactly(study, tmp_path):
+    path = study / "runs" / "optuna.db"
+    before = {k: comparable(t) for k, t in trials_by_run(path).items()}
+    path.unlink()
+    out = cli(study, "export-optuna")
+    assert out.returncode == 0 and "3 trials" in out.stdout and "optuna-dashboard sqlite:///" in out.stdout
+    assert {k: comparable(t) for k, t in trials_by_run(path).items()} == before
+
+
+def test_a_run_in_flight_is_running_then_finished_in_place(study, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    state = load_agent_state(study / "agent_state.json")
+    space = load_space(study / "space.json")
+    done, last = state.runs[:2], state.runs[2]
+    flying = dataclasses.replace(last, status="running", val_mse=None, test_mse=None, extra={})
+    view = dataclasses.replace(state, runs=[*done, flying])
+    assert sync(view, space, runs, tmp_path / "agent_state.json").startswith("built (3 trials)")
+    assert trials_by_run(db_path(runs))[last.run_id].state == TrialState.RUNNING
+    assert sync(state, space, runs, tmp_path / "agent_state.json") == "added 0, finished 1"
+    finished = trials_by_run(db_path(runs))[last.run_id]
+    assert finished.state == TrialState.COMPLETE and finished.value == pytest.approx(last.val_mse)
+    assert list(finished.intermediate_values.values()) == pytest.approx(last.extra["curve"])
+    # a run that drops out (interrupted, not in flight any more) gets the mirror rebuilt without it
+    assert sync(dataclasses.replace(state, runs=done), space, runs, tmp_path / "agent_state.json").startswith("rebuilt")
+    assert list(trials_by_run(db_path(runs))) == [r.run_id for r in done]
+
+
+def test_a_foreign_database_is_moved_aside_and_a_corrupt_one_rebuilt(study, tmp_path, caplog):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    state = load_agent_state(study / "agent_state.json")
+    space = load_space(study / "space.json")
+    optuna.create_study(study_name="someone_elses", storage=f"sqlite:///{db_path(runs)}")
+    assert sync(state, space, runs, tmp_path / "agent_state.json").startswith("built")
+    aside = list(runs.glob("optuna.foreign-*.db"))
+    assert len(aside) == 1 and "someone_elses" in [s.study_name for s in optuna.get_all_study_summaries(
+        f"sqlite:///{aside[0]}")]
+    assert "moved it to" in caplog.text and len(trials_by_run(db_path(runs))) == 3
+    db_path(runs).write_bytes(b"garbage " * 100)
+    assert sync(state, space, runs, tmp_path / "agent_state.json").startswith("rebuilt")
+    assert len(trials_by_run(db_path(runs))) == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.timeout(120)
+def test_optuna_dashboard_serves_the_study(study):
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    assert exe.exists() or shutil.which("optuna-dashboard"), "optuna-dashboard is in requirements.txt"
+    port = _free_port()
+    server = subprocess.Popen([str(exe if exe.exists() else "optuna-dashboard"),
+                               f"sqlite:///{study / 'runs' / 'optuna.db'}", "--host", "127.0.0.1",
+                               "--port", str(port), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                summaries = _get(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-2000:]
+                time.sleep(0.3)
+        assert [s["study_name"] for s in summaries] == [STUDY_NAME]
+        detail = _get(f"http://127.0.0.1:{port}/api/studies/{summaries[0]['study_id']}?after=0")
+        served = {next(a["value"] for a in t["user_attrs"] if a["key"] == "run_id"): t for t in detail["trials"]}
+        state = load_agent_state(study / "agent_state.json")
+        assert list(served) == [r.run_id for r in state.runs]
+        for run in state.runs:
+            t = served[run.run_id]
+            assert t["state"] == "Complete" and t["values"] == [pytest.approx(run.val_mse)]
+            assert [v["value"] for v in t["intermediate_values"]] == pytest.approx(run.extra["curve"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
