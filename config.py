@@ -51,5 +51,5 @@ training = {
     "grad_clip": None,  # the paper does not clip; set e.g. 1.0 for high learning rates
     "time_budget_s": None,  # wall-clock cap on training; set one (e.g. --set) for time-fair comparisons
     "max_steps_per_epoch": None,  # cap batches per epoch for quick searches; None = full epochs
-    "amp": True,  # bf16 autocast on CUDA; ignored on the CPU
+    "amp": True,  # bf16 autocast where the device has native bf16 (CUDA, avx512_bf16 CPUs); eval stays fp32
 }

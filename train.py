@@ -166,6 +166,17 @@ def setup_logging(log_path: Path) -> None:
     log.propagate = False
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat's start time against the
+    uptime, 10 ms resolution), or None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -190,20 +201,72 @@ def load_build_model(model_file: str | None):
 
 # --------------------------------------------------------------------------- training
 
-def _autocast(device: torch.device, enabled: bool):
-    # bf16 needs no loss scaling, so AMP is a context manager and nothing else.
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
+    """(whether this CPU computes bf16 in hardware, why), read from the kernel's CPU flags
+    (/proc/cpuinfo on Linux, or the text given). Without it, bf16 is emulated and slower than
+    fp32, so AMP would only cost time."""
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False, "no /proc/cpuinfo to read the CPU's bf16 support from, so bf16 stays off"
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            flags.update(value.split())
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, "the CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 flag), so bf16 would be emulated"
+
+
+def amp_mode(device: torch.device, wanted: bool) -> tuple[str, str]:
+    """("bf16" or "off", why): training.amp, then what this device can do, checked by a probe.
+
+    The probe runs one small matmul under autocast and compares it with fp32, so a torch build
+    whose CPU autocast does not produce bf16 (or produces garbage) falls back to fp32 with the
+    reason, instead of training slowly or wrongly."""
+    if not wanted:
+        return "off", "training.amp is false"
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            return "off", "this GPU does not support bf16"
+        native, why = True, "CUDA with bf16"
+    else:
+        native, why = cpu_has_native_bf16()
+        if not native:
+            return "off", why
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 64, generator=gen).to(device) for _ in range(2))
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = a @ b
+    except (RuntimeError, TypeError) as e:
+        return "off", f"bf16 autocast failed on {device.type}: {e}"
+    error = ((out.float() - a @ b).norm() / (a @ b).norm()).item()
+    if out.dtype != torch.bfloat16 or not error < 0.02:
+        return "off", f"bf16 autocast probe on {device.type} gave dtype {out.dtype}, relative error {error:.3g}"
+    return "bf16", f"{why}; probe ok (relative error {error:.1e})"
+
+
+def _autocast(device: torch.device, mode: str):
+    # bf16 keeps fp32's range, so it needs no loss scaling: AMP is a context manager and nothing
+    # else. Weights, optimizer state and the loss stay fp32.
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def evaluate(model, windows, device, amp: bool) -> tuple[float, float]:
-    """MSE and MAE over every window of a split, in order (no drop-last).
+def evaluate(model, windows, device) -> tuple[float, float]:
+    """MSE and MAE over every window of a split, in order (no drop-last), in fp32.
 
-    ProbSparse attention samples keys even in eval mode, so evaluation runs on a forked
-    RNG with a fixed seed: the metrics are a function of the weights alone, and the
-    training RNG stream is left untouched.
+    Always fp32, whatever training.amp says, so a reported metric never depends on the
+    precision training happened to use. ProbSparse attention samples keys even in eval mode,
+    so evaluation runs on a forked RNG with a fixed seed: the metrics are a function of the
+    weights alone, and the training RNG stream is left untouched.
     """
     model.eval()
     se = ae = 0.0
@@ -212,8 +275,7 @@ def evaluate(model, windows, device, amp: bool) -> tuple[float, float]:
         torch.manual_seed(EVAL_SEED)
         for x_enc, m_enc, x_dec, m_dec, y in windows.batches(EVAL_BATCH):
             check_stop("during evaluation")
-            with _autocast(device, amp):
-                pred = model(x_enc, m_enc, x_dec, m_dec)
+            pred = model(x_enc, m_enc, x_dec, m_dec)
             err = pred.float() - y
             se += err.double().pow(2).sum().item()
             ae += err.double().abs().sum().item()
@@ -301,7 +363,8 @@ def step_scheduler(scheduler, metric: float) -> None:
 def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     """Train with early stopping. Fills `state` as it goes, so callers see progress on any exit.
 
-    state keys: history, best_epoch, best_val, best_state, train_time_sec.
+    state keys: history, best_epoch, best_val, best_state, train_time_sec, amp (the precision,
+    from amp_mode), and the throughput counters step_s, samples, eval_s.
     """
     tc = cfg.training
     optimizer, scheduler, criterion = make_optim(model, tc)
@@ -320,11 +383,14 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         loss_sum = mse_sum = 0.0
         batches = ds.train.batches(tc.batch_size, shuffle=True, generator=gen, drop_last=True)
         for step, (x_enc, m_enc, x_dec, m_dec, y) in enumerate(batches, 1):
+            if "startup_s" not in state:  # interpreter, imports, data, model: up to the first step
+                state["startup_s"] = process_age_s()
             check_stop(f"during epoch {epoch}")
             check_prune(run_dir, epoch)
             if time.monotonic() > deadline:
                 raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
-            with _autocast(device, tc.amp):
+            t_step = time.monotonic()
+            with _autocast(device, state["amp"]):
                 pred = model(x_enc, m_enc, x_dec, m_dec)
                 loss = criterion(pred.float(), y)
             if not torch.isfinite(loss):
@@ -336,6 +402,8 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             optimizer.step()
             loss_sum += loss.item()
             mse_sum += (pred.detach().float() - y).pow(2).mean().item()
+            state["step_s"] += time.monotonic() - t_step  # after .item(): the step has really run
+            state["samples"] += len(y)
             now = time.monotonic()
             budget_left = deadline - now if math.isfinite(deadline) else None
             _progress(epoch, tc.max_epochs, step, steps, loss_sum / step, now - t_epoch, budget_left)
@@ -345,7 +413,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             if step == steps:
                 break
         state["train_time_sec"] = time.monotonic() - start
-        val_mse, val_mae = evaluate(model, ds.val, device, tc.amp)
+        val_mse, val_mae = timed_evaluate(model, ds.val, device, state)
         if not math.isfinite(val_mse):
             raise StopTraining("diverged", f"validation MSE became {val_mse} at epoch {epoch}")
         lr = optimizer.param_groups[0]["lr"]
@@ -408,7 +476,8 @@ def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
 
 def print_summary(metrics: dict, run_dir: Path) -> None:
     keys = ("status", "val_mse", "val_mae", "test_mse", "test_mae", "train_mse", "naive_val_mse", "best_epoch",
-            "epochs_run", "train_time_sec", "n_params", "device", "seed")
+            "epochs_run", "train_time_sec", "samples_per_s", "eval_s", "startup_s", "n_params", "device", "amp",
+            "seed")
     print("---")
     for k in keys:
         v = metrics.get(k)
@@ -441,14 +510,18 @@ def main(argv=None) -> int:
         signal.signal(sig, _on_signal)
     tc = cfg.training
     seed_everything(tc.seed)
-    state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0}
+    state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0,
+             "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0}
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
-               "config_hash": config_hash(cfg), "tag": args.tag}
+               "config_hash": config_hash(cfg), "tag": args.tag, "amp": "off", "amp_reason": None,
+               "samples_per_s": None, "eval_s": None, "startup_s": None}
     model = ds = None
     try:
         cap_gpu_memory(device)
+        state["amp"], metrics["amp_reason"] = amp_mode(device, tc.amp)
+        metrics["amp"] = state["amp"]
         ds = load_dataset(cfg.data, cfg.model.embed, device)
         cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
         cfg.model.c_out = ds.c_out
@@ -458,8 +531,9 @@ def main(argv=None) -> int:
                             f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
         model = load_build_model(args.model)(cfg.model_dump()).to(device)
         metrics["n_params"] = sum(p.numel() for p in model.parameters())
-        log.info("data %s: %d/%d/%d windows, %d channels; model %d parameters; device %s", ds.path,
-                 len(ds.train), len(ds.val), len(ds.test), ds.enc_in, metrics["n_params"], device)
+        log.info("data %s: %d/%d/%d windows, %d channels; model %d parameters; device %s; amp %s (%s)", ds.path,
+                 len(ds.train), len(ds.val), len(ds.test), ds.enc_in, metrics["n_params"], device, state["amp"],
+                 metrics["amp_reason"])
         metrics["naive_val_mse"] = naive_mse(ds.val)
         status = "ok"
         try:
@@ -467,7 +541,7 @@ def main(argv=None) -> int:
             fit(model, ds, cfg, device, run_dir, state)
             if state["best_state"] is not None:
                 model.load_state_dict(state["best_state"])
-            final_evaluation(model, ds, device, tc.amp, state, metrics)
+            final_evaluation(model, ds, device, state, metrics)
         except StopTraining as stop:
             status = stop.status
             metrics["error"] = str(stop)
@@ -476,7 +550,7 @@ def main(argv=None) -> int:
                 if state["best_state"] is not None:
                     model.load_state_dict(state["best_state"])
                 try:
-                    final_evaluation(model, ds, device, tc.amp, state, metrics)
+                    final_evaluation(model, ds, device, state, metrics)
                 except StopTraining as again:
                     status, metrics["error"] = again.status, f"{stop}; then {again}"
             if status not in TESTED_EARLY_STOPS and state["best_state"] is not None:
@@ -494,6 +568,11 @@ def main(argv=None) -> int:
     metrics["epochs_run"] = len(history)
     metrics["best_epoch"] = state["best_epoch"]
     metrics["train_time_sec"] = round(state["train_time_sec"], 3)
+    if state["samples"]:
+        metrics["samples_per_s"] = round(state["samples"] / max(state["step_s"], 1e-9), 2)
+    metrics["eval_s"] = round(state["eval_s"], 3)
+    if state.get("startup_s") is not None:
+        metrics["startup_s"] = round(state["startup_s"], 2)
     if state["best_epoch"]:
         metrics["train_mse"] = history[state["best_epoch"] - 1]["train_mse"]
     write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics, style)
@@ -501,12 +580,21 @@ def main(argv=None) -> int:
     return EXIT_CODES[metrics["status"]]
 
 
-def final_evaluation(model, ds, device, amp: bool, state: dict, metrics: dict) -> None:
+def timed_evaluate(model, windows, device, state: dict) -> tuple[float, float]:
+    """evaluate, with its time added to state["eval_s"] (metrics.json's eval_s)."""
+    start = time.monotonic()
+    try:
+        return evaluate(model, windows, device)
+    finally:
+        state["eval_s"] += time.monotonic() - start
+
+
+def final_evaluation(model, ds, device, state: dict, metrics: dict) -> None:
     """Validation and test metrics of the restored best checkpoint."""
     if state["best_state"] is None:
         log.warning("no epoch completed; evaluating the current weights")
-    metrics["val_mse"], metrics["val_mae"] = evaluate(model, ds.val, device, amp)
-    metrics["test_mse"], metrics["test_mae"] = evaluate(model, ds.test, device, amp)
+    metrics["val_mse"], metrics["val_mae"] = timed_evaluate(model, ds.val, device, state)
+    metrics["test_mse"], metrics["test_mae"] = timed_evaluate(model, ds.test, device, state)
 
 
 def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict,

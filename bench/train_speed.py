@@ -1,10 +1,11 @@
 """Training speed on this machine: samples/s and seconds per epoch for the default config and
-every shipped config in configs/.
+every shipped config in configs/, in fp32 and with bf16 autocast (training.amp).
 
     NAS_DATA_DIR=../shared/data python bench/train_speed.py [--steps 20] [--device cpu]
 
-Times real training steps (forward, backward, optimizer step, under the config's AMP setting
-as train.py runs them) on real batches of each config's data, after warm-up. Seconds per
+Times real training steps (forward, backward, optimizer step, as train.py runs them) on real
+batches of each config's data, after warm-up, once in fp32 and once in bf16 where train.amp_mode
+finds this device able (else the bf16 column says why not). Seconds per
 epoch = median step time x training windows // batch size (train.py drops the last partial
 batch), plus one measured evaluation of the val split. All configs are measured in the same
 run, so the ratio column against the default config.py is meaningful even on a noisy shared
@@ -50,7 +51,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_step_s(model, ds, cfg, steps: int, device: torch.device) -> float:
+def median_step_s(model, ds, cfg, steps: int, device: torch.device, amp: str) -> float:
     optimizer, _, criterion = train.make_optim(model, cfg.training)
     batches = endless_batches(ds.train, cfg.training.batch_size)
     model.train()
@@ -59,7 +60,7 @@ def median_step_s(model, ds, cfg, steps: int, device: torch.device) -> float:
         x_enc, m_enc, x_dec, m_dec, y = next(batches)
         sync(device)
         t = time.perf_counter()
-        with train._autocast(device, cfg.training.amp):
+        with train._autocast(device, amp):
             loss = criterion(model(x_enc, m_enc, x_dec, m_dec).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,18 +76,23 @@ def measure(path: Path, steps: int, device: torch.device) -> dict:
     ds = load_dataset(cfg.data, cfg.model.embed, device)
     cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
     cfg.model.c_out = ds.c_out
-    torch.manual_seed(0)
-    model = build_model(cfg.model_dump()).to(device)
-    step_s = median_step_s(model, ds, cfg, steps, device)
+    bf16, why = train.amp_mode(device, True)
+    step_s = {}
+    for amp in ("off", bf16) if bf16 == "bf16" else ("off",):
+        torch.manual_seed(0)  # the same weights for both precisions
+        model = build_model(cfg.model_dump()).to(device)
+        step_s[amp] = median_step_s(model, ds, cfg, steps, device, amp)
     t = time.perf_counter()
-    train.evaluate(model, ds.val, device, cfg.training.amp)
+    train.evaluate(model, ds.val, device)  # always fp32, as train.py evaluates
     sync(device)
     eval_s = time.perf_counter() - t
     bs = cfg.training.batch_size
     steps_per_epoch = len(ds.train) // bs
+    fast = step_s["bf16" if cfg.training.amp and "bf16" in step_s else "off"]  # as train.py would train it
     return {"window": f"{cfg.data.seq_len}->{cfg.data.pred_len}", "batch": bs,
-            "params": sum(p.numel() for p in model.parameters()), "samples_s": bs / step_s,
-            "train_epoch_s": step_s * steps_per_epoch, "eval_s": eval_s, "epoch_s": step_s * steps_per_epoch + eval_s}
+            "params": sum(p.numel() for p in model.parameters()), "samples_s": bs / step_s["off"],
+            "bf16_samples_s": bs / step_s["bf16"] if "bf16" in step_s else None, "bf16_why": why,
+            "train_epoch_s": fast * steps_per_epoch, "eval_s": eval_s, "epoch_s": fast * steps_per_epoch + eval_s}
 
 
 def main() -> None:
@@ -99,11 +105,14 @@ def main() -> None:
           f"median of {args.steps} steps after {WARMUP} warm-up")
     rows = {str(path.relative_to(ROOT)): measure(path, args.steps, device) for path in config_files()}
     base = rows["config.py"]
-    print("\n| config | in->out | params | batch | samples/s | train s/epoch | val eval s | s/epoch | "
-          "epoch time vs config.py |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"bf16: {base['bf16_why']}")
+    print("\n| config | in->out | params | batch | samples/s fp32 | samples/s bf16 | bf16 vs fp32 | "
+          "train s/epoch | val eval s (fp32) | s/epoch | epoch time vs config.py |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['window']} | {r['params']:,} | {r['batch']} | {r['samples_s']:.0f} | "
+        bf16 = r["bf16_samples_s"]
+        bf16_cells = "n/a | n/a" if bf16 is None else f"{bf16:.0f} | {bf16 / r['samples_s']:.2f}x"
+        print(f"| {name} | {r['window']} | {r['params']:,} | {r['batch']} | {r['samples_s']:.0f} | {bf16_cells} | "
               f"{r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | {r['epoch_s']:.1f} | "
               f"{r['epoch_s'] / base['epoch_s']:.3f}x |")
 

@@ -21,6 +21,11 @@ metrics.json: one JSON object with the final outcome of a run.
     device          str          e.g. "cpu", "cuda:0".
     seed            int | null   random seed used.
     error           str | null   error message / traceback tail when status != "ok".
+    amp             str          training precision: "bf16" (autocast) or "off" (fp32).
+    amp_reason      str | null   why (training.amp, the device's bf16 support, the probe).
+    samples_per_s   float | null training samples per second over the training steps alone.
+    eval_s          float | null seconds spent evaluating (every epoch's val, the final val and test).
+    startup_s       float | null seconds from process start to the first training step.
 
 Only `status` is checked here; the trainer owns the other keys, and readers
 must tolerate missing ones (a run that failed before training has no val_mse).

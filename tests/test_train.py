@@ -57,6 +57,9 @@ def test_run_writes_every_file_and_beats_naive(two_runs):
     # Where the run is inside its epoch, for the search's live panel: the last write is the epoch's end.
     progress = json.loads((run / "progress.json").read_text())
     assert progress["epoch"] == 3 and progress["step"] == progress["steps"] and progress["steps_per_s"] > 0
+    # Throughput and precision: training samples/s over the steps alone, evaluation seconds.
+    assert m["samples_per_s"] > 0 and m["eval_s"] > 0 and 0 < m["startup_s"] < 120 and "samples_per_s:" in proc.stdout
+    assert m["amp"] in ("bf16", "off") and m["amp_reason"]
 
 
 def test_same_seed_gives_same_metrics(two_runs):
@@ -89,7 +92,7 @@ def test_checkpoint_reloads_into_a_model_with_the_same_val_mse(two_runs):
     model = build_model(ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     ds = load_dataset(cfg.data, cfg.model.embed)
-    val_mse, _ = train_mod.evaluate(model, ds.val, torch.device("cpu"), amp=False)
+    val_mse, _ = train_mod.evaluate(model, ds.val, torch.device("cpu"))
     assert val_mse == pytest.approx(metrics_of(tmp, "a")["val_mse"], rel=1e-5)
 
 
@@ -209,7 +212,7 @@ def test_a_pending_signal_interrupts_evaluation(tiny_config):
     train_mod._stop_signal.append("SIGTERM")
     try:
         with pytest.raises(train_mod.StopTraining, match="received SIGTERM during evaluation"):
-            train_mod.evaluate(model, ds.val, torch.device("cpu"), amp=False)
+            train_mod.evaluate(model, ds.val, torch.device("cpu"))
     finally:
         train_mod._stop_signal.clear()
 
@@ -258,3 +261,66 @@ def test_the_batch_bar_shows_rate_and_etas_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr("sys.stderr", pipe)
     train_mod._progress(2, 10, 30, 120, 0.5, epoch_s=15.0, budget_left=None)
     assert pipe.getvalue() == ""  # logs and pipes get the per-epoch lines only
+
+
+# --------------------------------------------------------------------------- bf16 autocast (training.amp)
+
+X86_WITH = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
+X86_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n"
+ARM_WITH = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    import train as train_mod
+    assert train_mod.cpu_has_native_bf16(X86_WITH) == (True, "the CPU has avx512_bf16")
+    assert train_mod.cpu_has_native_bf16(ARM_WITH)[0]
+    native, why = train_mod.cpu_has_native_bf16(X86_WITHOUT)
+    assert not native and "no native bf16" in why
+
+
+def test_amp_mode_follows_the_config_and_the_machine(monkeypatch):
+    import train as train_mod
+    cpu = torch.device("cpu")
+    read_flags = train_mod.cpu_has_native_bf16
+    assert train_mod.amp_mode(cpu, False) == ("off", "training.amp is false")
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: read_flags(X86_WITHOUT))
+    mode, why = train_mod.amp_mode(cpu, True)
+    assert mode == "off" and "no native bf16" in why
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: read_flags(X86_WITH))
+    mode, why = train_mod.amp_mode(cpu, True)  # the probe really runs bf16 autocast on this CPU
+    assert mode == "bf16" and "probe ok" in why
+
+
+def test_amp_on_a_cpu_without_bf16_trains_in_fp32_and_says_why(tmp_path, tiny_config, monkeypatch):
+    import train as train_mod
+    read_flags = train_mod.cpu_has_native_bf16
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: read_flags(X86_WITHOUT))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:  # in this process, so the probe can be told the CPU has no bf16
+        code = train_mod.main(["--config", str(tiny_config), "--tag", "nobf16", "--runs-dir", str(tmp_path / "runs"),
+                               "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=3",
+                               "--set", "training.amp=True"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for handler in train_mod.log.handlers:
+            handler.close()
+        train_mod.log.handlers.clear()
+    assert code == 0
+    m = metrics_of(tmp_path, "nobf16")
+    assert m["amp"] == "off" and "no native bf16" in m["amp_reason"]
+    assert "amp off (the CPU has no native bf16" in (tmp_path / "runs" / "nobf16" / "train.log").read_text()
+
+
+def test_bf16_training_is_reproducible(tmp_path, tiny_config):
+    import train as train_mod
+    native, _ = train_mod.cpu_has_native_bf16()
+    if not native:
+        pytest.skip("this CPU has no native bf16")
+    runs = [train(tmp_path, tiny_config, tag, "--set", "training.max_epochs=1", "--set", "training.amp=True")
+            for tag in ("bf_a", "bf_b")]
+    assert all(p.returncode == 0 for p in runs), runs[0].stderr[-2000:]
+    a, b = metrics_of(tmp_path, "bf_a"), metrics_of(tmp_path, "bf_b")
+    assert a["amp"] == "bf16" and a["val_mse"] == b["val_mse"] and a["test_mse"] == b["test_mse"]
+    # (that the reported val MSE is an fp32 evaluation of the saved weights is
+    # test_checkpoint_reloads_into_a_model_with_the_same_val_mse, with the default amp=True)
