@@ -36,6 +36,8 @@ from nas_agent._atomic import atomic_write_text
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
 from nas_agent_graph.confirmation import noise_floor_text, pending_candidate
+from nas_agent_graph.lineage import CSS as LINEAGE_CSS
+from nas_agent_graph.lineage import lineage_html
 from nas_agent_graph.proposers import llm_validity
 from nas_agent_graph.retention import checkpoint_cell, checkpoint_counts
 
@@ -769,14 +771,14 @@ def _html_rejected(state: AgentState) -> str:
 def _html_page(title: str, body: str) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+            f"<title>{_esc(title)}</title>\n<style>{_CSS}{LINEAGE_CSS}</style>\n</head>\n"
             f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
 
 
 def _report_body(state: AgentState, runs_dir: Path, state_path: Path | None) -> str:
     parts = [_html_header(state, runs_dir, state_path)]
     if state.runs:
-        parts += [_html_plots(state, runs_dir), _html_runs_table(state)]
+        parts += [_html_plots(state, runs_dir), _html_runs_table(state), lineage_html(state)]
     else:
         parts.append(f'<div class="card"><p>No runs yet in <code>{_esc(runs_dir)}</code>. '
                      "The report fills in as the search trains models.</p></div>")
