@@ -138,3 +138,15 @@ def test_optuna_dashboard_serves_the_study(study):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_agent_state_of_the_original_format_exports(tmp_path):
+    """The original README's agent_state.json: no config, no curve; each run is still a trial."""
+    (tmp_path / "agent_state.json").write_text(json.dumps({
+        "max_runs": 100, "best_run_id": "run_0000",
+        "runs": [{"run_id": "run_0000", "val_mse": 0.1855, "test_mse": 0.1923,
+                  "history_summary": "20 epochs, best_epoch=17...", "accepted": True}]}))
+    out = cli(tmp_path, "export-optuna")
+    assert out.returncode == 0 and "1 trials" in out.stdout, out.stderr
+    trial = trials_by_run(tmp_path / "runs" / "optuna.db")["run_0000"]
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.1855 and trial.params == {}
