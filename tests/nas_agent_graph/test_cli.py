@@ -246,6 +246,7 @@ def test_corrupt_checkpoint_database_is_moved_aside_and_the_study_resumes(study)
     assert sqlite3.connect(db).execute("PRAGMA quick_check").fetchone() == ("ok",)
 
 
+@pytest.mark.slow  # two CLI sessions, 5 runs (~35 s); test_retention.py covers the rules in the default suite
 def test_keep_checkpoints_holds_exactly_across_a_resume(study):
     def check(n_runs):
         state = assert_consistent(study, n_runs)
@@ -284,6 +285,7 @@ def test_a_set_that_breaks_the_config_fails_at_start_up(study):
     assert (study / "agent_state.json").read_bytes() == before and not (study / "runs" / "run_0001").exists()
 
 
+@pytest.mark.slow  # a search stopped by SIGINT mid-run (~30 s)
 def test_status_shows_a_run_in_flight_and_then_interrupted(study):
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(2), "--set", "training.max_epochs=50"]
     proc = subprocess.Popen(args, cwd=study, env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,

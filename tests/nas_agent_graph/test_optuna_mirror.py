@@ -41,6 +41,7 @@ def comparable(t: optuna.trial.FrozenTrial) -> dict:
             "attrs": t.user_attrs}
 
 
+@pytest.mark.slow  # uses the module study (a 3-run CLI search)
 def test_every_run_is_a_trial_with_its_params_value_curve_and_attributes(study):
     state = load_agent_state(study / "agent_state.json")
     trials = trials_by_run(study / "runs" / "optuna.db")
@@ -54,6 +55,7 @@ def test_every_run_is_a_trial_with_its_params_value_curve_and_attributes(study):
         assert t.user_attrs["proposer"] == run.proposer and t.user_attrs["test_mse"] == pytest.approx(run.test_mse)
 
 
+@pytest.mark.slow  # uses the module study
 def test_export_rebuilds_it_exactly(study, tmp_path):
     path = study / "runs" / "optuna.db"
     before = {k: comparable(t) for k, t in trials_by_run(path).items()}
@@ -63,6 +65,7 @@ def test_export_rebuilds_it_exactly(study, tmp_path):
     assert {k: comparable(t) for k, t in trials_by_run(path).items()} == before
 
 
+@pytest.mark.slow  # uses the module study
 def test_a_run_in_flight_is_running_then_finished_in_place(study, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -82,6 +85,7 @@ def test_a_run_in_flight_is_running_then_finished_in_place(study, tmp_path):
     assert list(trials_by_run(db_path(runs))) == [r.run_id for r in done]
 
 
+@pytest.mark.slow  # uses the module study
 def test_a_foreign_database_is_moved_aside_and_a_corrupt_one_rebuilt(study, tmp_path, caplog):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -110,6 +114,7 @@ def _get(url: str) -> dict:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # a real optuna-dashboard server on the module study (~40 s with the study)
 def test_optuna_dashboard_serves_the_study(study):
     exe = Path(sys.executable).with_name("optuna-dashboard")
     assert exe.exists() or shutil.which("optuna-dashboard"), "optuna-dashboard is in requirements.txt"

@@ -385,6 +385,7 @@ def test_an_error_inside_the_task_is_a_failed_run(cluster, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # a Ray task that leaks past 1.5 GB (~20 s)
 def test_the_caps_go_with_the_task_and_a_run_over_the_memory_cap_fails_with_the_reason(cluster, tmp_path):
     (tmp_path / "leak.py").write_text(LEAK)
     result = launch(tmp_path, config_text=TINY_CONFIG, timeout_s=240, extra_args=["--model", str(tmp_path / "leak.py")],
