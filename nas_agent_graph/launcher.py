@@ -214,15 +214,19 @@ def _check_foreign_group(pgid: int) -> None:
 
 # --------------------------------------------------------------------------- earlier attempts
 
-def live_child(run_dir: Path) -> dict | None:
-    """launch.json of the run's train.py while it still runs (its PID alive and its command line
-    naming this folder, so a reused PID does not count), else None. Read-only."""
-    record = _read_launch_record(run_dir)
+def launch_record(run_dir: Path) -> dict | None:
+    """launch.json (pid, pgid, cmd, started_at) as a dict; None when absent or unreadable."""
+    return _read_launch_record(run_dir)
+
+
+def is_live_child(run_dir: Path, record: dict | None) -> bool:
+    """Whether the train.py in `record` (launch.json) still runs: its PID alive and its command
+    line naming this folder, so a reused PID does not count. Read-only."""
     pid = record.get("pid") if record else None
     if not isinstance(pid, int) or pid <= 1 or not _pid_alive(pid):
-        return None
+        return False
     # launch_run passes absolute paths; the caller's run_dir may be relative to its cwd
-    return record if _cmdline_mentions(pid, run_dir) or _cmdline_mentions(pid, run_dir.resolve()) else None
+    return _cmdline_mentions(pid, run_dir) or _cmdline_mentions(pid, run_dir.resolve())
 
 
 def _stop_orphan(run_dir: Path, grace_s: float) -> None:

@@ -103,9 +103,8 @@ def rebuild(study: AgentState, space: SearchSpace, path: Path, state_path: Path)
     return len(trials)
 
 
-def _owner(path: Path) -> str | None:
+def _owner(storage: optuna.storages.RDBStorage) -> str | None:
     """The agent_state.json a database mirrors; None when it is not one of ours."""
-    storage = _storage(path)
     names = [s.study_name for s in storage.get_all_studies()]
     if names != [STUDY_NAME]:
         return None
@@ -124,7 +123,8 @@ def sync(study: AgentState, space: SearchSpace, runs_dir: Path, state_path: Path
     if not path.exists():
         return f"built ({rebuild(study, space, path, state_path)} trials)"
     try:
-        owner = _owner(path)
+        storage = _storage(path)  # one open per sync: the owner check and the update share it
+        owner = _owner(storage)
     except Exception as e:  # noqa: BLE001 - sqlalchemy's errors for a file that is not an Optuna database
         log.warning("%s cannot be read as an Optuna database (%s); rebuilding it from %s", path, e, state_path)
         return f"rebuilt ({rebuild(study, space, path, state_path)} trials)"
@@ -134,7 +134,6 @@ def sync(study: AgentState, space: SearchSpace, runs_dir: Path, state_path: Path
         log.warning("%s mirrors %s, not %s; moved it to %s and writing a new one", path,
                     owner or "another tool's study", state_path, aside.name)
         return f"built ({rebuild(study, space, path, state_path)} trials)"
-    storage = _storage(path)
     ostudy = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     existing = {t.user_attrs.get("run_id"): t for t in ostudy.get_trials(deepcopy=False)}
     in_place = all(run_id in desired and (_same(old, desired[run_id]) or (

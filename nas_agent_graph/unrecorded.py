@@ -8,7 +8,6 @@ before the orchestrator could record it, without training it again.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, load_config
 from nas_agent.logging_utils import MetricsError, load_history, load_metrics
-from nas_agent_graph.launcher import live_child
+from nas_agent_graph.launcher import is_live_child, launch_record
 
 _RUN_DIR = re.compile(r"^run_\d{4,}$")
 
@@ -50,12 +49,12 @@ def unrecorded_runs(study: AgentState, runs_dir: Path) -> list[FolderRun]:
 
 
 def _read(folder: Path) -> FolderRun:
-    child = live_child(folder)
+    record = launch_record(folder) or {}  # read once: liveness and start time both come from it
     try:
         metrics = load_metrics(folder)
     except MetricsError:
         metrics = None
-    if child is not None:
+    if is_live_child(folder, record):
         state = "in flight"
     elif metrics is not None and metrics.get("status") != "interrupted":
         state = "finished"
@@ -70,17 +69,9 @@ def _read(folder: Path) -> FolderRun:
         max_epochs = load_config(folder / "config.py").training.max_epochs
     except (ConfigError, OSError):
         max_epochs = None
-    started = (child or {}).get("started_at") or _started_at(folder)
     return FolderRun(run_id=folder.name, state=state, epochs=len(epochs), max_epochs=max_epochs,
-                     best_val=min(vals) if vals else None, started_at=started,
+                     best_val=min(vals) if vals else None, started_at=record.get("started_at"),
                      attempts=sum(1 for p in folder.glob("attempt_*") if p.is_dir()))
-
-
-def _started_at(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "launch.json").read_text(encoding="utf-8")).get("started_at")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def describe(run: FolderRun) -> str:
