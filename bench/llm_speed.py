@@ -1,15 +1,18 @@
 """The LLM proposer's cost and validity on this machine, with the embedded model (or --llm).
 
-    NAS_DATA_DIR=../shared/data python bench/llm_speed.py --samples 20 --threads 1
+    NAS_DATA_DIR=../shared/data python bench/llm_speed.py --proposals 6 --samples 20 --threads 2
 
-Prints three tables:
+Prints four tables:
   1. load: converting the GGUF (first use only) and loading the converted cache;
-  2. generation: tokens/s of prefill and decode, and the latency of one full proposal
-     (the real propose_config prompt of a 30-run study, constrained JSON, one call);
-  3. validity: of `--samples` replies at temperature 0.8 to the same prompt, how many make a
+  2. proposals: --proposals successive proposals of a growing study (the real propose_config
+     prompt of a study with --runs-in-prompt runs, then one run more each time), each through
+     LLMProposer.propose, with prefill and decode apart, the prompt tokens reused from the prefix
+     cache, and the forward passes decoding took; then the median and the max seconds;
+  3. the same first prompt through transformers' model.generate with xgrammar's logits processor
+     (the path before nas_agent_graph.llm.decoding), the baseline of the ratio;
+  4. validity: of `--samples` replies at temperature 0.8 to the same prompt, how many make a
      config inside the search space, with constrained decoding (xgrammar) and without it
-     (free text, first balanced {...} extracted), and the time per reply of each; the
-     unconstrained row is the baseline the ratios refer to.
+     (free text, first balanced {...} extracted), and the time per reply of each.
 """
 from __future__ import annotations
 
@@ -36,13 +39,34 @@ def study_prompt(n_runs: int):
     return space, base, synthetic_study(n_runs), PromptLimits()
 
 
+def hf_generate_seconds(model, tokenizer, messages, schema, backend) -> tuple[float, int]:
+    """(seconds, completion tokens) of one constrained reply through model.generate: the baseline."""
+    import torch
+    import xgrammar as xgr
+    import xgrammar.contrib.hf  # noqa: F401
+
+    ids = tokenizer(backend.render_prompt(tokenizer, messages), return_tensors="pt",
+                    add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    processor = xgr.contrib.hf.LogitsProcessor(backend.compile_schema(model, tokenizer, schema))
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**ids, logits_processor=[processor], max_new_tokens=384, do_sample=True,
+                             temperature=0.7, top_p=0.95, top_k=backend.DEFAULT_TOP_K,
+                             eos_token_id=backend._stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return time.perf_counter() - t0, int(out.shape[1] - ids["input_ids"].shape[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--llm", default=None, help="model spec (default: the embedded model)")
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for training)")
+    p.add_argument("--proposals", type=int, default=6, help="successive proposals timed")
+    p.add_argument("--samples", type=int, default=20, help="replies in the validity table (0: skip it)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--runs-in-prompt", type=int, default=30)
     a = p.parse_args()
+
+    import statistics
 
     import torch
 
@@ -51,6 +75,7 @@ def main() -> None:
     from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
     from nas_agent_graph.llm.proposer import LLMProposer
     from nas_agent_graph.prompting import config_messages
+    from tests.nas_agent_graph.test_prompting import synthetic_study
 
     torch.set_num_threads(a.threads)
     spec = backend.resolve_llm(a.llm)
@@ -64,29 +89,41 @@ def main() -> None:
           f"{info['convert_s']:.1f} |")
     print(f"| load (cached) | {load_s - info['convert_s']:.1f} |")
 
-    space, base, state, limits = study_prompt(a.runs_in_prompt)
+    space, base, _, limits = study_prompt(a.runs_in_prompt)
     schema = proposal_json_schema(space)
     chat = LocalChatModel(model_spec=a.llm, temperature=0.7, max_new_tokens=384)
-    messages, prompt_info = config_messages(state, space, base, limits=limits, count_tokens=chat.count_tokens)
-
-    # Prefill alone: one generated token.
-    t0 = time.perf_counter()
-    r = backend.generate_json(model, tokenizer, messages, None, temperature=0, max_new_tokens=1, constrain=False)
-    prefill_s = time.perf_counter() - t0
     proposer = LLMProposer(chat, space, seed=0, limits=limits)
-    t0 = time.perf_counter()
-    proposal = proposer.propose(state, base, 0, None)
-    propose_s = time.perf_counter() - t0
-    llm = proposal.meta["llm"]
-    decode_s = max(llm["latency_s"] - prefill_s, 1e-9)
-    print("\n| measure | value |\n|---|---:|")
-    print(f"| prompt tokens ({a.runs_in_prompt}-run study) | {r.prompt_tokens} |")
-    print(f"| prefill tokens/s | {r.prompt_tokens / prefill_s:.0f} |")
-    print(f"| proposal: completion tokens | {llm['completion_tokens']} |")
-    print(f"| decode tokens/s (constrained) | {llm['completion_tokens'] / decode_s:.1f} |")
-    print(f"| ms per generated token | {1000 * decode_s / llm['completion_tokens']:.0f} |")
-    print(f"| one proposal, end to end (prompt, generate, validate) | {propose_s:.1f} s |")
+    print(f"\n{a.proposals} successive proposals of a growing study ({a.runs_in_prompt} runs and up), "
+          "each one LLMProposer.propose:\n")
+    print("| proposal | prompt tokens | reused | prefill s | completion tokens | forward passes | decode s | "
+          "total s | valid |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    totals = []
+    for i in range(a.proposals):
+        state = synthetic_study(a.runs_in_prompt + i)
+        t0 = time.perf_counter()
+        proposal = proposer.propose(state, base, 0, None)
+        total = time.perf_counter() - t0
+        totals.append(total)
+        for call in proposal.meta["llm"]["calls"]:
+            decode_s = call["latency_s"] - call.get("prefill_s", 0.0)
+            print(f"| {i + 1} | {call['prompt_tokens']} | {call.get('reused_tokens', 0)} | "
+                  f"{call.get('prefill_s', 0.0):.1f} | {call['completion_tokens']} | {call.get('decode_passes', '-')} | "
+                  f"{decode_s:.1f} | {total:.1f} | {call['valid']} |")
+    print(f"\nseconds per proposal: median {statistics.median(totals):.1f}, max {max(totals):.1f} "
+          f"(first proposal, nothing cached: {totals[0]:.1f})")
 
+    messages, _ = config_messages(synthetic_study(a.runs_in_prompt), space, base, limits=limits,
+                                  count_tokens=chat.count_tokens)
+    hf_s, hf_tokens = hf_generate_seconds(model, tokenizer, messages, schema, backend)
+    print("\n| path, first prompt, nothing cached | seconds | completion tokens | vs model.generate |")
+    print("|---|---:|---:|---:|")
+    print(f"| model.generate + xgrammar logits processor (baseline) | {hf_s:.1f} | {hf_tokens} | 1.00x |")
+    print(f"| nas_agent_graph.llm.decoding, first proposal | {totals[0]:.1f} | - | {hf_s / totals[0]:.2f}x |")
+    print(f"| nas_agent_graph.llm.decoding, median proposal | {statistics.median(totals):.1f} | - | "
+          f"{hf_s / statistics.median(totals):.2f}x |")
+
+    if a.samples <= 0:
+        return
     rows = []
     for constrained in (False, True):
         t0 = time.perf_counter()

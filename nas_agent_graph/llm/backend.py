@@ -31,6 +31,7 @@ first balanced {...} (constrained=False in the result).
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import json
@@ -45,6 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
+
+from nas_agent_graph.llm import decoding
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +400,7 @@ def clear_model_cache() -> None:
         _MODELS.clear()
         _ADAPTED.clear()
     _GRAMMARS.clear()
+    decoding.PREFIXES.clear()
 
 
 # ----------------------------------------------------------------------------- LoRA adapters
@@ -642,25 +646,25 @@ def compile_schema(model: Any, tokenizer: Any, json_schema: dict) -> Any:
 def generate_json_batch(model: Any, tokenizer: Any, messages: "str | list[Message]", json_schema: dict | None,
                         *, n: int = 1, temperature: float = 0.8, top_p: float = 0.95,
                         max_new_tokens: int = 512, seed: int | None = None,
-                        constrain: bool = True, top_k: int | None = DEFAULT_TOP_K) -> list[GenerationResult]:
-    """n samples for one prompt, decoded together; see generate_json."""
+                        constrain: bool = True, top_k: int | None = DEFAULT_TOP_K,
+                        cache_tag: Any = None) -> list[GenerationResult]:
+    """n samples for one prompt, one after another from one prefill; see generate_json."""
     import torch
 
+    if n > 1 and not (temperature and temperature > 0):
+        raise ValueError("n > 1 needs temperature > 0 (greedy decoding gives n identical samples)")
     prompt = render_prompt(tokenizer, messages)
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
-    enc = {k: v.to(device) for k, v in enc.items()}
-    prompt_len = int(enc["input_ids"].shape[1])
+    add_special = not getattr(tokenizer, "chat_template", None)
+    ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
 
-    processors, reason = [], None
+    compiled, reason = None, None
     if not constrain or json_schema is None:
         reason = "not requested"
     else:
         try:
-            import xgrammar as xgr
-            import xgrammar.contrib.hf  # noqa: F401
-            grammar = compile_schema(model, tokenizer, json_schema)
-            processors = [xgr.contrib.hf.LogitsProcessor(grammar)]
+            import xgrammar  # noqa: F401
+            compiled = compile_schema(model, tokenizer, json_schema)
         except ImportError as e:
             reason = f"xgrammar is not available: {e}"
         except Exception as e:  # noqa: BLE001 - any compile failure falls back
@@ -669,66 +673,63 @@ def generate_json_batch(model: Any, tokenizer: Any, messages: "str | list[Messag
         log.warning("unconstrained generation: %s", reason)
 
     stop = _stop_ids(model, tokenizer)
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                      eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-    if temperature and temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k or 0))
-    else:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if n > 1:
-            raise ValueError("n > 1 needs temperature > 0 (greedy decoding gives n identical samples)")
+    generator = None
     if seed is not None:
-        torch.manual_seed(seed)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**enc, logits_processor=processors or None, **gen_kwargs)
+        logits, cache, prefill_info = decoding.prefill(model, tokenizer, ids, (id(model), cache_tag), device)
+        prefill_s = time.perf_counter() - t0
+        samples = []
+        for i in range(n):
+            grammar = decoding.Grammar(compiled, _vocab_size(model, tokenizer), tokenizer) if compiled else None
+            # the last sample may consume the prompt's cache; the others decode from copies
+            own = cache if i == n - 1 else copy.deepcopy(cache)
+            samples.append(decoding.decode(model, logits.clone(), own, device, grammar=grammar, stop=stop,
+                                           max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, generator=generator))
     latency = time.perf_counter() - t0
 
     results = []
-    for row in out[:, prompt_len:].tolist():
-        count = len(row)
-        for i, tok in enumerate(row):
-            if tok in stop:
-                count = i + 1
-                break
-        else:
-            # no stop token: drop trailing padding of rows that ended early in another way
-            while count and row[count - 1] == tokenizer.pad_token_id and tokenizer.pad_token_id not in stop:
-                count -= 1
-        text = tokenizer.decode(row[:count], skip_special_tokens=True)
-        constrained = bool(processors)
+    for tokens, stats in samples:
+        text = tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
         parsed = None
-        if constrained:
+        if compiled is not None:
             try:
                 parsed = json.loads(text)
             except ValueError:
                 parsed = extract_json(text)  # cut off by max_new_tokens: usually None
         else:
             parsed = extract_json(text)
-        results.append(GenerationResult(text=text, parsed=parsed, prompt_tokens=prompt_len,
-                                        completion_tokens=count, latency_s=latency,
-                                        constrained=constrained, fallback_reason=reason,
-                                        meta={"batch": n}))
+        results.append(GenerationResult(text=text, parsed=parsed, prompt_tokens=len(ids),
+                                        completion_tokens=len(tokens), latency_s=latency,
+                                        constrained=compiled is not None, fallback_reason=reason,
+                                        meta={"batch": n, "prefill_s": round(prefill_s, 4), **prefill_info,
+                                              **stats}))
     return results
 
 
 def generate_json(model: Any, tokenizer: Any, messages: "str | list[Message]", json_schema: dict | None, *,
                   temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 512,
                   seed: int | None = None, constrain: bool = True,
-                  top_k: int | None = DEFAULT_TOP_K) -> GenerationResult:
+                  top_k: int | None = DEFAULT_TOP_K, cache_tag: Any = None) -> GenerationResult:
     """One completion, constrained to json_schema by xgrammar.
 
     messages: a string or [{"role", "content"}]; rendered with the tokenizer's chat template
     when it has one (instruct models), else as plain labelled text (base models). When xgrammar
     is missing or cannot compile the schema (or constrain=False, or no schema), decoding is free
     and `parsed` is the first balanced {...} of the text that parses; constrained is then False.
-    temperature 0 is greedy decoding. seed seeds torch's global RNG before sampling. top_k
-    (default 64, 0 or None = off) keeps the k likeliest allowed tokens before top_p: with a
-    262k-token vocabulary, sorting the whole vocabulary for top_p alone costs more than the model.
+    temperature 0 is greedy decoding. seed seeds a private generator (the same seed, prompt and
+    model give the same reply). top_k (default 64, 0 or None = off) keeps the k likeliest allowed
+    tokens before top_p: with a 262k-token vocabulary, sorting the whole vocabulary for top_p
+    alone costs more than the model. cache_tag names what else changes the model's keys and
+    values (the LoRA adapter in use): prompt-prefix caches are kept per (model, cache_tag).
+    The token loop (prefix reuse, jump-forward over forced text) is nas_agent_graph.llm.decoding.
     """
     return generate_json_batch(model, tokenizer, messages, json_schema, n=1, temperature=temperature,
                                top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                               constrain=constrain, top_k=top_k)[0]
+                               constrain=constrain, top_k=top_k, cache_tag=cache_tag)[0]
 
 
 def iter_messages(messages: Iterable[Any]) -> list[Message]:

@@ -26,6 +26,8 @@ from pydantic import ConfigDict, Field
 from nas_agent_graph.llm import backend
 
 _GEN_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+# Where a reply's time went (see nas_agent_graph.llm.decoding); also copied into llm.json.
+DECODING_STATS = ("prefill_s", "reused_tokens", "decode_passes", "forced_tokens")
 
 
 def from_dicts(messages: list[dict[str, str]]) -> list[BaseMessage]:
@@ -111,7 +113,8 @@ class LocalChatModel(BaseChatModel):
                             f"known: json_schema, {', '.join(_GEN_KEYS)}")
         with adapter_context:
             result = backend.generate_json(model, tokenizer, to_backend_messages(messages), schema,
-                                           constrain=schema is not None, **settings)
+                                           constrain=schema is not None,
+                                           cache_tag=(self.adapter, self.adapter_path), **settings)
         text = result.text
         if stop and not result.constrained:
             cuts = [text.find(s) for s in stop if s and s in text]
@@ -123,6 +126,8 @@ class LocalChatModel(BaseChatModel):
             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "latency_s": round(result.latency_s, 4), "constrained": result.constrained,
             "fallback_reason": result.fallback_reason, "adapter": self.adapter, **settings,
+            # where the time went (see nas_agent_graph.llm.decoding)
+            **{k: result.meta[k] for k in DECODING_STATS if k in result.meta},
         }
         message = AIMessage(
             content=text,

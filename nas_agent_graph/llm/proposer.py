@@ -36,7 +36,7 @@ from typing import Any
 from nas_agent.agent_state import AgentState, get_best_run
 from nas_agent.config import apply_overrides
 from nas_agent_graph.context import ROOT
-from nas_agent_graph.llm.chat_model import LocalChatModel, from_dicts
+from nas_agent_graph.llm.chat_model import DECODING_STATS, LocalChatModel, from_dicts
 from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
 from nas_agent_graph.lora.adapters import active_adapter
 from nas_agent_graph.prompting import (
@@ -351,7 +351,7 @@ class LLMProposer:
         calls.append({"prompt_tokens": md.get("prompt_tokens"), "completion_tokens": md.get("completion_tokens"),
                       "latency_s": round(time.perf_counter() - t0, 3), "constrained": md.get("constrained"),
                       "fallback_reason": md.get("fallback_reason"), "seed": seed, "valid": error is None,
-                      "error": error})
+                      "error": error, **{k: md[k] for k in DECODING_STATS if k in md}})
         return params, error, text
 
     # ------------------------------------------------------------------ records
