@@ -91,7 +91,8 @@ def test_the_run_call_fits_the_device_tool():
     assert len(call["command"]) <= dc.COMMAND_LIMIT and len(call["carry"]) <= dc.CARRY_PATHS_LIMIT
     assert call["timeout_s"] <= 480 and dc.BUDGET_S < call["timeout_s"]  # the issue: under 8 minutes there
     for folder in call["carry"]:  # carried folders are ignored, so wheels and data are never committed
-        assert subprocess.run(["git", "check-ignore", "-q", folder], cwd=ROOT).returncode == 0, folder
+        # a file inside, since "folder/" patterns match only folders, and a fresh clone has none yet
+        assert subprocess.run(["git", "check-ignore", "-q", f"{folder}/x.whl"], cwd=ROOT).returncode == 0, folder
 
 
 def test_the_shell_script_parses():
