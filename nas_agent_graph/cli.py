@@ -408,6 +408,7 @@ def _search(ctx: Context, study: AgentState) -> int:
     """Run the graph (resuming its checkpoint when it agrees with the study) to its stop."""
     from nas_agent_graph.display import PlainDisplay, RichDisplay
     from nas_agent_graph.graph import build_graph
+    from nas_agent_graph.phases import phase_log, timed_saver
 
     ctx.started_at = time.monotonic()
     display = ctx.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
@@ -415,13 +416,14 @@ def _search(ctx: Context, study: AgentState) -> int:
     ctx.display = display
     with closing(open_checkpoints(ctx.checkpoint_path, ctx.state_path)) as conn, \
             (display if isinstance(display, RichDisplay) else nullcontext()):
-        graph = build_graph(SqliteSaver(conn))
+        graph = build_graph(timed_saver(SqliteSaver(conn), phase_log(ctx)))
         cfg = {"configurable": {"thread_id": thread_id(ctx.state_path)}}
         snap = graph.get_state(cfg)
         # Steps left: each run left to propose, and each run in flight to collect (a resume may
         # hold more than --max-runs leaves room for: they are drained, not dropped).
         remaining = max(ctx.max_runs - len(study.runs), 0) + len(snap.values.get("in_flight") or []) + 1
-        cfg["recursion_limit"] = 50 + remaining * (8 + 2 * (ctx.max_retries + 1))
+        # A run: up to 8 steps; a rejected proposal: 2 (validate) or 5 (an in-run smoke test, reject_run).
+        cfg["recursion_limit"] = 50 + remaining * (8 + 5 * (ctx.max_retries + 1))
         resume = bool(snap.next) and checkpoint_agrees(snap.values, snap.next, study)
         if snap.next and snap.values.get("run_id") is None:
             log.info("the interrupted pass had not started a run yet; starting it again")
