@@ -17,8 +17,9 @@ what the study left behind:
 and prints a per-phase table (per run: the phase's time summed over the run's passes; median
 and max over runs) and the share of the study's wall time spent outside train.py. The overhead
 per run is (study wall - time inside train.py processes + in-run smoke tests) / runs: the smoke
-test counts as overhead wherever it runs. `wait` minus the run's train.py is what the launcher
-adds (folder set-up, process start, reading the results).
+test counts as overhead wherever it runs. `launch` + `wait` minus the run's train.py process is
+what launching adds around the process (folder set-up, the mirror's sync, which overlaps the
+run's start-up, process start and exit, reading the results).
 
 Timings on a busy machine are contended; say so when quoting them (--note).
 """
@@ -108,7 +109,8 @@ def measure(folder: Path, wall: float, started_at: float) -> dict:
         values = [per_run[name].get(rid, 0.0) for rid in runs]
         if any(values) or session.get(name):
             rows[name] = values + ([session[name]] if session.get(name) else [])
-    rows["wait - train.py (launcher)"] = [per_run["wait"].get(rid, 0.0) - train[rid] for rid in runs]
+    rows["launch + wait - train.py (launcher)"] = [per_run["launch"].get(rid, 0.0) + per_run["wait"].get(rid, 0.0)
+                                                   - train[rid] for rid in runs]
     rows["in-run smoke test (train.py)"] = [in_run_smoke.get(rid, 0.0) for rid in runs]
     rows["train.py process"] = [train[rid] for rid in runs]
     rows["  start-up to first step"] = list(startup.values())

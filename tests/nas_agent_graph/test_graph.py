@@ -267,6 +267,8 @@ def test_rich_display_renders_every_event():
         assert d.training == {"run_0001": "epoch 1/3 val_mse 0.6100", "run_0002": "epoch 0/5"}
         d.on_decision(run=RunInfo(run_id="run_0001", status="ok", val_mse=0.61), state=state)
         assert list(d.training) == ["run_0002"]
+        d.on_rejected(run_id="run_0002", error="smoke test failed: ValueError: model output")  # reject_run
+        assert d.training == {}
         d.on_decision(run=run, state=state)
         d.on_stop(message="Search stopped: reached --max-runs 3.")
     text = out.getvalue()
