@@ -65,6 +65,11 @@ TINY_SPACE = {  # every family of the default space, at tiny sizes (as tests/nas
     "training.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
 }
 BUDGET = ["training.max_epochs=1", "training.max_steps_per_epoch=2"]
+# train.py's startup_marks (process ages), shown as the time of each step of start-up.
+STARTUP_STEPS = [("imports", "python and imports"), ("setup", "config, device, bf16 probe"), ("data", "data"),
+                 ("model", "model"),
+                 ("optimizer", "to the optimizer (imports torch._dynamo; the in-run smoke test)"),
+                 ("first_step", "first batch")]
 # Rows of the table, in loop order; a NODE/PART row is part of its node's time.
 NODE_ROWS = ["load_state", "propose", "validate", "validate/smoke", "launch", "launch/mirror", "wait",
              "summarise", "decide", "decide/save_state", "decide/mirror", "collect_lora", "checkpoint", "stop"]
@@ -115,10 +120,13 @@ def measure(folder: Path, wall: float, started_at: float) -> dict:
     rows["train.py process"] = [train[rid] for rid in runs]
     rows["  start-up to first step"] = list(startup.values())
     marks = [m.get("startup_marks") or {} for m in metrics.values()]
-    for key in ("imports", "setup", "data", "model", "optimizer", "first_step"):
-        values = [mk[key] for mk in marks if key in mk]
+    previous = None
+    for key, label in STARTUP_STEPS:
+        values = [mk[key] - (mk[previous] if previous else 0.0) for mk in marks if key in mk and (
+            previous is None or previous in mk)]
         if values:
-            rows[f"    process age at {key}"] = values
+            rows[f"    {label}"] = values
+        previous = key
     first = min((p["at"] - p["s"] for p in phases), default=started_at)
     last = max((p["at"] for p in phases), default=started_at + wall)
     timed = sum(p["s"] for p in phases if "/" not in p["phase"])
@@ -170,7 +178,7 @@ def table(result: dict, baseline: dict | None = None) -> str:
 def _cells(values, name: str) -> str:
     if not values:
         return "- | - | -"
-    total = "-" if name.lstrip().startswith("process age") else f"{sum(values):.2f}"
+    total = f"{sum(values):.2f}"
     return f"{statistics.median(values):.3f} | {max(values):.3f} | {total}"
 
 

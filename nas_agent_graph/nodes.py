@@ -4,7 +4,7 @@ Nodes read the study from agent_state.json whenever they need it: the file is th
 single source of truth, the graph state only carries the proposal in flight. Every
 node is safe to re-run after a crash (the checkpointer resumes at the interrupted
 node): proposals are deterministic for a given study, `launch` reuses a finished run
-folder, and `decide` and `validate` do not record the same run or rejection twice.
+folder, and `decide`, `validate` and `reject_run` do not record the same run or rejection twice.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The graph's state: only the proposal being made and the runs in flight.
 
 agent_state.json is the single source of truth about runs; nodes read it from disk
-when they need history, and only `decide` (and `validate`, for rejected proposals)
+when they need history, and only `decide` (and `validate` or `reject_run`, for rejected proposals)
 writes it. The graph state below carries just what one pass through the loop needs
 between nodes, and is checkpointed after every step (SqliteSaver, durability="sync"),
 so a killed orchestrator resumes at the node it was in. Every field must be plain JSON.
