@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -298,8 +299,6 @@ def smoke_check(model, ds, tc, device: torch.device, amp: str) -> float:
 def check_disk_room(run_dir: Path, n_params: int) -> None:
     """An ENOSPC OSError when the run's checkpoint and logs would not fit (the orchestrator's own
     check before the launch did not know the parameter count when the smoke test runs here)."""
-    import shutil
-
     need, free = run_size_estimate(n_params), shutil.disk_usage(run_dir).free
     if free < need:
         raise OSError(errno.ENOSPC, f"No space left on device for the run: it needs about {need / 1e6:.0f} MB "
@@ -682,7 +681,8 @@ def main(argv=None) -> int:
         metrics["status"], metrics["error"] = "invalid", str(e)
         log.error("invalid: %s", e)
     except _SmokeTimeout:  # the alarm went off just as the smoke test ended
-        metrics["status"], metrics["error"] = "invalid", f"smoke test failed: smoke test timed out after {args.smoke_timeout:g}s"
+        metrics["status"] = "invalid"
+        metrics["error"] = f"smoke test failed: smoke test timed out after {args.smoke_timeout:g}s"
     except (ConfigError, DataError) as e:
         metrics["error"] = str(e)
         log.error("%s", e)

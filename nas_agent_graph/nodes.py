@@ -379,7 +379,8 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         verdict = check_proposal(proposal["config"], dup_study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
                                  smoke=False)
         if verdict.ok:
-            return {"validation_error": None, "smoke": {"in_run": True}, "proposal": {**proposal, "config": verdict.config}}
+            return {"validation_error": None, "smoke": {"in_run": True},
+                    "proposal": {**proposal, "config": verdict.config}}
     else:
         # A confirmation repeats a run with another seed on purpose: no duplicate check.
         dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else view

@@ -10,8 +10,8 @@ and the accept/reject reason as user attributes. Test MSE is only shown there, a
 agent_state.json stays the single source of truth: this file is derived from it after every
 launch and every recorded run, in place when only new runs or finished ones changed, else
 rebuilt whole into a temporary file that replaces it. The search keeps one Mirror per session,
-which remembers what it wrote, so a sync writes just the change (~10 ms, not ~0.3 s). `python -m nas_agent_graph export-optuna`
-rebuilds it from scratch. A database this study did not write (another tool's, another
+which remembers what it wrote, so a sync writes just the change (~0.03 s, not ~0.3 s).
+`python -m nas_agent_graph export-optuna` rebuilds it from scratch. A database this study did not write (another tool's, another
 study's) is moved aside with a warning, never written into; an unreadable one is rebuilt. The
 mirror never stops the search: a failure is logged and the next sync tries again.
 """

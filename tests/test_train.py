@@ -356,8 +356,9 @@ def test_the_in_run_smoke_test_leaves_training_exactly_as_without_it(two_runs):
 BROKEN_MODELS = {
     "raises": ("def build_model(config):\n    raise RuntimeError('boom: no model today')\n",
                "smoke test failed: RuntimeError: boom: no model today"),
-    "wrong shape": ("import torch.nn as nn\n\nclass M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-                    "        self.lin = nn.Linear(1, 1)\n\n    def forward(self, x, *rest):\n        return self.lin(x[..., :1])\n\n"
+    "wrong shape": ("import torch.nn as nn\n\n\nclass M(nn.Module):\n"
+                    "    def __init__(self):\n        super().__init__()\n        self.lin = nn.Linear(1, 1)\n\n"
+                    "    def forward(self, x, *rest):\n        return self.lin(x[..., :1])\n\n\n"
                     "def build_model(config):\n    return M()\n",
                     "smoke test failed: ValueError: model output: expected shape [32, 24, 7]"),
 }
