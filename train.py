@@ -17,6 +17,9 @@ Status vocabulary and exit codes:
     timeout      4   training.time_budget_s reached; best checkpoint tested, all files written
     pruned       5   a PRUNE request file appeared in the run folder (the search's pruner);
                      stops within a batch, best checkpoint tested, all files written
+    invalid      6   with --smoke-test: the data, the model or the smoke test failed before
+                     training (or the model has more than --max-params parameters); nothing
+                     trained, and the search records a rejected proposal, not a run
     interrupted  130 SIGINT/SIGTERM; what exists is written, no test evaluation
 """
 from __future__ import annotations
@@ -24,11 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import importlib.util
 import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -41,11 +46,12 @@ import torch
 from nas_agent.config import ConfigError, config_hash, config_style, load_config, write_config
 from nas_agent.data import DataError, load_dataset
 from nas_agent.logging_utils import save_history, save_metrics
+from nas_agent.run_manager import run_size_estimate
 from nas_agent.schema import resolve_class
 
 log = logging.getLogger("train")
 
-EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "interrupted": 130}
+EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "invalid": 6, "interrupted": 130}
 # The orchestrator asks a running train.py to stop by writing this file into the run folder
 # (its text says why). It is checked between batches, like the signals.
 PRUNE_FILE = "PRUNE"
@@ -70,6 +76,16 @@ class StopTraining(Exception):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status
+
+
+class InvalidRun(Exception):
+    """With --smoke-test (or --max-params): the proposal cannot train; the run ends "invalid" (exit 6).
+    The message is the rejection the search records, worded as its subprocess smoke test words it."""
+
+
+class _SmokeTimeout(BaseException):
+    """SIGALRM during the in-run smoke test. A BaseException, so that model code catching Exception
+    cannot swallow it."""
 
 
 _stop_signal: list[str] = []  # set by the signal handler, checked between batches
@@ -111,6 +127,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an existing run folder")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="smoke-test the model on one real batch before training; a failure of the data, the model "
+                        "or the test ends the run as 'invalid' (exit 6), as the search's smoke test would reject it")
+    p.add_argument("--smoke-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --smoke-test: data, model and smoke test must be done in this time, else 'invalid'")
+    p.add_argument("--max-params", type=int, default=None, help="a model with more parameters ends 'invalid'")
     return p.parse_args(argv)
 
 
@@ -197,6 +219,91 @@ def load_build_model(model_file: str | None):
     if not callable(getattr(module, "build_model", None)):
         raise ConfigError(f"--model {path}: it must define build_model(config)")
     return module.build_model
+
+
+# --------------------------------------------------------------------------- in-run smoke test
+
+@contextlib.contextmanager
+def smoke_phase(enabled: bool, timeout_s: float | None):
+    """With --smoke-test, what fails inside the block (loading the data, building the model,
+    smoke_check) ends the run as "invalid" (InvalidRun), and so does a block still running after
+    timeout_s (SIGALRM, seen between Python bytecodes, so after a long torch call returns). A full
+    disk stays a failure (the search stops on it and resumes the run later)."""
+    if not enabled:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _SmokeTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm) if timeout_s else None
+    if timeout_s:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    except InvalidRun:
+        raise
+    except _SmokeTimeout:
+        raise InvalidRun(f"smoke test failed: smoke test timed out after {timeout_s:g}s") from None
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise InvalidRun(f"smoke test failed: {type(e).__name__}: {e}") from e
+    finally:
+        if timeout_s:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def smoke_check(model, ds, tc, device: torch.device, amp: str) -> float:
+    """nas_agent_graph/smoke.py's checks inside the run, before training (--smoke-test): one real
+    batch forward and backward, the output's shape and a finite loss, then the optimizer, scheduler
+    and loss classes built and stepped once on a throwaway parameter. Returns its seconds.
+
+    Training afterwards is exactly what it would be without the check: the RNG streams are
+    restored (fork_rng), the model runs in eval mode (no dropout draw, no batch-norm statistics
+    update), its gradients are cleared, and the optimizer that trains it is not built yet.
+    """
+    import torch._dynamo  # noqa: F401 - building any torch optimizer imports it (1-2 s): training
+    # pays for it anyway, so it is imported before the clock starts and not counted as the smoke test's.
+    start = time.monotonic()
+    x_enc, m_enc, x_dec, m_dec, y = next(iter(ds.train.batches(tc.batch_size)))
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # The training classes, on a parameter of their own: a bad argument (a negative momentum,
+        # T_max 0, fused Adam on a CPU) fails here, not after an epoch.
+        probe = torch.nn.Linear(1, 1).to(device)
+        optimizer, scheduler, criterion = make_optim(probe, tc)
+        probe_loss = criterion(probe(torch.ones(2, 1, device=device)), torch.zeros(2, 1, device=device))
+        probe_loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            step_scheduler(scheduler, probe_loss.item())
+        model.eval()
+        try:
+            with _autocast(device, amp):
+                out = model(x_enc, m_enc, x_dec, m_dec)
+            if tuple(out.shape) != tuple(y.shape):
+                raise ValueError(f"model output: expected shape {list(y.shape)} [batch, pred_len, c_out], "
+                                 f"got {list(out.shape)}")
+            loss = criterion(out.float(), y)
+            if not torch.isfinite(loss):
+                raise ValueError(f"loss on one real batch is {loss.item()}")
+            loss.backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+    return time.monotonic() - start
+
+
+def check_disk_room(run_dir: Path, n_params: int) -> None:
+    """An ENOSPC OSError when the run's checkpoint and logs would not fit (the orchestrator's own
+    check before the launch did not know the parameter count when the smoke test runs here)."""
+    need, free = run_size_estimate(n_params), shutil.disk_usage(run_dir).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device for the run: it needs about {need / 1e6:.0f} MB "
+                                    f"({n_params:,} parameters, checkpoint and logs), {free / 1e6:.0f} MB are free",
+                      str(run_dir))
 
 
 # --------------------------------------------------------------------------- training
@@ -368,6 +475,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     """
     tc = cfg.training
     optimizer, scheduler, criterion = make_optim(model, tc)
+    state["startup_marks"]["optimizer"] = process_age_s()
     gen = torch.Generator().manual_seed(tc.seed)
     steps = len(ds.train) // tc.batch_size
     if tc.max_steps_per_epoch:
@@ -384,7 +492,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         batches = ds.train.batches(tc.batch_size, shuffle=True, generator=gen, drop_last=True)
         for step, (x_enc, m_enc, x_dec, m_dec, y) in enumerate(batches, 1):
             if "startup_s" not in state:  # interpreter, imports, data, model: up to the first step
-                state["startup_s"] = process_age_s()
+                state["startup_s"] = state["startup_marks"]["first_step"] = process_age_s()
             check_stop(f"during epoch {epoch}")
             check_prune(run_dir, epoch)
             if time.monotonic() > deadline:
@@ -491,6 +599,8 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    # Process ages (s) at the steps of start-up, for metrics.json's startup_marks (bench/overhead.py).
+    marks = {"imports": process_age_s()}
     args = parse_args(argv)
     overrides = list(args.set) + ([f"training.seed={args.seed}"] if args.seed is not None else [])
     run_dir = Path(args.runs_dir) / args.tag
@@ -511,7 +621,7 @@ def main(argv=None) -> int:
     tc = cfg.training
     seed_everything(tc.seed)
     state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0,
-             "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0}
+             "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0, "startup_marks": marks}
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
@@ -522,15 +632,25 @@ def main(argv=None) -> int:
         cap_gpu_memory(device)
         state["amp"], metrics["amp_reason"] = amp_mode(device, tc.amp)
         metrics["amp"] = state["amp"]
-        ds = load_dataset(cfg.data, cfg.model.embed, device)
-        cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
-        cfg.model.c_out = ds.c_out
+        marks["setup"] = process_age_s()
+        with smoke_phase(args.smoke_test, args.smoke_timeout):
+            ds = load_dataset(cfg.data, cfg.model.embed, device)
+            marks["data"] = process_age_s()
+            cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
+            cfg.model.c_out = ds.c_out
+            model = load_build_model(args.model)(cfg.model_dump()).to(device)
+            metrics["n_params"] = sum(p.numel() for p in model.parameters())
+            marks["model"] = process_age_s()
+            if args.max_params is not None and metrics["n_params"] > args.max_params:
+                raise InvalidRun(f"too many parameters: {metrics['n_params']:,} > --max-params {args.max_params:,}")
+            if args.smoke_test:
+                metrics["smoke_s"] = round(smoke_check(model, ds, tc, device, state["amp"]), 4)
+        if args.smoke_test:
+            check_disk_room(run_dir, metrics["n_params"])
         write_config(cfg, run_dir / "config_used.py", style=style,
                      header=f"Effective config of {args.tag}: {args.config}" +
                             (f" with --set {' '.join(overrides)}" if overrides else "") +
                             f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
-        model = load_build_model(args.model)(cfg.model_dump()).to(device)
-        metrics["n_params"] = sum(p.numel() for p in model.parameters())
         log.info("data %s: %d/%d/%d windows, %d channels; model %d parameters; device %s; amp %s (%s)", ds.path,
                  len(ds.train), len(ds.val), len(ds.test), ds.enc_in, metrics["n_params"], device, state["amp"],
                  metrics["amp_reason"])
@@ -557,6 +677,12 @@ def main(argv=None) -> int:
                 best = state["history"][state["best_epoch"] - 1]
                 metrics.update(val_mse=best["val_mse"], val_mae=best["val_mae"], test_mse=None, test_mae=None)
         metrics["status"] = status
+    except InvalidRun as e:
+        metrics["status"], metrics["error"] = "invalid", str(e)
+        log.error("invalid: %s", e)
+    except _SmokeTimeout:  # the alarm went off just as the smoke test ended
+        metrics["status"] = "invalid"
+        metrics["error"] = f"smoke test failed: smoke test timed out after {args.smoke_timeout:g}s"
     except (ConfigError, DataError) as e:
         metrics["error"] = str(e)
         log.error("%s", e)
@@ -573,6 +699,7 @@ def main(argv=None) -> int:
     metrics["eval_s"] = round(state["eval_s"], 3)
     if state.get("startup_s") is not None:
         metrics["startup_s"] = round(state["startup_s"], 2)
+    metrics["startup_marks"] = {k: round(v, 3) for k, v in marks.items() if v is not None}
     if state["best_epoch"]:
         metrics["train_mse"] = history[state["best_epoch"] - 1]["train_mse"]
     write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics, style)
@@ -604,7 +731,8 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
         if not (run_dir / "config_used.py").exists():  # failed before the data was read
             write_config(cfg, run_dir / "config_used.py", header=f"Effective config of {tag}", style=style)
         save_history(run_dir, history_file(state))
-        plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
+        if metrics["status"] != "invalid":  # nothing trained; matplotlib's import alone takes 0.3 s
+            plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
         if model is not None and state["best_state"] is not None:
             ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],
                     "val_mse": state["best_val"], "columns": ds.columns, "scaler_mean": ds.mean.tolist(),

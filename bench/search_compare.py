@@ -10,7 +10,9 @@ below) and the search space narrowed by bench/cpu_space.json. Studies run --jobs
 each with OMP_NUM_THREADS = cores / jobs so that they share the machine evenly.
 
 Overhead per run = (study wall-clock - time inside train.py - smoke tests) / runs: what
-the graph itself costs (proposing, checkpoints, state saves, process start-up).
+the graph itself costs (proposing, checkpoints, state saves, process start-up). A smoke test that
+ran inside its run's train.py is inside train.py's time; bench/overhead.py breaks the overhead
+down by phase.
 
 Architecture-search arms (issue 12), each a study of at most --minutes of study time with the
 product's defaults (full default space, --run-budget 240 s per run), one study at a time:
@@ -81,7 +83,9 @@ def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budg
     state = load_agent_state(folder / "agent_state.json")
     best = get_best_run(state)
     train_s = sum(r.duration_s or 0.0 for r in state.runs)
-    smoke_s = sum(((r.extra.get("smoke") or {}).get("seconds") or 0.0) for r in state.runs)
+    # A smoke test inside the run (extra.smoke.in_run) is part of its train.py time already.
+    smoke_s = sum(((r.extra.get("smoke") or {}).get("seconds") or 0.0) for r in state.runs
+                  if not (r.extra.get("smoke") or {}).get("in_run"))
     n = len(state.runs)
     llm_s, llm_n = llm_seconds(state)
     validity = llm_validity(state)

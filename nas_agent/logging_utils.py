@@ -26,6 +26,10 @@ metrics.json: one JSON object with the final outcome of a run.
     samples_per_s   float | null training samples per second over the training steps alone.
     eval_s          float | null seconds spent evaluating (every epoch's val, the final val and test).
     startup_s       float | null seconds from process start to the first training step.
+    startup_marks   object       process age (s) at each step of start-up: imports, setup (config,
+                                 device, amp probe), data, model, optimizer, first_step.
+    smoke_s         float        seconds of the in-run smoke test (train.py --smoke-test); absent
+                                 without it.
 
 Only `status` is checked here; the trainer owns the other keys, and readers
 must tolerate missing ones (a run that failed before training has no val_mse).
@@ -72,6 +76,8 @@ RUN_STATUSES = (
     "failed",       # crashed (bad config, OOM, exception); see `error`
     "interrupted",  # stopped by the user or a signal (Ctrl-C, SIGTERM)
     "pruned",       # stopped early by the search because it looked unpromising
+    "invalid",      # train.py --smoke-test: the model failed its smoke test before training (a rejected
+                    # proposal: the search sets the folder aside and records no run)
 )
 
 

@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 RUN_ID_RE = re.compile(r"^run_(\d{4,})$")
 RUNS_DIR = "runs"
 CONFIG_SNAPSHOT = "config_used.py"
+LOG_ALLOWANCE_BYTES = 16 * 1024 ** 2  # train.log, history.json, learning_curve.png, config files
+
+
+def run_size_estimate(n_params: int | None) -> int:
+    """Bytes a run writes: best_model.pth (float32 weights, and as much again in transient copies) plus
+    logs. The orchestrator checks it before a launch (nas_agent_graph/disk.py), train.py after building
+    the model when the orchestrator did not know the parameter count (its smoke test ran in the run)."""
+    return (n_params or 0) * 4 * 2 + LOG_ALLOWANCE_BYTES
 
 
 def get_run_dir(run_id: str, runs_dir: str | Path = RUNS_DIR, *, create: bool = True) -> Path:

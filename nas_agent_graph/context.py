@@ -49,6 +49,10 @@ class Context:
     max_failures: int = 3
     """Failed runs in a row before the search stops with a diagnosis."""
     smoke_timeout: float = 120.0
+    smoke_in_run: bool = True
+    """Smoke-test config proposals inside their own train.py, before training, where that is safe
+    (nodes.smoke_in_run: one run at a time, the project's model file); False: always in a subprocess
+    of `validate`. Model code from the LLM is always checked in a subprocess first."""
     run_memory_gb: Optional[float] = None
     """Memory cap of each smoke test and train.py run, GB (--run-memory; nas_agent_graph/limits.py).
     None: no memory cap (the CLI's default is computed from the machine's memory and --parallel)."""
@@ -115,6 +119,10 @@ class Context:
     display: Any = None
     pool: Any = None
     """The runs in flight (nas_agent_graph.pool.RunPool), made on first use."""
+    mirror: Any = None
+    """The session's runs/optuna.db writer (nas_agent_graph.optuna_mirror.Mirror), made on first use."""
+    phases: Any = None
+    """The session's timing log, runs/phases.jsonl (nas_agent_graph.phases.PhaseLog), made on first use."""
     started_at: float = 0.0
     """time.monotonic() at the start of this session, for the study's time budget."""
 

@@ -13,10 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
+from nas_agent.run_manager import LOG_ALLOWANCE_BYTES, run_size_estimate  # noqa: F401 - shared with train.py
+
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # What a child (train.py) prints when its own write failed for lack of space.
 FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
-LOG_ALLOWANCE_BYTES = 16 * 1024 ** 2  # train.log, history.json, learning_curve.png, config files
 
 
 class NotEnoughSpace(OSError):
@@ -65,11 +66,6 @@ def disk_full_message(err: OSError) -> str:
     reason = err.strerror or os.strerror(err.errno or errno.ENOSPC)
     return (f"error: could not write {where}: {reason}; {human(free_bytes(where))} free on its file system. "
             "Nothing already written was damaged. Free space and run the same command to resume.")
-
-
-def run_size_estimate(n_params: int | None) -> int:
-    """Bytes a run writes: best_model.pth (float32 weights, and as much again in transient copies) plus logs."""
-    return (n_params or 0) * 4 * 2 + LOG_ALLOWANCE_BYTES
 
 
 def check_room_for_run(run_dir: Path, n_params: int | None) -> None:

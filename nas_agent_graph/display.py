@@ -185,6 +185,8 @@ class RichDisplay(PlainDisplay):
 
     def on_rejected(self, run_id: str, error: str) -> None:
         with self.lock:
+            self.training.pop(run_id, None)  # a run that failed its in-run smoke test (reject_run)
+            self.last_val.pop(run_id, None)
             self.decisions.append(f"[yellow]{run_id} proposal rejected[/]: {error.splitlines()[0][:120]}")
         self._refresh()
 

@@ -4,7 +4,7 @@ Nodes read the study from agent_state.json whenever they need it: the file is th
 single source of truth, the graph state only carries the proposal in flight. Every
 node is safe to re-run after a crash (the checkpointer resumes at the interrupted
 node): proposals are deterministic for a given study, `launch` reuses a finished run
-folder, and `decide` and `validate` do not record the same run or rejection twice.
+folder, and `decide`, `validate` and `reject_run` do not record the same run or rejection twice.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ from nas_agent_graph.launcher import (
     request_prune,
 )
 from nas_agent_graph.disk import check_room_for_run
-from nas_agent_graph.limits import run_caps, smoke_caps
+from nas_agent_graph.limits import ran_out_of_memory, run_caps, smoke_caps
+from nas_agent_graph.phases import phase_log
 from nas_agent_graph.pool import RunPool, RunSpec
 from nas_agent_graph.pruning import past_curves, prune_decision
 from nas_agent_graph.lora.adapters import (
@@ -159,12 +160,22 @@ def get_pool(ctx: Context) -> RunPool:
     return ctx.pool
 
 
-def _mirror(study: AgentState, ctx: Context) -> None:
+def _save(study: AgentState, ctx: Context, node: str) -> None:
+    """save_agent_state, timed as phase NODE/save_state (runs/phases.jsonl)."""
+    with phase_log(ctx).span(f"{node}/save_state"):
+        save_agent_state(study, ctx.state_path)
+
+
+def _mirror(study: AgentState, ctx: Context, node: str) -> None:
     """runs/optuna.db for optuna-dashboard (nas_agent_graph/optuna_mirror.py); never stops the search."""
     if not ctx.optuna_mirror:
         return
     try:
-        log.debug("runs/optuna.db: %s", optuna_mirror.sync(study, ctx.space, ctx.runs_dir, ctx.state_path))
+        if ctx.mirror is None:  # kept for the session: it remembers what it wrote (see optuna_mirror.Mirror)
+            ctx.mirror = optuna_mirror.Mirror(ctx.runs_dir, ctx.state_path, ctx.space)
+        with phase_log(ctx).span(f"{node}/mirror"):
+            done = ctx.mirror.sync(study)
+        log.debug("runs/optuna.db: %s", done)
     except Exception as e:  # noqa: BLE001 - a derived view; agent_state.json already holds everything
         log.warning("%s not updated (%s); the next run tries again, or run export-optuna",
                     optuna_mirror.db_path(ctx.runs_dir), e)
@@ -269,7 +280,7 @@ def load_state(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
                           base_config=_without_channels(base.model_dump()), config_path=str(ctx.config_path))
     study.max_runs = ctx.max_runs
     study.meta["space_path"] = str(ctx.space_path) if ctx.space_path else None  # for export-optuna
-    save_agent_state(study, ctx.state_path)
+    _save(study, ctx, "load_state")
     sync_incumbent(study, ctx)
     sync_model(study, ctx)
     _display(ctx, "on_study", state=study)
@@ -304,7 +315,7 @@ def _resubmit(in_flight: list[dict], ctx: Context) -> None:
     pool = get_pool(ctx)
     for entry in in_flight:
         if entry["run_id"] not in pool:
-            pool.submit(_run_spec(entry["run_id"], entry["proposal"], ctx))
+            pool.submit(_run_spec(entry["run_id"], entry["proposal"], ctx, entry.get("smoke")))
 
 
 def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -363,20 +374,46 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         verdict = Verdict(False, [f"the {proposal['proposer']} proposer could not build a config: {proposal['error']}"])
     elif code is not None:
         verdict = _check_code_proposal(proposal, code, view, state, ctx)
+    elif smoke_in_run(proposal, ctx):  # schema and duplicates here; smoke test and --max-params in train.py
+        dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else view
+        verdict = check_proposal(proposal["config"], dup_study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
+                                 smoke=False)
+        if verdict.ok:
+            return {"validation_error": None, "smoke": {"in_run": True},
+                    "proposal": {**proposal, "config": verdict.config}}
     else:
         # A confirmation repeats a run with another seed on purpose: no duplicate check.
         dup_study = None if proposal["proposer"] == CONFIRM_PROPOSER else view
-        verdict = check_proposal(proposal["config"], dup_study, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
-                                 max_params=ctx.max_params, env=ctx.env, model_file=_model_file(ctx),
-                                 caps=smoke_caps(ctx.run_memory_gb, ctx.smoke_timeout))
+        with phase_log(ctx).span("validate/smoke"):  # with the (millisecond) schema and duplicate checks
+            verdict = check_proposal(proposal["config"], dup_study, python=ctx.python,
+                                     smoke_timeout=ctx.smoke_timeout, max_params=ctx.max_params, env=ctx.env,
+                                     model_file=_model_file(ctx), caps=smoke_caps(ctx.run_memory_gb, ctx.smoke_timeout))
     if verdict.ok:
         return {"validation_error": None, "smoke": {"n_params": verdict.n_params, "seconds": verdict.smoke_seconds},
                 "proposal": {**proposal, "config": verdict.config}}
+    return _reject(state, study, verdict.message, ctx, "validate")
+
+
+def smoke_in_run(proposal: dict, ctx: Context) -> bool:
+    """Whether the proposal's smoke test and --max-params check run inside its own train.py, before
+    training (train.py --smoke-test), instead of in a subprocess of `validate`: a config proposal
+    (no model code) for the project's own model file (--allow-code off), one run at a time on the
+    local launcher. An invalid model then ends the run "invalid" and `reject_run` records it as a
+    rejected proposal; run ids stay in order because no other run is in flight to take the next id.
+    Model code written by the LLM is always checked first (AST allowlist, capped subprocess)."""
+    return (ctx.smoke_in_run and ctx.parallel == 1 and ctx.launcher == "local" and not ctx.allow_code
+            and _model_file(ctx) is None and proposal.get("meta", {}).get("model_code") is None)
+
+
+def _reject(state: GraphState, study: AgentState, message: str, ctx: Context, node: str) -> dict[str, Any]:
+    """Record an invalid proposal in agent_state.json's rejected list (it is not a run) and send it
+    back to `propose` with the error as feedback; stop after --max-retries in a row."""
+    proposal = state["proposal"]
     attempt = state.get("attempt", 0)
     key = f"{state['run_id']}#{attempt}"
     if not any(r.get("key") == key for r in study.rejected):  # idempotent on re-run after a crash
         entry = {"attempt": attempt, "proposer": proposal["proposer"], "config": proposal["config"],
-                 "error": verdict.message, "at": utc_now_iso(), "key": key, "run_id": state["run_id"]}
+                 "error": message, "at": utc_now_iso(), "key": key, "run_id": state["run_id"]}
         if proposal.get("meta", {}).get("archetype"):  # so the warm start moves on to the next one
             entry["archetype"] = proposal["meta"]["archetype"]
         llm = proposal.get("meta", {}).get("llm")
@@ -384,18 +421,17 @@ def validate(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
             entry["llm"] = {k: llm.get(k) for k in LLM_SUMMARY_KEYS}
             entry["response"] = proposal["meta"].get("response")
         study.rejected.append(entry)
-        save_agent_state(study, ctx.state_path)
-    _display(ctx, "on_rejected", run_id=state["run_id"], error=verdict.message)
+        _save(study, ctx, node)
+    _display(ctx, "on_rejected", run_id=state["run_id"], error=message)
     # A warm-start config that does not fit this study (a duplicate, over --max-params) is skipped;
     # it says nothing about the proposer, so it does not count towards --max-retries.
     tries = state.get("tries", 0) + (proposal["proposer"] != ARCHETYPE)
-    update: dict[str, Any] = {"validation_error": verdict.message, "feedback": verdict.message,
-                              "attempt": attempt + 1, "tries": tries}
+    update: dict[str, Any] = {"validation_error": message, "feedback": message, "attempt": attempt + 1, "tries": tries}
     if tries > ctx.max_retries:
         update["stop_failed"] = True
         update["stop_reason"] = (f"the {proposal['proposer']} proposer gave {tries} invalid proposals in a "
                                  f"row for {state['run_id']} (--max-retries {ctx.max_retries}); last error: "
-                                 f"{verdict.message}")
+                                 f"{message}")
     return update
 
 
@@ -427,21 +463,24 @@ def launch(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     _resubmit(in_flight, ctx)
     if ctx.free_llm and ctx.parallel == 1:  # with --parallel, in `wait` (not before every proposal)
         _free_llm()
-    spec = _run_spec(run_id, proposal, ctx)
-    check_room_for_run(spec.run_dir, (state.get("smoke") or {}).get("n_params"))  # else stop before starting
+    spec = _run_spec(run_id, proposal, ctx, state.get("smoke"))
+    # else stop before starting; an in-run smoke test checks again once train.py knows the parameter count
+    check_room_for_run(spec.run_dir, (state.get("smoke") or {}).get("n_params"))
     _set_aside_stale_folder(spec.run_dir, spec.config_text)
     _display(ctx, "on_launch", run_id=run_id, config=proposal["config"])
     get_pool(ctx).submit(spec)
-    entry = {"run_id": run_id, "attempt": state.get("attempt", 0), "proposal": proposal, "smoke": state.get("smoke")}
+    entry = {"run_id": run_id, "attempt": state.get("attempt", 0), "tries": state.get("tries", 0), "proposal": proposal,
+             "smoke": state.get("smoke")}
     in_flight = [*in_flight, entry]
     study = load_agent_state(ctx.state_path)
-    _mirror(study_view(study, in_flight), ctx)
+    _mirror(study_view(study, in_flight), ctx, "launch")
     return {**fresh_pass(), "in_flight": in_flight,
             "can_propose": can_propose(study, in_flight, ctx, state.get("stop_reason"))}
 
 
-def _run_spec(run_id: str, proposal: dict, ctx: Context) -> RunSpec:
-    """What the pool needs to run a proposal: the config text, a proposed model file, train.py's --model."""
+def _run_spec(run_id: str, proposal: dict, ctx: Context, smoke: dict | None) -> RunSpec:
+    """What the pool needs to run a proposal: the config text, a proposed model file, train.py's --model,
+    and --smoke-test when `validate` left the smoke test to the run (smoke {"in_run": true})."""
     run_dir = get_run_dir(run_id, ctx.runs_dir, create=False)
     config_text = render_config(proposal["config"], header=f"{run_id}: proposed by {proposal['proposer']}")
     code = proposal.get("meta", {}).get("model_code")
@@ -456,6 +495,10 @@ def _run_spec(run_id: str, proposal: dict, ctx: Context) -> RunSpec:
         extra_args = ["--model", str(run_dir / "model.py")]
     elif (model_file := _model_file(ctx)) is not None:
         extra_args = ["--model", str(model_file)]
+    if (smoke or {}).get("in_run"):
+        extra_args += ["--smoke-test", "--smoke-timeout", f"{ctx.smoke_timeout:g}"]
+        if ctx.max_params is not None:
+            extra_args += ["--max-params", str(ctx.max_params)]
     return RunSpec(run_id=run_id, run_dir=run_dir, config_text=config_text, extra_args=extra_args, files=files,
                    on_progress=_pruning_watch(run_dir, run_id, ctx))
 
@@ -474,8 +517,9 @@ def wait(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     write_trace(get_run_dir(run_id, ctx.runs_dir, create=False), entry["proposal"])
     out = dataclasses.asdict(result)
     out.pop("history", None)  # read from disk by summarise; keeps checkpoints small
-    return {"run_id": run_id, "attempt": entry.get("attempt", 0), "proposal": entry["proposal"],
-            "smoke": entry.get("smoke"), "launch": out, "in_flight": [e for e in in_flight if e["run_id"] != run_id]}
+    return {"run_id": run_id, "attempt": entry.get("attempt", 0), "tries": entry.get("tries", 0),
+            "proposal": entry["proposal"], "smoke": entry.get("smoke"), "launch": out,
+            "in_flight": [e for e in in_flight if e["run_id"] != run_id]}
 
 
 def _pruning_watch(run_dir: Path, run_id: str, ctx: Context):
@@ -536,6 +580,33 @@ def _set_aside_stale_folder(run_dir: Path, config_text: str) -> None:
         move_aside(run_dir)
 
 
+def reject_run(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """A run whose in-run smoke test failed (train.py ended "invalid"; see smoke_in_run): record the
+    proposal as rejected, as `validate` does (it is not a run), set the folder's files aside into
+    attempt_N/ so the run id is free again, and go back to `propose` with the error as feedback.
+    Safe to re-run after a crash: the rejection is recorded once, and a folder already set aside
+    is left alone."""
+    ctx = runtime.context
+    run_id = state["run_id"]
+    message = _labelled_smoke_error(state["launch"]["metrics"].get("error"), ctx)
+    update = _reject(state, load_agent_state(ctx.state_path), message, ctx, "reject_run")
+    _test_pause("reject_run", run_id, ctx)
+    run_dir = get_run_dir(run_id, ctx.runs_dir, create=False)
+    if is_finished(run_dir):
+        move_aside(run_dir)
+    return {**update, "smoke": None, "launch": None}
+
+
+def _labelled_smoke_error(error: str | None, ctx: Context) -> str:
+    """train.py's "invalid" error, said first as exceeding the memory cap when it ran out of memory
+    under it (as validation's subprocess smoke test says it)."""
+    text = error or "smoke test failed: train.py gave no reason"
+    if ctx.run_memory_gb and ran_out_of_memory(text):
+        return (f"smoke test failed: the model exceeded its memory cap of {ctx.run_memory_gb:g} GB "
+                f"(--run-memory); propose a smaller one. {text.removeprefix('smoke test failed: ')[:300]}")
+    return text
+
+
 def summarise(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     """A few sentences about the learning curve, for the study record and LLM prompts."""
     ctx = runtime.context
@@ -559,7 +630,7 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
             _display(ctx, "on_message", text=f"{concluded.run_id} {concluded.reason}")
         _tick_time(study, ctx)
         doomed = retention.mark_for_deletion(study, ctx.runs_dir, ctx.keep_checkpoints)
-        save_agent_state(study, ctx.state_path)
+        _save(study, ctx, "decide")
         if doomed:  # recorded first, deleted after: a crash in between only leaves a file to delete again
             log.info("deleted %d checkpoint(s) (%.0f MB) under --keep-checkpoints %d: %s", len(doomed),
                      retention.delete(doomed) / 1e6, ctx.keep_checkpoints, ", ".join(p.parent.name for p in doomed))
@@ -567,7 +638,7 @@ def decide(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         record = recorded  # recorded before a crash; do not count it twice
     sync_incumbent(study, ctx)
     sync_model(study, ctx)
-    _mirror(study_view(study, state.get("in_flight")), ctx)
+    _mirror(study_view(study, state.get("in_flight")), ctx, "decide")
     decision = {"accepted": record.accepted, "reason": record.reason, "reward": record.extra.get("reward")}
     _display(ctx, "on_decision", run=record, state=study)
     log.info("%s %s val_mse %s: %s", run_id, launch_out["status"], record.val_mse, record.reason)
@@ -610,7 +681,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
              "n_params": metrics.get("n_params"), "config_hash": config_hash(proposal["config"]),
              "incumbent_before": best.run_id if best else None, "attempts_moved_aside": launch_out.get("attempt", 0),
              "reused": launch_out.get("reused", False), "best_epoch": metrics.get("best_epoch"),
-             "epochs_run": metrics.get("epochs_run"), "smoke": state.get("smoke"),
+             "epochs_run": metrics.get("epochs_run"), "smoke": _smoke_record(state.get("smoke"), metrics),
              "incumbent_config": proposal.get("raw_config"),
              "curve": [h.get("val_mse") for h in load_history(run_dir)["epochs"]],
              "checkpoint": retention.checkpoint_record(run_dir)}
@@ -627,6 +698,13 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
                    parent_run_id=proposal.get("parent_run_id") or (best.run_id if best else None),
                    started_at=utc_now_iso(), duration_s=launch_out.get("duration_s"),
                    error_tail=launch_out.get("error_tail"), extra=extra)
+
+
+def _smoke_record(smoke: dict | None, metrics: dict) -> dict | None:
+    """The run record's smoke test: validate's {n_params, seconds}, or train.py's own (in_run)."""
+    if smoke and smoke.get("in_run"):
+        return {"n_params": metrics.get("n_params"), "seconds": metrics.get("smoke_s"), "in_run": True}
+    return smoke
 
 
 def collect_lora(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -650,7 +728,7 @@ def collect_lora(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]
     before = json.dumps(study.meta.get("lora"), sort_keys=True)
     event = check_rollback(study, _lora_settings(ctx))
     if json.dumps(study.meta.get("lora"), sort_keys=True) != before:  # a check ran: record it, rollback or not
-        save_agent_state(study, ctx.state_path)
+        _save(study, ctx, "collect_lora")
     if event is not None:
         _display(ctx, "on_message", text=f"LoRA adapter v{event['version']} rolled back: {event['reason']}")
     return {**fresh_pass(), "finetune_due": _finetune_due(study, ctx),
@@ -686,7 +764,7 @@ def finetune(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
         study = load_agent_state(ctx.state_path)  # without the attempt's partial changes
         record = record_failed_finetune(study, ctx.runs_dir, _lora_settings(ctx), f"{type(e).__name__}: {e}")
     _tick_time(study, ctx)
-    save_agent_state(study, ctx.state_path)
+    _save(study, ctx, "finetune")
     summary = {k: record.get(k) for k in ("version", "status", "reason", "path", "n_train")}
     _display(ctx, "on_message", text=f"LoRA adapter v{record['version']}: {record['status']} ({record['reason']})")
     stop = {"stop_reason": state["stop_reason"], "stop_failed": state.get("stop_failed", False)} \
@@ -700,7 +778,7 @@ def stop(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     ctx = runtime.context
     study = load_agent_state(ctx.state_path)
     _tick_time(study, ctx)
-    save_agent_state(study, ctx.state_path)
+    _save(study, ctx, "stop")
     best = get_best_run(study)
     lines = [f"Search stopped: {state.get('stop_reason')}.", f"Runs in the study: {len(study.runs)}."]
     if best is None:

@@ -40,6 +40,16 @@ def after_launch(state: GraphState) -> Literal["propose", "wait"]:
     return _next_run(state)
 
 
+def after_wait(state: GraphState) -> Literal["reject_run", "summarise"]:
+    """A run that ended "invalid" failed its in-run smoke test: a rejected proposal, not a run."""
+    return "reject_run" if (state.get("launch") or {}).get("status") == "invalid" else "summarise"
+
+
+def after_reject_run(state: GraphState) -> Literal["propose", "wait", "stop"]:
+    """Propose again for the same run id at once (its slot is free, and no later run may take the id)."""
+    return _stop_or_drain(state) if state.get("stop_reason") else "propose"
+
+
 def after_collect(state: GraphState) -> Literal["finetune", "propose", "wait", "stop"]:
     if state.get("stop_reason"):
         return _stop_or_drain(state)

@@ -1,7 +1,7 @@
 """The graph's state: only the proposal being made and the runs in flight.
 
 agent_state.json is the single source of truth about runs; nodes read it from disk
-when they need history, and only `decide` (and `validate`, for rejected proposals)
+when they need history, and only `decide` (and `validate` or `reject_run`, for rejected proposals)
 writes it. The graph state below carries just what one pass through the loop needs
 between nodes, and is checkpointed after every step (SqliteSaver, durability="sync"),
 so a killed orchestrator resumes at the node it was in. Every field must be plain JSON.
@@ -20,7 +20,8 @@ class GraphState(TypedDict, total=False):
     (it seeds the proposer, so a re-run does not repeat the rejected proposals)."""
 
     tries: int
-    """Invalid proposals for this run in this pass, for --max-retries."""
+    """Invalid proposals for this run in this pass, for --max-retries (kept with a run in flight, so
+    a run that fails its in-run smoke test counts too)."""
 
     proposal: Optional[dict[str, Any]]
     """The current proposal: {config, raw_config, proposer, parent_run_id, meta, error}.
@@ -31,10 +32,12 @@ class GraphState(TypedDict, total=False):
     """Why the previous proposal was rejected; given to the proposer on the retry."""
 
     validation_error: Optional[str]
-    """Set by `validate` when the proposal is invalid; None when it passed."""
+    """Set by `validate` (or `reject_run`) when the proposal is invalid; None when it passed."""
 
     smoke: Optional[dict[str, Any]]
-    """Smoke-test result of a valid proposal: {n_params, seconds}."""
+    """Smoke-test result of a valid proposal: {n_params, seconds}; {in_run: true} when the run's own
+    train.py smoke-tests it before training (nodes.smoke_in_run), whose failure ends the run
+    "invalid" and sends it to `reject_run`."""
 
     launch: Optional[dict[str, Any]]
     """Outcome of `launch`: {status, metrics, duration_s, error_tail, returncode, reused, attempt}."""
@@ -46,7 +49,7 @@ class GraphState(TypedDict, total=False):
     """Outcome of `decide`: {accepted, reason, reward}."""
 
     in_flight: list[dict[str, Any]]
-    """Runs launched and not yet recorded (--parallel): [{run_id, attempt, proposal, smoke}], in
+    """Runs launched and not yet recorded (--parallel): [{run_id, attempt, tries, proposal, smoke}], in
     launch order. `launch` adds one, `wait` takes out the one that finished. Proposals see them as
     runs with status "running" (nodes.study_view), so parallel proposals differ."""
 
@@ -61,7 +64,7 @@ class GraphState(TypedDict, total=False):
     """Outcome of `finetune`: the adapter record (version, status, reason, train, gate)."""
 
     stop_reason: Optional[str]
-    """Why the search stops (set by `load_state`, `validate` or `decide`); None to go on."""
+    """Why the search stops (set by `load_state`, `validate`, `reject_run` or `decide`); None to go on."""
 
     stop_failed: bool
     """True when the stop is a failure (runs or proposals failing in a row): exit code 1."""

@@ -4,6 +4,13 @@ Four gates, in order: the config loader's schema, the duplicate check against th
 study, a smoke test in a subprocess with a timeout, and the parameter budget. With a
 model file (LLM-written code, --allow-code) a static check comes before the smoke test:
 the file must pass nas_agent_graph.code_check's AST allowlist, or no subprocess runs it.
+
+With smoke=False only the first two gates run here: the search's `validate` node does that for
+a config proposal that trains the project's own model file one run at a time, whose smoke test
+and parameter budget then run inside the run's own train.py, before training (train.py
+--smoke-test --max-params; see nodes.smoke_in_run). That saves a subprocess that imports torch
+(~2 s a proposal); a model that fails there ends the run "invalid", which the search records
+as a rejected proposal like the ones rejected here.
 """
 from __future__ import annotations
 
@@ -110,13 +117,19 @@ def _label_memory_cap(verdict: dict, stderr: str, caps: Optional[Caps]) -> dict:
 
 def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke_timeout: float,
                    max_params: Optional[int] = None, env: Optional[dict] = None,
-                   model_file: Optional[Path] = None, caps: Optional[Caps] = None) -> Verdict:
+                   model_file: Optional[Path] = None, caps: Optional[Caps] = None, smoke: bool = True) -> Verdict:
+    """The gates above; smoke=False stops after the duplicate check (the run smoke-tests itself)."""
+    if not smoke and model_file is not None:
+        raise ValueError("check_proposal: a model file is always checked here (AST allowlist, then a capped "
+                         "subprocess); smoke=False is for the project's own model file only")
     try:
         cfg = validate_config(raw, "proposal").model_dump()
     except ConfigError as e:
         return Verdict(False, [str(e)])
     if state is not None and (dup := find_duplicate(cfg, state)):
         return Verdict(False, [f"duplicate: the same settings already ran as {dup}"], config=cfg)
+    if not smoke:
+        return Verdict(True, config=cfg)
     if model_file is not None and (problems := check_model_file(model_file)):
         return Verdict(False, problems, config=cfg)  # untrusted code: not run at all
     result = run_smoke(cfg, python=python, timeout_s=smoke_timeout, env=env, model_file=model_file, caps=caps)

@@ -324,3 +324,69 @@ def test_bf16_training_is_reproducible(tmp_path, tiny_config):
     assert a["amp"] == "bf16" and a["val_mse"] == b["val_mse"] and a["test_mse"] == b["test_mse"]
     # (that the reported val MSE is an fp32 evaluation of the saved weights is
     # test_checkpoint_reloads_into_a_model_with_the_same_val_mse, with the default amp=True)
+
+
+def run_in_process(tmp_path, *args) -> int:
+    """train.main in this process (no second torch import), its signal and log handlers put back."""
+    import train as train_mod
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    try:
+        return train_mod.main(["--runs-dir", str(tmp_path / "runs"), *args])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for handler in train_mod.log.handlers:
+            handler.close()
+        train_mod.log.handlers.clear()
+
+
+def test_the_in_run_smoke_test_leaves_training_exactly_as_without_it(two_runs):
+    tmp, config, procs = two_runs
+    proc = train(tmp, config, "smoked", "--set", "training.max_epochs=3", "--smoke-test", "--smoke-timeout", "120")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain, smoked = metrics_of(tmp, "a"), metrics_of(tmp, "smoked")
+    for k in ("val_mse", "val_mae", "test_mse", "test_mae", "train_mse", "best_epoch", "n_params"):
+        assert smoked[k] == plain[k], k
+    assert 0 < smoked["smoke_s"] < 60 and "smoke_s" not in plain
+    marks = smoked["startup_marks"]
+    assert list(marks) == ["imports", "setup", "data", "model", "optimizer", "first_step"]
+    assert marks["first_step"] == pytest.approx(smoked["startup_s"], abs=0.01)
+
+
+BROKEN_MODELS = {
+    "raises": ("def build_model(config):\n    raise RuntimeError('boom: no model today')\n",
+               "smoke test failed: RuntimeError: boom: no model today"),
+    "wrong shape": ("import torch.nn as nn\n\n\nclass M(nn.Module):\n"
+                    "    def __init__(self):\n        super().__init__()\n        self.lin = nn.Linear(1, 1)\n\n"
+                    "    def forward(self, x, *rest):\n        return self.lin(x[..., :1])\n\n\n"
+                    "def build_model(config):\n    return M()\n",
+                    "smoke test failed: ValueError: model output: expected shape [32, 24, 7]"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_MODELS))
+def test_a_model_failing_the_in_run_smoke_test_ends_the_run_invalid(tmp_path, tiny_config, kind):
+    code, expected = BROKEN_MODELS[kind]
+    model_file = tmp_path / "model.py"
+    model_file.write_text(code)
+    assert run_in_process(tmp_path, "--config", str(tiny_config), "--tag", "x", "--model", str(model_file),
+                          "--smoke-test") == 6
+    m = metrics_of(tmp_path, "x")
+    assert m["status"] == "invalid" and m["error"].startswith(expected), m["error"]
+    assert m["epochs_run"] == 0 and m["val_mse"] is None
+    run = tmp_path / "runs" / "x"
+    assert not (run / "best_model.pth").exists() and not (run / "learning_curve.png").exists()
+    # without --smoke-test the same model is an ordinary failed run
+    assert run_in_process(tmp_path, "--config", str(tiny_config), "--tag", "y", "--model", str(model_file)) == 1
+    assert metrics_of(tmp_path, "y")["status"] == "failed"
+
+
+def test_max_params_and_the_smoke_timeout_end_the_run_invalid(tmp_path, tiny_config):
+    assert run_in_process(tmp_path, "--config", str(tiny_config), "--tag", "big", "--max-params", "100") == 6
+    m = metrics_of(tmp_path, "big")
+    assert m["status"] == "invalid" and m["error"] == f"too many parameters: {m['n_params']:,} > --max-params 100"
+    assert run_in_process(tmp_path, "--config", str(tiny_config), "--tag", "slow", "--smoke-test",
+                          "--smoke-timeout", "0.001") == 6
+    m = metrics_of(tmp_path, "slow")
+    assert m["status"] == "invalid" and m["error"] == "smoke test failed: smoke test timed out after 0.001s"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -17,7 +17,7 @@ def _metrics(**overrides):
 
 
 def test_statuses_are_the_documented_ones():
-    assert RUN_STATUSES == ("ok", "diverged", "timeout", "failed", "interrupted", "pruned")
+    assert RUN_STATUSES == ("ok", "diverged", "timeout", "failed", "interrupted", "pruned", "invalid")
 
 
 def test_metrics_round_trip_with_nan_as_null(tmp_path):

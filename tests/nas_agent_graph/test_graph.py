@@ -4,9 +4,13 @@ The graph-logic tests use a scripted fake proposer (the only fake here); validat
 smoke tests and training are real subprocesses on a tiny config.
 """
 import json
+import signal
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 
 from nas_agent.agent_state import load_agent_state
 from nas_agent.config import parse_config_source
@@ -15,8 +19,9 @@ from nas_agent_graph.cli import checkpoint_agrees, run_search
 from nas_agent_graph.context import Context
 from nas_agent_graph.display import PlainDisplay
 from nas_agent_graph.graph import build_graph
+from nas_agent_graph.phases import read_phases
 from nas_agent_graph.proposers import Proposal
-from tests.conftest import TINY_CONFIG
+from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 
 SNAPSHOT = Path(__file__).with_name("graph.mmd")
 QUICK = ["training.max_epochs=1", "training.max_steps_per_epoch=5"]
@@ -101,6 +106,12 @@ def test_invalid_proposal_goes_back_to_propose_with_feedback(tmp_path):
     assert len(study.rejected) == 1 and "d_model % n_heads" in study.rejected[0]["error"]
     assert proposer.calls[1]["attempt"] == 1 and "d_model % n_heads" in proposer.calls[1]["feedback"]
     assert not (tmp_path / "runs" / "run_0002").exists()
+    # every node, and the checkpoint writes, timed for bench/overhead.py (runs/phases.jsonl)
+    phases = read_phases(tmp_path / "runs")
+    of_run1 = {p["phase"] for p in phases if p["run_id"] == "run_0001"}
+    assert {"propose", "validate", "launch", "wait", "summarise", "decide", "decide/save_state", "collect_lora",
+            "checkpoint"} <= of_run1
+    assert [p["phase"] for p in phases].count("validate") == 3 and all(p["s"] >= 0 for p in phases)
 
 
 def test_duplicate_proposal_is_rejected_with_the_earlier_run(tmp_path):
@@ -131,17 +142,28 @@ def test_parallel_proposal_of_a_config_still_training_is_a_duplicate(tmp_path):
     assert {r.run_id: r.config["model"]["d_model"] for r in study.runs}["run_0002"] == 32
 
 
-def test_smoke_test_failure_and_param_budget_reject(tmp_path):
+@pytest.mark.parametrize("in_run", [True, False])
+def test_smoke_test_failure_and_param_budget_reject(tmp_path, in_run):
     raw = base_raw(tmp_path)
     raw["data"]["path"] = str(tmp_path / "missing.csv")  # fails only when data is loaded: in the smoke test
     big = base_raw(tmp_path)
     big["model"]["d_model"] = 64
     proposer = ScriptedProposer([raw, big])
-    ctx = make_ctx(tmp_path, proposer, max_retries=1, max_params=20_000)
+    ctx = make_ctx(tmp_path, proposer, max_retries=1, max_params=20_000, smoke_in_run=in_run)
     assert run_search(ctx) == 1
-    errors = [r["error"] for r in load_agent_state(ctx.state_path).rejected]
+    study = load_agent_state(ctx.state_path)
+    errors = [r["error"] for r in study.rejected]
     assert "smoke test failed: DataError: data file not found" in errors[0]
     assert "too many parameters" in errors[1] and "> --max-params 20,000" in errors[1]
+    assert [r.run_id for r in study.runs] == ["run_0000"]  # neither rejection counts as a run
+    assert study.runs[0].extra["smoke"].get("in_run", False) is in_run
+    folder = tmp_path / "runs" / "run_0001"
+    if in_run:  # each rejected proposal ran in run_0001 and ended "invalid"; its files were set aside
+        assert [json.loads((folder / f"attempt_{i}" / "metrics.json").read_text())["status"] for i in (1, 2)] == \
+            ["invalid", "invalid"]
+        assert not (folder / "metrics.json").exists()
+    else:
+        assert not folder.exists()
 
 
 def test_checkpoint_agreement_rules():
@@ -245,6 +267,8 @@ def test_rich_display_renders_every_event():
         assert d.training == {"run_0001": "epoch 1/3 val_mse 0.6100", "run_0002": "epoch 0/5"}
         d.on_decision(run=RunInfo(run_id="run_0001", status="ok", val_mse=0.61), state=state)
         assert list(d.training) == ["run_0002"]
+        d.on_rejected(run_id="run_0002", error="smoke test failed: ValueError: model output")  # reject_run
+        assert d.training == {}
         d.on_decision(run=run, state=state)
         d.on_stop(message="Search stopped: reached --max-runs 3.")
     text = out.getvalue()
@@ -311,3 +335,57 @@ def test_runs_without_a_validation_score_count_as_failures(tmp_path):
     runs = [RunInfo(run_id=f"run_{i:04d}", status="timeout", val_mse=None) for i in range(3)]
     reason, failed = stop_reason_for(AgentState(runs=runs), Context(max_failures=3))
     assert failed and reason.startswith("the last 3 runs all failed")
+
+
+@dataclass
+class ByAttempt:
+    """Proposes configs[attempt] (the last one for later attempts): the same proposal after a resume."""
+
+    configs: list
+    name: str = "scripted"
+
+    def propose(self, state, base_config, attempt, feedback):
+        return Proposal(config=self.configs[min(attempt, len(self.configs) - 1)], proposer=self.name)
+
+
+KILLED_IN_REJECT_RUN = """
+import sys
+from pathlib import Path
+from tests.nas_agent_graph.test_graph import ByAttempt, make_ctx, too_big_then_fine
+from nas_agent_graph.cli import run_search
+tmp = Path(sys.argv[1])
+sys.exit(run_search(make_ctx(tmp, ByAttempt(too_big_then_fine(tmp)), max_params=20_000)))
+"""
+
+
+def too_big_then_fine(tmp_path) -> list:
+    big, fine = base_raw(tmp_path), base_raw(tmp_path)
+    big["model"]["d_model"] = 64  # over --max-params: ends "invalid" in its own train.py
+    fine["model"]["d_model"] = 24
+    return [big, fine]
+
+
+def test_sigkill_while_an_invalid_run_is_rejected_loses_and_repeats_nothing(tmp_path):
+    """Killed in reject_run after the rejection is saved, before the folder is set aside: the resumed
+    search records the rejection once, sets the folder aside and trains the next proposal as run_0001."""
+    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="reject_run:run_0001:60")
+    proc = subprocess.Popen([PYTHON, "-c", KILLED_IN_REJECT_RUN, str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "runs" / ".paused_in_reject_run"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    study = load_agent_state(tmp_path / "agent_state.json")
+    assert [r.run_id for r in study.runs] == ["run_0000"] and [e["key"] for e in study.rejected] == ["run_0001#0"]
+    assert json.loads((tmp_path / "runs" / "run_0001" / "metrics.json").read_text())["status"] == "invalid"
+    assert run_search(make_ctx(tmp_path, ByAttempt(too_big_then_fine(tmp_path)), max_params=20_000)) == 0
+    study = load_agent_state(tmp_path / "agent_state.json")
+    assert [r.run_id for r in study.runs] == ["run_0000", "run_0001"] and [e["key"] for e in study.rejected] == \
+        ["run_0001#0"]
+    assert study.runs[1].config["model"]["d_model"] == 24 and study.runs[1].status == "ok"
+    folder = tmp_path / "runs" / "run_0001"
+    assert json.loads((folder / "attempt_1" / "metrics.json").read_text())["status"] == "invalid"
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "ok"

@@ -51,3 +51,15 @@ def test_a_config_in_the_original_format_that_holds_the_incumbent_is_left_alone(
     same = validate_config(parse_config_source(README_CONFIG)).model_dump()
     sync_incumbent(_study_with_best(same), Context(config_path=path, runs_dir=tmp_path / "runs"))
     assert path.read_text() == README_CONFIG and not (tmp_path / "runs").exists()
+
+
+def test_the_smoke_test_runs_inside_the_run_only_where_that_is_safe(tmp_path):
+    from nas_agent_graph.nodes import smoke_in_run
+    config = {"proposer": "tpe", "meta": {}}
+    assert smoke_in_run(config, Context())
+    assert not smoke_in_run(config, Context(smoke_in_run=False))
+    assert not smoke_in_run(config, Context(parallel=2))  # run ids: another run may take the next one
+    assert not smoke_in_run(config, Context(launcher="ray"))
+    assert not smoke_in_run(config, Context(allow_code=True))  # model.py may be the LLM's by now
+    assert not smoke_in_run(config, Context(model_path=tmp_path / "model.py"))
+    assert not smoke_in_run({"proposer": "llm", "meta": {"model_code": "def build_model(c): ..."}}, Context())

@@ -155,3 +155,46 @@ def test_an_agent_state_of_the_original_format_exports(tmp_path):
     assert out.returncode == 0 and "1 trials" in out.stdout, out.stderr
     trial = trials_by_run(tmp_path / "runs" / "optuna.db")["run_0000"]
     assert trial.state == TrialState.COMPLETE and trial.value == 0.1855 and trial.params == {}
+
+
+def _runs(n: int, running: int | None = None) -> list:
+    """n runs without configs (trials without params), the one at index `running` still in flight."""
+    from nas_agent.agent_state import RunInfo
+    return [RunInfo(run_id=f"run_{i:04d}", status="running" if i == running else "ok",
+                    val_mse=None if i == running else 1.0 / (i + 1), extra={"curve": [1.5, 1.0 / (i + 1)]})
+            for i in range(n)]
+
+
+def test_the_searchs_mirror_writes_only_the_change_and_rereads_a_file_changed_behind_it(tmp_path, monkeypatch):
+    from nas_agent.agent_state import AgentState
+    from nas_agent_graph import optuna_mirror
+    from nas_agent_graph.optuna_mirror import Mirror
+
+    runs, state_path = tmp_path / "runs", tmp_path / "agent_state.json"
+    runs.mkdir()
+    space = load_space(None)
+    mirror = Mirror(runs, state_path, space)
+    assert mirror.sync(AgentState(runs=_runs(1, running=0))) == "built (1 trials)"
+    reads = []
+    monkeypatch.setattr(optuna_mirror, "_owner", lambda storage: reads.append(1) or str(state_path.resolve()))
+    for n in range(1, 4):  # each run: launched (running), then recorded
+        assert mirror.sync(AgentState(runs=_runs(n))) == "added 0, finished 1"
+        assert mirror.sync(AgentState(runs=_runs(n + 1, running=n))) == "added 1, finished 0"
+    assert reads == []  # the file was the one it left: no owner check, no read-back
+    trials = trials_by_run(db_path(runs))
+    assert [t.state for t in trials.values()] == [TrialState.COMPLETE] * 3 + [TrialState.RUNNING]
+    assert trials["run_0002"].value == pytest.approx(1 / 3) and trials["run_0002"].intermediate_values == \
+        {1: 1.5, 2: pytest.approx(1 / 3)}
+    # someone else rebuilt the file (export-optuna): the next sync reads it and checks its owner again
+    optuna_mirror.rebuild(AgentState(runs=_runs(3)), space, db_path(runs), state_path)
+    assert mirror.sync(AgentState(runs=_runs(4, running=3))) == "added 1, finished 0" and reads == [1]
+    assert mirror.sync(AgentState(runs=_runs(4))) == "added 0, finished 1" and reads == [1]
+    assert {k: comparable(t) for k, t in trials_by_run(db_path(runs)).items()} == \
+        {k: comparable(t) for k, t in _fresh(tmp_path / "fresh", _runs(4), space).items()}
+
+
+def _fresh(folder: Path, runs: list, space) -> dict:
+    from nas_agent.agent_state import AgentState
+    folder.mkdir()
+    sync(AgentState(runs=runs), space, folder, folder / "agent_state.json")
+    return trials_by_run(db_path(folder))
