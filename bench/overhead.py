@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.nas_agent_graph.test_cli import TINY_SPACE as CLI_TINY_SPACE  # noqa: E402
+
 from nas_agent.agent_state import load_agent_state  # noqa: E402
 from nas_agent.logging_utils import load_metrics  # noqa: E402
 from nas_agent_graph.phases import read_phases  # noqa: E402
@@ -52,18 +54,8 @@ model = {"d_model": 16, "n_heads": 2, "e_layers": 2, "d_layers": 1, "d_ff": 32, 
 training = {"max_epochs": 1, "batch_size": 32, "lr": 1e-3, "max_steps_per_epoch": 2,
             "scheduler_class": None, "scheduler_kwargs": {}, "patience": 2}
 '''
-TINY_SPACE = {  # every family of the default space, at tiny sizes (as tests/nas_agent_graph/test_cli.py)
-    "model.n_heads": {"type": "categorical", "choices": [2]},
-    "model.d_model": {"type": "categorical", "choices": [8, 16]},
-    "model.e_layers": {"type": "int", "low": 1, "high": 2},
-    "model.d_layers": None,
-    "model.d_ff": {"type": "categorical", "choices": [16, 32]},
-    "data.seq_len": {"type": "categorical", "choices": [48]},
-    "model.decomp_kernel": {"type": "categorical", "choices": [13, 25]},
-    "data.label_frac": {"type": "categorical", "choices": [0.5]},
-    "training.batch_size": {"type": "categorical", "choices": [32]},
-    "training.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-}
+# every family of the default space at tiny sizes, as the CLI tests use it, with the learning rate searched
+TINY_SPACE = {**CLI_TINY_SPACE, "training.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 BUDGET = ["training.max_epochs=1", "training.max_steps_per_epoch=2"]
 # train.py's startup_marks (process ages), shown as the time of each step of start-up.
 STARTUP_STEPS = [("imports", "python and imports"), ("setup", "config, device, bf16 probe"), ("data", "data"),

@@ -295,17 +295,9 @@ def test_amp_on_a_cpu_without_bf16_trains_in_fp32_and_says_why(tmp_path, tiny_co
     import train as train_mod
     read_flags = train_mod.cpu_has_native_bf16
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: read_flags(X86_WITHOUT))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:  # in this process, so the probe can be told the CPU has no bf16
-        code = train_mod.main(["--config", str(tiny_config), "--tag", "nobf16", "--runs-dir", str(tmp_path / "runs"),
-                               "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=3",
-                               "--set", "training.amp=True"])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        for handler in train_mod.log.handlers:
-            handler.close()
-        train_mod.log.handlers.clear()
+    # in this process, so the probe can be told the CPU has no bf16
+    code = run_in_process(tmp_path, "--config", str(tiny_config), "--tag", "nobf16", "--set", "training.max_epochs=1",
+                          "--set", "training.max_steps_per_epoch=3", "--set", "training.amp=True")
     assert code == 0
     m = metrics_of(tmp_path, "nobf16")
     assert m["amp"] == "off" and "no native bf16" in m["amp_reason"]

@@ -663,7 +663,6 @@ def generate_json_batch(model: Any, tokenizer: Any, messages: "str | list[Messag
         reason = "not requested"
     else:
         try:
-            import xgrammar  # noqa: F401
             compiled = compile_schema(model, tokenizer, json_schema)
         except ImportError as e:
             reason = f"xgrammar is not available: {e}"
