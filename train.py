@@ -5,9 +5,15 @@
 writes runs/<tag>/: config_used.py (the effective config, re-runnable as is, in the key
 spelling of --config: a config in the original nas_system's format gets one in that format),
 history.json ({"best_epoch": N, "epochs": [one record per epoch]}, rewritten after every
-epoch), learning_curve.png, best_model.pth (state_dict,
-config, scaler), train.log, and metrics.json, written atomically and last, so its
-presence means the run finished. A greppable `key: value` summary ends the output.
+epoch), learning_curve.png, best_model.pth (state_dict, config, scaler), forecasts.npz
+(the best checkpoint's validation and test forecasts), train.log, and metrics.json, written
+atomically and last, so its presence means the run finished. A greppable `key: value`
+summary ends the output.
+
+    python train.py --config runs/<tag>/config_used.py --tag <tag> --predict FILE.npz
+
+trains nothing: it writes the forecasts of runs/<tag>/best_model.pth for every validation and
+test window to FILE.npz, as a run writes its forecasts.npz (for the study's ensemble).
 
 Status vocabulary and exit codes:
     ok           0   trained to early stopping or max_epochs; best checkpoint tested
@@ -60,7 +66,14 @@ TESTED_EARLY_STOPS = ("timeout", "pruned")
 USAGE_ERROR = 2
 # Files that mean "this folder already holds a run". train.log is not one of them: the
 # agent opens it before launching us, to stream our output into it.
-OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png")
+OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png",
+                "forecasts.npz")
+# forecasts.npz: the best checkpoint's forecast of every validation and test window, fp32, and the
+# rows their targets come from; the study's ensemble selection reads it (nas_agent_graph/ensemble.py).
+# Skipped for a split whose forecasts would exceed this size (a wide data set), which is then
+# evaluated streaming, as during training.
+FORECASTS_FILE = "forecasts.npz"
+FORECASTS_MAX_BYTES = 256 * 2**20
 EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
 # Where a run is inside its epoch, for the search's live panel: rewritten (atomically) at most
@@ -133,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --smoke-test: data, model and smoke test must be done in this time, else 'invalid'")
     p.add_argument("--max-params", type=int, default=None, help="a model with more parameters ends 'invalid'")
+    p.add_argument("--predict", default=None, metavar="FILE.npz",
+                   help="train nothing: write the forecasts of runs/<tag>/best_model.pth for every validation and "
+                        "test window (and their targets) to FILE.npz, for the study's ensemble")
     return p.parse_args(argv)
 
 
@@ -366,9 +382,8 @@ def _autocast(device: torch.device, mode: str):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def evaluate(model, windows, device) -> tuple[float, float]:
-    """MSE and MAE over every window of a split, in order (no drop-last), in fp32.
+def _eval_batches(model, windows, device):
+    """(forecast, target) per batch over every window of a split, in order (no drop-last), in fp32.
 
     Always fp32, whatever training.amp says, so a reported metric never depends on the
     precision training happened to use. ProbSparse attention samples keys even in eval mode,
@@ -376,18 +391,75 @@ def evaluate(model, windows, device) -> tuple[float, float]:
     weights alone, and the training RNG stream is left untouched.
     """
     model.eval()
-    se = ae = 0.0
-    count = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
         for x_enc, m_enc, x_dec, m_dec, y in windows.batches(EVAL_BATCH):
             check_stop("during evaluation")
-            pred = model(x_enc, m_enc, x_dec, m_dec)
-            err = pred.float() - y
-            se += err.double().pow(2).sum().item()
-            ae += err.double().abs().sum().item()
-            count += err.numel()
+            yield model(x_enc, m_enc, x_dec, m_dec).float(), y
+
+
+@torch.no_grad()
+def evaluate(model, windows, device) -> tuple[float, float]:
+    """MSE and MAE over every window of a split (see _eval_batches)."""
+    se = ae = 0.0
+    count = 0
+    for pred, y in _eval_batches(model, windows, device):
+        err = pred - y
+        se += err.double().pow(2).sum().item()
+        ae += err.double().abs().sum().item()
+        count += err.numel()
     return se / count, ae / count
+
+
+@torch.no_grad()
+def forecast(model, windows, device) -> tuple[np.ndarray, np.ndarray]:
+    """Forecasts and targets of every window of a split, (windows, pred_len, channels) each, as
+    evaluate computes them: their MSE is evaluate's."""
+    preds, targets = [], []
+    for pred, y in _eval_batches(model, windows, device):
+        preds.append(pred.cpu().numpy())
+        targets.append(y.float().cpu().numpy())
+    return np.concatenate(preds), np.concatenate(targets)
+
+
+def predict(cfg, args, device: torch.device) -> int:
+    """--predict FILE: the forecasts of a finished run's best checkpoint, in forecasts.npz's format,
+    for a run that did not write them (it predates them, or its data set is too wide)."""
+    run_dir = Path(args.runs_dir) / args.tag
+    ckpt_path = run_dir / "best_model.pth"
+    if not ckpt_path.is_file():
+        print(f"error: --predict: {ckpt_path} not found (the run wrote no checkpoint, or it was deleted)",
+              file=sys.stderr)
+        return USAGE_ERROR
+    ds = load_dataset(cfg.data, cfg.model.embed, device)
+    cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
+    cfg.model.c_out = ds.c_out
+    model = load_build_model(args.model)(cfg.model_dump()).to(device)
+    # weights_only: a checkpoint is data, never code. Checkpoints written before torch_version was
+    # stored as a plain string hold a TorchVersion, which is allowed by name.
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    arrays = {}
+    for split in ("val", "test"):
+        windows = getattr(ds, split)
+        arrays[split] = forecast(model, windows, device)[0]
+        arrays[f"{split}_target_rows"] = windows.target_rows()
+    save_forecasts(Path(args.predict), arrays)
+    print(f"predict: {args.predict} (val {arrays['val'].shape}, test {arrays['test'].shape})")
+    return 0
+
+
+def save_forecasts(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to a name without it
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def errors(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """MSE and MAE as evaluate computes them: fp32 differences, summed in fp64."""
+    err = (pred - target).astype(np.float64)
+    return float(np.square(err).mean()), float(np.abs(err).mean())
 
 
 @torch.no_grad()
@@ -610,8 +682,10 @@ def main(argv=None) -> int:
         if args.model is not None and not Path(args.model).is_file():
             raise ConfigError(f"--model {args.model}: file not found")
         device = pick_device(args.device)
+        if args.predict:
+            return predict(cfg, args, device)
         prepare_run_dir(run_dir, args.overwrite)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
@@ -720,8 +794,18 @@ def final_evaluation(model, ds, device, state: dict, metrics: dict) -> None:
     """Validation and test metrics of the restored best checkpoint."""
     if state["best_state"] is None:
         log.warning("no epoch completed; evaluating the current weights")
-    metrics["val_mse"], metrics["val_mae"] = timed_evaluate(model, ds.val, device, state)
-    metrics["test_mse"], metrics["test_mae"] = timed_evaluate(model, ds.test, device, state)
+    for split in ("val", "test"):
+        windows = getattr(ds, split)
+        if len(windows) * windows.pred_len * ds.c_out * 4 > FORECASTS_MAX_BYTES:
+            metrics[f"{split}_mse"], metrics[f"{split}_mae"] = timed_evaluate(model, windows, device, state)
+            continue
+        start = time.monotonic()
+        try:
+            pred, target = forecast(model, windows, device)
+        finally:
+            state["eval_s"] += time.monotonic() - start
+        metrics[f"{split}_mse"], metrics[f"{split}_mae"] = errors(pred, target)
+        state.setdefault("forecasts", {}).update({split: pred, f"{split}_target_rows": windows.target_rows()})
 
 
 def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict,
@@ -736,10 +820,12 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
         if model is not None and state["best_state"] is not None:
             ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],
                     "val_mse": state["best_val"], "columns": ds.columns, "scaler_mean": ds.mean.tolist(),
-                    "scaler_std": ds.std.tolist(), "torch_version": torch.__version__}
+                    "scaler_std": ds.std.tolist(), "torch_version": str(torch.__version__)}
             tmp = run_dir / "best_model.pth.tmp"
             torch.save(ckpt, tmp)
             os.replace(tmp, run_dir / "best_model.pth")
+            if len(state.get("forecasts") or {}) == 4:  # both splits of this checkpoint
+                save_forecasts(run_dir / FORECASTS_FILE, state["forecasts"])
     except Exception:
         log.exception("writing run outputs failed")
         if metrics["status"] == "ok":

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
 from nas_agent.schema import model_family  # noqa: E402
+from nas_agent_graph import ensemble  # noqa: E402
 from nas_agent_graph.proposers import llm_records, llm_validity  # noqa: E402
 
 BUDGET = ["training.max_epochs=3", "training.max_steps_per_epoch=60", "training.patience=3"]
@@ -118,18 +119,34 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
         shutil.copy(ROOT / "config.py", folder / "config.py")
     state_file = folder / "agent_state.json"
     budget = minutes * 60
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
     if not done:
         cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),
                "--time-budget", f"{budget:g}", *ARMS[arm]]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
         rc, _ = run_orchestrator(cmd, folder, env)
         if rc != 0:
             print(f"{arm} seed {seed}: the orchestrator exited {rc}; see {folder / 'orchestrator.log'}")
     state = load_agent_state(state_file)
+    minutes_used = state.meta.get("time_used_s", 0.0) / 60
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
-            "minutes": state.meta.get("time_used_s", 0.0) / 60,
+            "minutes": minutes_used, "ensemble": arm_ensemble(folder, env) if minutes_used >= minutes else None,
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config})}
+
+
+def arm_ensemble(folder: Path, env: dict) -> dict | None:
+    """The finished study's ensemble (runs/ensemble.json, which the study writes when it ends): built
+    with `python -m nas_agent_graph ensemble` when missing (a study from before ensembles). Its test
+    MSE is reported, never used."""
+    record = ensemble.load(folder / "runs")
+    if record is None:
+        subprocess.run([sys.executable, "-m", "nas_agent_graph", "ensemble"], cwd=folder, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        record = ensemble.load(folder / "runs")
+    if record is None:
+        return None
+    return {k: record[k] for k in ("val_mse", "test_mse", "pool", "steps", "created_at")} | {
+        "members": {m["run_id"]: m["picks"] for m in record["members"]}}
 
 
 def best_so_far(state) -> list[dict]:
@@ -157,26 +174,38 @@ def _when(iso: str) -> float:
 def arm_tables(rows: list[dict]) -> str:
     """Markdown: per study its best-so-far at milestones, then per arm the mean ± std of the final best."""
     out = ["| arm | seed | runs | study min | best val after 5 / 10 / 20 / all runs | test MSE of final best | "
-           "final best run (proposer) |", "|---|---:|---:|---:|---|---:|---|"]
+           "final best run (proposer) | ensemble val / test MSE (members) |", "|---|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         c = r["curve"]
         at = lambda n: "-" if len(c) < n or c[n - 1]["best_val"] is None else f"{c[n - 1]['best_val']:.4f}"  # noqa: E731
         last = c[-1] if c else {}
         proposer = next((x["proposer"] for x in c if x["best_run"] and f"run_{x['run']:04d}" == last.get("best_run")), "-")
         out.append(f"| {r['arm']} | {r['seed']} | {r['runs']} | {r['minutes']:.0f} | {at(5)} / {at(10)} / {at(20)} / "
-                   f"{at(len(c))} | {_f(last.get('best_test'))} | {last.get('best_run', '-')} ({proposer}) |")
-    out += ["", "| arm | studies | mean best val MSE | std | mean test MSE of best | std |", "|---|---:|---:|---:|---:|---:|"]
+                   f"{at(len(c))} | {_f(last.get('best_test'))} | {last.get('best_run', '-')} ({proposer}) | "
+                   f"{_ens(r.get('ensemble'))} |")
+    out += ["", "| arm | studies | mean best val MSE | std | mean test MSE of best | std | "
+                "mean ensemble val MSE | mean ensemble test MSE | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
         finals = [r["curve"][-1] for r in rows if r["arm"] == arm and r["curve"] and r["curve"][-1]["best_val"] is not None]
         vals, tests = [f["best_val"] for f in finals], [f["best_test"] for f in finals if f["best_test"] is not None]
         sd = lambda v: f"{statistics.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
+        ens = [r["ensemble"] for r in rows if r["arm"] == arm and r.get("ensemble")]
+        ens_val, ens_test = [e["val_mse"] for e in ens], [e["test_mse"] for e in ens]
         out.append(f"| {arm} | {len(vals)} | {_f(statistics.mean(vals) if vals else None)} | {sd(vals)} | "
-                   f"{_f(statistics.mean(tests) if tests else None)} | {sd(tests)} |")
+                   f"{_f(statistics.mean(tests) if tests else None)} | {sd(tests)} | "
+                   f"{_f(statistics.mean(ens_val) if ens_val else None)} | "
+                   f"{_f(statistics.mean(ens_test) if ens_test else None)} | {sd(ens_test)} |")
     return "\n".join(out)
 
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _ens(e: dict | None) -> str:
+    if not e:
+        return "-"
+    return f"{e['val_mse']:.4f} / {e['test_mse']:.4f} ({', '.join(f'{k}x{n}' for k, n in e['members'].items())})"
 
 
 def arms_main(a: argparse.Namespace) -> None:

@@ -197,6 +197,13 @@ class Windows:
     def __len__(self) -> int:
         return self.n
 
+    def target_rows(self) -> np.ndarray:
+        """The rows every window's target is cut from, (n + pred_len - 1, out channels), fp32 on the
+        CPU: window i's target y is rows [i, i + pred_len). Stored once instead of n overlapping targets."""
+        rows = self._dec[:, self.label_len, self.out_channels]  # each window's first target row
+        tail = self._dec[-1, self.label_len + 1:, self.out_channels]  # the last window's other rows
+        return torch.cat([rows, tail]).float().cpu().numpy()
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x_enc = self._enc[idx]
         dec = self._dec[idx]

@@ -1,10 +1,11 @@
-"""Command line: the search, and the check / status / report subcommands.
+"""Command line: the search, and the check / status / report / export-optuna / ensemble subcommands.
 
     python -m nas_agent_graph --max-runs 100 [--proposer hybrid|llm|tpe|cmaes|random] [--llm MODEL] [--config config.py]
                                [--runs-dir runs] [--state agent_state.json] [--seed N] [--set key=value ...]
     python -m nas_agent_graph check CONFIG [--model FILE]
     python -m nas_agent_graph status
     python -m nas_agent_graph report
+    python -m nas_agent_graph ensemble [--pool N] [--steps K]
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from nas_agent.agent_state import AgentState, AgentStateError, load_agent_state
 from nas_agent.config import ConfigError, apply_overrides, load_config, validate_config
+from nas_agent_graph import ensemble
 from nas_agent_graph.context import Context
+from nas_agent_graph.ensemble import DEFAULT_POOL, DEFAULT_STEPS
 from nas_agent_graph.llm.backend import LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
 from nas_agent_graph.prompting import PromptError
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 PROPOSERS = ("auto", "hybrid", "llm", "tpe", "cmaes", "random")
 LLM_PROPOSERS = ("hybrid", "llm")
 GEN_KEYS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
-SUBCOMMANDS = ("check", "status", "report", "export-optuna")
+SUBCOMMANDS = ("check", "status", "report", "export-optuna", "ensemble")
 USAGE_ERROR = 2
 # Seconds of training per run by default: with start-up, evaluation and the proposal, a run takes
 # about 5 minutes, so the README's 100-run search ends within 10 hours on a 2-core CPU.
@@ -118,6 +121,9 @@ def search_parser() -> argparse.ArgumentParser:
                         help="keep best_model.pth of every incumbent and of the N best runs, delete the "
                              "other finished runs' (their metrics, history and config stay); "
                              "'all' keeps every one (default: %d)" % DEFAULT_KEEP)
+    limits.add_argument("--ensemble", default=str(DEFAULT_POOL), metavar="N|off",
+                        help="when the study ends, average the forecasts of a selection of its N best runs "
+                             "(chosen on validation MSE) into runs/ensemble.json (default: %d)" % DEFAULT_POOL)
     limits.add_argument("--confirm-seeds", type=int, default=1, metavar="K",
                         help="accept a better run only after K seeds of it and of the incumbent agree "
                              "(one-sided Welch's t-test); 1 = off (default)")
@@ -196,6 +202,19 @@ def parse_keep_checkpoints(text: str | None) -> int | None:
     if n < 0:
         raise ConfigError(f"--keep-checkpoints {text!r}: expected 0 or more runs (0 keeps only the "
                           "incumbents' checkpoints), or 'all'")
+    return n
+
+
+def parse_ensemble(text: str) -> int | None:
+    """--ensemble N|off: a pool of N >= 1 runs, or None for off."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--ensemble {text!r}: expected a number of runs >= 1 (e.g. {DEFAULT_POOL}) or 'off'")
     return n
 
 
@@ -282,7 +301,7 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    max_failures=a.max_failures, smoke_timeout=a.smoke_timeout, prune=a.prune,
                    run_memory_gb=run_memory, keep_checkpoints=parse_keep_checkpoints(a.keep_checkpoints),
                    optuna_mirror=True,
-                   confirm_seeds=a.confirm_seeds,
+                   confirm_seeds=a.confirm_seeds, ensemble_pool=parse_ensemble(a.ensemble),
                    prune_warmup_epochs=warmup_epochs, prune_min_runs=min_runs,
                    llm=a.llm or os.environ.get("NAS_LLM") or None, llm_quant=a.llm_quant,
                    generation=parse_generation(a.gen), sampler=a.sampler, sampler_fraction=a.sampler_fraction,
@@ -376,9 +395,24 @@ def run_search(ctx: Context) -> int:
         try:
             _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
             ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)
-            return _search(ctx, study)
+            rc = _search(ctx, study)
         finally:
             _stop_launcher(ctx)
+        if ctx.ensemble_pool:
+            _ensemble(ctx.state_path, ctx.runs_dir, ctx.ensemble_pool, DEFAULT_STEPS)
+        return rc
+
+
+def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int) -> dict | None:
+    """Build, write and print the study's ensemble; a study that has none is not an error."""
+    try:
+        record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps)
+    except ensemble.EnsembleError as e:
+        log.warning("no ensemble: %s", e)
+        return None
+    path = ensemble.write(record, runs_dir)
+    print(f"wrote {path}\n{ensemble.summary(record)}")
+    return record
 
 
 def open_checkpoints(path: Path, state_path: Path) -> sqlite3.Connection:
@@ -528,6 +562,10 @@ def cmd_status(argv: list[str]) -> int:
     console = Console() if sys.stdout.isatty() else None  # colours on a terminal, plain text elsewhere
     study = load_agent_state(a.state)
     sys.stdout.write(render_status(study, console, state_path=a.state))
+    record = ensemble.load(a.runs_dir)
+    if record is not None:
+        print(f"\nEnsemble ({a.runs_dir / ensemble.ENSEMBLE_FILE}, {record['created_at']}; "
+              f"rebuild: {record['rebuild']}):\n{ensemble.summary(record)}")
     unrecorded = unrecorded_runs(study, a.runs_dir)
     if unrecorded:
         print(f"\nNot in {a.state} yet (a run is recorded when it ends):")
@@ -570,6 +608,21 @@ def cmd_export_optuna(argv: list[str]) -> int:
     return 0
 
 
+def cmd_ensemble(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m nas_agent_graph ensemble",
+                                description="Select an ensemble of the study's best runs on validation MSE "
+                                            "(forward selection, Caruana et al. 2004) and write runs/ensemble.json.")
+    _common(p)
+    p.add_argument("--pool", type=int, default=DEFAULT_POOL, help="the N best runs by val MSE to choose from "
+                   "(those whose best_model.pth is kept; default %d)" % DEFAULT_POOL)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="selection steps (default %d)" % DEFAULT_STEPS)
+    a = p.parse_args(argv)
+    if a.pool < 1 or a.steps < 1:
+        raise ConfigError(f"--pool and --steps must be >= 1, got --pool {a.pool} --steps {a.steps}")
+    with StudyLock(a.state):  # not while a search writes the study or deletes checkpoints
+        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -577,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return {"check": cmd_check, "status": cmd_status, "report": cmd_report,
-                    "export-optuna": cmd_export_optuna}[argv[0]](argv[1:])
+                    "export-optuna": cmd_export_optuna, "ensemble": cmd_ensemble}[argv[0]](argv[1:])
         return run_search(context_from_args(search_parser().parse_args(argv)))
     except (AgentStateError, ConfigError, LockHeld, SpaceError, PromptError, LLMError) as e:
         print(f"error: {e}", file=sys.stderr)

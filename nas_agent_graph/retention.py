@@ -4,8 +4,9 @@ Every finished run leaves runs/<id>/best_model.pth (15 MB for the default Inform
 a wide model at look-back 720), so 100 runs can fill gigabytes. After each run is recorded, the
 checkpoints of every run that was ever an incumbent (accepted), of a candidate waiting for its
 confirmations, and of the N runs with the lowest validation MSE are kept; the other finished
-runs lose best_model.pth, and only that: metrics, history, logs and config stay, so every run
-can still be reported on and re-trained (`python train.py --config runs/<id>/config.py`).
+runs lose best_model.pth and forecasts.npz (its forecasts, as large), and only those: metrics,
+history, logs and config stay, so every run can still be reported on and re-trained
+(`python train.py --config runs/<id>/config.py`).
 
 The deletion is recorded first (extra.checkpoint.deleted_at in agent_state.json, saved with the
 run that caused it) and done after, so a crash between the two leaves a file that the next pass
@@ -20,6 +21,7 @@ from pathlib import Path
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 
 CHECKPOINT = "best_model.pth"
+FORECASTS = "forecasts.npz"  # the checkpoint's forecasts (train.py), deleted with it
 DEFAULT_KEEP = 5  # the top 5 by val MSE, beside every incumbent: a few hundred MB at most on the CPU
 
 
@@ -62,9 +64,9 @@ def mark_for_deletion(study: AgentState, runs_dir: Path, keep: int | None) -> li
 
 
 def delete(paths: list[Path]) -> int:
-    """Delete the files marked; the bytes freed."""
+    """Delete the checkpoints marked, and their forecasts; the bytes freed."""
     freed = 0
-    for path in paths:
+    for path in [p for checkpoint in paths for p in (checkpoint, checkpoint.with_name(FORECASTS))]:
         try:
             size = path.stat().st_size
             path.unlink()

@@ -10,7 +10,8 @@ import torch
 from nas_agent.config import load_config, parse_config_source
 from tests.conftest import PYTHON, ROOT, run_env
 
-OUTPUTS = ("config_used.py", "metrics.json", "history.json", "learning_curve.png", "best_model.pth", "train.log")
+OUTPUTS = ("config_used.py", "metrics.json", "history.json", "learning_curve.png", "best_model.pth", "train.log",
+           "forecasts.npz")
 
 
 def train(tmp_path, config, tag, *extra, timeout=300):
@@ -94,6 +95,35 @@ def test_checkpoint_reloads_into_a_model_with_the_same_val_mse(two_runs):
     ds = load_dataset(cfg.data, cfg.model.embed)
     val_mse, _ = train_mod.evaluate(model, ds.val, torch.device("cpu"))
     assert val_mse == pytest.approx(metrics_of(tmp, "a")["val_mse"], rel=1e-5)
+
+
+def test_forecasts_are_every_window_with_the_reported_errors_and_predict_reproduces_them(two_runs):
+    """forecasts.npz (for the study's ensemble) holds the forecast of every validation and test
+    window, whose MSE/MAE are metrics.json's; train.py --predict rebuilds it from the checkpoint."""
+    import numpy as np
+
+    from nas_agent.data import load_dataset
+    from nas_agent_graph.ensemble import windows
+    tmp, _, _ = two_runs
+    run, m = tmp / "runs" / "a", metrics_of(tmp, "a")
+    saved = dict(np.load(run / "forecasts.npz"))
+    ds = load_dataset(load_config(run / "config_used.py").data, "timeF")
+    for split in ("val", "test"):
+        target = windows(saved[f"{split}_target_rows"], 24)
+        assert saved[split].shape == target.shape == (len(getattr(ds, split)), 24, 7)  # no window dropped
+        _, _, _, _, y = getattr(ds, split).batch(torch.arange(len(getattr(ds, split))))
+        assert np.array_equal(target, y.numpy())
+        err = (saved[split] - target).astype(np.float64)
+        assert np.square(err).mean() == pytest.approx(m[f"{split}_mse"], rel=1e-12)
+        assert np.abs(err).mean() == pytest.approx(m[f"{split}_mae"], rel=1e-12)
+    out = tmp / "predicted.npz"
+    proc = train(tmp, run / "config_used.py", "a", "--predict", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = np.load(out)
+    assert all(np.array_equal(saved[k], again[k]) for k in saved)
+    assert json.loads((run / "metrics.json").read_text()) == m  # nothing of the run was touched
+    missing = train(tmp, run / "config_used.py", "no_such_run", "--predict", str(tmp / "x.npz"))
+    assert missing.returncode == 2 and "best_model.pth not found" in missing.stderr
 
 
 def test_existing_run_is_never_silently_overwritten(two_runs):

@@ -193,3 +193,17 @@ def test_download_verifies_checksum(tmp_path, monkeypatch, data_dir):
 def test_other_shared_datasets_load(name):
     ds = load_dataset(DataConfig(path=f"data/{name}", seq_len=36, label_len=18, pred_len=24), "timeF")
     assert len(ds.test) > 0 and np.isfinite(ds.mean).all()
+
+
+@pytest.mark.parametrize("features", ["M", "S", "MS"])
+def test_target_rows_hold_every_windows_target(tmp_path, features):
+    """Windows.target_rows: forecasts.npz stores each split's targets once, not per window."""
+    from nas_agent_graph.ensemble import windows
+    path = tmp_path / "t.csv"
+    write_csv(path, n=400)
+    ds = load_dataset(cfg(path, features=features), "timeF")
+    for split in (ds.train, ds.val, ds.test):
+        rows = split.target_rows()
+        assert rows.shape == (len(split) + 12 - 1, ds.c_out) and rows.dtype == np.float32
+        y = split.batch(torch.arange(len(split)))[4]
+        assert np.array_equal(windows(rows, 12), y.numpy())

@@ -19,6 +19,7 @@ def make_study(tmp_path):
         extra = {"confirm": {"status": "pending"}} if pending else {}
         if val is not None:  # a failed run wrote no checkpoint
             (run_dir / retention.CHECKPOINT).write_bytes(b"w" * 200_000)
+            (run_dir / retention.FORECASTS).write_bytes(b"f" * 1_000)
             extra["checkpoint"] = retention.checkpoint_record(run_dir)
         add_run(study, RunInfo(run_id=run_id, val_mse=val, accepted=accepted, status="ok" if val else "failed",
                                extra=extra))
@@ -37,8 +38,10 @@ def test_keeps_incumbents_pending_candidates_and_the_n_best(tmp_path):
     assert all("deleted_at" in study.runs[i].extra["checkpoint"] for i in (2, 7))
     assert "--keep-checkpoints 2" in study.runs[2].extra["checkpoint"]["why"]
     assert on_disk(tmp_path) == {"run_0000", "run_0001", "run_0002", "run_0003", "run_0004", "run_0006", "run_0007"}
-    assert retention.delete(doomed) == 400_000  # marked first, deleted once the caller has saved
+    assert retention.delete(doomed) == 402_000  # marked first, deleted once the caller has saved
     assert on_disk(tmp_path) == {"run_0000", "run_0001", "run_0003", "run_0004", "run_0006"}
+    # the checkpoint's forecasts (the ensemble's input) go with it
+    assert {p.parent.name for p in tmp_path.glob(f"*/{retention.FORECASTS}")} == on_disk(tmp_path)
     assert all((tmp_path / "run_0002" / name).exists() for name in ("metrics.json", "history.json", "config.py"))
     # a second pass (a resume) deletes nothing more and keeps the first record
     first = dict(study.runs[2].extra["checkpoint"])

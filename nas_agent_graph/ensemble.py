@@ -1,0 +1,241 @@
+"""Ensemble selection over a study's best runs (Caruana et al., ICML 2004).
+
+A search leaves many good models whose errors differ, and on ETTh1 the validation MSE of the
+best ones differs by less than its noise. Averaging their forecasts is cheaper than another run
+and is the standard last step of AutoML systems; this module builds that average at the end of
+a study (and on demand: `python -m nas_agent_graph ensemble`).
+
+The method is forward selection with replacement, as in the paper:
+1. the library is the `pool` best scored runs by validation MSE whose best_model.pth is still
+   on disk (checkpoint retention keeps the best runs' weights);
+2. each member's forecasts for every validation and test window are the run's forecasts.npz,
+   written by train.py with its checkpoint; a run without one (older, or too wide a data set)
+   gets it from `train.py --predict` in a subprocess (a run's model file may be LLM-written
+   code: it never runs in this process);
+3. starting from nothing, each step adds (again, possibly) the run whose addition gives the
+   lowest validation MSE of the averaged forecast; after `steps` steps the ensemble is the prefix
+   with the lowest validation MSE. A run's weight is how often it was chosen.
+
+Only validation forecasts take part in the selection. The test forecasts are averaged with the
+chosen weights afterwards and scored once, for the report; they never reach the search, whose
+runs are all finished by then. Every test window is scored, as for a single run.
+
+The result is runs/ensemble.json (written atomically): members and weights, validation and test
+MSE/MAE of the ensemble and of the best single run, and how to rebuild it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nas_agent._atomic import atomic_write_json
+from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
+from nas_agent.schema import model_family
+from nas_agent_graph.launcher import DEFAULT_TRAIN_SCRIPT, child_preexec
+from nas_agent_graph.proposers import SCORED_STATUSES
+from nas_agent_graph.retention import CHECKPOINT, FORECASTS
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_FILE = "ensemble.json"
+DEFAULT_POOL = 5  # the runs retention keeps by default (retention.DEFAULT_KEEP): their weights exist
+DEFAULT_STEPS = 20  # Caruana's library had thousands of models; for a handful, 20 picks resolve weights to 5%
+PREDICT_TIMEOUT_S = 900.0  # one evaluation of both splits; the default Informer takes about 2 minutes on 2 CPU cores
+
+
+class EnsembleError(Exception):
+    """No ensemble can be built (no scored run with a checkpoint, forecasts that disagree)."""
+
+
+@dataclass(frozen=True)
+class Forecasts:
+    run_id: str
+    val: np.ndarray
+    test: np.ndarray
+    val_target: np.ndarray
+    test_target: np.ndarray
+
+
+def pool_runs(study: AgentState, runs_dir: Path, pool: int) -> tuple[list[RunInfo], list[str]]:
+    """The `pool` best scored runs by validation MSE that still have a checkpoint, and a note for
+    each of the best `pool` that has none. Runs of one config hash count once (the same config
+    and seed train the same weights)."""
+    scored = [r for r in study.runs if r.status in SCORED_STATUSES and isinstance(r.val_mse, (int, float))
+              and math.isfinite(r.val_mse)]
+    chosen, skipped, hashes = [], [], set()
+    for run in sorted(scored, key=lambda r: r.val_mse):
+        if len(chosen) == pool:
+            break
+        config_hash = run.extra.get("config_hash") if isinstance(run.extra, dict) else None
+        if config_hash and config_hash in hashes:
+            continue
+        if not ((runs_dir / run.run_id / CHECKPOINT).is_file() or (runs_dir / run.run_id / FORECASTS).is_file()):
+            skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT} (deleted by retention)")
+            continue
+        hashes.add(config_hash)
+        chosen.append(run)
+    return chosen, skipped
+
+
+def forecasts(run: RunInfo, runs_dir: Path, *, python: str = sys.executable,
+              timeout_s: float = PREDICT_TIMEOUT_S) -> Forecasts:
+    """A run's validation and test forecasts and targets: its forecasts.npz, written first by
+    `train.py --predict` if the run has none."""
+    run_dir = runs_dir / run.run_id
+    path = run_dir / FORECASTS
+    if not path.is_file():
+        _predict(run, run_dir, runs_dir, path, python, timeout_s)
+    try:
+        with np.load(path) as d:
+            arrays = {k: d[k] for k in ("val", "test", "val_target_rows", "test_target_rows")}
+    except (OSError, ValueError, KeyError) as e:
+        raise EnsembleError(f"{run.run_id}: {path} is unreadable ({e}); delete it to have it predicted again") from None
+    pred_len = arrays["val"].shape[1]
+    return Forecasts(run.run_id, arrays["val"], arrays["test"], windows(arrays["val_target_rows"], pred_len),
+                     windows(arrays["test_target_rows"], pred_len))
+
+
+def windows(rows: np.ndarray, pred_len: int) -> np.ndarray:
+    """(n, pred_len, channels) targets from the rows they overlap in (a view, no copy)."""
+    return np.lib.stride_tricks.sliding_window_view(rows, pred_len, axis=0).transpose(0, 2, 1)
+
+
+def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str, timeout_s: float) -> None:
+    run_dir, runs_dir, out = run_dir.resolve(), runs_dir.resolve(), out.resolve()  # the child runs elsewhere
+    config = run_dir / "config_used.py"
+    if not config.is_file():
+        config = run_dir / "config.py"
+    cmd = [python, str(DEFAULT_TRAIN_SCRIPT), "--config", str(config), "--tag", run.run_id,
+           "--runs-dir", str(runs_dir), "--predict", str(out)]
+    if (run_dir / "model.py").is_file():  # the run trained a proposed model file
+        cmd += ["--model", str(run_dir / "model.py")]
+    log.info("%s: no %s; predicting from its checkpoint", run.run_id, FORECASTS)
+    try:
+        proc = subprocess.run(cmd, cwd=DEFAULT_TRAIN_SCRIPT.parent, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=child_preexec())
+    except subprocess.TimeoutExpired:
+        raise EnsembleError(f"{run.run_id}: train.py --predict took more than {timeout_s:g}s") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise EnsembleError(f"{run.run_id}: train.py --predict exited {proc.returncode}: {tail[0]}")
+
+
+def mse(pred: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean((pred.astype(np.float64) - target) ** 2))
+
+
+def mae(pred: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred.astype(np.float64) - target)))
+
+
+def select(val: dict[str, np.ndarray], target: np.ndarray, steps: int) -> list[str]:
+    """Forward selection with replacement on the validation forecasts: the chosen run ids, in
+    order, one per pick (a run picked k times has weight k / len). Ties go to the earlier run
+    in `val`'s order (the better single run, as pool_runs orders them)."""
+    if not val:
+        raise EnsembleError("no forecasts to select from")
+    total = np.zeros_like(target, dtype=np.float64)
+    picks: list[str] = []
+    best_len, best_mse = 0, math.inf
+    for step in range(1, steps + 1):
+        scores = {rid: mse((total + f) / step, target) for rid, f in val.items()}
+        rid = min(scores, key=scores.get)
+        total += val[rid]
+        picks.append(rid)
+        if scores[rid] < best_mse * (1 - 1e-12):  # a real improvement, not float rounding of the same mean
+            best_len, best_mse = step, scores[rid]
+    return picks[:best_len]
+
+
+def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps: int = DEFAULT_STEPS,
+          python: str = sys.executable) -> dict:
+    """Select an ensemble from the study's runs and score it; the record ensemble.json holds."""
+    if pool < 1 or steps < 1:
+        raise EnsembleError(f"pool and steps must be >= 1 (got pool {pool}, steps {steps})")
+    runs, skipped = pool_runs(study, runs_dir, pool)
+    if not runs:
+        raise EnsembleError(f"no scored run (status {' or '.join(SCORED_STATUSES)}) with a {CHECKPOINT} under "
+                            f"{runs_dir}; train some runs first, or keep their checkpoints (--keep-checkpoints)")
+    library: dict[str, Forecasts] = {}
+    reference = None
+    for run in runs:
+        try:
+            f = forecasts(run, runs_dir, python=python)
+        except EnsembleError as e:
+            skipped.append(str(e))
+            continue
+        # Same windows, same targets, and the recorded val MSE: else it is not the study's task.
+        if reference is not None and (f.val_target.shape != reference.val_target.shape
+                                      or not np.array_equal(f.val_target, reference.val_target)
+                                      or not np.array_equal(f.test_target, reference.test_target)):
+            skipped.append(f"{run.run_id}: its validation/test targets differ from {reference.run_id}'s "
+                           f"(another data file, split or horizon)")
+            continue
+        if not math.isclose(mse(f.val, f.val_target), run.val_mse, rel_tol=1e-4):
+            skipped.append(f"{run.run_id}: its checkpoint gives val MSE {mse(f.val, f.val_target):.6f}, "
+                           f"not the recorded {run.val_mse:.6f}")
+            continue
+        reference = reference or f
+        library[run.run_id] = f
+    if not library:
+        raise EnsembleError("no run's forecasts could be used: " + "; ".join(skipped))
+    picks = select({rid: f.val for rid, f in library.items()}, reference.val_target, steps)
+    weights = Counter(picks)
+
+    def blend(split: str) -> np.ndarray:
+        return sum(getattr(library[rid], split).astype(np.float64) * k for rid, k in weights.items()) / len(picks)
+    val, test = blend("val"), blend("test")
+    by_id = {r.run_id: r for r in runs}
+    best = runs[0] if runs[0].run_id in library else by_id[next(iter(library))]
+    record = {
+        "created_at": utc_now_iso(),
+        "method": "forward selection with replacement on validation MSE (Caruana et al., 2004)",
+        "pool": pool, "steps": steps,
+        "members": [{"run_id": rid, "weight": round(k / len(picks), 6), "picks": k,
+                     "val_mse": by_id[rid].val_mse, "test_mse": by_id[rid].test_mse,
+                     "family": model_family(by_id[rid].config.get("model") or {})}
+                    for rid, k in weights.most_common()],
+        "val_mse": mse(val, reference.val_target), "val_mae": mae(val, reference.val_target),
+        "test_mse": mse(test, reference.test_target), "test_mae": mae(test, reference.test_target),
+        "best_single": {"run_id": best.run_id, "val_mse": best.val_mse, "val_mae": best.val_mae,
+                        "test_mse": best.test_mse, "test_mae": best.test_mae},
+        "windows": {"val": int(reference.val_target.shape[0]), "test": int(reference.test_target.shape[0])},
+        "library": list(library), "skipped": skipped,
+        "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}",
+    }
+    return record
+
+
+def write(record: dict, runs_dir: Path) -> Path:
+    path = runs_dir / ENSEMBLE_FILE
+    atomic_write_json(path, record)
+    return path
+
+
+def summary(record: dict) -> str:
+    """One line per fact, `key: value`, for the end of a study and the subcommand."""
+    members = ", ".join(f"{m['run_id']}x{m['picks']}" for m in record["members"])
+    best = record["best_single"]
+    lines = [f"ensemble_members: {members}",
+             f"ensemble_val_mse: {record['val_mse']:.6f}",
+             f"ensemble_test_mse: {record['test_mse']:.6f}",
+             f"best_single_run: {best['run_id']} (val {best['val_mse']:.6f}, test {best['test_mse']:.6f})"]
+    lines += [f"ensemble_skipped: {s}" for s in record["skipped"]]
+    return "\n".join(lines)
+
+
+def load(runs_dir: Path) -> dict | None:
+    path = runs_dir / ENSEMBLE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

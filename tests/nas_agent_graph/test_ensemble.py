@@ -1,0 +1,120 @@
+"""Ensemble selection at the end of a study: the selection rule on arrays, then a real study."""
+import json
+
+import numpy as np
+import pytest
+
+from nas_agent.agent_state import AgentState, load_agent_state, save_agent_state
+from nas_agent_graph import ensemble
+from tests.nas_agent_graph.test_cli import cli, search_args
+
+# ------------------------------------------------------------------------ the selection rule
+
+
+def test_selection_averages_runs_whose_errors_cancel():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(50, 4, 2))
+    noise = rng.normal(size=target.shape)
+    val = {"a": target + noise, "b": target - noise, "c": target + 3 * noise}
+    picks = ensemble.select(val, target, steps=10)
+    assert set(picks) == {"a", "b"} and picks.count("a") == picks.count("b")  # the errors cancel exactly
+    assert ensemble.mse(sum(val[k] for k in picks) / len(picks), target) == pytest.approx(0.0, abs=1e-20)
+
+
+def test_selection_keeps_the_best_prefix_and_breaks_ties_by_order():
+    target = np.zeros((10, 3, 1))
+    val = {"best": np.full_like(target, 0.1), "same": np.full_like(target, 0.1), "worse": np.full_like(target, 0.5)}
+    # Nothing improves on the best run alone: the ensemble is that run, once.
+    assert ensemble.select(val, target, steps=20) == ["best"]
+    with pytest.raises(ensemble.EnsembleError):
+        ensemble.select({}, target, steps=5)
+
+
+# ------------------------------------------------------------------------ a real study
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 5-run TPE study on the tiny space, with the CLI's default ensemble at its end."""
+    from tests.conftest import TINY_CONFIG
+    from tests.nas_agent_graph.test_cli import TINY_SPACE
+    study = tmp_path_factory.mktemp("ens")
+    (study / "config.py").write_text(TINY_CONFIG)
+    (study / "space.json").write_text(json.dumps(TINY_SPACE))
+    proc = cli(study, *search_args(5))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return study, proc
+
+
+def _recomputed(study, record, split):
+    members = {m["run_id"]: m["picks"] for m in record["members"]}
+    arrays = {rid: np.load(study / "runs" / rid / "forecasts.npz") for rid in members}
+    pred = sum(arrays[rid][split].astype(np.float64) * k for rid, k in members.items()) / sum(members.values())
+    rid = next(iter(members))
+    target = ensemble.windows(arrays[rid][f"{split}_target_rows"], pred.shape[1])
+    return float(np.mean((pred - target) ** 2))
+
+
+def test_a_study_ends_with_an_ensemble_selected_on_validation(finished):
+    study, proc = finished
+    record = json.loads((study / "runs" / "ensemble.json").read_text())
+    state = load_agent_state(study / "agent_state.json")
+    scored = sorted((r for r in state.runs if r.status in ("ok", "timeout")), key=lambda r: r.val_mse)
+    assert record["library"] == [r.run_id for r in scored[:ensemble.DEFAULT_POOL]] and record["skipped"] == []
+    assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0, abs=1e-5)
+    assert record["best_single"]["run_id"] == scored[0].run_id
+    # The first pick is the best run, so the chosen prefix is never worse on validation.
+    assert record["val_mse"] <= scored[0].val_mse + 1e-12
+    # Its numbers are those of the weighted average of the members' forecasts, every window.
+    assert record["val_mse"] == pytest.approx(_recomputed(study, record, "val"), rel=1e-9)
+    assert record["test_mse"] == pytest.approx(_recomputed(study, record, "test"), rel=1e-9)
+    assert record["windows"]["test"] == len(np.load(study / "runs" / scored[0].run_id / "forecasts.npz")["test"])
+    assert f"ensemble_test_mse: {record['test_mse']:.6f}" in proc.stdout
+
+
+def test_test_forecasts_never_steer_the_selection_and_a_missing_file_is_predicted_again(finished):
+    study, _ = finished
+    before = json.loads((study / "runs" / "ensemble.json").read_text())
+    state = load_agent_state(study / "agent_state.json")
+    # Scramble every pooled run's test forecasts: the selection must not move, only the test score.
+    for rid in before["library"]:
+        path = study / "runs" / rid / "forecasts.npz"
+        arrays = dict(np.load(path))
+        arrays["test"] = arrays["test"][::-1].copy()
+        np.savez(path, **arrays)
+    (study / "runs" / before["library"][-1] / "forecasts.npz").unlink()  # train.py --predict rebuilds this one
+    again = cli(study, "ensemble")
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = json.loads((study / "runs" / "ensemble.json").read_text())
+    assert after["members"] == before["members"] and after["val_mse"] == before["val_mse"]
+    assert after["test_mse"] != before["test_mse"]
+    assert (study / "runs" / before["library"][-1] / "forecasts.npz").is_file()
+    assert load_agent_state(study / "agent_state.json").runs == state.runs  # the study is untouched
+
+
+def test_a_forecast_file_that_disagrees_with_its_run_is_left_out(finished):
+    study, _ = finished
+    record = json.loads((study / "runs" / "ensemble.json").read_text())
+    rid = record["library"][0]
+    path = study / "runs" / rid / "forecasts.npz"
+    arrays = dict(np.load(path))
+    arrays["val"] = arrays["val"] + 1.0
+    np.savez(path, **arrays)
+    proc = cli(study, "ensemble")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads((study / "runs" / "ensemble.json").read_text())
+    assert rid not in after["library"] and any(s.startswith(f"{rid}: its checkpoint gives val MSE")
+                                               for s in after["skipped"])
+    path.unlink()  # put it back as train.py would
+    assert cli(study, "ensemble").returncode == 0
+
+
+def test_bad_flags_and_an_empty_study_get_clear_messages(tmp_path, finished):
+    study, _ = finished
+    proc = cli(study, *search_args(1), "--ensemble", "0")
+    assert proc.returncode == 2 and "--ensemble '0': expected a number of runs >= 1" in proc.stderr
+    proc = cli(study, "ensemble", "--pool", "0")
+    assert proc.returncode == 2 and "--pool and --steps must be >= 1" in proc.stderr
+    save_agent_state(AgentState(), tmp_path / "agent_state.json")
+    proc = cli(tmp_path, "ensemble")
+    assert proc.returncode == 1 and "no scored run" in proc.stderr and not (tmp_path / "runs" / "ensemble.json").exists()
