@@ -52,34 +52,34 @@ import torch
 from nas_agent.config import ConfigError, config_hash, config_style, load_config, write_config
 from nas_agent.data import DataError, load_dataset
 from nas_agent.logging_utils import save_history, save_metrics
+from nas_agent.run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_USED_FILE,
+    EXIT_CODES,
+    FORECASTS_FILE,
+    LOG_FILE,
+    OUTPUT_FILES,
+    PROGRESS_FILE,
+    PRUNE_FILE,
+    TESTED_EARLY_STOPS,
+    USAGE_ERROR,
+)
 from nas_agent.run_manager import run_size_estimate
 from nas_agent.schema import resolve_class
 
 log = logging.getLogger("train")
 
-EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "invalid": 6, "interrupted": 130}
-# The orchestrator asks a running train.py to stop by writing this file into the run folder
+# The orchestrator asks a running train.py to stop by writing PRUNE_FILE into the run folder
 # (its text says why). It is checked between batches, like the signals.
-PRUNE_FILE = "PRUNE"
-# Statuses that end training early but still restore and test the best checkpoint.
-TESTED_EARLY_STOPS = ("timeout", "pruned")
-USAGE_ERROR = 2
-# Files that mean "this folder already holds a run". train.log is not one of them: the
-# agent opens it before launching us, to stream our output into it.
-OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png",
-                "forecasts.npz")
-# forecasts.npz: the best checkpoint's forecast of every validation and test window, fp32, and the
-# rows their targets come from; the study's ensemble selection reads it (nas_agent_graph/ensemble.py).
-# Skipped for a split whose forecasts would exceed this size (a wide data set), which is then
-# evaluated streaming, as during training.
-FORECASTS_FILE = "forecasts.npz"
+# forecasts.npz (FORECASTS_FILE): the best checkpoint's forecast of every validation and test
+# window, fp32, and the rows their targets come from; the study's ensemble reads it. Skipped for a
+# split whose forecasts would exceed this size (a wide data set), evaluated streaming instead.
 FORECASTS_MAX_BYTES = 256 * 2**20
 EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
-# Where a run is inside its epoch, for the search's live panel: rewritten (atomically) at most
-# this often, since an epoch of the default config takes minutes and history.json says nothing
-# until it ends.
-PROGRESS_FILE = "progress.json"
+# Where a run is inside its epoch (PROGRESS_FILE), for the search's live panel: rewritten
+# (atomically) at most this often, since an epoch of the default config takes minutes and
+# history.json says nothing until it ends.
 PROGRESS_EVERY_S = 2.0
 
 
@@ -426,7 +426,7 @@ def predict(cfg, args, device: torch.device) -> int:
     """--predict FILE: the forecasts of a finished run's best checkpoint, in forecasts.npz's format,
     for a run that did not write them (it predates them, or its data set is too wide)."""
     run_dir = Path(args.runs_dir) / args.tag
-    ckpt_path = run_dir / "best_model.pth"
+    ckpt_path = run_dir / CHECKPOINT_FILE
     if not ckpt_path.is_file():
         print(f"error: --predict: {ckpt_path} not found (the run wrote no checkpoint, or it was deleted)",
               file=sys.stderr)
@@ -689,7 +689,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
-    setup_logging(run_dir / "train.log")
+    setup_logging(run_dir / LOG_FILE)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     tc = cfg.training
@@ -721,7 +721,7 @@ def main(argv=None) -> int:
                 metrics["smoke_s"] = round(smoke_check(model, ds, tc, device, state["amp"]), 4)
         if args.smoke_test:
             check_disk_room(run_dir, metrics["n_params"])
-        write_config(cfg, run_dir / "config_used.py", style=style,
+        write_config(cfg, run_dir / CONFIG_USED_FILE, style=style,
                      header=f"Effective config of {args.tag}: {args.config}" +
                             (f" with --set {' '.join(overrides)}" if overrides else "") +
                             f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
@@ -812,8 +812,8 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
                   style: frozenset[str] = frozenset()) -> None:
     """Write every file that exists to be written; metrics.json strictly last."""
     try:
-        if not (run_dir / "config_used.py").exists():  # failed before the data was read
-            write_config(cfg, run_dir / "config_used.py", header=f"Effective config of {tag}", style=style)
+        if not (run_dir / CONFIG_USED_FILE).exists():  # failed before the data was read
+            write_config(cfg, run_dir / CONFIG_USED_FILE, header=f"Effective config of {tag}", style=style)
         save_history(run_dir, history_file(state))
         if metrics["status"] != "invalid":  # nothing trained; matplotlib's import alone takes 0.3 s
             plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
@@ -821,9 +821,9 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
             ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],
                     "val_mse": state["best_val"], "columns": ds.columns, "scaler_mean": ds.mean.tolist(),
                     "scaler_std": ds.std.tolist(), "torch_version": str(torch.__version__)}
-            tmp = run_dir / "best_model.pth.tmp"
+            tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
             torch.save(ckpt, tmp)
-            os.replace(tmp, run_dir / "best_model.pth")
+            os.replace(tmp, run_dir / CHECKPOINT_FILE)
             if len(state.get("forecasts") or {}) == 4:  # both splits of this checkpoint
                 save_forecasts(run_dir / FORECASTS_FILE, state["forecasts"])
     except Exception:

@@ -46,7 +46,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is a folder of scripts: the repository root holds train.py and the packages.
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
 WHL_DIR, DATA_DIR = ".whl", ".devdata"  # the carried folders, ignored by .gitignore

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def study_prompt(n_runs: int):
     """The real hybrid-free prompt for a synthetic study of n_runs runs of the default space."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from nas_agent.config import load_config
     from nas_agent_graph.prompting import PromptLimits
     from nas_agent_graph.search_space import load_space
-    from tests.nas_agent_graph.test_prompting import synthetic_study
+    from nas_agent_graph.testing import synthetic_study
 
     space = load_space(None)
     base = load_config(ROOT / "config.py").model_dump()
@@ -75,7 +72,7 @@ def main() -> None:
     from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
     from nas_agent_graph.llm.proposer import LLMProposer
     from nas_agent_graph.prompting import config_messages
-    from tests.nas_agent_graph.test_prompting import synthetic_study
+    from nas_agent_graph.testing import synthetic_study
 
     torch.set_num_threads(a.threads)
     spec = backend.resolve_llm(a.llm)

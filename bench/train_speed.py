@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is a folder of scripts, not a package: `python bench/train_speed.py` puts bench/ on
 # the path, not the repository root that model.py, train.py and nas_agent live in.
-sys.path.insert(0, str(ROOT))
 
 from model import build_model  # noqa: E402
 from nas_agent.config import load_config  # noqa: E402

@@ -63,11 +63,10 @@ from pathlib import Path
 from typing import Any
 
 from nas_agent._atomic import atomic_write_json
+from nas_agent.run_folder import HISTORY_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.json"
 
 RUN_STATUSES = (
     "ok",           # trained to the end (or early-stopped normally); metrics are valid

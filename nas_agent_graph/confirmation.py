@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nas_agent.agent_state import AgentState, RunInfo, get_best_run, get_run, replace_run
+from nas_agent.run_folder import SCORED
 
 CONFIRM_PROPOSER = "confirm"
 CONFIRM_ALPHA = 0.05
@@ -84,7 +85,7 @@ def confirmation_config(target: RunInfo, seed: int) -> dict:
 
 def _values(state: AgentState, run: RunInfo) -> list[float]:
     runs = [run] + confirmations_of(state, run.run_id)
-    return [r.val_mse for r in runs if r.status in ("ok", "timeout") and r.val_mse is not None]
+    return [r.val_mse for r in runs if r.status in SCORED and r.val_mse is not None]
 
 
 def _summary(values: list[float]) -> dict[str, Any]:

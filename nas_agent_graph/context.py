@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from nas_agent_graph.paths import PROJECT_MODEL, TRAIN_SCRIPT
+
 
 
 @dataclass
@@ -103,14 +104,14 @@ class Context:
     """Let the LLM propose model code (a new model.py) for some runs; see code_fraction."""
     code_fraction: float = 0.2
     """With allow_code: this fraction of LLM runs asks for model code instead of a config."""
-    model_path: Path = ROOT / "model.py"
+    model_path: Path = PROJECT_MODEL
     """The incumbent model file: runs train it, accepted model-code proposals replace it."""
     lora: Any = None
     """LoraSettings for the LLM's fine-tuning (None: nas_agent_graph.lora.adapters.LoraSettings())."""
     free_llm: bool = False
     """Free the LLM's memory before each training run (set when the LLM and training share a GPU)."""
     python: str = sys.executable
-    train_script: Path = ROOT / "train.py"
+    train_script: Path = TRAIN_SCRIPT
     env: Optional[dict[str, str]] = None
     """Environment of train.py subprocesses (default: this process's)."""
 

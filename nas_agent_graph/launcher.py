@@ -35,17 +35,15 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from nas_agent._atomic import atomic_write_json, atomic_write_text
+from nas_agent.run_folder import CONFIG_FILE, LAUNCH_FILE, LOG_FILE, PRUNE_FILE
 from nas_agent_graph.disk import mentions_full_disk
 from nas_agent_graph.limits import Caps, apply_in_child, memory_cap_reason, ran_out_of_memory
+from nas_agent_graph.paths import TRAIN_SCRIPT
 from nas_agent.logging_utils import METRICS_FILE, HISTORY_FILE, load_history, load_metrics, save_metrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-CONFIG_FILE = "config.py"
-LOG_FILE = "train.log"
-LAUNCH_FILE = "launch.json"
-PRUNE_FILE = "PRUNE"  # train.py's PRUNE_FILE: a request to stop as "pruned" (first line: why)
+DEFAULT_TRAIN_SCRIPT = TRAIN_SCRIPT
 ATTEMPT_RE = re.compile(r"^attempt_(\d+)$")
 ERROR_TAIL_LINES = 30
 # Metric keys a synthesised metrics.json carries (as None), so readers find the same

@@ -37,6 +37,7 @@ from nas_agent.config import (ConfigError, apply_overrides, config_hash, load_co
 from nas_agent.legacy import style_of
 from nas_agent.history_summary import build_history_summary
 from nas_agent.logging_utils import load_history
+from nas_agent.run_folder import CONFIG_FILE, MODEL_FILE, SCORED
 from nas_agent.run_manager import get_run_dir, ids_in_order, run_id_for
 from nas_agent_graph.confirmation import (
     CONFIRM_PROPOSER,
@@ -46,7 +47,8 @@ from nas_agent_graph.confirmation import (
     noise_floor_text,
     retarget_pending,
 )
-from nas_agent_graph.context import ROOT, Context
+from nas_agent_graph.context import Context
+from nas_agent_graph.paths import PROJECT_MODEL
 from nas_agent_graph.launcher import (
     error_headline,
     is_finished,
@@ -78,10 +80,9 @@ from nas_agent_graph.validation import Verdict, check_proposal
 
 log = logging.getLogger(__name__)
 
-SUCCESS = ("ok", "timeout")  # statuses whose val_mse is a fair measurement
 # A pruned run has a val_mse (of its best epoch before it was stopped) but is never accepted;
 # it is not a failure either (--max-failures counts failures only).
-NOT_FAILED = SUCCESS + ("pruned",)
+NOT_FAILED = SCORED + ("pruned",)
 # What a rejected entry keeps of an LLM proposal's record, for the study's validity rate.
 LLM_SUMMARY_KEYS = ("model", "adapter", "valid_first", "repaired", "valid", "constrained", "prompt_tokens",
                     "completion_tokens", "latency_s")
@@ -229,7 +230,7 @@ def sync_model(state: AgentState, ctx: Context) -> None:
     best = get_best_run(state)
     if best is None or not best.extra.get("proposal", {}).get("code_sha256"):
         return
-    source = get_run_dir(best.run_id, ctx.runs_dir, create=False) / "model.py"
+    source = get_run_dir(best.run_id, ctx.runs_dir, create=False) / MODEL_FILE
     if not source.is_file():
         log.warning("%s is the best run but its model.py is missing; %s is left as it is", best.run_id, ctx.model_path)
         return
@@ -437,7 +438,7 @@ def _reject(state: GraphState, study: AgentState, message: str, ctx: Context, no
 
 def _model_file(ctx: Context) -> Path | None:
     """The model file runs use: None for the project's own model.py (train.py's default)."""
-    return None if ctx.model_path.resolve() == (ROOT / "model.py").resolve() else ctx.model_path
+    return None if ctx.model_path.resolve() == PROJECT_MODEL.resolve() else ctx.model_path
 
 
 def _check_code_proposal(proposal: dict, code: str, study: AgentState, state: GraphState, ctx: Context) -> Verdict:
@@ -449,9 +450,9 @@ def _check_code_proposal(proposal: dict, code: str, study: AgentState, state: Gr
             return Verdict(False, [f"duplicate: the same model code already ran as {run.run_id}"])
     folder = ctx.runs_dir / ".proposals" / f"{state['run_id']}_a{state.get('attempt', 0)}"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "model.py", code)
+    atomic_write_text(folder / MODEL_FILE, code)
     return check_proposal(proposal["config"], None, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
-                          max_params=ctx.max_params, env=ctx.env, model_file=folder / "model.py",
+                          max_params=ctx.max_params, env=ctx.env, model_file=folder / MODEL_FILE,
                           caps=smoke_caps(ctx.run_memory_gb, ctx.smoke_timeout))
 
 
@@ -486,13 +487,13 @@ def _run_spec(run_id: str, proposal: dict, ctx: Context, smoke: dict | None) -> 
     code = proposal.get("meta", {}).get("model_code")
     files, extra_args = {}, []
     if code is not None:  # a model-code proposal trains its own file, kept in the run folder
-        files["model.py"] = code
-        extra_args = ["--model", str(run_dir / "model.py")]
+        files[MODEL_FILE] = code
+        extra_args = ["--model", str(run_dir / MODEL_FILE)]
     elif ctx.allow_code and ctx.model_path.is_file():
         # model.py may be replaced by an accepted code proposal while this run waits or starts
         # (--parallel), or live on another node (Ray): the run trains a copy taken now.
-        files["model.py"] = ctx.model_path.read_text(encoding="utf-8")
-        extra_args = ["--model", str(run_dir / "model.py")]
+        files[MODEL_FILE] = ctx.model_path.read_text(encoding="utf-8")
+        extra_args = ["--model", str(run_dir / MODEL_FILE)]
     elif (model_file := _model_file(ctx)) is not None:
         extra_args = ["--model", str(model_file)]
     if (smoke or {}).get("in_run"):
@@ -574,7 +575,7 @@ def _record_meta(meta: dict) -> dict:
 
 def _set_aside_stale_folder(run_dir: Path, config_text: str) -> None:
     """A finished folder whose config is not this proposal's belongs to a lost pass: move it aside."""
-    cfg_file = run_dir / "config.py"
+    cfg_file = run_dir / CONFIG_FILE
     if is_finished(run_dir) and cfg_file.exists() and cfg_file.read_text() != config_text:
         log.warning("%s held the results of another proposal; moving them aside", run_dir)
         move_aside(run_dir)
@@ -665,7 +666,7 @@ def _make_record(state: GraphState, study: AgentState, ctx: Context) -> RunInfo:
         shown = "n/a" if val is None else f"{val:.6f}"
         accepted, reason = False, (f"confirmation {confirm_meta['index']} of {confirm_meta['confirms']} "
                                    f"(seed {confirm_meta['seed']}): status {status}, val_mse {shown}")
-    elif status not in SUCCESS or val is None:
+    elif status not in SCORED or val is None:
         accepted, reason = False, f"status {status}: {error_headline(metrics.get('error') or 'no validation MSE')}"
     elif best_val is None:
         accepted, reason = True, f"first successful run: val_mse {val:.6f}"

@@ -41,14 +41,13 @@ from typing import Any, Callable
 import jinja2
 
 from nas_agent.agent_state import AgentState, RunInfo, get_best_run
-from nas_agent_graph.context import ROOT
+from nas_agent.run_folder import SCORED
+from nas_agent_graph.paths import PROMPTS_DIR
 from nas_agent_graph.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = ROOT / "prompts"
 TEMPLATES = ("system.j2", "propose_config.j2", "propose_model_code.j2", "repair.j2")
-SCORED = ("ok", "timeout")
 Messages = list[dict[str, str]]
 TokenCounter = Callable[[Messages], int]
 

@@ -55,6 +55,7 @@ from nas_agent_graph.launcher import (
     move_aside,
 )
 from nas_agent_graph.limits import Caps
+from nas_agent_graph.paths import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ MARKER_PREFIX = ".ray_shared_"
 # shared even where the marker is visible, e.g. where NFS is too slow or incoherent for
 # run folders; files then come back through Ray.
 NO_SHARED_FS_ENV = "NAS_RAY_NO_SHARED_FS"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = ROOT
 # What a shipped copy of the project leaves out: run outputs, environments, checkpoints and
 # data sets are large and node-specific (data is read from NAS_DATA_DIR on each node).
 SHIP_EXCLUDES = ("runs/", ".venv*", ".git", "*.pth", "data/", "__pycache__/", ".pytest_cache/",

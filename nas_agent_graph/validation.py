@@ -27,7 +27,7 @@ from typing import Any, Optional
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, config_hash, validate_config
 from nas_agent_graph.code_check import check_model_file
-from nas_agent_graph.context import ROOT
+from nas_agent_graph.paths import ROOT
 from nas_agent_graph.limits import Caps, ran_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
               model_file: Optional[Path] = None, caps: Optional[Caps] = None) -> dict:
     """Run nas_agent_graph.smoke in a subprocess; the verdict is a dict, never an exception.
 
-    It runs from the project root with the root on PYTHONPATH, whatever the caller's cwd.
+    It runs from the project root, whatever the caller's cwd.
     A model file that fails the static code check is never run. `caps` (memory, CPU time,
     oom_score_adj) are set in the child: the static check cannot see a build_model that
     allocates 12 GB, the cap makes it fail at once ("exceeded its memory cap of N GB").
@@ -73,7 +73,6 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
     if model_file is not None and (problems := check_model_file(model_file)):
         return {"ok": False, "error": "model code rejected: " + "; ".join(problems)}
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["NAS_SMOKE_NONCE"] = nonce = secrets.token_hex(16)  # only smoke.py's own verdict line carries it
     env.update(caps.env() if caps else {})
     cwd = ROOT

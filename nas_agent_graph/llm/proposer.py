@@ -35,7 +35,8 @@ from typing import Any
 
 from nas_agent.agent_state import AgentState, get_best_run
 from nas_agent.config import apply_overrides
-from nas_agent_graph.context import ROOT
+from nas_agent.run_folder import SCORED
+from nas_agent_graph.paths import PROJECT_MODEL
 from nas_agent_graph.llm.chat_model import DECODING_STATS, LocalChatModel, from_dicts
 from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
 from nas_agent_graph.lora.adapters import active_adapter
@@ -49,7 +50,7 @@ from nas_agent_graph.prompting import (
     repair_messages,
     run_params,
 )
-from nas_agent_graph.proposers import SCORED_STATUSES, OptunaProposer, Proposal, ProposalError, sampler_seed
+from nas_agent_graph.proposers import OptunaProposer, Proposal, ProposalError, sampler_seed
 from nas_agent_graph.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class LLMProposer:
         self.schema = proposal_json_schema(space)
         self.allow_code = allow_code
         self.code_fraction = code_fraction if allow_code else 0.0
-        self.model_path = Path(model_path) if model_path else ROOT / "model.py"
+        self.model_path = Path(model_path) if model_path else PROJECT_MODEL
         self.code_max_new_tokens = code_max_new_tokens
         self.overrides = list(overrides or [])
         """The study's --set items: the prompt states the per-run budget that runs really get."""
@@ -377,7 +378,7 @@ class LLMProposer:
     def _sampler_info(self, state: AgentState, study_obj: Any) -> dict[str, Any]:
         best = get_best_run(state)
         imp = importances(study_obj)
-        return {"name": self.sampler.name, "n_complete": sum(1 for r in state.runs if r.status in SCORED_STATUSES
+        return {"name": self.sampler.name, "n_complete": sum(1 for r in state.runs if r.status in SCORED
                                                              and r.val_mse is not None),
                 "best": best.run_id if best else None,
                 "importances": ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) if imp else "",

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from nas_agent.agent_state import AgentState, utc_now_iso
-from nas_agent_graph.context import ROOT
+from nas_agent.run_folder import SCORED
+from nas_agent_graph.paths import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,6 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
     job_file = out.parent / f"job_v{version}.json"
     job_file.write_text(json.dumps(job))
     child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
     log_file = out.parent / f"train_v{version}.log"
     from nas_agent_graph.launcher import child_preexec
     from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count
@@ -279,7 +279,7 @@ def distance(a: dict, b: dict, space: Any) -> float:
 
 
 def best_params(state: AgentState, space: Any, k: int = TOP_CONFIGS) -> list[dict]:
-    scored = sorted((r for r in state.runs if r.status in ("ok", "timeout") and r.val_mse is not None),
+    scored = sorted((r for r in state.runs if r.status in SCORED and r.val_mse is not None),
                     key=lambda r: r.val_mse)
     out = []
     for run in scored:

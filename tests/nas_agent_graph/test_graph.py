@@ -368,7 +368,7 @@ def too_big_then_fine(tmp_path) -> list:
 def test_sigkill_while_an_invalid_run_is_rejected_loses_and_repeats_nothing(tmp_path):
     """Killed in reject_run after the rejection is saved, before the folder is set aside: the resumed
     search records the rejection once, sets the folder aside and trains the next proposal as run_0001."""
-    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="reject_run:run_0001:60")
+    env = run_env(NAS_AGENT_TEST_PAUSE="reject_run:run_0001:60")
     proc = subprocess.Popen([PYTHON, "-c", KILLED_IN_REJECT_RUN, str(tmp_path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = tmp_path / "runs" / ".paused_in_reject_run"

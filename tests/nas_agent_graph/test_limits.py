@@ -45,7 +45,7 @@ def build_model(config):
 
 
 def cli(cwd, *args, timeout=120):
-    return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args], cwd=cwd, env=run_env(PYTHONPATH=str(ROOT)),
+    return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args], cwd=cwd, env=run_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

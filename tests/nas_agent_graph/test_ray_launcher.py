@@ -198,7 +198,7 @@ def test_joining_a_cluster_ships_the_project_to_its_workers(tmp_path):
             assert wait_for(lambda: b"Ray runtime started" in (tmp_path / "head.log").read_bytes(), 90), \
                 (tmp_path / "head.log").read_text()[-3000:]
             out = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(tmp_path / "runs"),
-                                  str(script)], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                                  str(script)], cwd=tmp_path, env=env,
                                  capture_output=True, text=True, timeout=120)
         finally:
             kill_process_group(head.pid, grace_s=15)  # `ray start --block` stops the cluster it started
