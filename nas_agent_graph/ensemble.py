@@ -40,8 +40,8 @@ from nas_agent._atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
 from nas_agent.schema import model_family
-from nas_agent_graph.launcher import child_preexec
 from nas_agent_graph.paths import TRAIN_SCRIPT
+from nas_agent_graph.process import run_child
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,7 @@ def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str
         cmd += ["--model", str(run_dir / MODEL_FILE)]
     log.info("%s: no %s; predicting from its checkpoint", run.run_id, FORECASTS_FILE)
     try:
-        proc = subprocess.run(cmd, cwd=TRAIN_SCRIPT.parent, capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=child_preexec())
+        proc = run_child(cmd, timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         raise EnsembleError(f"{run.run_id}: train.py --predict took more than {timeout_s:g}s") from None
     if proc.returncode != 0:

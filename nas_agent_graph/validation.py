@@ -27,7 +27,7 @@ from typing import Any, Optional
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, config_hash, validate_config
 from nas_agent_graph.code_check import check_model_file
-from nas_agent_graph.paths import ROOT
+from nas_agent_graph.process import run_child
 from nas_agent_graph.limits import Caps, ran_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,11 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
     oom_score_adj) are set in the child: the static check cannot see a build_model that
     allocates 12 GB, the cap makes it fail at once ("exceeded its memory cap of N GB").
     """
-    from nas_agent_graph.launcher import child_preexec
-
     if model_file is not None and (problems := check_model_file(model_file)):
         return {"ok": False, "error": "model code rejected: " + "; ".join(problems)}
     env = dict(os.environ if env is None else env)
     env["NAS_SMOKE_NONCE"] = nonce = secrets.token_hex(16)  # only smoke.py's own verdict line carries it
     env.update(caps.env() if caps else {})
-    cwd = ROOT
     with tempfile.TemporaryDirectory(prefix="nas_smoke_") as tmp:
         cfg_file = Path(tmp) / "config.json"
         cfg_file.write_text(json.dumps(config))
@@ -83,8 +80,7 @@ def run_smoke(config: dict, *, python: str, timeout_s: float, env: Optional[dict
         if model_file is not None:
             cmd += ["--model", str(model_file)]
         try:
-            proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=child_preexec(caps))
+            proc = run_child(cmd, timeout_s=timeout_s, caps=caps, env=env)
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"smoke test timed out after {timeout_s:g}s"}
     return _label_memory_cap(_read_verdict(proc, nonce), proc.stderr, caps)

@@ -47,7 +47,8 @@ from typing import Any
 
 from nas_agent.agent_state import AgentState, utc_now_iso
 from nas_agent.run_folder import SCORED
-from nas_agent_graph.paths import ROOT
+from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count, ran_out_of_memory
+from nas_agent_graph.process import run_child
 
 log = logging.getLogger(__name__)
 
@@ -219,18 +220,14 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
     job_file.write_text(json.dumps(job))
     child_env = dict(os.environ if env is None else env)
     log_file = out.parent / f"train_v{version}.log"
-    from nas_agent_graph.launcher import child_preexec
-    from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count
     # The same caps as a run's: memory (its own default), CPU time, and the OOM killer's first pick.
     caps = Caps(memory_gb=settings.memory_gb, cpu_s=cpu_cap_s(settings.timeout_s, cpu_count()))
     try:
         # Its own session, and SIGTERM when the orchestrator dies: a killed search leaves no
         # training behind to race the resumed one for the same adapter folder.
         with open(log_file, "w") as err:
-            proc = subprocess.run([python, "-m", "nas_agent_graph.lora.finetune", str(job_file)], cwd=ROOT,
-                                  env=child_env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                  timeout=settings.timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
-                                  preexec_fn=child_preexec(caps))
+            proc = run_child([python, "-m", "nas_agent_graph.lora.finetune", str(job_file)],
+                             timeout_s=settings.timeout_s, caps=caps, env=child_env, stderr=err)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"training timed out after {settings.timeout_s:g}s (see {log_file})"}
     lines = proc.stdout.strip().splitlines()
@@ -243,7 +240,6 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
 
 def _label_memory_cap(verdict: dict, log_file: Path, memory_gb: float | None) -> dict:
     """A fine-tune that ran out of memory under its cap says so first (meta.lora records the reason)."""
-    from nas_agent_graph.limits import ran_out_of_memory
 
     if verdict.get("ok") or not memory_gb:
         return verdict

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from nas_agent_graph.launcher import child_preexec, error_headline, launch_run
+from nas_agent_graph.launcher import error_headline, launch_run
+from nas_agent_graph.process import child_preexec
 from nas_agent_graph.limits import (GB, Caps, CapError, cpu_cap_s, default_lora_memory_gb, default_run_memory_gb,
                                     parse_memory_gb, ran_out_of_memory)
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env

@@ -23,7 +23,8 @@ import pytest
 
 from nas_agent.logging_utils import load_metrics
 from nas_agent_graph import ray_launcher
-from nas_agent_graph.launcher import LaunchCancelled, error_headline, is_finished, kill_process_group
+from nas_agent_graph.launcher import LaunchCancelled, error_headline, is_finished
+from nas_agent_graph.process import kill_process_group
 from nas_agent_graph.limits import Caps, cpu_cap_s
 from nas_agent_graph.ray_launcher import MARKER_PREFIX, NO_SHARED_FS_ENV, ray_launch_run
 from tests.conftest import DATA_DIR, ROOT, TINY_CONFIG
