@@ -66,6 +66,7 @@ from nas_agent.run_folder import (
 )
 from nas_agent.run_manager import run_size_estimate
 from nas_agent.schema import resolve_class
+from nas_agent.atomic import atomic_write_json
 
 log = logging.getLogger("train")
 
@@ -297,7 +298,7 @@ def smoke_check(model, ds, tc, device: torch.device, amp: str) -> float:
             step_scheduler(scheduler, probe_loss.item())
         model.eval()
         try:
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 out = model(x_enc, m_enc, x_dec, m_dec)
             if tuple(out.shape) != tuple(y.shape):
                 raise ValueError(f"model output: expected shape {list(y.shape)} [batch, pred_len, c_out], "
@@ -374,7 +375,7 @@ def amp_mode(device: torch.device, wanted: bool) -> tuple[str, str]:
     return "bf16", f"{why}; probe ok (relative error {error:.1e})"
 
 
-def _autocast(device: torch.device, mode: str):
+def autocast(device: torch.device, mode: str):
     # bf16 keeps fp32's range, so it needs no loss scaling: AMP is a context manager and nothing
     # else. Weights, optimizer state and the loss stay fp32.
     if mode == "bf16":
@@ -510,8 +511,6 @@ def write_progress(run_dir: Path, epoch: int, max_epochs: int, step: int, steps:
                    budget_left: float | None) -> None:
     """progress.json: the step within the epoch, the rate and the ETAs. Only a display reads
     it, so a failed write (a full disk) is logged once and never stops training."""
-    from nas_agent._atomic import atomic_write_json
-
     rate, epoch_left, run_left = _etas(epoch, max_epochs, step, steps, epoch_s, budget_left)
     try:
         atomic_write_json(run_dir / PROGRESS_FILE, {
@@ -570,7 +569,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             if time.monotonic() > deadline:
                 raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
             t_step = time.monotonic()
-            with _autocast(device, state["amp"]):
+            with autocast(device, state["amp"]):
                 pred = model(x_enc, m_enc, x_dec, m_dec)
                 loss = criterion(pred.float(), y)
             if not torch.isfinite(loss):

@@ -55,6 +55,7 @@ def main() -> None:
 
     import torch
 
+    # Lazy, as every project import here: --help answers without loading torch or transformers.
     from nas_agent.agent_state import load_agent_state
     from nas_agent_graph.llm.chat_model import LocalChatModel
     from nas_agent_graph.lora.adapters import LoraSettings, best_params, evaluate, read_samples, train_adapter
@@ -122,6 +123,7 @@ def reply_reward(params, sample, state, space, budget, tag) -> float:
     held-out run's time; an invalid reply (params None) is a failure."""
     import subprocess
 
+    # Lazy (see main).
     from nas_agent.agent_state import get_run
     from nas_agent.config import apply_overrides, parse_config_source, render_config
     from nas_agent_graph.reward import FAILURE, compute_reward

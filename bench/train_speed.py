@@ -58,7 +58,7 @@ def median_step_s(model, ds, cfg, steps: int, device: torch.device, amp: str) ->
         x_enc, m_enc, x_dec, m_dec, y = next(batches)
         sync(device)
         t = time.perf_counter()
-        with train._autocast(device, amp):
+        with train.autocast(device, amp):
             loss = criterion(model(x_enc, m_enc, x_dec, m_dec).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from nas_agent._atomic import atomic_write_text
+from nas_agent.atomic import atomic_write_text
 from nas_agent.run_folder import CONFIG_USED_FILE
 
 log = logging.getLogger(__name__)

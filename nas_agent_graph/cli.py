@@ -19,20 +19,34 @@ import sqlite3
 import sys
 import time
 from contextlib import closing, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from langgraph.checkpoint.sqlite import SqliteSaver
+from rich.console import Console
 
 from nas_agent.agent_state import AgentState, AgentStateError, load_agent_state
 from nas_agent.config import ConfigError, apply_overrides, load_config, validate_config
+from nas_agent.run_manager import ids_in_order
 from nas_agent_graph import ensemble
+from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, load_archetypes
 from nas_agent_graph.context import Context
+from nas_agent_graph.disk import disk_full_message, full_disk_error
+from nas_agent_graph.display import PlainDisplay, RichDisplay
 from nas_agent_graph.ensemble import DEFAULT_POOL, DEFAULT_STEPS
+from nas_agent_graph.limits import CapError, default_lora_memory_gb, default_run_memory_gb, parse_memory_gb, smoke_caps
 from nas_agent_graph.llm.backend import LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
-from nas_agent_graph.prompting import PromptError
+from nas_agent_graph.lora.adapters import LoraSettings
+from nas_agent_graph.optuna_mirror import db_path, rebuild
+from nas_agent_graph.phases import phase_log, timed_saver
+from nas_agent_graph.prompting import PromptError, PromptLimits
+from nas_agent_graph.proposers import make_proposer, route_optuna_logging
+from nas_agent_graph.report import render_status, write_report
 from nas_agent_graph.retention import DEFAULT_KEEP
-from nas_agent_graph.search_space import SpaceError
+from nas_agent_graph.search_space import SpaceError, load_space
+from nas_agent_graph.unrecorded import describe, unrecorded_runs
+from nas_agent_graph.validation import check_proposal
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +234,6 @@ def parse_ensemble(text: str) -> int | None:
 
 def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
     """--warm-start: None = the shipped archetypes, ['off'] = none, else the files given."""
-    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES
 
     if items is None:
         return DEFAULT_ARCHETYPES
@@ -240,7 +253,6 @@ RUN_MEMORY_HELP = ("memory cap of each smoke test and train.py run, in GB (defau
 
 def parse_run_memory(text: str | None, parallel: int) -> float | None:
     """--run-memory GB|off (None: the default for --parallel); a bad value is a ConfigError saying why."""
-    from nas_agent_graph.limits import CapError, default_run_memory_gb, parse_memory_gb
 
     try:
         return default_run_memory_gb(parallel) if text is None else parse_memory_gb(text, "--run-memory", None)
@@ -281,16 +293,12 @@ def context_from_args(a: argparse.Namespace) -> Context:
         raise ConfigError("--ray-address and --ray-resources need --launcher ray")
     if not 1 <= a.confirm_seeds <= 20:
         raise ConfigError(f"--confirm-seeds must be in [1, 20], got {a.confirm_seeds}")
-    from nas_agent_graph.lora.adapters import LoraSettings
     try:
         lora = LoraSettings.from_items(a.lora)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run_memory = parse_run_memory(a.run_memory, a.parallel)
     if lora.memory_gb is None:  # the fine-tune's own default: it peaks at ~8.2 GB on the CPU
-        from dataclasses import replace
-
-        from nas_agent_graph.limits import default_lora_memory_gb
         lora = replace(lora, memory_gb=default_lora_memory_gb(run_memory))
     return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
                    proposer=proposer, seed=a.seed, overrides=with_run_budget(a.set, a.run_budget),
@@ -315,13 +323,12 @@ DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": 64, "max_new_t
 
 def build_proposer(ctx: Context):
     """The proposer the context asks for; an LLM is loaded here, so a bad --llm fails before any run."""
-    from nas_agent_graph.proposers import make_proposer
 
     if ctx.proposer not in LLM_PROPOSERS:
         return make_proposer(ctx.proposer, ctx.space, ctx.seed)
+    # Lazy: transformers and the model load only for an LLM proposer.
     from nas_agent_graph.llm.chat_model import LocalChatModel
     from nas_agent_graph.llm.proposer import LLMProposer
-    from nas_agent_graph.prompting import PromptLimits
 
     chat = LocalChatModel(model_spec=ctx.llm, quant=ctx.llm_quant, **{**DEFAULT_GENERATION, **ctx.generation})
     _, _, info = chat.load()
@@ -349,7 +356,6 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
     run must be exactly run_0000 .. run_N without overlap; the pass's run may already be recorded
     only at decide/collect_lora/stop (a crash after the save, before the checkpoint).
     """
-    from nas_agent.run_manager import ids_in_order
 
     run_id = values.get("run_id")
     if run_id is None:
@@ -376,9 +382,6 @@ def check_overrides(study: AgentState, ctx: Context) -> None:
 
 
 def run_search(ctx: Context) -> int:
-    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, load_archetypes
-    from nas_agent_graph.proposers import route_optuna_logging
-    from nas_agent_graph.search_space import load_space
 
     route_optuna_logging()
     with StudyLock(ctx.state_path):
@@ -452,9 +455,7 @@ def _fewer_fsyncs(conn: sqlite3.Connection) -> sqlite3.Connection:
 
 def _search(ctx: Context, study: AgentState) -> int:
     """Run the graph (resuming its checkpoint when it agrees with the study) to its stop."""
-    from nas_agent_graph.display import PlainDisplay, RichDisplay
-    from nas_agent_graph.graph import build_graph
-    from nas_agent_graph.phases import phase_log, timed_saver
+    from nas_agent_graph.graph import build_graph  # lazy: langgraph's graph and torch, for a search only
 
     ctx.started_at = time.monotonic()
     display = ctx.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
@@ -492,7 +493,7 @@ def _start_launcher(ctx: Context) -> None:
     """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run."""
     if ctx.launcher != "ray":
         return
-    from nas_agent_graph.ray_launcher import check_resources, connect
+    from nas_agent_graph.ray_launcher import check_resources, connect  # lazy: Ray is optional
 
     try:
         resources = connect(ctx.ray_address)
@@ -509,7 +510,7 @@ def _stop_launcher(ctx: Context) -> None:
     if ctx.pool is not None:
         ctx.pool.shutdown()
     if ctx.launcher == "ray":
-        from nas_agent_graph.ray_launcher import shutdown
+        from nas_agent_graph.ray_launcher import shutdown  # lazy: Ray is optional
 
         shutdown()
 
@@ -517,7 +518,6 @@ def _stop_launcher(ctx: Context) -> None:
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_check(argv: list[str]) -> int:
-    from nas_agent_graph.validation import check_proposal
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph check",
                                 description="Run the loop's validation on a config, without training. "
@@ -530,7 +530,6 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     _common(p)
     a = p.parse_args(argv)
-    from nas_agent_graph.limits import smoke_caps
     caps = smoke_caps(parse_run_memory(a.run_memory, 1), a.smoke_timeout)
     try:
         cfg = load_config(a.config, a.set)
@@ -551,10 +550,6 @@ def cmd_check(argv: list[str]) -> int:
 
 
 def cmd_status(argv: list[str]) -> int:
-    from rich.console import Console
-
-    from nas_agent_graph.report import render_status
-    from nas_agent_graph.unrecorded import describe, unrecorded_runs
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph status", description="Table of the study's runs.")
     _common(p)
@@ -575,7 +570,6 @@ def cmd_status(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from nas_agent_graph.report import write_report
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph report",
                                 description="Write an offline HTML report (default: runs/report.html).")
@@ -588,9 +582,6 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_export_optuna(argv: list[str]) -> int:
-    from nas_agent_graph.optuna_mirror import db_path, rebuild
-    from nas_agent_graph.proposers import route_optuna_logging
-    from nas_agent_graph.search_space import load_space
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph export-optuna",
                                 description="Rebuild runs/optuna.db from agent_state.json, for "
@@ -639,8 +630,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        from nas_agent_graph.disk import disk_full_message, full_disk_error
-
         if (full := full_disk_error(e)) is None:
             raise
         print(disk_full_message(full), file=sys.stderr)  # a condition to fix, not a crash: no traceback

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nas_agent._atomic import atomic_write_json
+from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
 from nas_agent.schema import model_family

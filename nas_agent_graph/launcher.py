@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from nas_agent._atomic import atomic_write_json, atomic_write_text
+from nas_agent.atomic import atomic_write_json, atomic_write_text
 from nas_agent.run_folder import CONFIG_FILE, LAUNCH_FILE, LOG_FILE, PRUNE_FILE
 from nas_agent_graph.disk import mentions_full_disk
 from nas_agent_graph.limits import Caps, memory_cap_reason, ran_out_of_memory

@@ -21,7 +21,7 @@ from typing import Any
 
 from langgraph.runtime import Runtime
 
-from nas_agent._atomic import append_jsonl, atomic_write_json, atomic_write_text
+from nas_agent.atomic import append_jsonl, atomic_write_json, atomic_write_text
 from nas_agent.agent_state import (
     AgentState,
     RunInfo,
@@ -62,6 +62,7 @@ from nas_agent_graph.phases import phase_log
 from nas_agent_graph.pool import RunPool, RunSpec
 from nas_agent_graph.pruning import past_curves, prune_decision
 from nas_agent_graph.lora.adapters import (
+    active_adapter,
     LoraSettings,
     check_rollback,
     finetune_and_gate,
@@ -77,6 +78,7 @@ from nas_agent_graph.reward import compute_reward
 from nas_agent_graph.search_space import SpaceError
 from nas_agent_graph.state import GraphState, fresh_pass
 from nas_agent_graph.validation import Verdict, check_proposal
+from nas_agent_graph.llm.backend import clear_model_cache
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +337,8 @@ def propose(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     proposer = _proposer_for(study, attempt, ctx)
     _test_pause("propose", run_id, ctx)
     _display(ctx, "on_propose", run_id=run_id, proposer=proposer.name, attempt=attempt)
+    if hasattr(proposer, "use_adapter"):  # an LLM proposer: the study's promoted LoRA adapter, or none
+        proposer.use_adapter(active_adapter(study))
     try:
         proposal = proposer.propose(study, study.meta["base_config"], attempt, state.get("feedback"))
         out = {**dataclasses.asdict(proposal), "raw_config": proposal.config, "error": None,
@@ -546,7 +550,6 @@ def _free_llm() -> None:
     """Give the LLM's memory back before a run that needs it (reloaded on the next proposal)."""
     import gc
 
-    from nas_agent_graph.llm.backend import clear_model_cache
     clear_model_cache()
     gc.collect()
     try:

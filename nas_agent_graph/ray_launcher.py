@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from nas_agent._atomic import atomic_write_text
+from nas_agent.atomic import atomic_write_text
 from nas_agent.logging_utils import load_history, load_metrics, save_metrics
 from nas_agent.run_folder import LOG_FILE, METRICS_FILE
 from nas_agent_graph.launcher import (

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nas_agent._atomic import atomic_write_text
+from nas_agent.atomic import atomic_write_text
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
 from nas_agent.run_folder import CONFIG_USED_FILE

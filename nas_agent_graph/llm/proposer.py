@@ -39,7 +39,6 @@ from nas_agent.run_folder import SCORED
 from nas_agent_graph.paths import PROJECT_MODEL
 from nas_agent_graph.llm.chat_model import DECODING_STATS, LocalChatModel, from_dicts
 from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
-from nas_agent_graph.lora.adapters import active_adapter
 from nas_agent_graph.prompting import (
     Messages,
     PromptLimits,
@@ -52,6 +51,7 @@ from nas_agent_graph.prompting import (
 )
 from nas_agent_graph.proposers import OptunaProposer, Proposal, ProposalError, sampler_seed
 from nas_agent_graph.search_space import SearchSpace
+from nas_agent_graph.code_check import check_model_code
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,10 @@ class LLMProposer:
 
     # ------------------------------------------------------------------ the proposal
 
-    def use_adapter(self, state: AgentState) -> None:
-        """Generate with the study's promoted LoRA adapter (meta.lora.active), or the base model
-        when there is none, or when its folder is gone or was trained on another base model."""
-        record = active_adapter(state)
+    def use_adapter(self, record: dict | None) -> None:
+        """Generate with a LoRA adapter (the study's promoted one, meta.lora's record, which the graph
+        hands over), or with the base model when there is none, or when its folder is gone or it was
+        trained on another base model."""
         if record is not None:
             _, _, info = self.chat.load()
             trained_on = (record.get("gate") or {}).get("base_model")
@@ -178,7 +178,6 @@ class LLMProposer:
 
     def propose(self, state: AgentState, base_config: dict, attempt: int = 0,
                 feedback: str | None = None) -> Proposal:
-        self.use_adapter(state)
         n_runs = len(state.runs)
         # A code turn asks for code once; a retry of that run (the file was rejected) gets a config,
         # so a model that cannot write working code never stalls the search.
@@ -320,7 +319,6 @@ class LLMProposer:
         if code is None:
             error = "the reply holds no ```python block that defines build_model"
         else:
-            from nas_agent_graph.code_check import check_model_code
             problems = check_model_code(code)
             if problems:
                 error = "; ".join(problems[:5])

@@ -47,8 +47,9 @@ from typing import Any
 
 from nas_agent.agent_state import AgentState, utc_now_iso
 from nas_agent.run_folder import SCORED
-from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count, ran_out_of_memory
+from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count, parse_memory_gb, ran_out_of_memory
 from nas_agent_graph.process import run_child
+from nas_agent_graph.llm.proposal_schema import params_from_json
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ class LoraSettings:
             if not sep or key not in kinds:
                 raise ValueError(f"--lora {item!r}: expected KEY=VALUE (or 'off') with KEY one of {', '.join(kinds)}")
             if key == "memory_gb":  # a number of GB, 'off', or none (the CLI's default); CapError says why not
-                from nas_agent_graph.limits import parse_memory_gb
                 word = raw.strip().lower()  # off: 0, no cap; none: None, the CLI's default
                 values[key] = 0.0 if word == "off" else None if word in ("", "none") else \
                     parse_memory_gb(raw, "--lora memory_gb", default=None)
@@ -292,8 +292,7 @@ def evaluate(chat: Any, adapter: tuple[str, str] | None, prompts: list[list[dict
     """Unconstrained greedy replies of the base model (adapter None) or an adapter (name, path)
     to each prompt: validity and closeness to the target configs, each reply's params (None
     when invalid), and how many replies were JSON objects at all (valid or not)."""
-    from nas_agent_graph.llm.chat_model import from_dicts
-    from nas_agent_graph.llm.proposal_schema import params_from_json
+    from nas_agent_graph.llm.chat_model import from_dicts  # lazy: transformers, for the gate only
 
     model = chat.model_copy(update={"adapter": adapter[0] if adapter else None,
                                     "adapter_path": adapter[1] if adapter else None,
