@@ -74,7 +74,7 @@ def search_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
     p.add_argument("--proposer", choices=PROPOSERS, default="auto",
-                   help="auto (default): hybrid with a GPU, tpe on the CPU (see the README); hybrid: the LLM picks "
+                   help="auto (default): hybrid with a GPU, tpe on the CPU (see docs/llm.md); hybrid: the LLM picks "
                         "or edits the sampler's candidates; llm: the LLM alone; tpe, cmaes, random: Optuna alone, "
                         "no model is loaded")
     p.add_argument("--config", type=Path, default=Path("config.py"),
@@ -179,7 +179,7 @@ def parse_prune_warmup(text: str) -> tuple[int, int]:
 
 def resolve_proposer(name: str) -> str:
     """--proposer auto: the hybrid LLM proposer where it pays (a GPU: a proposal in seconds), TPE on
-    the CPU, where the embedded LLM takes ~100 s per proposal and did not beat TPE (README, Proposers)."""
+    the CPU, where the embedded LLM did not beat TPE in the measured arms (docs/llm.md)."""
     if name != "auto":
         return name
     import torch
@@ -248,7 +248,7 @@ def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
 
 
 RUN_MEMORY_HELP = ("memory cap of each smoke test and train.py run, in GB (default: the available memory "
-                   "less 3 GB for the orchestrator and LLM, divided by --parallel; see the README)")
+                   "less 3 GB for the orchestrator and LLM, divided by --parallel; see docs/search.md)")
 
 
 def parse_run_memory(text: str | None, parallel: int) -> float | None:

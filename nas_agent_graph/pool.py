@@ -162,7 +162,7 @@ class RunPool:
         """What a Ray worker's environment gets from ours. A local cluster (--ray-address omitted)
         shares this machine, so it gets the project's NAS_* settings (the data dir) and whatever
         the caller's env sets differently from this process's; a joined cluster's nodes keep their
-        own (NAS_DATA_DIR set on each node before `ray start`, see README)."""
+        own (NAS_DATA_DIR set on each node before `ray start`, see docs/ray.md)."""
         if not self.ray_local:
             return {}
         out = {k: v for k, v in self.env.items() if k.startswith("NAS_")}

@@ -27,11 +27,11 @@ SNAPSHOT = Path(__file__).with_name("graph.mmd")
 QUICK = ["training.max_epochs=1", "training.max_steps_per_epoch=5"]
 
 
-def test_mermaid_drawing_matches_snapshot_and_readme():
+def test_mermaid_drawing_matches_snapshot_and_the_docs():
     drawing = build_graph().get_graph().draw_mermaid()
-    assert drawing == SNAPSHOT.read_text(), "graph changed: update tests/nas_agent_graph/graph.mmd and README.md"
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert drawing.strip() in readme
+    assert drawing == SNAPSHOT.read_text(), "graph changed: update tests/nas_agent_graph/graph.mmd and docs/search.md"
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "search.md").read_text()
+    assert drawing.strip() in docs
 
 
 def test_routers_are_pure_functions_of_state():
