@@ -14,7 +14,7 @@ subprocess the agent uses, and prints:
      (the gate's two measures);
   3. with --reward-budget: the mean reward of those replies. Each valid reply's config is trained
      (train.py, the given budget) and rewarded against the incumbent of the held-out run's time
-     (nas_agent_graph/reward.py); an invalid reply gets the reward of a failed run (-1).
+     (nas_agent_graph/study/reward.py); an invalid reply gets the reward of a failed run (-1).
 
 The adapter and the replies (eval.json) are left in /tmp/nas_lora_bench/ for inspection.
 """
@@ -126,7 +126,7 @@ def reply_reward(params, sample, state, space, budget, tag) -> float:
     # Lazy (see main).
     from nas_agent.agent_state import get_run
     from nas_agent.config import apply_overrides, parse_config_source, render_config
-    from nas_agent_graph.reward import FAILURE, compute_reward
+    from nas_agent_graph.study.reward import FAILURE, compute_reward
 
     if params is None:
         return FAILURE

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, load_config
-from nas_agent_graph.confirmation import CONFIRM_PROPOSER
+from nas_agent_graph.study.confirmation import CONFIRM_PROPOSER
 from nas_agent_graph.paths import CONFIGS_DIR
 from nas_agent_graph.proposers import Proposal
 

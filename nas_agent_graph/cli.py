@@ -35,7 +35,7 @@ from nas_agent_graph.disk import disk_full_message, full_disk_error
 from nas_agent_graph.display import PlainDisplay, RichDisplay
 from nas_agent_graph.ensemble import DEFAULT_POOL, DEFAULT_STEPS
 from nas_agent_graph.limits import CapError, default_lora_memory_gb, default_run_memory_gb, parse_memory_gb, smoke_caps
-from nas_agent_graph.llm.backend import LLMError
+from nas_agent_graph.llm.backend import DEFAULT_GENERATION, LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
 from nas_agent_graph.lora.adapters import LoraSettings
 from nas_agent_graph.optuna_mirror import db_path, rebuild
@@ -63,8 +63,8 @@ DEFAULT_RUN_BUDGET_S = 240
 # --------------------------------------------------------------------------- arguments
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", type=Path, default=Path("agent_state.json"), help="study file (default: %(default)s)")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="run folders (default: %(default)s)")
+    p.add_argument("--state", type=Path, default=Context.state_path, help="study file (default: %(default)s)")
+    p.add_argument("--runs-dir", type=Path, default=Context.runs_dir, help="run folders (default: %(default)s)")
 
 
 def search_parser() -> argparse.ArgumentParser:
@@ -72,14 +72,14 @@ def search_parser() -> argparse.ArgumentParser:
                                 description="Search Informer configs by training them. Subcommands: "
                                             "check CONFIG, status, report, export-optuna (each has --help).")
     _common(p)
-    p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
+    p.add_argument("--max-runs", type=int, default=Context.max_runs, help="total runs in the study, earlier sessions included")
     p.add_argument("--proposer", choices=PROPOSERS, default="auto",
                    help="auto (default): hybrid with a GPU, tpe on the CPU (see docs/llm.md); hybrid: the LLM picks "
                         "or edits the sampler's candidates; llm: the LLM alone; tpe, cmaes, random: Optuna alone, "
                         "no model is loaded")
-    p.add_argument("--config", type=Path, default=Path("config.py"),
+    p.add_argument("--config", type=Path, default=Context.config_path,
                    help="the incumbent config; a new study starts from it, accepted runs replace it")
-    p.add_argument("--seed", type=int, default=0, help="proposer seed: the same seed reproduces the proposals")
+    p.add_argument("--seed", type=int, default=Context.seed, help="proposer seed: the same seed reproduces the proposals")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, e.g. --set training.max_epochs=3 for a quick search")
     p.add_argument("--run-budget", default=str(DEFAULT_RUN_BUDGET_S), metavar="SECONDS|none",
@@ -98,22 +98,22 @@ def search_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm-quant", choices=("4bit", "8bit", "none"), default=None,
                      help="bitsandbytes quantization (default: 4bit on CUDA, none on the CPU)")
     llm.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
-                     help=f"generation setting: {', '.join(GEN_KEYS)} (default temperature=0.7, top_p=0.95, "
-                          "top_k=64, max_new_tokens=384)")
-    llm.add_argument("--sampler", choices=("tpe", "cmaes", "random"), default="tpe", help="hybrid's Optuna sampler")
-    llm.add_argument("--sampler-fraction", type=float, default=0.25,
+                     help=f"generation setting: {', '.join(GEN_KEYS)} (default "
+                          f"{' '.join(f'{k}={v}' for k, v in DEFAULT_GENERATION.items())})")
+    llm.add_argument("--sampler", choices=("tpe", "cmaes", "random"), default=Context.sampler, help="hybrid's Optuna sampler")
+    llm.add_argument("--sampler-fraction", type=float, default=Context.sampler_fraction,
                      help="hybrid: fraction of runs from the sampler alone (default: %(default)s)")
-    llm.add_argument("--candidates", type=int, default=4, help="hybrid: sampler candidates shown to the LLM")
-    llm.add_argument("--prompt-tokens", type=int, default=3072, help="upper bound on a prompt, in tokens")
+    llm.add_argument("--candidates", type=int, default=Context.n_candidates, help="hybrid: sampler candidates shown to the LLM")
+    llm.add_argument("--prompt-tokens", type=int, default=Context.prompt_tokens, help="upper bound on a prompt, in tokens")
     llm.add_argument("--allow-code", action="store_true",
                      help="let the LLM propose model code (a new model.py) for some runs")
     llm.add_argument("--lora", action="append", default=[], metavar="KEY=VALUE",
                      help="LoRA self-improvement settings, e.g. trigger=10 steps=40 reward_threshold=0.7; "
                           "'off' disables it (see nas_agent_graph/lora/adapters.py)")
     par = p.add_argument_group("parallel runs")
-    par.add_argument("--parallel", type=int, default=1, metavar="N",
+    par.add_argument("--parallel", type=int, default=Context.parallel, metavar="N",
                      help="runs at once: one GPU each round-robin, or a share of the CPU cores (default: 1)")
-    par.add_argument("--launcher", choices=("local", "ray"), default="local",
+    par.add_argument("--launcher", choices=("local", "ray"), default=Context.launcher,
                      help="local: train.py subprocesses here; ray: one Ray task per run (pip install -r "
                           "requirements-ray.txt)")
     par.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -123,13 +123,13 @@ def search_parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("limits and stopping")
     limits.add_argument("--run-timeout", type=float, default=None, help="seconds per train.py; the process is killed")
     limits.add_argument("--max-params", type=int, default=None, help="reject proposals with more parameters")
-    limits.add_argument("--min-delta", type=float, default=0.0, help="accept when val_mse < best - min_delta")
+    limits.add_argument("--min-delta", type=float, default=Context.min_delta, help="accept when val_mse < best - min_delta")
     limits.add_argument("--patience", type=int, default=None, help="stop after N runs without improvement")
     limits.add_argument("--time-budget", type=float, default=None, help="stop after N seconds of study time")
     limits.add_argument("--target-mse", type=float, default=None, help="stop once best val_mse <= this")
-    limits.add_argument("--max-retries", type=int, default=3, help="invalid proposals per run before stopping")
-    limits.add_argument("--max-failures", type=int, default=3, help="failed runs in a row before stopping")
-    limits.add_argument("--smoke-timeout", type=float, default=120.0, help="seconds for a proposal's smoke test")
+    limits.add_argument("--max-retries", type=int, default=Context.max_retries, help="invalid proposals per run before stopping")
+    limits.add_argument("--max-failures", type=int, default=Context.max_failures, help="failed runs in a row before stopping")
+    limits.add_argument("--smoke-timeout", type=float, default=Context.smoke_timeout, help="seconds for a proposal's smoke test")
     limits.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     limits.add_argument("--keep-checkpoints", default=None, metavar="N|all",
                         help="keep best_model.pth of every incumbent and of the N best runs, delete the "
@@ -138,12 +138,12 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--ensemble", default=str(DEFAULT_POOL), metavar="N|off",
                         help="when the study ends, average the forecasts of a selection of its N best runs "
                              "(chosen on validation MSE) into runs/ensemble.json (default: %d)" % DEFAULT_POOL)
-    limits.add_argument("--confirm-seeds", type=int, default=1, metavar="K",
+    limits.add_argument("--confirm-seeds", type=int, default=Context.confirm_seeds, metavar="K",
                         help="accept a better run only after K seeds of it and of the incumbent agree "
                              "(one-sided Welch's t-test); 1 = off (default)")
-    limits.add_argument("--prune", choices=("none", "median", "asha"), default="none",
+    limits.add_argument("--prune", choices=("none", "median", "asha"), default=Context.prune,
                         help="stop runs whose learning curve looks worse than earlier runs' (default: none)")
-    limits.add_argument("--prune-warmup", default="1,3", metavar="EPOCHS,RUNS",
+    limits.add_argument("--prune-warmup", default=f"{Context.prune_warmup_epochs},{Context.prune_min_runs}", metavar="EPOCHS,RUNS",
                         help="never prune at an epoch <= EPOCHS, nor before RUNS runs finished (default: 1,3)")
     return p
 
@@ -160,7 +160,8 @@ def parse_generation(items: list[str]) -> dict:
             out[key] = GEN_KEYS[key](value)
         except ValueError:
             raise ConfigError(f"--gen {item!r}: {value!r} is not a valid {GEN_KEYS[key].__name__}") from None
-    if out.get("temperature", 0.7) < 0 or not 0 < out.get("top_p", 0.95) <= 1 or out.get("max_new_tokens", 1) < 1:
+    merged = {**DEFAULT_GENERATION, **out}
+    if merged["temperature"] < 0 or not 0 < merged["top_p"] <= 1 or merged["max_new_tokens"] < 1:
         raise ConfigError(f"--gen: out of range in {out} (temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1)")
     return out
 
@@ -318,25 +319,22 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    ray_options=parse_ray_resources(a.ray_resources))
 
 
-DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": 64, "max_new_tokens": 384}
-
-
 def build_proposer(ctx: Context):
     """The proposer the context asks for; an LLM is loaded here, so a bad --llm fails before any run."""
 
     if ctx.proposer not in LLM_PROPOSERS:
-        return make_proposer(ctx.proposer, ctx.space, ctx.seed)
+        return make_proposer(ctx.proposer, ctx.session.space, ctx.seed)
     # Lazy: transformers and the model load only for an LLM proposer.
     from nas_agent_graph.llm.chat_model import LocalChatModel
     from nas_agent_graph.llm.proposer import LLMProposer
 
-    chat = LocalChatModel(model_spec=ctx.llm, quant=ctx.llm_quant, **{**DEFAULT_GENERATION, **ctx.generation})
+    chat = LocalChatModel(model_spec=ctx.llm, quant=ctx.llm_quant, **ctx.generation)
     _, _, info = chat.load()
     log.info("LLM %s (%s, %s on %s) loaded in %.1fs", info["model"], info["dtype"], info["quant"], info["device"],
              info["load_s"])
-    ctx.free_llm = ctx.free_llm or str(info["device"]).startswith("cuda")
-    sampler = make_proposer(ctx.sampler, ctx.space, ctx.seed) if ctx.proposer == "hybrid" else None
-    return LLMProposer(chat, ctx.space, ctx.seed, limits=PromptLimits(max_tokens=ctx.prompt_tokens),
+    ctx.session.free_llm = str(info["device"]).startswith("cuda")  # the LLM and the runs share the GPU
+    sampler = make_proposer(ctx.sampler, ctx.session.space, ctx.seed) if ctx.proposer == "hybrid" else None
+    return LLMProposer(chat, ctx.session.space, ctx.seed, limits=PromptLimits(max_tokens=ctx.prompt_tokens),
                        sampler=sampler, sampler_fraction=ctx.sampler_fraction, n_candidates=ctx.n_candidates,
                        allow_code=ctx.allow_code, code_fraction=ctx.code_fraction, model_path=ctx.model_path,
                        overrides=ctx.overrides)
@@ -388,16 +386,16 @@ def run_search(ctx: Context) -> int:
         study = load_agent_state(ctx.state_path)  # a corrupt file stops us here, untouched
         check_overrides(study, ctx)
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
-        ctx.space = ctx.space or load_space(ctx.space_path)
-        if ctx.warm_start == DEFAULT_ARCHETYPES and not ctx.space.searches_architecture():
+        ctx.session.space = ctx.session.space or load_space(ctx.space_path)
+        if ctx.warm_start == DEFAULT_ARCHETYPES and not ctx.session.space.searches_architecture():
             # A space that fixes the family (spaces/informer.json) asks for that family only.
             log.info("warm start off: the search space fixes the architecture; give --warm-start FILE... "
                      "to train configs first anyway")
-        elif ctx.warm_start and ctx.archetype_obj is None:  # a bad file fails here, before any run
-            ctx.archetype_obj = ArchetypeProposer(load_archetypes(ctx.warm_start))
+        elif ctx.warm_start and ctx.session.archetypes is None:  # a bad file fails here, before any run
+            ctx.session.archetypes = ArchetypeProposer(load_archetypes(ctx.warm_start))
         try:
-            _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
-            ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)
+            ctx = _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
+            ctx.session.proposer = ctx.session.proposer or build_proposer(ctx)
             rc = _search(ctx, study)
         finally:
             _stop_launcher(ctx)
@@ -457,10 +455,10 @@ def _search(ctx: Context, study: AgentState) -> int:
     """Run the graph (resuming its checkpoint when it agrees with the study) to its stop."""
     from nas_agent_graph.graph import build_graph  # lazy: langgraph's graph and torch, for a search only
 
-    ctx.started_at = time.monotonic()
-    display = ctx.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
+    ctx.session.started_at = time.monotonic()
+    display = ctx.session.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
                               else PlainDisplay())
-    ctx.display = display
+    ctx.session.display = display
     with closing(open_checkpoints(ctx.checkpoint_path, ctx.state_path)) as conn, \
             (display if isinstance(display, RichDisplay) else nullcontext()):
         graph = build_graph(timed_saver(SqliteSaver(conn), phase_log(ctx)))
@@ -489,26 +487,27 @@ def _search(ctx: Context, study: AgentState) -> int:
     return 1 if final.get("stop_failed") else 0
 
 
-def _start_launcher(ctx: Context) -> None:
-    """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run."""
+def _start_launcher(ctx: Context) -> Context:
+    """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run;
+    the settings with each run's resources filled in from the cluster's."""
     if ctx.launcher != "ray":
-        return
+        return ctx
     from nas_agent_graph.ray_launcher import check_resources, connect  # lazy: Ray is optional
 
     try:
         resources = connect(ctx.ray_address)
-        ctx.ray_options.setdefault("num_cpus", 1)
-        ctx.ray_options.setdefault("num_gpus", 1 if resources.get("GPU", 0) >= 1 else 0)
-        check_resources(ctx.ray_options["num_cpus"], ctx.ray_options["num_gpus"])
+        options = {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0, **ctx.ray_options}
+        check_resources(options["num_cpus"], options["num_gpus"])
     except (ImportError, ValueError, RuntimeError, ConnectionError) as e:
         raise ConfigError(f"--launcher ray: {e}") from None
-    log.info("Ray cluster %s: %s; each run asks for %s", ctx.ray_address or "(local)", resources, ctx.ray_options)
+    log.info("Ray cluster %s: %s; each run asks for %s", ctx.ray_address or "(local)", resources, options)
+    return replace(ctx, ray_options=options)
 
 
 def _stop_launcher(ctx: Context) -> None:
     """Stop the runs still in flight (a crash or Ctrl-C; a resume reruns them) and leave Ray."""
-    if ctx.pool is not None:
-        ctx.pool.shutdown()
+    if ctx.session.pool is not None:
+        ctx.session.pool.shutdown()
     if ctx.launcher == "ray":
         from nas_agent_graph.ray_launcher import shutdown  # lazy: Ray is optional
 
@@ -526,7 +525,7 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--model", type=Path, default=None, help="a model file defining build_model(config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-params", type=int, default=None)
-    p.add_argument("--smoke-timeout", type=float, default=120.0)
+    p.add_argument("--smoke-timeout", type=float, default=Context.smoke_timeout)
     p.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     _common(p)
     a = p.parse_args(argv)

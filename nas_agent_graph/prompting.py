@@ -56,10 +56,13 @@ class PromptError(ValueError):
     """A template is missing or broken, or no prompt fits the token budget."""
 
 
+DEFAULT_PROMPT_TOKENS = 3072  # upper bound on a prompt in the model's tokens (--prompt-tokens)
+
+
 @dataclass(frozen=True)
 class PromptLimits:
     """How much of the study a prompt shows, and the hard token budget it must fit."""
-    max_tokens: int = 3072
+    max_tokens: int = DEFAULT_PROMPT_TOKENS
     """Upper bound on the rendered prompt (system + user), in the model's tokens."""
     top_k: int = 5
     """Best scored runs shown (the incumbent is shown on its own as well)."""

@@ -138,7 +138,7 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
     value = run_value(run)
     state = TrialState.COMPLETE if value is not None else TrialState.FAIL
     if run.status == "running":
-        # A run in flight (--parallel; see nodes.study_view): a RUNNING trial, so TPE's constant
+        # A run in flight (--parallel; see study.rules.study_view): a RUNNING trial, so TPE's constant
         # liar steers the next proposal away from it instead of ignoring it like a FAIL.
         state = TrialState.RUNNING
     intermediate = {}

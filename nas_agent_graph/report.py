@@ -36,7 +36,7 @@ from nas_agent.atomic import atomic_write_text
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
 from nas_agent.run_folder import CONFIG_USED_FILE
-from nas_agent_graph.confirmation import noise_floor_text, pending_candidate
+from nas_agent_graph.study.confirmation import noise_floor_text, pending_candidate
 from nas_agent_graph.lineage import CSS as LINEAGE_CSS
 from nas_agent_graph.lineage import lineage_html
 from nas_agent_graph.proposers import llm_validity

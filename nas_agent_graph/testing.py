@@ -2,7 +2,10 @@
 family, and a synthetic study of any size. Nothing here trains or loads a model."""
 from __future__ import annotations
 
+import os
 import random
+import time
+from pathlib import Path
 
 from nas_agent.agent_state import AgentState, RunInfo, add_run
 from nas_agent.config import load_config
@@ -51,3 +54,13 @@ def synthetic_study(n: int, seed: int = 0) -> AgentState:
             error_tail=("Traceback (most recent call last):\n" + "  File x.py, line 1\n" * 80
                         + "RuntimeError: CUDA out of memory") if failed else None))
     return state
+
+
+def pause_point(node: str, run_id: str, runs_dir: Path) -> None:
+    """Crash-test hook: NAS_AGENT_TEST_PAUSE="propose:run_0001:30" makes that node touch
+    runs/.paused_in_propose and sleep 30 s, so a test can SIGKILL the orchestrator there."""
+    spec = os.environ.get("NAS_AGENT_TEST_PAUSE", "")
+    parts = spec.split(":")
+    if len(parts) == 3 and parts[0] == node and parts[1] == run_id:
+        (runs_dir / f".paused_in_{node}").touch()
+        time.sleep(float(parts[2]))

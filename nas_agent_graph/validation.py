@@ -8,12 +8,13 @@ the file must pass nas_agent_graph.code_check's AST allowlist, or no subprocess 
 With smoke=False only the first two gates run here: the search's `validate` node does that for
 a config proposal that trains the project's own model file one run at a time, whose smoke test
 and parameter budget then run inside the run's own train.py, before training (train.py
---smoke-test --max-params; see nodes.smoke_in_run). That saves a subprocess that imports torch
+--smoke-test --max-params; see smoke_in_run below). That saves a subprocess that imports torch
 (~2 s a proposal); a model that fails there ends the run "invalid", which the search records
 as a rejected proposal like the ones rejected here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,10 +26,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nas_agent.agent_state import AgentState
+from nas_agent.atomic import atomic_write_text
 from nas_agent.config import ConfigError, config_hash, validate_config
+from nas_agent.run_folder import MODEL_FILE
 from nas_agent_graph.code_check import check_model_file
+from nas_agent_graph.context import Context
 from nas_agent_graph.process import run_child
-from nas_agent_graph.limits import Caps, ran_out_of_memory
+from nas_agent_graph.limits import Caps, ran_out_of_memory, smoke_caps
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +140,40 @@ def check_proposal(raw: dict, state: Optional[AgentState], *, python: str, smoke
                        n_params=n_params, config=cfg)
     return Verdict(True, n_params=n_params, smoke_seconds=result.get("seconds"), config=cfg)
 
+
+# --------------------------------------------------------------------------- in the search
+
+def smoke_in_run(proposal: dict, ctx: Context) -> bool:
+    """Whether the proposal's smoke test and --max-params check run inside its own train.py, before
+    training (train.py --smoke-test), instead of in a subprocess of `validate`: a config proposal
+    (no model code) for the project's own model file (--allow-code off), one run at a time on the
+    local launcher. An invalid model then ends the run "invalid" and `reject_run` records it as a
+    rejected proposal; run ids stay in order because no other run is in flight to take the next id.
+    Model code written by the LLM is always checked first (AST allowlist, capped subprocess)."""
+    return (ctx.smoke_in_run and ctx.parallel == 1 and ctx.launcher == "local" and not ctx.allow_code
+            and ctx.model_file is None and proposal.get("meta", {}).get("model_code") is None)
+
+
+def check_code_proposal(proposal: dict, code: str, study: AgentState, state: dict, ctx: Context) -> Verdict:
+    """A model-code proposal: not a duplicate of earlier code, then the AST allowlist and the smoke
+    test on the file (check_proposal with model_file); the config itself may repeat the incumbent's."""
+    digest = hashlib.sha256(code.encode()).hexdigest()
+    for run in study.runs:
+        if run.extra.get("proposal", {}).get("code_sha256") == digest:
+            return Verdict(False, [f"duplicate: the same model code already ran as {run.run_id}"])
+    folder = ctx.runs_dir / ".proposals" / f"{state['run_id']}_a{state.get('attempt', 0)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / MODEL_FILE, code)
+    return check_proposal(proposal["config"], None, python=ctx.python, smoke_timeout=ctx.smoke_timeout,
+                          max_params=ctx.max_params, env=ctx.env, model_file=folder / MODEL_FILE,
+                          caps=smoke_caps(ctx.run_memory_gb, ctx.smoke_timeout))
+
+
+def labelled_smoke_error(error: str | None, ctx: Context) -> str:
+    """train.py's "invalid" error, said first as exceeding the memory cap when it ran out of memory
+    under it (as validation's subprocess smoke test says it)."""
+    text = error or "smoke test failed: train.py gave no reason"
+    if ctx.run_memory_gb and ran_out_of_memory(text):
+        return (f"smoke test failed: the model exceeded its memory cap of {ctx.run_memory_gb:g} GB "
+                f"(--run-memory); propose a smaller one. {text.removeprefix('smoke test failed: ')[:300]}")
+    return text

@@ -64,6 +64,8 @@ CACHE_FORMAT = 1
 _TRUE = {"1", "true", "yes", "on"}
 # Sampling keeps the 64 likeliest allowed tokens before top_p (Gemma 3's recommended setting).
 DEFAULT_TOP_K = 64
+# Sampling settings of a proposal, the CLI's --gen defaults and LocalChatModel's alike: written once.
+DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": DEFAULT_TOP_K, "max_new_tokens": 384}
 
 
 class LLMError(RuntimeError):
@@ -740,3 +742,17 @@ def iter_messages(messages: Iterable[Any]) -> list[Message]:
             role, content = m
             out.append({"role": role, "content": content})
     return out
+
+
+def free_memory() -> None:
+    """Give the LLM's memory back before a run that needs it (reloaded on the next proposal)."""
+    import gc
+
+    clear_model_cache()
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

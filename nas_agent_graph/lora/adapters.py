@@ -10,7 +10,7 @@ Data flow, all of it in plain files:
     agent_state.json meta.lora    the registry (below): the single source of truth about which
                                   adapter is in use
 
-Positive samples have reward >= LoraSettings.reward_threshold (nas_agent_graph/reward.py
+Positive samples have reward >= LoraSettings.reward_threshold (nas_agent_graph/study/reward.py
 defines the reward). When `trigger` positives exist that no earlier training attempt has seen,
 the graph routes to the `finetune` node: the `held_out` most recent samples are set aside, the
 remaining positives train adapter vK in a subprocess, and the gate evaluates vK against the
@@ -35,6 +35,7 @@ Registry (agent_state.json meta.lora):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from nas_agent.agent_state import AgentState, utc_now_iso
+from nas_agent.atomic import append_jsonl
 from nas_agent.run_folder import SCORED
 from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count, parse_memory_gb, ran_out_of_memory
 from nas_agent_graph.process import run_child
@@ -435,3 +437,20 @@ def check_rollback(state: AgentState, settings: LoraSettings) -> dict | None:
         _event(reg, "rolled_back", current["version"], reason)
         return reg["events"][-1]
     return None
+
+
+def append_sample(runs_dir: Path, run_id: str, proposal: dict, launch_out: dict, reward: float | None) -> None:
+    """Append a finished run's LoRA sample (prompt, response, status, val MSE, reward) to the
+    study's samples file, once: a pass re-run after a crash finds its key there."""
+    meta = proposal.get("meta", {})
+    response = meta.get("response") or json.dumps(proposal["config"], sort_keys=True)
+    messages = meta.get("messages")
+    key = hashlib.sha256(json.dumps([messages or meta.get("prompt"), response]).encode()).hexdigest()[:16]
+    path = samples_path(runs_dir)
+    if key in {s.get("key") for s in read_samples(path)}:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(path, {"key": key, "run_id": run_id, "prompt": meta.get("prompt"), "messages": messages,
+                        "response": response, "proposer": proposal["proposer"], "status": launch_out["status"],
+                        "val_mse": launch_out["metrics"].get("val_mse"), "reward": reward,
+                        "adapter_version": (meta.get("llm") or {}).get("adapter")})

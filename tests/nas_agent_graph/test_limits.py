@@ -139,7 +139,7 @@ def test_defaults_leave_room_for_the_orchestrator_and_split_by_parallel():
 
 def test_a_model_allocating_past_the_cap_in_its_in_run_smoke_test_is_a_rejection_saying_so(folder):
     from nas_agent_graph.context import Context
-    from nas_agent_graph.nodes import _labelled_smoke_error
+    from nas_agent_graph.validation import labelled_smoke_error
 
     runs = folder / "runs"
     start = time.monotonic()
@@ -148,8 +148,8 @@ def test_a_model_allocating_past_the_cap_in_its_in_run_smoke_test_is_a_rejection
                      caps=Caps(memory_gb=1.5, cpu_s=cpu_cap_s(None, 2)), timeout_s=300)
     assert time.monotonic() - start < 60
     assert hog.status == "invalid" and ran_out_of_memory(hog.metrics["error"]), hog.metrics["error"]
-    message = _labelled_smoke_error(hog.metrics["error"], Context(run_memory_gb=1.5))
+    message = labelled_smoke_error(hog.metrics["error"], Context(run_memory_gb=1.5))
     assert message.startswith("smoke test failed: the model exceeded its memory cap of 1.5 GB (--run-memory); "
                               "propose a smaller one. ")
-    assert _labelled_smoke_error("too many parameters: 9 > --max-params 1", Context(run_memory_gb=1.5)) == \
+    assert labelled_smoke_error("too many parameters: 9 > --max-params 1", Context(run_memory_gb=1.5)) == \
         "too many parameters: 9 > --max-params 1"

@@ -220,13 +220,13 @@ def test_a_two_run_study_on_a_local_ray_cluster(study):
 def test_runs_in_flight_that_do_not_follow_the_study_are_dropped(tmp_path):
     from nas_agent.agent_state import AgentState, RunInfo
     from nas_agent_graph.context import Context
-    from nas_agent_graph.nodes import _consistent_flights
+    from nas_agent_graph.study.rules import consistent_flights
 
     ctx = Context(state_path=tmp_path / "agent_state.json")
     study = AgentState(runs=[RunInfo(run_id=f"run_{i:04d}", status="ok") for i in range(2)])
     entry = lambda i: {"run_id": f"run_{i:04d}", "proposal": {}}  # noqa: E731
-    assert _consistent_flights(study, [entry(2), entry(3)], ctx) == [entry(2), entry(3)]
-    assert _consistent_flights(study, [entry(1), entry(2)], ctx) == [entry(2)]  # run_0001 was recorded already
+    assert consistent_flights(study, [entry(2), entry(3)], ctx) == [entry(2), entry(3)]
+    assert consistent_flights(study, [entry(1), entry(2)], ctx) == [entry(2)]  # run_0001 was recorded already
     # agent_state.json restored from a backup: run_0003/4 would clash with the next ids
-    assert _consistent_flights(study, [entry(3), entry(4)], ctx) == []
-    assert _consistent_flights(study, [entry(2), entry(2)], ctx) == []
+    assert consistent_flights(study, [entry(3), entry(4)], ctx) == []
+    assert consistent_flights(study, [entry(2), entry(2)], ctx) == []

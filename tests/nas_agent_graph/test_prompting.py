@@ -67,7 +67,7 @@ def test_prompt_shows_validation_but_never_test_metrics():
 
 
 def test_runs_in_flight_are_listed_as_running_not_as_failures():
-    from nas_agent_graph.nodes import study_view
+    from nas_agent_graph.study.rules import study_view
     state = synthetic_study(6)
     flying = {"run_id": "run_0006", "proposal": {"config": state.runs[1].config, "raw_config": state.runs[1].config,
                                                  "proposer": "tpe", "parent_run_id": None, "meta": {}}}

@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage
 from nas_agent.agent_state import AgentState, RunInfo, add_run, load_agent_state
 from nas_agent.config import parse_config_source, render_config, validate_config
 from nas_agent_graph.cli import run_search
-from nas_agent_graph.context import Context
+from nas_agent_graph.context import Context, Session
 from nas_agent_graph.display import PlainDisplay
 from nas_agent_graph.launcher import launch_run
 from nas_agent_graph.llm import backend
@@ -215,7 +215,7 @@ def test_accepted_model_code_becomes_the_incumbent_model(tmp_path):
     chat = ScriptedChat()
     proposer = LLMProposer(chat, SPACE, seed=0, allow_code=True, code_fraction=1.0, model_path=model_path)
     ctx = Context(state_path=tmp_path / "agent_state.json", runs_dir=tmp_path / "runs",
-                  config_path=tmp_path / "config.py", max_runs=2, proposer_obj=proposer, display=PlainDisplay(),
+                  config_path=tmp_path / "config.py", max_runs=2, session=Session(proposer=proposer, display=PlainDisplay()),
                   overrides=["training.max_epochs=1", "training.max_steps_per_epoch=5"], model_path=model_path,
                   env=run_env())
     assert run_search(ctx) == 0

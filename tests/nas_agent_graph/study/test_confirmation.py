@@ -8,7 +8,7 @@ import pytest
 
 from nas_agent.agent_state import AgentState, RunInfo, load_agent_state
 from nas_agent_graph.cli import run_search
-from nas_agent_graph.confirmation import (
+from nas_agent_graph.study.confirmation import (
     conclude,
     confirmations_of,
     next_confirmation,
