@@ -293,7 +293,7 @@ def collect_lora(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]
     append_sample(ctx.runs_dir, state["run_id"], proposal, state["launch"], decision["reward"])
     study = load_agent_state(ctx.state_path)
     before = repr(study.meta.get("lora"))
-    event = check_rollback(study, _lora_settings(ctx))
+    event = check_rollback(study, ctx.lora or LoraSettings())
     if repr(study.meta.get("lora")) != before:  # a check ran: record it, rollback or not
         save_study(study, ctx, "collect_lora")
     if event is not None:
@@ -302,13 +302,10 @@ def collect_lora(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]
             "can_propose": can_propose(study, state.get("in_flight"), ctx, state.get("stop_reason"))}
 
 
-def _lora_settings(ctx: Context) -> LoraSettings:
-    return ctx.lora if ctx.lora is not None else LoraSettings()
-
-
 def _finetune_due(study: AgentState, ctx: Context) -> bool:
     """A fine-tune is due: the proposer has an LLM, LoRA is on, and enough new positive samples exist."""
-    return getattr(ctx.session.proposer, "chat", None) is not None and finetune_due(study, ctx.runs_dir, _lora_settings(ctx))
+    has_llm = getattr(ctx.session.proposer, "chat", None) is not None
+    return has_llm and finetune_due(study, ctx.runs_dir, ctx.lora or LoraSettings())
 
 
 def finetune(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -324,12 +321,12 @@ def finetune(state: GraphState, runtime: Runtime[Context]) -> dict[str, Any]:
     if ctx.session.free_llm:
         free_memory()
     try:
-        record = finetune_and_gate(study, ctx.runs_dir, _lora_settings(ctx), chat, ctx.session.space, python=ctx.python,
-                                   env=ctx.env)
+        record = finetune_and_gate(study, ctx.runs_dir, ctx.lora or LoraSettings(), chat, ctx.session.space,
+                                   python=ctx.python, env=ctx.env)
     except Exception as e:  # noqa: BLE001 - a failed fine-tune is recorded as data; the search goes on
         log.exception("LoRA fine-tuning failed")
         study = load_agent_state(ctx.state_path)  # without the attempt's partial changes
-        record = record_failed_finetune(study, ctx.runs_dir, _lora_settings(ctx), f"{type(e).__name__}: {e}")
+        record = record_failed_finetune(study, ctx.runs_dir, ctx.lora or LoraSettings(), f"{type(e).__name__}: {e}")
     tick_time(study, ctx)
     save_study(study, ctx, "finetune")
     summary = {k: record.get(k) for k in ("version", "status", "reason", "path", "n_train")}
