@@ -52,34 +52,35 @@ import torch
 from nas_agent.config import ConfigError, config_hash, config_style, load_config, write_config
 from nas_agent.data import DataError, load_dataset
 from nas_agent.logging_utils import save_history, save_metrics
+from nas_agent.run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_USED_FILE,
+    EXIT_CODES,
+    FORECASTS_FILE,
+    LOG_FILE,
+    OUTPUT_FILES,
+    PROGRESS_FILE,
+    PRUNE_FILE,
+    TESTED_EARLY_STOPS,
+    USAGE_ERROR,
+)
 from nas_agent.run_manager import run_size_estimate
 from nas_agent.schema import resolve_class
+from nas_agent.atomic import atomic_write_json
 
 log = logging.getLogger("train")
 
-EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "invalid": 6, "interrupted": 130}
-# The orchestrator asks a running train.py to stop by writing this file into the run folder
+# The orchestrator asks a running train.py to stop by writing PRUNE_FILE into the run folder
 # (its text says why). It is checked between batches, like the signals.
-PRUNE_FILE = "PRUNE"
-# Statuses that end training early but still restore and test the best checkpoint.
-TESTED_EARLY_STOPS = ("timeout", "pruned")
-USAGE_ERROR = 2
-# Files that mean "this folder already holds a run". train.log is not one of them: the
-# agent opens it before launching us, to stream our output into it.
-OUTPUT_FILES = ("metrics.json", "history.json", "config_used.py", "best_model.pth", "learning_curve.png",
-                "forecasts.npz")
-# forecasts.npz: the best checkpoint's forecast of every validation and test window, fp32, and the
-# rows their targets come from; the study's ensemble selection reads it (nas_agent_graph/ensemble.py).
-# Skipped for a split whose forecasts would exceed this size (a wide data set), which is then
-# evaluated streaming, as during training.
-FORECASTS_FILE = "forecasts.npz"
+# forecasts.npz (FORECASTS_FILE): the best checkpoint's forecast of every validation and test
+# window, fp32, and the rows their targets come from; the study's ensemble reads it. Skipped for a
+# split whose forecasts would exceed this size (a wide data set), evaluated streaming instead.
 FORECASTS_MAX_BYTES = 256 * 2**20
 EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
-# Where a run is inside its epoch, for the search's live panel: rewritten (atomically) at most
-# this often, since an epoch of the default config takes minutes and history.json says nothing
-# until it ends.
-PROGRESS_FILE = "progress.json"
+# Where a run is inside its epoch (PROGRESS_FILE), for the search's live panel: rewritten
+# (atomically) at most this often, since an epoch of the default config takes minutes and
+# history.json says nothing until it ends.
 PROGRESS_EVERY_S = 2.0
 
 
@@ -297,7 +298,7 @@ def smoke_check(model, ds, tc, device: torch.device, amp: str) -> float:
             step_scheduler(scheduler, probe_loss.item())
         model.eval()
         try:
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 out = model(x_enc, m_enc, x_dec, m_dec)
             if tuple(out.shape) != tuple(y.shape):
                 raise ValueError(f"model output: expected shape {list(y.shape)} [batch, pred_len, c_out], "
@@ -374,7 +375,7 @@ def amp_mode(device: torch.device, wanted: bool) -> tuple[str, str]:
     return "bf16", f"{why}; probe ok (relative error {error:.1e})"
 
 
-def _autocast(device: torch.device, mode: str):
+def autocast(device: torch.device, mode: str):
     # bf16 keeps fp32's range, so it needs no loss scaling: AMP is a context manager and nothing
     # else. Weights, optimizer state and the loss stay fp32.
     if mode == "bf16":
@@ -426,7 +427,7 @@ def predict(cfg, args, device: torch.device) -> int:
     """--predict FILE: the forecasts of a finished run's best checkpoint, in forecasts.npz's format,
     for a run that did not write them (it predates them, or its data set is too wide)."""
     run_dir = Path(args.runs_dir) / args.tag
-    ckpt_path = run_dir / "best_model.pth"
+    ckpt_path = run_dir / CHECKPOINT_FILE
     if not ckpt_path.is_file():
         print(f"error: --predict: {ckpt_path} not found (the run wrote no checkpoint, or it was deleted)",
               file=sys.stderr)
@@ -510,8 +511,6 @@ def write_progress(run_dir: Path, epoch: int, max_epochs: int, step: int, steps:
                    budget_left: float | None) -> None:
     """progress.json: the step within the epoch, the rate and the ETAs. Only a display reads
     it, so a failed write (a full disk) is logged once and never stops training."""
-    from nas_agent._atomic import atomic_write_json
-
     rate, epoch_left, run_left = _etas(epoch, max_epochs, step, steps, epoch_s, budget_left)
     try:
         atomic_write_json(run_dir / PROGRESS_FILE, {
@@ -570,7 +569,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             if time.monotonic() > deadline:
                 raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
             t_step = time.monotonic()
-            with _autocast(device, state["amp"]):
+            with autocast(device, state["amp"]):
                 pred = model(x_enc, m_enc, x_dec, m_dec)
                 loss = criterion(pred.float(), y)
             if not torch.isfinite(loss):
@@ -689,7 +688,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
-    setup_logging(run_dir / "train.log")
+    setup_logging(run_dir / LOG_FILE)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     tc = cfg.training
@@ -721,7 +720,7 @@ def main(argv=None) -> int:
                 metrics["smoke_s"] = round(smoke_check(model, ds, tc, device, state["amp"]), 4)
         if args.smoke_test:
             check_disk_room(run_dir, metrics["n_params"])
-        write_config(cfg, run_dir / "config_used.py", style=style,
+        write_config(cfg, run_dir / CONFIG_USED_FILE, style=style,
                      header=f"Effective config of {args.tag}: {args.config}" +
                             (f" with --set {' '.join(overrides)}" if overrides else "") +
                             f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
@@ -812,8 +811,8 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
                   style: frozenset[str] = frozenset()) -> None:
     """Write every file that exists to be written; metrics.json strictly last."""
     try:
-        if not (run_dir / "config_used.py").exists():  # failed before the data was read
-            write_config(cfg, run_dir / "config_used.py", header=f"Effective config of {tag}", style=style)
+        if not (run_dir / CONFIG_USED_FILE).exists():  # failed before the data was read
+            write_config(cfg, run_dir / CONFIG_USED_FILE, header=f"Effective config of {tag}", style=style)
         save_history(run_dir, history_file(state))
         if metrics["status"] != "invalid":  # nothing trained; matplotlib's import alone takes 0.3 s
             plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
@@ -821,9 +820,9 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
             ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],
                     "val_mse": state["best_val"], "columns": ds.columns, "scaler_mean": ds.mean.tolist(),
                     "scaler_std": ds.std.tolist(), "torch_version": str(torch.__version__)}
-            tmp = run_dir / "best_model.pth.tmp"
+            tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
             torch.save(ckpt, tmp)
-            os.replace(tmp, run_dir / "best_model.pth")
+            os.replace(tmp, run_dir / CHECKPOINT_FILE)
             if len(state.get("forecasts") or {}) == 4:  # both splits of this checkpoint
                 save_forecasts(run_dir / FORECASTS_FILE, state["forecasts"])
     except Exception:

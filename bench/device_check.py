@@ -46,7 +46,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is a folder of scripts: the repository root holds train.py and the packages.
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
 WHL_DIR, DATA_DIR = ".whl", ".devdata"  # the carried folders, ignored by .gitignore
@@ -250,6 +249,7 @@ def llm_part(device: str, work: Path, res: dict) -> None:
     code. Fills `res` as it goes, its "stage" naming the step under way, so a failure says where."""
     import torch
 
+    # Lazy, as every heavy import here: --prepare and --dry-run's planning never load them.
     from nas_agent_graph.llm import backend
     from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
     from nas_agent_graph.lora import finetune
@@ -450,7 +450,7 @@ def wheel_files() -> dict[str, tuple[str, Path]]:
 
 def data_files() -> list[str]:
     """The data files the planned configs read (only those travel)."""
-    from nas_agent.config import load_config
+    from nas_agent.config import load_config  # lazy: pydantic, for --prepare and --dry-run only
     return sorted({Path(load_config(ROOT / run.config).data.path).name for run in SOLO + PAIR})
 
 
@@ -543,7 +543,7 @@ def resolve_with(data_dir: Path, path: str, resolve) -> Path:
 
 
 def check_data() -> tuple[bool, str]:
-    from nas_agent.data import ETT_SHA256, resolve_data_path
+    from nas_agent.data import ETT_SHA256, resolve_data_path  # lazy: pandas and torch, for this check only
     notes = []
     for name in data_files():
         path = ROOT / DATA_DIR / name

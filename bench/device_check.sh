@@ -30,5 +30,7 @@ if (( ${#wheels[@]} == 0 )); then
 fi
 # --target keeps the image's own packages untouched; --no-deps: the dry run checked the set is complete.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
-export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout goes on the path too: the device machine has no package index to build the
+# project's editable install (pip install -e .) from, so the project is used from here as is.
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 exec python3 bench/device_check.py "$@"

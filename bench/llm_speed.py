@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def study_prompt(n_runs: int):
     """The real hybrid-free prompt for a synthetic study of n_runs runs of the default space."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    # Lazy, as every project import here: --help answers without loading torch or transformers.
     from nas_agent.config import load_config
     from nas_agent_graph.prompting import PromptLimits
     from nas_agent_graph.search_space import load_space
-    from tests.nas_agent_graph.test_prompting import synthetic_study
+    from nas_agent_graph.testing import synthetic_study
 
     space = load_space(None)
     base = load_config(ROOT / "config.py").model_dump()
@@ -53,7 +51,7 @@ def hf_generate_seconds(model, tokenizer, messages, schema, backend) -> tuple[fl
     with torch.inference_mode():
         out = model.generate(**ids, logits_processor=[processor], max_new_tokens=384, do_sample=True,
                              temperature=0.7, top_p=0.95, top_k=backend.DEFAULT_TOP_K,
-                             eos_token_id=backend._stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=backend.stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
     return time.perf_counter() - t0, int(out.shape[1] - ids["input_ids"].shape[1])
 
 
@@ -70,12 +68,13 @@ def main() -> None:
 
     import torch
 
+    # Lazy (see study_prompt).
     from nas_agent_graph.llm import backend
     from nas_agent_graph.llm.chat_model import LocalChatModel
     from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
     from nas_agent_graph.llm.proposer import LLMProposer
     from nas_agent_graph.prompting import config_messages
-    from tests.nas_agent_graph.test_prompting import synthetic_study
+    from nas_agent_graph.testing import synthetic_study
 
     torch.set_num_threads(a.threads)
     spec = backend.resolve_llm(a.llm)

@@ -14,7 +14,7 @@ subprocess the agent uses, and prints:
      (the gate's two measures);
   3. with --reward-budget: the mean reward of those replies. Each valid reply's config is trained
      (train.py, the given budget) and rewarded against the incumbent of the held-out run's time
-     (nas_agent_graph/reward.py); an invalid reply gets the reward of a failed run (-1).
+     (nas_agent_graph/study/reward.py); an invalid reply gets the reward of a failed run (-1).
 
 The adapter and the replies (eval.json) are left in /tmp/nas_lora_bench/ for inspection.
 """
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def messages_from_text(text: str) -> list[dict]:
@@ -56,6 +55,7 @@ def main() -> None:
 
     import torch
 
+    # Lazy, as every project import here: --help answers without loading torch or transformers.
     from nas_agent.agent_state import load_agent_state
     from nas_agent_graph.llm.chat_model import LocalChatModel
     from nas_agent_graph.lora.adapters import LoraSettings, best_params, evaluate, read_samples, train_adapter
@@ -123,9 +123,10 @@ def reply_reward(params, sample, state, space, budget, tag) -> float:
     held-out run's time; an invalid reply (params None) is a failure."""
     import subprocess
 
+    # Lazy (see main).
     from nas_agent.agent_state import get_run
     from nas_agent.config import apply_overrides, parse_config_source, render_config
-    from nas_agent_graph.reward import FAILURE, compute_reward
+    from nas_agent_graph.study.reward import FAILURE, compute_reward
 
     if params is None:
         return FAILURE

@@ -38,9 +38,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.nas_agent_graph.test_cli import TINY_SPACE as CLI_TINY_SPACE  # noqa: E402
+from nas_agent_graph.testing import TINY_SPACE as CLI_TINY_SPACE  # noqa: E402
 
 from nas_agent.agent_state import load_agent_state  # noqa: E402
 from nas_agent.logging_utils import load_metrics  # noqa: E402
@@ -75,7 +74,7 @@ def run_study(folder: Path, runs: int, proposer: str, threads: int, extra: list[
            "--space", "space.json", "--warm-start", "off", "--run-budget", "none", *extra]
     for item in BUDGET:
         cmd += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.monotonic()
     with open(folder / "orchestrator.log", "w") as log:
         rc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode

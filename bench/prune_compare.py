@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from bench.search_compare import run_orchestrator  # noqa: E402
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
@@ -108,7 +107,7 @@ def main() -> None:
     a = p.parse_args()
     a.config, a.space, out = a.config.resolve(), a.space.resolve(), a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
 
     variants = [("none", 1), *((m, 1) for m in a.prune), *(("none", n) for n in a.parallel if n > 1)]
     rows = [run_study(mode, n, a, out, env) for mode, n in variants]

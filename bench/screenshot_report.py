@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ scripts run from a checkout, like the others here
 
 from nas_agent.agent_state import load_agent_state  # noqa: E402
 from nas_agent_graph.report import write_report  # noqa: E402

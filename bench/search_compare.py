@@ -44,7 +44,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
 from nas_agent.schema import model_family  # noqa: E402
@@ -79,7 +78,7 @@ def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budg
            "--run-budget", "none"]
     for s in budget:
         cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     rc, wall = run_orchestrator(cmd, folder, env)
     state = load_agent_state(folder / "agent_state.json")
     best = get_best_run(state)
@@ -119,7 +118,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
         shutil.copy(ROOT / "config.py", folder / "config.py")
     state_file = folder / "agent_state.json"
     budget = minutes * 60
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
     if not done:
         cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),

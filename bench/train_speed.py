@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is a folder of scripts, not a package: `python bench/train_speed.py` puts bench/ on
 # the path, not the repository root that model.py, train.py and nas_agent live in.
-sys.path.insert(0, str(ROOT))
 
 from model import build_model  # noqa: E402
 from nas_agent.config import load_config  # noqa: E402
@@ -60,7 +58,7 @@ def median_step_s(model, ds, cfg, steps: int, device: torch.device, amp: str) ->
         x_enc, m_enc, x_dec, m_dec, y = next(batches)
         sync(device)
         t = time.perf_counter()
-        with train._autocast(device, amp):
+        with train.autocast(device, amp):
             loss = criterion(model(x_enc, m_enc, x_dec, m_dec).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -70,7 +70,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from nas_agent._atomic import atomic_write_text, dumps_json
+from nas_agent.atomic import atomic_write_text, dumps_json
 from nas_agent.logging_utils import RUN_STATUSES
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from pydantic import ValidationError
 
 from nas_agent import legacy
-from nas_agent._atomic import atomic_write_text
+from nas_agent.atomic import atomic_write_text
 from nas_agent.schema import ALLOWED_CLASSES, Config
 
 log = logging.getLogger(__name__)

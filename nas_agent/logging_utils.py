@@ -1,6 +1,6 @@
 """Per-run result files: metrics.json and history.json in runs/run_XXXX/.
 
-Both are written atomically (see `nas_agent._atomic`), so a run killed while
+Both are written atomically (see `nas_agent.atomic`), so a run killed while
 saving leaves the previous complete file or none, never a truncated one.
 Non-finite floats (a diverged run's NaN loss) are stored as null.
 
@@ -62,12 +62,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nas_agent._atomic import atomic_write_json
+from nas_agent.atomic import atomic_write_json
+from nas_agent.run_folder import HISTORY_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.json"
 
 RUN_STATUSES = (
     "ok",           # trained to the end (or early-stopped normally); metrics are valid

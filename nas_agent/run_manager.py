@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from nas_agent._atomic import atomic_write_text
+from nas_agent.atomic import atomic_write_text
+from nas_agent.run_folder import CONFIG_USED_FILE
 
 log = logging.getLogger(__name__)
 
 RUN_ID_RE = re.compile(r"^run_(\d{4,})$")
 RUNS_DIR = "runs"
-CONFIG_SNAPSHOT = "config_used.py"
 LOG_ALLOWANCE_BYTES = 16 * 1024 ** 2  # train.log, history.json, learning_curve.png, config files
 
 
@@ -69,6 +69,6 @@ def snapshot_config(config_path: str | Path, run_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CONFIG_SNAPSHOT
+    path = run_dir / CONFIG_USED_FILE
     atomic_write_text(path, Path(config_path).read_text(encoding="utf-8"))
     return path

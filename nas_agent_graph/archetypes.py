@@ -24,8 +24,8 @@ from pathlib import Path
 
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, load_config
-from nas_agent_graph.confirmation import CONFIRM_PROPOSER
-from nas_agent_graph.context import ROOT
+from nas_agent_graph.study.confirmation import CONFIRM_PROPOSER
+from nas_agent_graph.paths import CONFIGS_DIR
 from nas_agent_graph.proposers import Proposal
 
 PROPOSER = "archetype"
@@ -33,7 +33,7 @@ PROPOSER = "archetype"
 # confirmation runs (--confirm-seeds).
 WARM_START_PHASE = ("baseline", PROPOSER, CONFIRM_PROPOSER)
 # Shipped in configs/. The Informer paper's config is left out: the baseline already is an Informer.
-DEFAULT_ARCHETYPES = tuple(ROOT / "configs" / f"{name}.py"
+DEFAULT_ARCHETYPES = tuple(CONFIGS_DIR / f"{name}.py"
                            for name in ("dlinear", "patchtst42", "itransformer", "tsmixer", "patchtst64"))
 # Settings that define the task and the per-run budget: always the study's, never the archetype's.
 TASK_AND_BUDGET = {

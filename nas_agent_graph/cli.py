@@ -19,20 +19,34 @@ import sqlite3
 import sys
 import time
 from contextlib import closing, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from langgraph.checkpoint.sqlite import SqliteSaver
+from rich.console import Console
 
 from nas_agent.agent_state import AgentState, AgentStateError, load_agent_state
 from nas_agent.config import ConfigError, apply_overrides, load_config, validate_config
+from nas_agent.run_manager import ids_in_order
 from nas_agent_graph import ensemble
+from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, load_archetypes
 from nas_agent_graph.context import Context
+from nas_agent_graph.disk import disk_full_message, full_disk_error
+from nas_agent_graph.display import PlainDisplay, RichDisplay
 from nas_agent_graph.ensemble import DEFAULT_POOL, DEFAULT_STEPS
-from nas_agent_graph.llm.backend import LLMError
+from nas_agent_graph.limits import CapError, default_lora_memory_gb, default_run_memory_gb, parse_memory_gb, smoke_caps
+from nas_agent_graph.llm.backend import DEFAULT_GENERATION, LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
-from nas_agent_graph.prompting import PromptError
+from nas_agent_graph.lora.adapters import LoraSettings
+from nas_agent_graph.optuna_mirror import db_path, rebuild
+from nas_agent_graph.phases import phase_log, timed_saver
+from nas_agent_graph.prompting import PromptError, PromptLimits
+from nas_agent_graph.proposers import make_proposer, route_optuna_logging
+from nas_agent_graph.report import render_status, write_report
 from nas_agent_graph.retention import DEFAULT_KEEP
-from nas_agent_graph.search_space import SpaceError
+from nas_agent_graph.search_space import SpaceError, load_space
+from nas_agent_graph.unrecorded import describe, unrecorded_runs
+from nas_agent_graph.validation import check_proposal
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +63,8 @@ DEFAULT_RUN_BUDGET_S = 240
 # --------------------------------------------------------------------------- arguments
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", type=Path, default=Path("agent_state.json"), help="study file (default: %(default)s)")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="run folders (default: %(default)s)")
+    p.add_argument("--state", type=Path, default=Context.state_path, help="study file (default: %(default)s)")
+    p.add_argument("--runs-dir", type=Path, default=Context.runs_dir, help="run folders (default: %(default)s)")
 
 
 def search_parser() -> argparse.ArgumentParser:
@@ -58,14 +72,14 @@ def search_parser() -> argparse.ArgumentParser:
                                 description="Search Informer configs by training them. Subcommands: "
                                             "check CONFIG, status, report, export-optuna (each has --help).")
     _common(p)
-    p.add_argument("--max-runs", type=int, default=100, help="total runs in the study, earlier sessions included")
+    p.add_argument("--max-runs", type=int, default=Context.max_runs, help="total runs in the study, earlier sessions included")
     p.add_argument("--proposer", choices=PROPOSERS, default="auto",
-                   help="auto (default): hybrid with a GPU, tpe on the CPU (see the README); hybrid: the LLM picks "
+                   help="auto (default): hybrid with a GPU, tpe on the CPU (see docs/llm.md); hybrid: the LLM picks "
                         "or edits the sampler's candidates; llm: the LLM alone; tpe, cmaes, random: Optuna alone, "
                         "no model is loaded")
-    p.add_argument("--config", type=Path, default=Path("config.py"),
+    p.add_argument("--config", type=Path, default=Context.config_path,
                    help="the incumbent config; a new study starts from it, accepted runs replace it")
-    p.add_argument("--seed", type=int, default=0, help="proposer seed: the same seed reproduces the proposals")
+    p.add_argument("--seed", type=int, default=Context.seed, help="proposer seed: the same seed reproduces the proposals")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, e.g. --set training.max_epochs=3 for a quick search")
     p.add_argument("--run-budget", default=str(DEFAULT_RUN_BUDGET_S), metavar="SECONDS|none",
@@ -84,22 +98,22 @@ def search_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm-quant", choices=("4bit", "8bit", "none"), default=None,
                      help="bitsandbytes quantization (default: 4bit on CUDA, none on the CPU)")
     llm.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
-                     help=f"generation setting: {', '.join(GEN_KEYS)} (default temperature=0.7, top_p=0.95, "
-                          "top_k=64, max_new_tokens=384)")
-    llm.add_argument("--sampler", choices=("tpe", "cmaes", "random"), default="tpe", help="hybrid's Optuna sampler")
-    llm.add_argument("--sampler-fraction", type=float, default=0.25,
+                     help=f"generation setting: {', '.join(GEN_KEYS)} (default "
+                          f"{' '.join(f'{k}={v}' for k, v in DEFAULT_GENERATION.items())})")
+    llm.add_argument("--sampler", choices=("tpe", "cmaes", "random"), default=Context.sampler, help="hybrid's Optuna sampler")
+    llm.add_argument("--sampler-fraction", type=float, default=Context.sampler_fraction,
                      help="hybrid: fraction of runs from the sampler alone (default: %(default)s)")
-    llm.add_argument("--candidates", type=int, default=4, help="hybrid: sampler candidates shown to the LLM")
-    llm.add_argument("--prompt-tokens", type=int, default=3072, help="upper bound on a prompt, in tokens")
+    llm.add_argument("--candidates", type=int, default=Context.n_candidates, help="hybrid: sampler candidates shown to the LLM")
+    llm.add_argument("--prompt-tokens", type=int, default=Context.prompt_tokens, help="upper bound on a prompt, in tokens")
     llm.add_argument("--allow-code", action="store_true",
                      help="let the LLM propose model code (a new model.py) for some runs")
     llm.add_argument("--lora", action="append", default=[], metavar="KEY=VALUE",
                      help="LoRA self-improvement settings, e.g. trigger=10 steps=40 reward_threshold=0.7; "
                           "'off' disables it (see nas_agent_graph/lora/adapters.py)")
     par = p.add_argument_group("parallel runs")
-    par.add_argument("--parallel", type=int, default=1, metavar="N",
+    par.add_argument("--parallel", type=int, default=Context.parallel, metavar="N",
                      help="runs at once: one GPU each round-robin, or a share of the CPU cores (default: 1)")
-    par.add_argument("--launcher", choices=("local", "ray"), default="local",
+    par.add_argument("--launcher", choices=("local", "ray"), default=Context.launcher,
                      help="local: train.py subprocesses here; ray: one Ray task per run (pip install -r "
                           "requirements-ray.txt)")
     par.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -109,13 +123,13 @@ def search_parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("limits and stopping")
     limits.add_argument("--run-timeout", type=float, default=None, help="seconds per train.py; the process is killed")
     limits.add_argument("--max-params", type=int, default=None, help="reject proposals with more parameters")
-    limits.add_argument("--min-delta", type=float, default=0.0, help="accept when val_mse < best - min_delta")
+    limits.add_argument("--min-delta", type=float, default=Context.min_delta, help="accept when val_mse < best - min_delta")
     limits.add_argument("--patience", type=int, default=None, help="stop after N runs without improvement")
     limits.add_argument("--time-budget", type=float, default=None, help="stop after N seconds of study time")
     limits.add_argument("--target-mse", type=float, default=None, help="stop once best val_mse <= this")
-    limits.add_argument("--max-retries", type=int, default=3, help="invalid proposals per run before stopping")
-    limits.add_argument("--max-failures", type=int, default=3, help="failed runs in a row before stopping")
-    limits.add_argument("--smoke-timeout", type=float, default=120.0, help="seconds for a proposal's smoke test")
+    limits.add_argument("--max-retries", type=int, default=Context.max_retries, help="invalid proposals per run before stopping")
+    limits.add_argument("--max-failures", type=int, default=Context.max_failures, help="failed runs in a row before stopping")
+    limits.add_argument("--smoke-timeout", type=float, default=Context.smoke_timeout, help="seconds for a proposal's smoke test")
     limits.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     limits.add_argument("--keep-checkpoints", default=None, metavar="N|all",
                         help="keep best_model.pth of every incumbent and of the N best runs, delete the "
@@ -124,12 +138,12 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--ensemble", default=str(DEFAULT_POOL), metavar="N|off",
                         help="when the study ends, average the forecasts of a selection of its N best runs "
                              "(chosen on validation MSE) into runs/ensemble.json (default: %d)" % DEFAULT_POOL)
-    limits.add_argument("--confirm-seeds", type=int, default=1, metavar="K",
+    limits.add_argument("--confirm-seeds", type=int, default=Context.confirm_seeds, metavar="K",
                         help="accept a better run only after K seeds of it and of the incumbent agree "
                              "(one-sided Welch's t-test); 1 = off (default)")
-    limits.add_argument("--prune", choices=("none", "median", "asha"), default="none",
+    limits.add_argument("--prune", choices=("none", "median", "asha"), default=Context.prune,
                         help="stop runs whose learning curve looks worse than earlier runs' (default: none)")
-    limits.add_argument("--prune-warmup", default="1,3", metavar="EPOCHS,RUNS",
+    limits.add_argument("--prune-warmup", default=f"{Context.prune_warmup_epochs},{Context.prune_min_runs}", metavar="EPOCHS,RUNS",
                         help="never prune at an epoch <= EPOCHS, nor before RUNS runs finished (default: 1,3)")
     return p
 
@@ -146,7 +160,8 @@ def parse_generation(items: list[str]) -> dict:
             out[key] = GEN_KEYS[key](value)
         except ValueError:
             raise ConfigError(f"--gen {item!r}: {value!r} is not a valid {GEN_KEYS[key].__name__}") from None
-    if out.get("temperature", 0.7) < 0 or not 0 < out.get("top_p", 0.95) <= 1 or out.get("max_new_tokens", 1) < 1:
+    merged = {**DEFAULT_GENERATION, **out}
+    if merged["temperature"] < 0 or not 0 < merged["top_p"] <= 1 or merged["max_new_tokens"] < 1:
         raise ConfigError(f"--gen: out of range in {out} (temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1)")
     return out
 
@@ -165,7 +180,7 @@ def parse_prune_warmup(text: str) -> tuple[int, int]:
 
 def resolve_proposer(name: str) -> str:
     """--proposer auto: the hybrid LLM proposer where it pays (a GPU: a proposal in seconds), TPE on
-    the CPU, where the embedded LLM takes ~100 s per proposal and did not beat TPE (README, Proposers)."""
+    the CPU, where the embedded LLM did not beat TPE in the measured arms (docs/llm.md)."""
     if name != "auto":
         return name
     import torch
@@ -220,7 +235,6 @@ def parse_ensemble(text: str) -> int | None:
 
 def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
     """--warm-start: None = the shipped archetypes, ['off'] = none, else the files given."""
-    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES
 
     if items is None:
         return DEFAULT_ARCHETYPES
@@ -235,12 +249,11 @@ def parse_warm_start(items: list[str] | None) -> tuple[Path, ...]:
 
 
 RUN_MEMORY_HELP = ("memory cap of each smoke test and train.py run, in GB (default: the available memory "
-                   "less 3 GB for the orchestrator and LLM, divided by --parallel; see the README)")
+                   "less 3 GB for the orchestrator and LLM, divided by --parallel; see docs/search.md)")
 
 
 def parse_run_memory(text: str | None, parallel: int) -> float | None:
     """--run-memory GB|off (None: the default for --parallel); a bad value is a ConfigError saying why."""
-    from nas_agent_graph.limits import CapError, default_run_memory_gb, parse_memory_gb
 
     try:
         return default_run_memory_gb(parallel) if text is None else parse_memory_gb(text, "--run-memory", None)
@@ -281,16 +294,12 @@ def context_from_args(a: argparse.Namespace) -> Context:
         raise ConfigError("--ray-address and --ray-resources need --launcher ray")
     if not 1 <= a.confirm_seeds <= 20:
         raise ConfigError(f"--confirm-seeds must be in [1, 20], got {a.confirm_seeds}")
-    from nas_agent_graph.lora.adapters import LoraSettings
     try:
         lora = LoraSettings.from_items(a.lora)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run_memory = parse_run_memory(a.run_memory, a.parallel)
     if lora.memory_gb is None:  # the fine-tune's own default: it peaks at ~8.2 GB on the CPU
-        from dataclasses import replace
-
-        from nas_agent_graph.limits import default_lora_memory_gb
         lora = replace(lora, memory_gb=default_lora_memory_gb(run_memory))
     return Context(state_path=a.state, runs_dir=a.runs_dir, config_path=a.config, max_runs=a.max_runs,
                    proposer=proposer, seed=a.seed, overrides=with_run_budget(a.set, a.run_budget),
@@ -310,26 +319,22 @@ def context_from_args(a: argparse.Namespace) -> Context:
                    ray_options=parse_ray_resources(a.ray_resources))
 
 
-DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": 64, "max_new_tokens": 384}
-
-
 def build_proposer(ctx: Context):
     """The proposer the context asks for; an LLM is loaded here, so a bad --llm fails before any run."""
-    from nas_agent_graph.proposers import make_proposer
 
     if ctx.proposer not in LLM_PROPOSERS:
-        return make_proposer(ctx.proposer, ctx.space, ctx.seed)
+        return make_proposer(ctx.proposer, ctx.session.space, ctx.seed)
+    # Lazy: transformers and the model load only for an LLM proposer.
     from nas_agent_graph.llm.chat_model import LocalChatModel
     from nas_agent_graph.llm.proposer import LLMProposer
-    from nas_agent_graph.prompting import PromptLimits
 
-    chat = LocalChatModel(model_spec=ctx.llm, quant=ctx.llm_quant, **{**DEFAULT_GENERATION, **ctx.generation})
+    chat = LocalChatModel(model_spec=ctx.llm, quant=ctx.llm_quant, **ctx.generation)
     _, _, info = chat.load()
     log.info("LLM %s (%s, %s on %s) loaded in %.1fs", info["model"], info["dtype"], info["quant"], info["device"],
              info["load_s"])
-    ctx.free_llm = ctx.free_llm or str(info["device"]).startswith("cuda")
-    sampler = make_proposer(ctx.sampler, ctx.space, ctx.seed) if ctx.proposer == "hybrid" else None
-    return LLMProposer(chat, ctx.space, ctx.seed, limits=PromptLimits(max_tokens=ctx.prompt_tokens),
+    ctx.session.free_llm = str(info["device"]).startswith("cuda")  # the LLM and the runs share the GPU
+    sampler = make_proposer(ctx.sampler, ctx.session.space, ctx.seed) if ctx.proposer == "hybrid" else None
+    return LLMProposer(chat, ctx.session.space, ctx.seed, limits=PromptLimits(max_tokens=ctx.prompt_tokens),
                        sampler=sampler, sampler_fraction=ctx.sampler_fraction, n_candidates=ctx.n_candidates,
                        allow_code=ctx.allow_code, code_fraction=ctx.code_fraction, model_path=ctx.model_path,
                        overrides=ctx.overrides)
@@ -349,7 +354,6 @@ def checkpoint_agrees(values: dict, next_nodes: tuple, study: AgentState) -> boo
     run must be exactly run_0000 .. run_N without overlap; the pass's run may already be recorded
     only at decide/collect_lora/stop (a crash after the save, before the checkpoint).
     """
-    from nas_agent.run_manager import ids_in_order
 
     run_id = values.get("run_id")
     if run_id is None:
@@ -376,25 +380,22 @@ def check_overrides(study: AgentState, ctx: Context) -> None:
 
 
 def run_search(ctx: Context) -> int:
-    from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, load_archetypes
-    from nas_agent_graph.proposers import route_optuna_logging
-    from nas_agent_graph.search_space import load_space
 
     route_optuna_logging()
     with StudyLock(ctx.state_path):
         study = load_agent_state(ctx.state_path)  # a corrupt file stops us here, untouched
         check_overrides(study, ctx)
         ctx.runs_dir.mkdir(parents=True, exist_ok=True)
-        ctx.space = ctx.space or load_space(ctx.space_path)
-        if ctx.warm_start == DEFAULT_ARCHETYPES and not ctx.space.searches_architecture():
+        ctx.session.space = ctx.session.space or load_space(ctx.space_path)
+        if ctx.warm_start == DEFAULT_ARCHETYPES and not ctx.session.space.searches_architecture():
             # A space that fixes the family (spaces/informer.json) asks for that family only.
             log.info("warm start off: the search space fixes the architecture; give --warm-start FILE... "
                      "to train configs first anyway")
-        elif ctx.warm_start and ctx.archetype_obj is None:  # a bad file fails here, before any run
-            ctx.archetype_obj = ArchetypeProposer(load_archetypes(ctx.warm_start))
+        elif ctx.warm_start and ctx.session.archetypes is None:  # a bad file fails here, before any run
+            ctx.session.archetypes = ArchetypeProposer(load_archetypes(ctx.warm_start))
         try:
-            _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
-            ctx.proposer_obj = ctx.proposer_obj or build_proposer(ctx)
+            ctx = _start_launcher(ctx)  # a wrong Ray address or resources fail here, before the LLM loads
+            ctx.session.proposer = ctx.session.proposer or build_proposer(ctx)
             rc = _search(ctx, study)
         finally:
             _stop_launcher(ctx)
@@ -452,14 +453,12 @@ def _fewer_fsyncs(conn: sqlite3.Connection) -> sqlite3.Connection:
 
 def _search(ctx: Context, study: AgentState) -> int:
     """Run the graph (resuming its checkpoint when it agrees with the study) to its stop."""
-    from nas_agent_graph.display import PlainDisplay, RichDisplay
-    from nas_agent_graph.graph import build_graph
-    from nas_agent_graph.phases import phase_log, timed_saver
+    from nas_agent_graph.graph import build_graph  # lazy: langgraph's graph and torch, for a search only
 
-    ctx.started_at = time.monotonic()
-    display = ctx.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
+    ctx.session.started_at = time.monotonic()
+    display = ctx.session.display or (RichDisplay(runs_dir=ctx.runs_dir, parallel=ctx.parallel) if sys.stderr.isatty()
                               else PlainDisplay())
-    ctx.display = display
+    ctx.session.display = display
     with closing(open_checkpoints(ctx.checkpoint_path, ctx.state_path)) as conn, \
             (display if isinstance(display, RichDisplay) else nullcontext()):
         graph = build_graph(timed_saver(SqliteSaver(conn), phase_log(ctx)))
@@ -488,28 +487,29 @@ def _search(ctx: Context, study: AgentState) -> int:
     return 1 if final.get("stop_failed") else 0
 
 
-def _start_launcher(ctx: Context) -> None:
-    """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run."""
+def _start_launcher(ctx: Context) -> Context:
+    """With --launcher ray: join (or start) the cluster now, so a wrong address fails before any run;
+    the settings with each run's resources filled in from the cluster's."""
     if ctx.launcher != "ray":
-        return
-    from nas_agent_graph.ray_launcher import check_resources, connect
+        return ctx
+    from nas_agent_graph.ray_launcher import check_resources, connect  # lazy: Ray is optional
 
     try:
         resources = connect(ctx.ray_address)
-        ctx.ray_options.setdefault("num_cpus", 1)
-        ctx.ray_options.setdefault("num_gpus", 1 if resources.get("GPU", 0) >= 1 else 0)
-        check_resources(ctx.ray_options["num_cpus"], ctx.ray_options["num_gpus"])
+        options = {"num_cpus": 1, "num_gpus": 1 if resources.get("GPU", 0) >= 1 else 0, **ctx.ray_options}
+        check_resources(options["num_cpus"], options["num_gpus"])
     except (ImportError, ValueError, RuntimeError, ConnectionError) as e:
         raise ConfigError(f"--launcher ray: {e}") from None
-    log.info("Ray cluster %s: %s; each run asks for %s", ctx.ray_address or "(local)", resources, ctx.ray_options)
+    log.info("Ray cluster %s: %s; each run asks for %s", ctx.ray_address or "(local)", resources, options)
+    return replace(ctx, ray_options=options)
 
 
 def _stop_launcher(ctx: Context) -> None:
     """Stop the runs still in flight (a crash or Ctrl-C; a resume reruns them) and leave Ray."""
-    if ctx.pool is not None:
-        ctx.pool.shutdown()
+    if ctx.session.pool is not None:
+        ctx.session.pool.shutdown()
     if ctx.launcher == "ray":
-        from nas_agent_graph.ray_launcher import shutdown
+        from nas_agent_graph.ray_launcher import shutdown  # lazy: Ray is optional
 
         shutdown()
 
@@ -517,7 +517,6 @@ def _stop_launcher(ctx: Context) -> None:
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_check(argv: list[str]) -> int:
-    from nas_agent_graph.validation import check_proposal
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph check",
                                 description="Run the loop's validation on a config, without training. "
@@ -526,11 +525,10 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--model", type=Path, default=None, help="a model file defining build_model(config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-params", type=int, default=None)
-    p.add_argument("--smoke-timeout", type=float, default=120.0)
+    p.add_argument("--smoke-timeout", type=float, default=Context.smoke_timeout)
     p.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     _common(p)
     a = p.parse_args(argv)
-    from nas_agent_graph.limits import smoke_caps
     caps = smoke_caps(parse_run_memory(a.run_memory, 1), a.smoke_timeout)
     try:
         cfg = load_config(a.config, a.set)
@@ -551,10 +549,6 @@ def cmd_check(argv: list[str]) -> int:
 
 
 def cmd_status(argv: list[str]) -> int:
-    from rich.console import Console
-
-    from nas_agent_graph.report import render_status
-    from nas_agent_graph.unrecorded import describe, unrecorded_runs
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph status", description="Table of the study's runs.")
     _common(p)
@@ -575,7 +569,6 @@ def cmd_status(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from nas_agent_graph.report import write_report
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph report",
                                 description="Write an offline HTML report (default: runs/report.html).")
@@ -588,9 +581,6 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_export_optuna(argv: list[str]) -> int:
-    from nas_agent_graph.optuna_mirror import db_path, rebuild
-    from nas_agent_graph.proposers import route_optuna_logging
-    from nas_agent_graph.search_space import load_space
 
     p = argparse.ArgumentParser(prog="python -m nas_agent_graph export-optuna",
                                 description="Rebuild runs/optuna.db from agent_state.json, for "
@@ -639,8 +629,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        from nas_agent_graph.disk import disk_full_message, full_disk_error
-
         if (full := full_disk_error(e)) is None:
             raise
         print(disk_full_message(full), file=sys.stderr)  # a condition to fix, not a crash: no traceback

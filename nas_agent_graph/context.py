@@ -1,7 +1,11 @@
-"""Run-scoped settings: what one invocation of the orchestrator was asked to do.
+"""What one invocation of the orchestrator was asked to do (Context: frozen settings), and the
+live objects it works with (Session).
 
-These come from the command line and are not part of the checkpointed graph state:
-a resumed study may be continued with a larger --max-runs or a new --run-timeout.
+Settings come from the command line and are not part of the checkpointed graph state: a resumed
+study may be continued with a larger --max-runs or a new --run-timeout. The CLI reads its
+defaults from here, so each default is written once. Nodes read settings and never assign to
+them; what a session builds or measures as it goes (the proposer, the pool of runs in flight,
+the display, the clock) lives in ctx.session.
 """
 from __future__ import annotations
 
@@ -10,10 +14,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from nas_agent_graph.paths import PROJECT_MODEL, TRAIN_SCRIPT
+from nas_agent_graph.prompting import DEFAULT_PROMPT_TOKENS
 
 
 @dataclass
+class Session:
+    """The live objects of one invocation: built by the CLI (or a test) or on first use, never
+    checkpointed, and the only part of the context that changes while the graph runs."""
+
+    proposer: Any = None
+    """The study's proposer (an Optuna sampler, the LLM or the hybrid)."""
+    archetypes: Any = None
+    """The warm start's ArchetypeProposer, or None without --warm-start configs."""
+    space: Any = None
+    """The SearchSpace loaded from space_path."""
+    display: Any = None
+    """The live panel or the plain log (nas_agent_graph.display)."""
+    pool: Any = None
+    """The runs in flight (nas_agent_graph.pool.RunPool), made on first use."""
+    mirror: Any = None
+    """The session's runs/optuna.db writer (nas_agent_graph.optuna_mirror.Mirror), made on first use."""
+    phases: Any = None
+    """The session's timing log, runs/phases.jsonl (nas_agent_graph.phases.PhaseLog), made on first use."""
+    started_at: float = 0.0
+    """time.monotonic() when study time was last counted, for the study's time budget."""
+    free_llm: bool = False
+    """Free the LLM's memory before each training run: set when the LLM loaded on the GPU the runs use."""
+
+    def show(self, event: str, **kw) -> None:
+        """Tell the display (if any) about an event: on_propose, on_launch, on_epoch, ..."""
+        if self.display is not None:
+            getattr(self.display, event)(**kw)
+
+
+@dataclass(frozen=True)
 class Context:
     state_path: Path = Path("agent_state.json")
     """agent_state.json: the study's single source of truth."""
@@ -51,7 +86,7 @@ class Context:
     smoke_timeout: float = 120.0
     smoke_in_run: bool = True
     """Smoke-test config proposals inside their own train.py, before training, where that is safe
-    (nodes.smoke_in_run: one run at a time, the project's model file); False: always in a subprocess
+    (validation.smoke_in_run: one run at a time, the project's model file); False: always in a subprocess
     of `validate`. Model code from the LLM is always checked in a subprocess first."""
     run_memory_gb: Optional[float] = None
     """Memory cap of each smoke test and train.py run, GB (--run-memory; nas_agent_graph/limits.py).
@@ -67,7 +102,7 @@ class Context:
     nas_agent_graph/ensemble.py); None: none (the CLI defaults to ensemble.DEFAULT_POOL)."""
     confirm_seeds: int = 1
     """> 1: a run that beats the incumbent is accepted only after it and the incumbent ran with
-    this many seeds each and the difference is significant (nas_agent_graph/confirmation.py)."""
+    this many seeds each and the difference is significant (nas_agent_graph/study/confirmation.py)."""
     prune: str = "none"
     """Learning-curve pruning of running runs: none | median | asha (nas_agent_graph/pruning.py)."""
     prune_warmup_epochs: int = 1
@@ -97,37 +132,28 @@ class Context:
     """Hybrid: this fraction of runs comes from the sampler alone (0.25 = every 4th run)."""
     n_candidates: int = 4
     """Hybrid: candidates the sampler suggests for the LLM to pick from or edit."""
-    prompt_tokens: int = 3072
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
     """Upper bound on a prompt, in the model's tokens (fewer past runs are shown to fit)."""
     allow_code: bool = False
     """Let the LLM propose model code (a new model.py) for some runs; see code_fraction."""
     code_fraction: float = 0.2
     """With allow_code: this fraction of LLM runs asks for model code instead of a config."""
-    model_path: Path = ROOT / "model.py"
+    model_path: Path = PROJECT_MODEL
     """The incumbent model file: runs train it, accepted model-code proposals replace it."""
     lora: Any = None
     """LoraSettings for the LLM's fine-tuning (None: nas_agent_graph.lora.adapters.LoraSettings())."""
-    free_llm: bool = False
-    """Free the LLM's memory before each training run (set when the LLM and training share a GPU)."""
     python: str = sys.executable
-    train_script: Path = ROOT / "train.py"
+    train_script: Path = TRAIN_SCRIPT
     env: Optional[dict[str, str]] = None
     """Environment of train.py subprocesses (default: this process's)."""
 
-    # Built once per invocation by the CLI; not settings.
-    proposer_obj: Any = None
-    archetype_obj: Any = None
-    """The warm start's ArchetypeProposer, or None without --warm-start configs."""
-    space: Any = None
-    display: Any = None
-    pool: Any = None
-    """The runs in flight (nas_agent_graph.pool.RunPool), made on first use."""
-    mirror: Any = None
-    """The session's runs/optuna.db writer (nas_agent_graph.optuna_mirror.Mirror), made on first use."""
-    phases: Any = None
-    """The session's timing log, runs/phases.jsonl (nas_agent_graph.phases.PhaseLog), made on first use."""
-    started_at: float = 0.0
-    """time.monotonic() at the start of this session, for the study's time budget."""
+    session: Session = field(default_factory=Session, compare=False)
+    """The live objects (not settings); see Session."""
+
+    @property
+    def model_file(self) -> Optional[Path]:
+        """The model file runs use: None for the project's own model.py (train.py's default)."""
+        return None if self.model_path.resolve() == PROJECT_MODEL.resolve() else self.model_path
 
     @property
     def checkpoint_path(self) -> Path:

@@ -1,6 +1,6 @@
 """A full disk stops the search cleanly: one message, exit 1, and the same command resumes.
 
-Every file the search reads back is written atomically (nas_agent/_atomic.py), and the checkpoint
+Every file the search reads back is written atomically (nas_agent/atomic.py), and the checkpoint
 database commits or rolls back, so a failed write leaves the previous version whole; what is lost
 is only the write itself, which a resumed search redoes. So a write refused for lack of space
 (ENOSPC, EDQUOT) is not a crash to debug but a condition to report: what could not be written,

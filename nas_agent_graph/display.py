@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nas_agent.agent_state import AgentState, RunInfo, get_best_run
+from nas_agent.run_folder import PROGRESS_FILE
 from nas_agent_graph.report import format_duration
 
 
@@ -75,7 +76,7 @@ class PlainDisplay:
 def read_progress(run_dir: Path) -> Optional[dict]:
     """train.py's progress.json, or None (not written yet, or caught mid-replace)."""
     try:
-        data = json.loads((run_dir / "progress.json").read_text(encoding="utf-8"))
+        data = json.loads((run_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

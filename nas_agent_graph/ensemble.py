@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nas_agent._atomic import atomic_write_json
+from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
+from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
 from nas_agent.schema import model_family
-from nas_agent_graph.launcher import DEFAULT_TRAIN_SCRIPT, child_preexec
-from nas_agent_graph.proposers import SCORED_STATUSES
-from nas_agent_graph.retention import CHECKPOINT, FORECASTS
+from nas_agent_graph.paths import TRAIN_SCRIPT
+from nas_agent_graph.process import run_child
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def pool_runs(study: AgentState, runs_dir: Path, pool: int) -> tuple[list[RunInf
     """The `pool` best scored runs by validation MSE that still have a checkpoint, and a note for
     each of the best `pool` that has none. Runs of one config hash count once (the same config
     and seed train the same weights)."""
-    scored = [r for r in study.runs if r.status in SCORED_STATUSES and isinstance(r.val_mse, (int, float))
+    scored = [r for r in study.runs if r.status in SCORED and isinstance(r.val_mse, (int, float))
               and math.isfinite(r.val_mse)]
     chosen, skipped, hashes = [], [], set()
     for run in sorted(scored, key=lambda r: r.val_mse):
@@ -77,8 +77,8 @@ def pool_runs(study: AgentState, runs_dir: Path, pool: int) -> tuple[list[RunInf
         config_hash = run.extra.get("config_hash") if isinstance(run.extra, dict) else None
         if config_hash and config_hash in hashes:
             continue
-        if not ((runs_dir / run.run_id / CHECKPOINT).is_file() or (runs_dir / run.run_id / FORECASTS).is_file()):
-            skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT} (deleted by retention)")
+        if not ((runs_dir / run.run_id / CHECKPOINT_FILE).is_file() or (runs_dir / run.run_id / FORECASTS_FILE).is_file()):
+            skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT_FILE} (deleted by retention)")
             continue
         hashes.add(config_hash)
         chosen.append(run)
@@ -90,7 +90,7 @@ def forecasts(run: RunInfo, runs_dir: Path, *, python: str = sys.executable,
     """A run's validation and test forecasts and targets: its forecasts.npz, written first by
     `train.py --predict` if the run has none."""
     run_dir = runs_dir / run.run_id
-    path = run_dir / FORECASTS
+    path = run_dir / FORECASTS_FILE
     if not path.is_file():
         _predict(run, run_dir, runs_dir, path, python, timeout_s)
     try:
@@ -110,18 +110,16 @@ def windows(rows: np.ndarray, pred_len: int) -> np.ndarray:
 
 def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str, timeout_s: float) -> None:
     run_dir, runs_dir, out = run_dir.resolve(), runs_dir.resolve(), out.resolve()  # the child runs elsewhere
-    config = run_dir / "config_used.py"
+    config = run_dir / CONFIG_USED_FILE
     if not config.is_file():
-        config = run_dir / "config.py"
-    cmd = [python, str(DEFAULT_TRAIN_SCRIPT), "--config", str(config), "--tag", run.run_id,
+        config = run_dir / CONFIG_FILE
+    cmd = [python, str(TRAIN_SCRIPT), "--config", str(config), "--tag", run.run_id,
            "--runs-dir", str(runs_dir), "--predict", str(out)]
-    if (run_dir / "model.py").is_file():  # the run trained a proposed model file
-        cmd += ["--model", str(run_dir / "model.py")]
-    log.info("%s: no %s; predicting from its checkpoint", run.run_id, FORECASTS)
+    if (run_dir / MODEL_FILE).is_file():  # the run trained a proposed model file
+        cmd += ["--model", str(run_dir / MODEL_FILE)]
+    log.info("%s: no %s; predicting from its checkpoint", run.run_id, FORECASTS_FILE)
     try:
-        proc = subprocess.run(cmd, cwd=DEFAULT_TRAIN_SCRIPT.parent, capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=child_preexec())
+        proc = run_child(cmd, timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         raise EnsembleError(f"{run.run_id}: train.py --predict took more than {timeout_s:g}s") from None
     if proc.returncode != 0:
@@ -163,7 +161,7 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
         raise EnsembleError(f"pool and steps must be >= 1 (got pool {pool}, steps {steps})")
     runs, skipped = pool_runs(study, runs_dir, pool)
     if not runs:
-        raise EnsembleError(f"no scored run (status {' or '.join(SCORED_STATUSES)}) with a {CHECKPOINT} under "
+        raise EnsembleError(f"no scored run (status {' or '.join(SCORED)}) with a {CHECKPOINT_FILE} under "
                             f"{runs_dir}; train some runs first, or keep their checkpoints (--keep-checkpoints)")
     library: dict[str, Forecasts] = {}
     reference = None

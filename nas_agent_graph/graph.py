@@ -1,4 +1,4 @@
-"""Wire and compile the search graph. No logic lives here: see nodes.py and routers.py (and
+"""Wire and compile the search graph. No logic lives here: see nodes.py, routers.py and study/ (and
 phases.py, whose wrapper times each node).
 
     load_state -> propose -> validate -> launch -> wait -> summarise -> decide -> collect_lora -> propose ...
@@ -19,9 +19,9 @@ from nas_agent_graph.state import GraphState
 
 def build_graph(checkpointer=None):
     g = StateGraph(GraphState, context_schema=Context)
-    for name in ("load_state", "propose", "validate", "launch", "wait", "reject_run", "summarise", "decide",
-                 "collect_lora", "finetune", "stop"):
-        g.add_node(name, timed_node(name, getattr(nodes, name)))  # runs/phases.jsonl
+    for node in (nodes.load_state, nodes.propose, nodes.validate, nodes.launch, nodes.wait, nodes.reject_run,
+                 nodes.summarise, nodes.decide, nodes.collect_lora, nodes.finetune, nodes.stop):
+        g.add_node(node.__name__, timed_node(node.__name__, node))  # timed into runs/phases.jsonl
     g.add_edge(START, "load_state")
     g.add_conditional_edges("load_state", routers.after_load)
     g.add_edge("propose", "validate")

@@ -18,7 +18,6 @@ resumed search reuses the outcome instead of paying for the run again.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import datetime as _dt
 import json
@@ -34,26 +33,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from nas_agent._atomic import atomic_write_json, atomic_write_text
+from nas_agent.atomic import atomic_write_json, atomic_write_text
+from nas_agent.run_folder import CONFIG_FILE, LAUNCH_FILE, LOG_FILE, PRUNE_FILE
 from nas_agent_graph.disk import mentions_full_disk
-from nas_agent_graph.limits import Caps, apply_in_child, memory_cap_reason, ran_out_of_memory
+from nas_agent_graph.limits import Caps, memory_cap_reason, ran_out_of_memory
+from nas_agent_graph.paths import TRAIN_SCRIPT
+from nas_agent_graph.process import (
+    cmdline_mentions,
+    group_alive,
+    kill_after_error,
+    kill_process_group,
+    kill_single,
+    pid_alive,
+    signal_group,
+    start_child,
+    wait_exit_unreaped,
+)
 from nas_agent.logging_utils import METRICS_FILE, HISTORY_FILE, load_history, load_metrics, save_metrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-CONFIG_FILE = "config.py"
-LOG_FILE = "train.log"
-LAUNCH_FILE = "launch.json"
-PRUNE_FILE = "PRUNE"  # train.py's PRUNE_FILE: a request to stop as "pruned" (first line: why)
 ATTEMPT_RE = re.compile(r"^attempt_(\d+)$")
 ERROR_TAIL_LINES = 30
 # Metric keys a synthesised metrics.json carries (as None), so readers find the same
 # keys as in one written by train.py; see nas_agent.logging_utils for their meaning.
 METRIC_KEYS = ("best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "train_mse", "train_time_sec",
                "n_params", "device", "seed")
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_EXIT_POLL_S = 0.05  # how often to look at the child between progress checks
 
 
 class LaunchCancelled(Exception):
@@ -88,29 +93,8 @@ def is_finished(run_dir: Path) -> bool:
     return metrics is not None and metrics["status"] != "interrupted"
 
 
-def kill_process_group(pgid: int, grace_s: float) -> bool:
-    """Stop every process of group `pgid`: SIGTERM, up to `grace_s` to exit, then SIGKILL.
-
-    SIGTERM first so that train.py can write what it has (status "interrupted"); SIGKILL
-    after the grace period because a hung or signal-ignoring process must not outlive
-    the orchestrator's decision. Returns True if SIGKILL was needed.
-    Refuses our own group, since killpg on it would kill the orchestrator itself.
-    """
-    _check_foreign_group(pgid)
-    if not _signal_group(pgid, signal.SIGTERM):
-        return False
-    if _wait_until(lambda: not _group_alive(pgid), grace_s):
-        return False
-    log.warning("process group %d still alive %.1fs after SIGTERM; sending SIGKILL", pgid, grace_s)
-    _signal_group(pgid, signal.SIGKILL)
-    if not _wait_until(lambda: not _group_alive(pgid), 5.0):
-        log.error("process group %d survived SIGKILL for 5s (uninterruptible I/O?); check it with "
-                  "`ps -o pid,stat,cmd -g %d`", pgid, pgid)
-    return True
-
-
 def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, python: str = sys.executable,
-               train_script: Path = DEFAULT_TRAIN_SCRIPT, extra_args: Sequence[str] = (),
+               train_script: Path = TRAIN_SCRIPT, extra_args: Sequence[str] = (),
                timeout_s: float | None = None, env: Mapping[str, str] | None = None,
                on_progress: Callable[[list[dict]], None] | None = None, poll_s: float = 0.5,
                term_grace_s: float = 10.0, files: Mapping[str, str] | None = None,
@@ -129,11 +113,11 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     train.log fills while the run goes instead of at exit. `caps` (nas_agent_graph.limits) are set in
     the child; a run that ran out of memory under them ends "failed" with reason "memory cap (N GB)".
     """
-    run_dir, runs_dir, train_script = _check_launch_args(run_dir, run_id, runs_dir, train_script,
+    run_dir, runs_dir, train_script = check_launch_args(run_dir, run_id, runs_dir, train_script,
                                                          timeout_s, poll_s, term_grace_s)
     if is_finished(run_dir):
-        return _reused_result(run_dir)
-    _stop_orphan(run_dir, term_grace_s)
+        return reused_result(run_dir)
+    stop_orphan(run_dir, term_grace_s)
     attempt = move_aside(run_dir)
     atomic_write_text(run_dir / CONFIG_FILE, config_text)
     for name, text in (files or {}).items():  # e.g. a proposed model.py, which --model in extra_args names
@@ -145,12 +129,12 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     child_env.update(caps.env() if caps else {})
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "wb") as log_file:
-        proc = _start_child(cmd, log_file, train_script.parent, child_env, caps)
+        proc = start_child(cmd, cwd=train_script.parent, env=child_env, caps=caps, stdout=log_file)
         try:  # an interrupt (Ctrl-C, a Ray cancel) may come before _supervise takes over
             _write_launch_record(run_dir, proc, cmd)
             log.info("%s: started pid %d: %s", run_id, proc.pid, " ".join(cmd))
         except BaseException:
-            _kill_after_error(proc, term_grace_s)
+            kill_after_error(proc, term_grace_s)
             raise
         timed_out = _supervise(proc, run_dir, on_progress, timeout_s, poll_s, term_grace_s, stop_event)
     duration = time.monotonic() - start
@@ -158,7 +142,7 @@ def launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path, 
     metrics = _final_metrics(run_dir, run_id, proc.returncode, timed_out, timeout_s)
     if caps is not None and caps.memory_gb and metrics["status"] == "failed":
         metrics = _label_memory_cap(run_dir, run_id, metrics, caps.memory_gb)
-    return _result(run_dir, metrics, duration, proc.returncode, reused=False, attempt=attempt)
+    return launch_result(run_dir, metrics, duration, proc.returncode, reused=False, attempt=attempt)
 
 
 def request_prune(run_dir: Path, reason: str, record: dict) -> None:
@@ -182,7 +166,7 @@ def read_prune_request(run_dir: Path) -> dict | None:
 
 # --------------------------------------------------------------------------- checks
 
-def _check_launch_args(run_dir, run_id, runs_dir, train_script, timeout_s, poll_s, term_grace_s):
+def check_launch_args(run_dir, run_id, runs_dir, train_script, timeout_s, poll_s, term_grace_s):
     """Resolve the paths (the child runs in another cwd) and reject inconsistent arguments.
 
     train.py writes into runs_dir/run_id; a run_dir elsewhere would never see its
@@ -204,14 +188,6 @@ def _check_launch_args(run_dir, run_id, runs_dir, train_script, timeout_s, poll_
     return run_dir, runs_dir, train_script
 
 
-def _check_foreign_group(pgid: int) -> None:
-    """Refuse group ids whose killpg would hit the orchestrator itself or every process."""
-    if pgid <= 1 or pgid == os.getpgrp():
-        raise ValueError(f"kill_process_group: refusing to signal process group {pgid}: it is "
-                         f"{'invalid' if pgid <= 1 else 'our own group'}; pass the pgid of a child "
-                         "started with start_new_session=True")
-
-
 # --------------------------------------------------------------------------- earlier attempts
 
 def launch_record(run_dir: Path) -> dict | None:
@@ -223,13 +199,13 @@ def is_live_child(run_dir: Path, record: dict | None) -> bool:
     """Whether the train.py in `record` (launch.json) still runs: its PID alive and its command
     line naming this folder, so a reused PID does not count. Read-only."""
     pid = record.get("pid") if record else None
-    if not isinstance(pid, int) or pid <= 1 or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 1 or not pid_alive(pid):
         return False
     # launch_run passes absolute paths; the caller's run_dir may be relative to its cwd
-    return _cmdline_mentions(pid, run_dir) or _cmdline_mentions(pid, run_dir.resolve())
+    return cmdline_mentions(pid, run_dir) or cmdline_mentions(pid, run_dir.resolve())
 
 
-def _stop_orphan(run_dir: Path, grace_s: float) -> None:
+def stop_orphan(run_dir: Path, grace_s: float) -> None:
     """Stop a child left running by an orchestrator that died without killing it.
 
     The PID in launch.json may since have been reused by an unrelated process, so it is
@@ -237,9 +213,9 @@ def _stop_orphan(run_dir: Path, grace_s: float) -> None:
     """
     record = _read_launch_record(run_dir)
     pid = record.get("pid") if record else None
-    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid() or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid() or not pid_alive(pid):
         return
-    if not _cmdline_mentions(pid, run_dir):
+    if not cmdline_mentions(pid, run_dir):
         log.debug("%s: pid %d from %s is alive but is not this run's child; leaving it", run_dir, pid, LAUNCH_FILE)
         return
     log.warning("%s: an earlier child (pid %d) is still running, orphaned by a previous orchestrator; "
@@ -249,12 +225,12 @@ def _stop_orphan(run_dir: Path, grace_s: float) -> None:
     except ProcessLookupError:
         return
     if pgid == os.getpgrp() or pgid <= 1:
-        _kill_single(pid, grace_s)
+        kill_single(pid, grace_s)
     else:
         kill_process_group(pgid, grace_s)
 
 
-def _stop_attempt_group(run_dir: Path, grace_s: float) -> bool:
+def stop_attempt_group(run_dir: Path, grace_s: float) -> bool:
     """Stop what is left of the process group in run_dir's launch.json; True if anything was.
 
     Only for a record written by the attempt just cancelled (move_aside cleared older ones):
@@ -264,7 +240,7 @@ def _stop_attempt_group(run_dir: Path, grace_s: float) -> bool:
     """
     record = _read_launch_record(run_dir)
     pgid = record.get("pgid") if record else None
-    if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgrp() or not _group_alive(pgid):
+    if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgrp() or not group_alive(pgid):
         return False
     log.warning("%s: processes of its train.py (group %d) outlived the cancel; stopping them", run_dir.name, pgid)
     kill_process_group(pgid, grace_s)
@@ -283,20 +259,6 @@ def _read_launch_record(run_dir: Path) -> dict | None:
         log.warning("%s: unreadable (%s); cannot check for an orphaned child of an earlier attempt", path, exc)
         return None
     return data if isinstance(data, dict) else None
-
-
-def _cmdline_mentions(pid: int, run_dir: Path) -> bool:
-    """True if an argument of `pid` is run_dir or a path inside it.
-
-    Compared path-wise, not as a substring, so runs/run_0001 does not match runs/run_00010.
-    """
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return False
-    prefix = str(run_dir)
-    return any(arg == prefix or arg.startswith(prefix + os.sep) for arg in args)
 
 
 def move_aside(run_dir: Path) -> int:
@@ -320,67 +282,6 @@ def move_aside(run_dir: Path) -> int:
 
 # --------------------------------------------------------------------------- starting the child
 
-def _load_prctl():
-    """libc's prctl, or None where there is none (not Linux); looked up before fork."""
-    if not sys.platform.startswith("linux"):
-        log.debug("not Linux: children are not tied to the orchestrator's life (no PR_SET_PDEATHSIG)")
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError) as exc:
-        log.debug("prctl unavailable (%s): children are not tied to the orchestrator's life", exc)
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-def _make_preexec(prctl, caps: Caps | None = None):
-    """preexec_fn asking the kernel to SIGTERM the child when its parent thread dies, and
-    setting `caps` (memory, CPU time, oom_score_adj) in the child before it runs anything.
-
-    The signal follows the launching *thread*; that is safe here because launch_run
-    blocks in that thread until the child has exited. If the parent died before prctl
-    took effect, the child stops itself at once. The rlimits are computed here, before
-    fork, so the child only makes syscalls.
-    """
-    if prctl is None and caps is None:
-        return None
-    parent_pid = os.getpid()
-    limits = caps.rlimits() if caps else []
-    oom_adj = caps.oom_score_adj if caps else None
-
-    def preexec() -> None:
-        if prctl is not None:
-            if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-            if os.getppid() != parent_pid:
-                os.kill(os.getpid(), signal.SIGTERM)
-        apply_in_child(limits, oom_adj)
-
-    return preexec
-
-
-def child_preexec(caps: Caps | None = None):
-    """preexec_fn for any child of the orchestrator that runs proposed code or trains (smoke test,
-    training, fine-tuning): SIGTERM when the orchestrator dies, however it dies, and `caps` set
-    (None where there is nothing to do)."""
-    return _make_preexec(_load_prctl(), caps)
-
-
-def _start_child(cmd: list[str], log_file, cwd: Path, env: dict, caps: Caps | None = None) -> subprocess.Popen:
-    """Start the child in its own session, stdout+stderr into train.log, no stdin."""
-    try:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                cwd=cwd, env=env, start_new_session=True, preexec_fn=child_preexec(caps))
-    except subprocess.SubprocessError as exc:
-        raise RuntimeError(f"could not start {cmd[1]}: setting up the child (prctl PR_SET_PDEATHSIG, "
-                           f"resource caps {caps}) failed: {exc}") from exc
-    except OSError as exc:
-        raise RuntimeError(f"could not start {' '.join(cmd[:2])}: {exc}; check the python interpreter "
-                           "and train_script paths") from exc
-
-
 def _write_launch_record(run_dir: Path, proc: subprocess.Popen, cmd: list[str]) -> None:
     """launch.json: who runs this folder, so a later launch can stop it if we die."""
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -396,10 +297,10 @@ def _supervise(proc, run_dir, on_progress, timeout_s, poll_s, grace_s, stop_even
     which is also the group id, cannot be reused by an unrelated process meanwhile.
     """
     deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-    watcher = _HistoryWatcher(run_dir, on_progress)
+    watcher = HistoryWatcher(run_dir, on_progress)
     timed_out = False
     try:
-        while not _wait_exit_unreaped(proc.pid, poll_s):
+        while not wait_exit_unreaped(proc.pid, poll_s):
             watcher.check()
             if stop_event is not None and stop_event.is_set():
                 raise LaunchCancelled(f"{run_dir.name}: the search is shutting down")
@@ -408,45 +309,19 @@ def _supervise(proc, run_dir, on_progress, timeout_s, poll_s, grace_s, stop_even
                             run_dir.name, timeout_s, proc.pid)
                 timed_out = True
                 kill_process_group(proc.pid, grace_s)
-                _wait_exit_unreaped(proc.pid, None)
+                wait_exit_unreaped(proc.pid, None)
                 break
-        _signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the child
+        signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the child
         proc.wait()
     except BaseException:
         log.warning("%s: orchestrator interrupted; stopping pid %d and its group", run_dir.name, proc.pid)
-        _kill_after_error(proc, grace_s)
+        kill_after_error(proc, grace_s)
         raise
     watcher.check()  # the last epoch, written just before exit
     return timed_out
 
 
-def _kill_after_error(proc: subprocess.Popen, grace_s: float) -> None:
-    """Stop and reap the child while another exception is propagating; never raise over it."""
-    try:
-        if proc.returncode is None:  # not reaped yet, so its pid still names its group
-            kill_process_group(proc.pid, grace_s)
-        proc.wait()
-    except Exception:
-        log.exception("stopping pid %d after an orchestrator error failed; check it with `ps -g %d`",
-                      proc.pid, proc.pid)
-
-
-def _wait_exit_unreaped(pid: int, timeout_s: float | None) -> bool:
-    """Wait up to timeout_s (None: forever) for child `pid` to exit, without reaping it."""
-    flags = os.WEXITED | os.WNOWAIT
-    if timeout_s is None:
-        os.waitid(os.P_PID, pid, flags)
-        return True
-    end = time.monotonic() + timeout_s
-    while os.waitid(os.P_PID, pid, flags | os.WNOHANG) is None:
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(_EXIT_POLL_S, remaining))
-    return True
-
-
-class _HistoryWatcher:
+class HistoryWatcher:
     """Calls on_progress(epochs) when history.json changes; a failing callback is only logged."""
 
     def __init__(self, run_dir: Path, on_progress):
@@ -473,81 +348,6 @@ class _HistoryWatcher:
 
 
 # --------------------------------------------------------------------------- signals and processes
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """killpg; returns False, not an error, when the group no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _kill_single(pid: int, grace_s: float) -> None:
-    """TERM, grace, KILL for one process that shares our own group (never killpg that)."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_until(lambda: not _pid_alive(pid), grace_s):
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, pgrp) of a process from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2:].split()  # the command name may hold spaces and ')'
-    return fields[0], int(fields[2])
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if `pid` runs; a zombie (exited, not yet reaped) counts as dead."""
-    if os.path.isdir("/proc/self"):
-        stat = _proc_stat(pid)
-        return stat is not None and stat[0] not in "ZX"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    """True if a non-zombie process is still in group `pgid`.
-
-    killpg(pgid, 0) alone would also count zombies, which may never be reaped where
-    PID 1 does not reap orphans (some containers).
-    """
-    if not os.path.isdir("/proc/self"):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit():
-                stat = _proc_stat(int(entry.name))
-                if stat is not None and stat[1] == pgid and stat[0] not in "ZX":
-                    return True
-    return False
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = _EXIT_POLL_S) -> bool:
-    """Poll `predicate` until true or timeout; return its last value."""
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(step_s)
-    return True
-
 
 # --------------------------------------------------------------------------- outcome
 
@@ -577,7 +377,7 @@ def _raise_if_disk_full(run_dir: Path, run_id: str) -> None:
     metrics = load_metrics(run_dir)
     if metrics is not None and metrics.get("status") not in ("failed", "interrupted"):
         return
-    if not (mentions_full_disk((metrics or {}).get("error")) or mentions_full_disk(_log_tail(run_dir))):
+    if not (mentions_full_disk((metrics or {}).get("error")) or mentions_full_disk(log_tail(run_dir))):
         return
     if metrics is not None:
         os.replace(run_dir / METRICS_FILE, run_dir / f"disk_full_{METRICS_FILE}")
@@ -589,7 +389,7 @@ def _label_memory_cap(run_dir: Path, run_id: str, metrics: dict, gb: float) -> d
     """A failed run that ran out of memory under its cap: its error starts with "memory cap (N GB)",
     and the same line ends train.log, so the LLM's failure feedback (the log's tail) says it too."""
     error = metrics.get("error") or ""
-    tail = _log_tail(run_dir)
+    tail = log_tail(run_dir)
     if not (ran_out_of_memory(error) or ran_out_of_memory(tail)):
         return metrics
     reason = (f"{memory_cap_reason(gb)}: train.py ran out of memory under its cap (--run-memory {gb:g}); "
@@ -597,7 +397,7 @@ def _label_memory_cap(run_dir: Path, run_id: str, metrics: dict, gb: float) -> d
     with open(run_dir / LOG_FILE, "a", encoding="utf-8") as f:
         f.write(f"\n[orchestrator] {reason}\n")
     log.warning("%s: %s", run_id, reason)
-    metrics = {**metrics, "error": f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{_log_tail(run_dir)}",
+    metrics = {**metrics, "error": f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{log_tail(run_dir)}",
                "failure": "memory cap", "memory_cap_gb": gb}
     save_metrics(run_dir, metrics)
     return metrics
@@ -625,7 +425,7 @@ def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: 
         if returncode < 0:
             name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else "a signal"
             reason += f" (killed by {name}{_SIGNAL_HINTS.get(name, '')})"
-    tail = _log_tail(run_dir) or "(train.log is empty)"
+    tail = log_tail(run_dir) or "(train.log is empty)"
     log.warning("%s: %s", run_id, reason)
     metrics = {"status": status, **{key: None for key in METRIC_KEYS}}
     metrics.update(epochs_run=len(load_history(run_dir)["epochs"]), error=f"{reason}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{tail}",
@@ -633,7 +433,7 @@ def _synthesise_metrics(run_dir: Path, run_id: str, returncode: int, timed_out: 
     return metrics
 
 
-def _log_tail(run_dir: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
+def log_tail(run_dir: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
     """The last `lines` lines of train.log, reading only its end (logs can be large)."""
     path = run_dir / LOG_FILE
     try:
@@ -645,15 +445,15 @@ def _log_tail(run_dir: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 64 
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-def _reused_result(run_dir: Path) -> LaunchResult:
+def reused_result(run_dir: Path) -> LaunchResult:
     """The outcome of a folder that is already final; nothing is launched."""
     log.info("%s: already finished (%s exists); reusing it", run_dir.name, METRICS_FILE)
     attempts = sum(1 for p in run_dir.iterdir() if p.is_dir() and ATTEMPT_RE.match(p.name))
-    return _result(run_dir, load_metrics(run_dir), 0.0, None, reused=True, attempt=attempts)
+    return launch_result(run_dir, load_metrics(run_dir), 0.0, None, reused=True, attempt=attempts)
 
 
-def _result(run_dir: Path, metrics: dict, duration: float, returncode, *, reused: bool, attempt: int) -> LaunchResult:
+def launch_result(run_dir: Path, metrics: dict, duration: float, returncode, *, reused: bool, attempt: int) -> LaunchResult:
     status = metrics["status"]
     return LaunchResult(status=status, metrics=metrics, history=load_history(run_dir)["epochs"], duration_s=duration,
-                        error_tail=None if status == "ok" else _log_tail(run_dir), returncode=returncode,
+                        error_tail=None if status == "ok" else log_tail(run_dir), returncode=returncode,
                         reused=reused, attempt=attempt)

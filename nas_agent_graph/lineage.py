@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from nas_agent.agent_state import AgentState, RunInfo
+from nas_agent.run_folder import SCORED
 
 CSS = """
 .lineage ul { list-style: none; margin: 0; padding-left: 1.4em; border-left: 1px dotted #afb8c1; }
@@ -61,7 +62,7 @@ def _val(run: RunInfo) -> str:
 def _node(run: RunInfo, parent: RunInfo | None, best_id: str | None) -> str:
     esc = html.escape
     cls = " ".join(c for c in ("inc" if run.accepted else "", "best" if run.run_id == best_id else "",
-                               "fail" if run.status not in ("ok", "timeout", "pruned") else "") if c)
+                               "fail" if run.status not in SCORED + ("pruned",) else "") if c)
     mark = " ★" if run.run_id == best_id else (" ✓" if run.accepted else "")
     label = (f'<span class="{cls}">{esc(run.run_id)}{mark}</span> · {esc(run.proposer or "?")} · '
              f"{esc(run.status)} · val {_val(run)}")

@@ -119,7 +119,7 @@ def _owner(storage: optuna.storages.RDBStorage) -> str | None:
 
 def sync(study: AgentState, space: SearchSpace, runs_dir: Path, state_path: Path) -> str:
     """Bring runs/optuna.db in line with the study (whose runs in flight, if any, have status
-    "running": nodes.study_view); what was done ("added 1, finished 0", "rebuilt (12 trials)").
+    "running": study.rules.study_view); what was done ("added 1, finished 0", "rebuilt (12 trials)").
     A one-off: the search keeps a Mirror, which remembers what it wrote between syncs."""
     return Mirror(runs_dir, state_path, space).sync(study)
 

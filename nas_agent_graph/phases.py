@@ -57,10 +57,10 @@ class PhaseLog:
 
 
 def phase_log(ctx: Any) -> PhaseLog:
-    """The session's PhaseLog (ctx.phases), made on first use."""
-    if getattr(ctx, "phases", None) is None:
-        ctx.phases = PhaseLog(ctx.runs_dir)
-    return ctx.phases
+    """The session's PhaseLog (ctx.session.phases), made on first use."""
+    if ctx.session.phases is None:
+        ctx.session.phases = PhaseLog(ctx.runs_dir)
+    return ctx.session.phases
 
 
 def timed_node(name: str, fn: Callable) -> Callable:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from nas_agent_graph.launcher import LaunchCancelled, LaunchResult, launch_run
+from nas_agent_graph.ray_launcher import ray_launch_run
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ class RunPool:
         common = dict(run_id=spec.run_id, extra_args=spec.extra_args, files=spec.files,
                       on_progress=spec.on_progress, stop_event=stop)
         if self.launcher == "ray":
-            from nas_agent_graph.ray_launcher import ray_launch_run
             # The worker's own python; the caps (--run-memory, the CPU backstop) go with the task and
             # are set on train.py by the node that runs it.
             kw = {k: v for k, v in self.launch_kwargs.items() if k != "python"}
@@ -162,7 +162,7 @@ class RunPool:
         """What a Ray worker's environment gets from ours. A local cluster (--ray-address omitted)
         shares this machine, so it gets the project's NAS_* settings (the data dir) and whatever
         the caller's env sets differently from this process's; a joined cluster's nodes keep their
-        own (NAS_DATA_DIR set on each node before `ray start`, see README)."""
+        own (NAS_DATA_DIR set on each node before `ray start`, see docs/ray.md)."""
         if not self.ray_local:
             return {}
         out = {k: v for k, v in self.env.items() if k.startswith("NAS_")}

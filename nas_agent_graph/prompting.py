@@ -41,14 +41,13 @@ from typing import Any, Callable
 import jinja2
 
 from nas_agent.agent_state import AgentState, RunInfo, get_best_run
-from nas_agent_graph.context import ROOT
+from nas_agent.run_folder import SCORED
+from nas_agent_graph.paths import PROMPTS_DIR
 from nas_agent_graph.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = ROOT / "prompts"
 TEMPLATES = ("system.j2", "propose_config.j2", "propose_model_code.j2", "repair.j2")
-SCORED = ("ok", "timeout")
 Messages = list[dict[str, str]]
 TokenCounter = Callable[[Messages], int]
 
@@ -57,10 +56,13 @@ class PromptError(ValueError):
     """A template is missing or broken, or no prompt fits the token budget."""
 
 
+DEFAULT_PROMPT_TOKENS = 3072  # upper bound on a prompt in the model's tokens (--prompt-tokens)
+
+
 @dataclass(frozen=True)
 class PromptLimits:
     """How much of the study a prompt shows, and the hard token budget it must fit."""
-    max_tokens: int = 3072
+    max_tokens: int = DEFAULT_PROMPT_TOKENS
     """Upper bound on the rendered prompt (system + user), in the model's tokens."""
     top_k: int = 5
     """Best scored runs shown (the incumbent is shown on its own as well)."""

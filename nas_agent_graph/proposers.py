@@ -31,13 +31,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_agent.agent_state import AgentState, RunInfo
 from nas_agent.config import config_hash
+from nas_agent.run_folder import SCORED
 from nas_agent_graph.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "tpe", "cmaes")
 # Run statuses whose val_mse is a real score (a timeout's metrics are from its best epoch).
-SCORED_STATUSES = ("ok", "timeout")
 # TPE samples at random until this many runs have finished: the default 10 would spend half of
 # a typical 20-run budget before the model is used at all; 5 still covers the space a little.
 TPE_STARTUP_TRIALS = 5
@@ -108,7 +108,7 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 def run_value(run: RunInfo) -> float | None:
     """The score a sampler sees: val_mse of a scored run, else None (the trial is a FAIL)."""
     value = run.val_mse
-    ok = run.status in SCORED_STATUSES and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = run.status in SCORED and isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if ok and math.isfinite(value) else None
 
 
@@ -138,7 +138,7 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
     value = run_value(run)
     state = TrialState.COMPLETE if value is not None else TrialState.FAIL
     if run.status == "running":
-        # A run in flight (--parallel; see nodes.study_view): a RUNNING trial, so TPE's constant
+        # A run in flight (--parallel; see study.rules.study_view): a RUNNING trial, so TPE's constant
         # liar steers the next proposal away from it instead of ignoring it like a FAIL.
         state = TrialState.RUNNING
     intermediate = {}

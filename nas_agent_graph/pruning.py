@@ -36,12 +36,12 @@ from optuna.trial import TrialState
 
 from nas_agent.agent_state import AgentState, RunInfo
 from nas_agent.logging_utils import load_history
+from nas_agent.run_folder import SCORED
 
 log = logging.getLogger(__name__)
 
 PRUNERS = ("none", "median", "asha")
 ASHA_REDUCTION_FACTOR = 3
-FINISHED = ("ok", "timeout")  # a full measurement: the curve is complete
 # The pruning study needs one parameter per trial; this dummy one carries no information.
 _DUMMY = {"x": 0.0}
 _DUMMY_DIST = {"x": FloatDistribution(0.0, 1.0)}
@@ -172,7 +172,7 @@ def past_curves(state: AgentState, runs_dir: Path | None = None) -> list[PastCur
     """The curves the pruner compares with: finished (ok, timeout) and pruned runs."""
     out = []
     for run in state.runs:
-        if run.status not in FINISHED + ("pruned",):
+        if run.status not in SCORED + ("pruned",):
             continue
         curve = curve_of(run, runs_dir)
         if curve:

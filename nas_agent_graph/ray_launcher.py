@@ -34,27 +34,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from nas_agent._atomic import atomic_write_text
-from nas_agent.logging_utils import METRICS_FILE, load_history, load_metrics, save_metrics
+from nas_agent.atomic import atomic_write_text
+from nas_agent.logging_utils import load_history, load_metrics, save_metrics
+from nas_agent.run_folder import LOG_FILE, METRICS_FILE
 from nas_agent_graph.launcher import (
-    DEFAULT_TRAIN_SCRIPT,
-    LOG_FILE,
     LOG_TAIL_MARKER,
     METRIC_KEYS,
+    HistoryWatcher,
     LaunchCancelled,
     LaunchResult,
-    _check_launch_args,
-    _HistoryWatcher,
-    _log_tail,
-    _result,
-    _reused_result,
-    _stop_attempt_group,
-    _stop_orphan,
+    check_launch_args,
     is_finished,
+    launch_result,
     launch_run,
+    log_tail,
     move_aside,
+    reused_result,
+    stop_attempt_group,
+    stop_orphan,
 )
 from nas_agent_graph.limits import Caps
+from nas_agent_graph.paths import ROOT, TRAIN_SCRIPT
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ MARKER_PREFIX = ".ray_shared_"
 # shared even where the marker is visible, e.g. where NFS is too slow or incoherent for
 # run folders; files then come back through Ray.
 NO_SHARED_FS_ENV = "NAS_RAY_NO_SHARED_FS"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = ROOT
 # What a shipped copy of the project leaves out: run outputs, environments, checkpoints and
 # data sets are large and node-specific (data is read from NAS_DATA_DIR on each node).
 SHIP_EXCLUDES = ("runs/", ".venv*", ".git", "*.pth", "data/", "__pycache__/", ".pytest_cache/",
@@ -139,7 +139,7 @@ def _valid_host_port(address: str) -> bool:
 # --------------------------------------------------------------------------- launching (orchestrator)
 
 def ray_launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Path,
-                   train_script: Path = DEFAULT_TRAIN_SCRIPT, extra_args: Sequence[str] = (),
+                   train_script: Path = TRAIN_SCRIPT, extra_args: Sequence[str] = (),
                    timeout_s: float | None = None, env_overrides: Mapping[str, str] | None = None,
                    on_progress: Callable[[list[dict]], None] | None = None, files: Mapping[str, str] | None = None,
                    num_cpus: float = 1, num_gpus: float = 0, poll_s: float = 0.5,
@@ -158,13 +158,13 @@ def ray_launch_run(run_dir: Path, config_text: str, *, run_id: str, runs_dir: Pa
     The folder always ends with a metrics.json. Call `connect` first.
     `duration_s` is the wall-clock from submission, so it includes time queued for resources.
     """
-    run_dir, runs_dir, train_script = _check_launch_args(run_dir, run_id, runs_dir, train_script,
+    run_dir, runs_dir, train_script = check_launch_args(run_dir, run_id, runs_dir, train_script,
                                                          timeout_s, poll_s, _TERM_GRACE_S)
     if is_finished(run_dir):
-        return _reused_result(run_dir)
+        return reused_result(run_dir)
     ray = _import_ray()
     _check_cluster(ray, num_cpus, num_gpus)
-    _stop_orphan(run_dir, _TERM_GRACE_S)  # a child of an earlier local launch on this machine
+    stop_orphan(run_dir, _TERM_GRACE_S)  # a child of an earlier local launch on this machine
     attempt = move_aside(run_dir)  # before watching, so an old history.json is not reported as progress
     marker, token = _write_marker(runs_dir)
     spec = _RunSpec(run_dir=str(run_dir), runs_dir=str(runs_dir), run_id=run_id, config_text=config_text,
@@ -224,7 +224,7 @@ def _submit(ray, spec: _RunSpec, num_cpus: float, num_gpus: float):
 
 def _await(ray, ref, run_dir: Path, on_progress, poll_s: float, stop_event: threading.Event | None) -> None:
     """Wait for the task, reporting progress from run_dir; cancel it if we are stopped."""
-    watcher = _HistoryWatcher(run_dir, on_progress)
+    watcher = HistoryWatcher(run_dir, on_progress)
     try:
         while not ray.wait([ref], timeout=poll_s)[0]:
             watcher.check()
@@ -252,7 +252,7 @@ def _cancel(ray, ref, run_dir: Path) -> None:
         _cancel_task(ray, ref, run_id)
     finally:
         try:
-            _stop_attempt_group(run_dir, _TERM_GRACE_S)
+            stop_attempt_group(run_dir, _TERM_GRACE_S)
         except Exception:
             log.exception("%s: stopping its train.py after the cancel failed; check `ps -ef | grep %s`",
                           run_id, run_id)
@@ -296,7 +296,7 @@ def _finish(run_dir: Path, run_id: str, outcome: dict | None, error: BaseExcepti
     returncode = outcome["returncode"] if outcome is not None else None
     if outcome is not None:
         log.info("%s: finished on %s (%s): %s", run_id, outcome["node"], outcome["mode"], metrics["status"])
-    return _result(run_dir, metrics, duration, returncode, reused=False, attempt=attempt)
+    return launch_result(run_dir, metrics, duration, returncode, reused=False, attempt=attempt)
 
 
 def _store_files(run_dir: Path, files: Mapping[str, bytes]) -> int:
@@ -354,7 +354,7 @@ def _record_failure(run_dir: Path, run_id: str, error: BaseException | None, met
               else f"the Ray task ended without a {METRICS_FILE}")
     log.warning("%s: %s", run_id, reason)
     earlier = f"\ntrain.py's own error: {metrics.get('error')}" if metrics is not None else ""
-    tail = _log_tail(run_dir) or f"({LOG_FILE} is empty or was not brought back)"
+    tail = log_tail(run_dir) or f"({LOG_FILE} is empty or was not brought back)"
     final = metrics or {key: None for key in METRIC_KEYS}
     final.update(status="failed", epochs_run=len(load_history(run_dir)["epochs"]), tag=run_id, returncode=None,
                  error=f"{reason}\n{_ray_error_text(error)}{earlier}{LOG_TAIL_MARKER}{LOG_FILE} ---\n{tail}")

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nas_agent._atomic import atomic_write_text
+from nas_agent.atomic import atomic_write_text
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.logging_utils import HISTORY_FILE, MetricsError, load_history
-from nas_agent_graph.confirmation import noise_floor_text, pending_candidate
+from nas_agent.run_folder import CONFIG_USED_FILE
+from nas_agent_graph.study.confirmation import noise_floor_text, pending_candidate
 from nas_agent_graph.lineage import CSS as LINEAGE_CSS
 from nas_agent_graph.lineage import lineage_html
 from nas_agent_graph.proposers import llm_validity
@@ -659,7 +660,7 @@ def _status_badge(status: str) -> str:
 
 def _rerun_command(runs_dir: Path, best: RunInfo) -> str:
     """The command that re-trains the best config under a new tag."""
-    config = runs_dir / best.run_id / "config_used.py"
+    config = runs_dir / best.run_id / CONFIG_USED_FILE
     return (f"python train.py --config {shlex.quote(str(config))} "
             f"--tag {shlex.quote(best.run_id + '_rerun')}")
 

@@ -19,16 +19,15 @@ import math
 from pathlib import Path
 
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
+from nas_agent.run_folder import CHECKPOINT_FILE, FORECASTS_FILE
 
-CHECKPOINT = "best_model.pth"
-FORECASTS = "forecasts.npz"  # the checkpoint's forecasts (train.py), deleted with it
 DEFAULT_KEEP = 5  # the top 5 by val MSE, beside every incumbent: a few hundred MB at most on the CPU
 
 
 def checkpoint_record(run_dir: Path) -> dict | None:
     """extra.checkpoint of a run just finished: the file's size, or None when it wrote none."""
-    path = run_dir / CHECKPOINT
-    return {"file": CHECKPOINT, "bytes": path.stat().st_size} if path.is_file() else None
+    path = run_dir / CHECKPOINT_FILE
+    return {"file": CHECKPOINT_FILE, "bytes": path.stat().st_size} if path.is_file() else None
 
 
 def keepers(study: AgentState, keep: int) -> set[str]:
@@ -49,12 +48,12 @@ def mark_for_deletion(study: AgentState, runs_dir: Path, keep: int | None) -> li
     kept = keepers(study, keep)
     doomed = []
     for run in study.runs:
-        path = runs_dir / run.run_id / CHECKPOINT
+        path = runs_dir / run.run_id / CHECKPOINT_FILE
         if run.run_id in kept or not path.is_file():
             continue
         record = run.extra.get("checkpoint") if isinstance(run.extra, dict) else None
         if not isinstance(record, dict):  # a run recorded before retention existed
-            record = {"file": CHECKPOINT, "bytes": path.stat().st_size}
+            record = {"file": CHECKPOINT_FILE, "bytes": path.stat().st_size}
         if "deleted_at" not in record:
             record["deleted_at"] = utc_now_iso()
             record["why"] = f"not an incumbent nor among the {keep} best by val MSE (--keep-checkpoints {keep})"
@@ -66,7 +65,7 @@ def mark_for_deletion(study: AgentState, runs_dir: Path, keep: int | None) -> li
 def delete(paths: list[Path]) -> int:
     """Delete the checkpoints marked, and their forecasts; the bytes freed."""
     freed = 0
-    for path in [p for checkpoint in paths for p in (checkpoint, checkpoint.with_name(FORECASTS))]:
+    for path in [p for checkpoint in paths for p in (checkpoint, checkpoint.with_name(FORECASTS_FILE))]:
         try:
             size = path.stat().st_size
             path.unlink()

@@ -23,9 +23,10 @@ from pathlib import Path
 def smoke(config_file: Path, model_file: Path | None) -> dict:
     import torch
 
+    # Imported here, inside main's try: an import that fails (a broken install) is a verdict too.
     from nas_agent.config import load_config, validate_config
-    from nas_agent.data import load_dataset
-    import train
+    from nas_agent.data import load_dataset  # (as above)
+    import train  # (as above) the checks a run makes: build_model loading, the optimizer and scheduler
 
     t0 = time.monotonic()
     if config_file.suffix == ".json":

@@ -36,7 +36,7 @@ class GraphState(TypedDict, total=False):
 
     smoke: Optional[dict[str, Any]]
     """Smoke-test result of a valid proposal: {n_params, seconds}; {in_run: true} when the run's own
-    train.py smoke-tests it before training (nodes.smoke_in_run), whose failure ends the run
+    train.py smoke-tests it before training (validation.smoke_in_run), whose failure ends the run
     "invalid" and sends it to `reject_run`."""
 
     launch: Optional[dict[str, Any]]
@@ -51,7 +51,7 @@ class GraphState(TypedDict, total=False):
     in_flight: list[dict[str, Any]]
     """Runs launched and not yet recorded (--parallel): [{run_id, attempt, tries, proposal, smoke}], in
     launch order. `launch` adds one, `wait` takes out the one that finished. Proposals see them as
-    runs with status "running" (nodes.study_view), so parallel proposals differ."""
+    runs with status "running" (study.rules.study_view), so parallel proposals differ."""
 
     can_propose: bool
     """Set by the nodes before a routing decision: a slot is free (fewer than --parallel runs in

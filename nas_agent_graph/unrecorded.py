@@ -16,6 +16,7 @@ from pathlib import Path
 from nas_agent.agent_state import AgentState
 from nas_agent.config import ConfigError, load_config
 from nas_agent.logging_utils import MetricsError, load_history, load_metrics
+from nas_agent.run_folder import CONFIG_FILE, LAUNCH_FILE
 from nas_agent_graph.launcher import is_live_child, launch_record
 
 _RUN_DIR = re.compile(r"^run_\d{4,}$")
@@ -43,7 +44,7 @@ def unrecorded_runs(study: AgentState, runs_dir: Path) -> list[FolderRun]:
         return []
     out = []
     for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir() and _RUN_DIR.match(p.name)):
-        if folder.name not in recorded and (folder / "launch.json").exists():
+        if folder.name not in recorded and (folder / LAUNCH_FILE).exists():
             out.append(_read(folder))
     return out
 
@@ -66,7 +67,7 @@ def _read(folder: Path) -> FolderRun:
         epochs = []
     vals = [e["val_mse"] for e in epochs if isinstance(e.get("val_mse"), (int, float)) and math.isfinite(e["val_mse"])]
     try:
-        max_epochs = load_config(folder / "config.py").training.max_epochs
+        max_epochs = load_config(folder / CONFIG_FILE).training.max_epochs
     except (ConfigError, OSError):
         max_epochs = None
     return FolderRun(run_id=folder.name, state=state, epochs=len(epochs), max_epochs=max_epochs,

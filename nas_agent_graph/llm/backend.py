@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from nas_agent_graph.llm import decoding
+from nas_agent_graph.limits import ran_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ CACHE_FORMAT = 1
 _TRUE = {"1", "true", "yes", "on"}
 # Sampling keeps the 64 likeliest allowed tokens before top_p (Gemma 3's recommended setting).
 DEFAULT_TOP_K = 64
+# Sampling settings of a proposal, the CLI's --gen defaults and LocalChatModel's alike: written once.
+DEFAULT_GENERATION = {"temperature": 0.7, "top_p": 0.95, "top_k": DEFAULT_TOP_K, "max_new_tokens": 384}
 
 
 class LLMError(RuntimeError):
@@ -290,8 +293,6 @@ def _convert_gguf(spec: LLMSpec, gguf_path: str, out_dir: Path) -> None:
 def _out_of_memory(error: BaseException) -> bool:
     """Whether a load failed for want of memory (a MemoryError, or ENOMEM from mmap or malloc):
     rebuilding the cache would not help, and under a memory cap it would fail too."""
-    from nas_agent_graph.limits import ran_out_of_memory
-
     return isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM or \
         ran_out_of_memory(str(error))
 
@@ -602,7 +603,7 @@ def extract_json(text: str) -> Any | None:
     return None
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: list[int] = []
     for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
                   tokenizer.eos_token_id):
@@ -631,7 +632,7 @@ def compile_schema(model: Any, tokenizer: Any, json_schema: dict) -> Any:
     compiler = _GRAMMARS.get(tkey)
     if compiler is None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=tkey[1],
-                                                  stop_token_ids=_stop_ids(model, tokenizer))
+                                                  stop_token_ids=stop_ids(model, tokenizer))
         compiler = _GRAMMARS[tkey] = xgr.GrammarCompiler(info)
     skey = tkey + (json.dumps(json_schema, sort_keys=True),)
     grammar = _GRAMMARS.get(skey)
@@ -671,7 +672,7 @@ def generate_json_batch(model: Any, tokenizer: Any, messages: "str | list[Messag
     if reason and reason != "not requested":
         log.warning("unconstrained generation: %s", reason)
 
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
@@ -741,3 +742,17 @@ def iter_messages(messages: Iterable[Any]) -> list[Message]:
             role, content = m
             out.append({"role": role, "content": content})
     return out
+
+
+def free_memory() -> None:
+    """Give the LLM's memory back before a run that needs it (reloaded on the next proposal)."""
+    import gc
+
+    clear_model_cache()
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

@@ -69,10 +69,10 @@ class LocalChatModel(BaseChatModel):
                                       "directory or .gguf file; or a Hugging Face model id")
     quant: Optional[str] = Field(default=None, description='"4bit", "8bit", "none"; None = 4bit on CUDA, none on CPU')
     device: Optional[str] = Field(default=None, description='"cpu", "cuda", "cuda:N"; None = CUDA when present')
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: Optional[int] = backend.DEFAULT_TOP_K
-    max_new_tokens: int = 512
+    temperature: float = backend.DEFAULT_GENERATION["temperature"]
+    top_p: float = backend.DEFAULT_GENERATION["top_p"]
+    top_k: Optional[int] = backend.DEFAULT_GENERATION["top_k"]
+    max_new_tokens: int = backend.DEFAULT_GENERATION["max_new_tokens"]
     seed: Optional[int] = None
     json_schema: Optional[dict] = Field(default=None, description="constrain every reply to this JSON schema")
     adapter: Optional[str] = Field(default=None, description="name of a LoRA adapter to generate with (None = base)")

@@ -35,10 +35,10 @@ from typing import Any
 
 from nas_agent.agent_state import AgentState, get_best_run
 from nas_agent.config import apply_overrides
-from nas_agent_graph.context import ROOT
+from nas_agent.run_folder import SCORED
+from nas_agent_graph.paths import PROJECT_MODEL
 from nas_agent_graph.llm.chat_model import DECODING_STATS, LocalChatModel, from_dicts
 from nas_agent_graph.llm.proposal_schema import params_from_json, proposal_json_schema
-from nas_agent_graph.lora.adapters import active_adapter
 from nas_agent_graph.prompting import (
     Messages,
     PromptLimits,
@@ -49,8 +49,9 @@ from nas_agent_graph.prompting import (
     repair_messages,
     run_params,
 )
-from nas_agent_graph.proposers import SCORED_STATUSES, OptunaProposer, Proposal, ProposalError, sampler_seed
+from nas_agent_graph.proposers import OptunaProposer, Proposal, ProposalError, sampler_seed
 from nas_agent_graph.search_space import SearchSpace
+from nas_agent_graph.code_check import check_model_code
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +149,17 @@ class LLMProposer:
         self.schema = proposal_json_schema(space)
         self.allow_code = allow_code
         self.code_fraction = code_fraction if allow_code else 0.0
-        self.model_path = Path(model_path) if model_path else ROOT / "model.py"
+        self.model_path = Path(model_path) if model_path else PROJECT_MODEL
         self.code_max_new_tokens = code_max_new_tokens
         self.overrides = list(overrides or [])
         """The study's --set items: the prompt states the per-run budget that runs really get."""
 
     # ------------------------------------------------------------------ the proposal
 
-    def use_adapter(self, state: AgentState) -> None:
-        """Generate with the study's promoted LoRA adapter (meta.lora.active), or the base model
-        when there is none, or when its folder is gone or was trained on another base model."""
-        record = active_adapter(state)
+    def use_adapter(self, record: dict | None) -> None:
+        """Generate with a LoRA adapter (the study's promoted one, meta.lora's record, which the graph
+        hands over), or with the base model when there is none, or when its folder is gone or it was
+        trained on another base model."""
         if record is not None:
             _, _, info = self.chat.load()
             trained_on = (record.get("gate") or {}).get("base_model")
@@ -177,7 +178,6 @@ class LLMProposer:
 
     def propose(self, state: AgentState, base_config: dict, attempt: int = 0,
                 feedback: str | None = None) -> Proposal:
-        self.use_adapter(state)
         n_runs = len(state.runs)
         # A code turn asks for code once; a retry of that run (the file was rejected) gets a config,
         # so a model that cannot write working code never stalls the search.
@@ -319,7 +319,6 @@ class LLMProposer:
         if code is None:
             error = "the reply holds no ```python block that defines build_model"
         else:
-            from nas_agent_graph.code_check import check_model_code
             problems = check_model_code(code)
             if problems:
                 error = "; ".join(problems[:5])
@@ -377,7 +376,7 @@ class LLMProposer:
     def _sampler_info(self, state: AgentState, study_obj: Any) -> dict[str, Any]:
         best = get_best_run(state)
         imp = importances(study_obj)
-        return {"name": self.sampler.name, "n_complete": sum(1 for r in state.runs if r.status in SCORED_STATUSES
+        return {"name": self.sampler.name, "n_complete": sum(1 for r in state.runs if r.status in SCORED
                                                              and r.val_mse is not None),
                 "best": best.run_id if best else None,
                 "importances": ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) if imp else "",

@@ -30,6 +30,8 @@ from nas_agent_graph.lora.adapters import (
     train_adapter,
     trainable,
 )
+from nas_agent_graph.llm.proposal_schema import params_from_json
+from nas_agent_graph.search_space import load_space
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _targets(samples: list[dict], space) -> list[dict]:
     """Params of the 3 best-scoring sample responses that lie in the space."""
-    from nas_agent_graph.llm.proposal_schema import params_from_json
-
     ranked = sorted((s for s in samples if isinstance(s.get("val_mse"), (int, float))), key=lambda s: s["val_mse"])
     out = []
     for s in ranked:
@@ -90,8 +90,7 @@ def _targets(samples: list[dict], space) -> list[dict]:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from nas_agent_graph.llm.chat_model import LocalChatModel
-    from nas_agent_graph.search_space import load_space
+    from nas_agent_graph.llm.chat_model import LocalChatModel  # lazy: transformers, for eval only
 
     samples = _samples(a.samples)
     settings = LoraSettings(held_out=a.held_out)

@@ -10,7 +10,7 @@ Data flow, all of it in plain files:
     agent_state.json meta.lora    the registry (below): the single source of truth about which
                                   adapter is in use
 
-Positive samples have reward >= LoraSettings.reward_threshold (nas_agent_graph/reward.py
+Positive samples have reward >= LoraSettings.reward_threshold (nas_agent_graph/study/reward.py
 defines the reward). When `trigger` positives exist that no earlier training attempt has seen,
 the graph routes to the `finetune` node: the `held_out` most recent samples are set aside, the
 remaining positives train adapter vK in a subprocess, and the gate evaluates vK against the
@@ -35,6 +35,7 @@ Registry (agent_state.json meta.lora):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +47,11 @@ from pathlib import Path
 from typing import Any
 
 from nas_agent.agent_state import AgentState, utc_now_iso
-from nas_agent_graph.context import ROOT
+from nas_agent.atomic import append_jsonl
+from nas_agent.run_folder import SCORED
+from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count, parse_memory_gb, ran_out_of_memory
+from nas_agent_graph.process import run_child
+from nas_agent_graph.llm.proposal_schema import params_from_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +104,6 @@ class LoraSettings:
             if not sep or key not in kinds:
                 raise ValueError(f"--lora {item!r}: expected KEY=VALUE (or 'off') with KEY one of {', '.join(kinds)}")
             if key == "memory_gb":  # a number of GB, 'off', or none (the CLI's default); CapError says why not
-                from nas_agent_graph.limits import parse_memory_gb
                 word = raw.strip().lower()  # off: 0, no cap; none: None, the CLI's default
                 values[key] = 0.0 if word == "off" else None if word in ("", "none") else \
                     parse_memory_gb(raw, "--lora memory_gb", default=None)
@@ -217,20 +221,15 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
     job_file = out.parent / f"job_v{version}.json"
     job_file.write_text(json.dumps(job))
     child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
     log_file = out.parent / f"train_v{version}.log"
-    from nas_agent_graph.launcher import child_preexec
-    from nas_agent_graph.limits import Caps, cpu_cap_s, cpu_count
     # The same caps as a run's: memory (its own default), CPU time, and the OOM killer's first pick.
     caps = Caps(memory_gb=settings.memory_gb, cpu_s=cpu_cap_s(settings.timeout_s, cpu_count()))
     try:
         # Its own session, and SIGTERM when the orchestrator dies: a killed search leaves no
         # training behind to race the resumed one for the same adapter folder.
         with open(log_file, "w") as err:
-            proc = subprocess.run([python, "-m", "nas_agent_graph.lora.finetune", str(job_file)], cwd=ROOT,
-                                  env=child_env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                  timeout=settings.timeout_s, stdin=subprocess.DEVNULL, start_new_session=True,
-                                  preexec_fn=child_preexec(caps))
+            proc = run_child([python, "-m", "nas_agent_graph.lora.finetune", str(job_file)],
+                             timeout_s=settings.timeout_s, caps=caps, env=child_env, stderr=err)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"training timed out after {settings.timeout_s:g}s (see {log_file})"}
     lines = proc.stdout.strip().splitlines()
@@ -243,7 +242,6 @@ def train_adapter(samples: list[dict], out: Path, version: int, settings: LoraSe
 
 def _label_memory_cap(verdict: dict, log_file: Path, memory_gb: float | None) -> dict:
     """A fine-tune that ran out of memory under its cap says so first (meta.lora records the reason)."""
-    from nas_agent_graph.limits import ran_out_of_memory
 
     if verdict.get("ok") or not memory_gb:
         return verdict
@@ -279,7 +277,7 @@ def distance(a: dict, b: dict, space: Any) -> float:
 
 
 def best_params(state: AgentState, space: Any, k: int = TOP_CONFIGS) -> list[dict]:
-    scored = sorted((r for r in state.runs if r.status in ("ok", "timeout") and r.val_mse is not None),
+    scored = sorted((r for r in state.runs if r.status in SCORED and r.val_mse is not None),
                     key=lambda r: r.val_mse)
     out = []
     for run in scored:
@@ -296,8 +294,7 @@ def evaluate(chat: Any, adapter: tuple[str, str] | None, prompts: list[list[dict
     """Unconstrained greedy replies of the base model (adapter None) or an adapter (name, path)
     to each prompt: validity and closeness to the target configs, each reply's params (None
     when invalid), and how many replies were JSON objects at all (valid or not)."""
-    from nas_agent_graph.llm.chat_model import from_dicts
-    from nas_agent_graph.llm.proposal_schema import params_from_json
+    from nas_agent_graph.llm.chat_model import from_dicts  # lazy: transformers, for the gate only
 
     model = chat.model_copy(update={"adapter": adapter[0] if adapter else None,
                                     "adapter_path": adapter[1] if adapter else None,
@@ -440,3 +437,20 @@ def check_rollback(state: AgentState, settings: LoraSettings) -> dict | None:
         _event(reg, "rolled_back", current["version"], reason)
         return reg["events"][-1]
     return None
+
+
+def append_sample(runs_dir: Path, run_id: str, proposal: dict, launch_out: dict, reward: float | None) -> None:
+    """Append a finished run's LoRA sample (prompt, response, status, val MSE, reward) to the
+    study's samples file, once: a pass re-run after a crash finds its key there."""
+    meta = proposal.get("meta", {})
+    response = meta.get("response") or json.dumps(proposal["config"], sort_keys=True)
+    messages = meta.get("messages")
+    key = hashlib.sha256(json.dumps([messages or meta.get("prompt"), response]).encode()).hexdigest()[:16]
+    path = samples_path(runs_dir)
+    if key in {s.get("key") for s in read_samples(path)}:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(path, {"key": key, "run_id": run_id, "prompt": meta.get("prompt"), "messages": messages,
+                        "response": response, "proposer": proposal["proposer"], "status": launch_out["status"],
+                        "val_mse": launch_out["metrics"].get("val_mse"), "reward": reward,
+                        "adapter_version": (meta.get("llm") or {}).get("adapter")})

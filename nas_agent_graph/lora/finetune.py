@@ -40,6 +40,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from nas_agent_graph.llm import backend
+from nas_agent_graph.llm.backend import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,6 @@ def encode(tokenizer: Any, messages: list[dict], response: str, max_len: int) ->
     """(token ids of prompt + response + EOS, number of response tokens). A prompt too long for
     max_len keeps its first and last tokens, half the room each, with CUT_MARK between (the
     response is never cut)."""
-    from nas_agent_graph.llm.backend import render_prompt
-
     prompt = render_prompt(tokenizer, messages)
     add_special = not getattr(tokenizer, "chat_template", None)
     prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
@@ -136,7 +136,6 @@ def run(job: dict) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from nas_agent_graph.llm import backend
 
     settings = {**DEFAULTS, **{k: v for k, v in job.items() if k in DEFAULTS and v is not None}}
     samples = job["samples"]

@@ -333,9 +333,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_state(tmp_path):
     path = tmp_path / "agent_state.json"
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
-    env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                        os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     leftovers = set()
     for attempt in range(20):
         label = f"attempt {attempt} (seed {seed})"

@@ -1,12 +1,12 @@
-"""Tests for nas_agent._atomic: atomic writes, strict JSON with NaN -> null, JSONL appends."""
+"""Tests for nas_agent.atomic: atomic writes, strict JSON with NaN -> null, JSONL appends."""
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from nas_agent import _atomic
-from nas_agent._atomic import append_jsonl, atomic_write_json, atomic_write_text, to_jsonable
+from nas_agent import atomic
+from nas_agent.atomic import append_jsonl, atomic_write_json, atomic_write_text, to_jsonable
 
 
 def _temp_files(directory: Path) -> list[str]:
@@ -105,12 +105,12 @@ def test_relative_path_in_current_dir(tmp_path, monkeypatch):
     atomic_write_text("rel.txt", "x", backup_path="rel.txt.bak")
     atomic_write_text("rel.txt", "y", backup_path="rel.txt.bak")
     assert Path("rel.txt").read_text(encoding="utf-8") == "y"
-    assert _atomic.dumps_json([1]).endswith("\n")
+    assert atomic.dumps_json([1]).endswith("\n")
 
 
 def test_append_after_a_torn_last_line_keeps_the_new_record(tmp_path):
     import json
-    from nas_agent._atomic import append_jsonl
+    from nas_agent.atomic import append_jsonl
     path = tmp_path / "samples.jsonl"
     append_jsonl(path, {"a": 1})
     with open(path, "a", encoding="utf-8") as f:

@@ -116,7 +116,7 @@ def test_a_short_study_runs_the_baseline_then_each_archetype_then_the_sampler(tm
     (tmp_path / "space.json").write_text(json.dumps(space))
     proc = subprocess.run([PYTHON, "-m", "nas_agent_graph", "--max-runs", "7", "--proposer", "tpe", "--space",
                            "space.json", "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5",
-                           "--warm-start", *files], cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT)),
+                           "--warm-start", *files], cwd=tmp_path, env=run_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_agent_state(tmp_path / "agent_state.json")

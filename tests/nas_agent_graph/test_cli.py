@@ -14,19 +14,9 @@ import pytest
 from nas_agent.agent_state import load_agent_state
 from nas_agent.config import load_config
 from nas_agent_graph.cli import DEFAULT_RUN_BUDGET_S
+from nas_agent_graph.testing import TINY_SPACE
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 
-TINY_SPACE = {  # every family of the default space, at tiny sizes
-    "model.n_heads": {"type": "categorical", "choices": [2]},
-    "model.d_model": {"type": "categorical", "choices": [8, 16]},
-    "model.e_layers": {"type": "int", "low": 1, "high": 2},
-    "model.d_layers": None,
-    "model.d_ff": {"type": "categorical", "choices": [16, 32]},
-    "data.seq_len": {"type": "categorical", "choices": [48]},
-    "model.decomp_kernel": {"type": "categorical", "choices": [13, 25]},  # <= seq_len
-    "data.label_frac": {"type": "categorical", "choices": [0.5]},
-    "training.batch_size": {"type": "categorical", "choices": [32]},
-}
 QUICK = ["--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
 # No warm start: the shipped archetypes are full-size models (test_warm_start has tiny ones).
 NO_WARM_START = ["--warm-start", "off"]
@@ -40,7 +30,7 @@ def study(tmp_path):
 
 
 def cli(study: Path, *args, timeout=600, **kw):
-    env = run_env(PYTHONPATH=str(ROOT))
+    env = run_env()
     return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args], cwd=study, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 
@@ -139,7 +129,7 @@ def wait_for(predicate, timeout=180, step=0.1):
 
 @pytest.mark.slow  # two CLI sessions with real training (~50 s); the default suite must stay under 15 min
 def test_resume_after_sigkill_during_training(study):
-    env = run_env(PYTHONPATH=str(ROOT))
+    env = run_env()
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(3), "--set", "training.max_steps_per_epoch=200"]
     proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     launch = study / "runs" / "run_0001" / "launch.json"
@@ -159,7 +149,7 @@ def test_resume_after_sigkill_during_training(study):
 
 
 def test_resume_after_sigkill_during_proposing(study):
-    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="propose:run_0001:30")
+    env = run_env(NAS_AGENT_TEST_PAUSE="propose:run_0001:30")
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(3)]
     proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = study / "runs" / ".paused_in_propose"
@@ -182,7 +172,7 @@ def test_checkpoint_and_state_agree_after_crashes(study):
     from nas_agent_graph.graph import build_graph
 
     rng = random.Random(3)
-    env = run_env(PYTHONPATH=str(ROOT))
+    env = run_env()
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(4)]
     for _ in range(4):
         proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -207,7 +197,7 @@ def test_checkpoint_and_state_agree_after_crashes(study):
 
 
 def test_second_orchestrator_is_refused(study):
-    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="propose:run_0001:60")
+    env = run_env(NAS_AGENT_TEST_PAUSE="propose:run_0001:60")
     first = subprocess.Popen([PYTHON, "-m", "nas_agent_graph", *search_args(3)], cwd=study, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -288,7 +278,7 @@ def test_a_set_that_breaks_the_config_fails_at_start_up(study):
 @pytest.mark.slow  # a search stopped by SIGINT mid-run (~30 s)
 def test_status_shows_a_run_in_flight_and_then_interrupted(study):
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(2), "--set", "training.max_epochs=50"]
-    proc = subprocess.Popen(args, cwd=study, env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=study, env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_for((study / "runs" / "run_0000" / "history.json").exists)

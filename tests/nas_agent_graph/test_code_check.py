@@ -373,7 +373,7 @@ def test_checker_watchdog_on_the_whole_corpus(corpus):
         print(json.dumps({"results": results, "events": events, "torch": "torch" in sys.modules}))
     ''')
     paths = [str(corpus[h.name][0]) for h in CORPUS]
-    proc = subprocess.run([PYTHON, "-c", script, *paths], cwd=ROOT, env=run_env(PYTHONPATH=str(ROOT)),
+    proc = subprocess.run([PYTHON, "-c", script, *paths], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -416,7 +416,7 @@ def test_corpus_is_live(tmp_path):
                 print(path, type(e).__name__, e, file=sys.stderr)
     ''')
     proc = subprocess.run([PYTHON, "-c", script, *(str(p) for p, _ in files.values())], cwd=tmp_path,
-                          env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
+                          env=run_env(), capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)
     dead = [name for name, (_, marker_dir) in files.items() if not any(marker_dir.iterdir())]
     assert dead == [], f"payloads that did not write their marker: {dead}\n{proc.stderr[-3000:]}"
@@ -755,7 +755,7 @@ def test_reachability_audit():
                         pass
         print(json.dumps({"visited": len(seen), "hits": hits}))
     ''')
-    proc = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=run_env(PYTHONPATH=str(ROOT)),
+    proc = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

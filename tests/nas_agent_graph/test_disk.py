@@ -11,8 +11,9 @@ import pytest
 from nas_agent.agent_state import load_agent_state
 from nas_agent_graph.disk import disk_full_message, full_disk_error
 from nas_agent_graph.launcher import launch_run
-from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
-from tests.nas_agent_graph.test_cli import QUICK, TINY_SPACE
+from tests.conftest import PYTHON, TINY_CONFIG, run_env
+from nas_agent_graph.testing import TINY_SPACE
+from tests.nas_agent_graph.test_cli import QUICK
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_a_full_runs_folder_stops_the_search_with_exit_1_and_the_same_command_co
 
     def search(max_runs):
         return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args, "--max-runs", str(max_runs)], cwd=tmp_path,
-                              env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+                              env=run_env(), capture_output=True, text=True, timeout=600)
 
     first = search(1)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -37,7 +37,7 @@ def test_selection_keeps_the_best_prefix_and_breaks_ties_by_order():
 def finished(tmp_path_factory):
     """A 5-run TPE study on the tiny space, with the CLI's default ensemble at its end."""
     from tests.conftest import TINY_CONFIG
-    from tests.nas_agent_graph.test_cli import TINY_SPACE
+    from nas_agent_graph.testing import TINY_SPACE
     study = tmp_path_factory.mktemp("ens")
     (study / "config.py").write_text(TINY_CONFIG)
     (study / "space.json").write_text(json.dumps(TINY_SPACE))

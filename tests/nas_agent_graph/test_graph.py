@@ -16,7 +16,7 @@ from nas_agent.agent_state import load_agent_state
 from nas_agent.config import parse_config_source
 from nas_agent_graph import routers
 from nas_agent_graph.cli import checkpoint_agrees, run_search
-from nas_agent_graph.context import Context
+from nas_agent_graph.context import Context, Session
 from nas_agent_graph.display import PlainDisplay
 from nas_agent_graph.graph import build_graph
 from nas_agent_graph.phases import read_phases
@@ -27,11 +27,11 @@ SNAPSHOT = Path(__file__).with_name("graph.mmd")
 QUICK = ["training.max_epochs=1", "training.max_steps_per_epoch=5"]
 
 
-def test_mermaid_drawing_matches_snapshot_and_readme():
+def test_mermaid_drawing_matches_snapshot_and_the_docs():
     drawing = build_graph().get_graph().draw_mermaid()
-    assert drawing == SNAPSHOT.read_text(), "graph changed: update tests/nas_agent_graph/graph.mmd and README.md"
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert drawing.strip() in readme
+    assert drawing == SNAPSHOT.read_text(), "graph changed: update tests/nas_agent_graph/graph.mmd and docs/search.md"
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "search.md").read_text()
+    assert drawing.strip() in docs
 
 
 def test_routers_are_pure_functions_of_state():
@@ -83,9 +83,10 @@ def make_ctx(tmp_path, proposer, **kw) -> Context:
     if not config.exists():
         config.write_text(TINY_CONFIG)
     defaults = dict(state_path=tmp_path / "agent_state.json", runs_dir=tmp_path / "runs", config_path=config,
-                    overrides=QUICK, proposer_obj=proposer, display=PlainDisplay(), max_runs=2)
+                    overrides=QUICK, max_runs=2)
+    live = {k: kw.pop(k) for k in list(kw) if k in Session.__dataclass_fields__}
     defaults.update(kw)
-    return Context(**defaults)
+    return Context(**defaults, session=Session(proposer=proposer, display=live.pop("display", PlainDisplay()), **live))
 
 
 def base_raw(tmp_path) -> dict:
@@ -227,7 +228,7 @@ def test_timeout_kills_a_child_that_ignores_sigterm_and_the_loop_goes_on(tmp_pat
 
 def test_stop_rules():
     from nas_agent.agent_state import AgentState, RunInfo
-    from nas_agent_graph.nodes import stop_reason_for
+    from nas_agent_graph.study.rules import stop_reason_for
 
     def study(*vals, accepted=None, time_used=0.0):
         runs = [RunInfo(run_id=f"run_{i:04d}", status="ok" if v is not None else "failed", val_mse=v,
@@ -331,7 +332,7 @@ def test_rerun_after_max_retries_does_not_repeat_the_rejected_attempts(tmp_path)
 
 def test_runs_without_a_validation_score_count_as_failures(tmp_path):
     from nas_agent.agent_state import AgentState, RunInfo
-    from nas_agent_graph.nodes import stop_reason_for
+    from nas_agent_graph.study.rules import stop_reason_for
     runs = [RunInfo(run_id=f"run_{i:04d}", status="timeout", val_mse=None) for i in range(3)]
     reason, failed = stop_reason_for(AgentState(runs=runs), Context(max_failures=3))
     assert failed and reason.startswith("the last 3 runs all failed")
@@ -368,7 +369,7 @@ def too_big_then_fine(tmp_path) -> list:
 def test_sigkill_while_an_invalid_run_is_rejected_loses_and_repeats_nothing(tmp_path):
     """Killed in reject_run after the rejection is saved, before the folder is set aside: the resumed
     search records the rejection once, sets the folder aside and trains the next proposal as run_0001."""
-    env = run_env(PYTHONPATH=str(ROOT), NAS_AGENT_TEST_PAUSE="reject_run:run_0001:60")
+    env = run_env(NAS_AGENT_TEST_PAUSE="reject_run:run_0001:60")
     proc = subprocess.Popen([PYTHON, "-c", KILLED_IN_REJECT_RUN, str(tmp_path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = tmp_path / "runs" / ".paused_in_reject_run"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from nas_agent.logging_utils import load_metrics
-from nas_agent_graph.launcher import LaunchCancelled, LaunchResult, is_finished, kill_process_group, launch_run
+from nas_agent_graph.launcher import LaunchCancelled, LaunchResult, is_finished, launch_run
+from nas_agent_graph.process import kill_process_group
 from tests.conftest import ROOT, TINY_CONFIG, run_env
 
 CONFIG_TEXT = "training = {'max_epochs': 1}\n"
@@ -408,7 +409,7 @@ def test_cancel_cleanup_stops_the_group_of_a_zombie_train_py(tmp_path):
     """What a Ray worker killed mid-run leaves: train.py exited but unreaped (a zombie, as under a
     PID 1 that does not reap), the process it started still running in its group. The orphan
     check for an earlier orchestrator leaves a dead leader alone; the cancel cleanup stops the group."""
-    from nas_agent_graph.launcher import LAUNCH_FILE, _stop_attempt_group, _stop_orphan
+    from nas_agent_graph.launcher import LAUNCH_FILE, stop_attempt_group, stop_orphan
 
     run_dir = tmp_path / "runs" / "run_0000"
     run_dir.mkdir(parents=True)
@@ -421,11 +422,11 @@ def test_cancel_cleanup_stops_the_group_of_a_zombie_train_py(tmp_path):
     (run_dir / LAUNCH_FILE).write_text(json.dumps({"pid": leader.pid, "pgid": leader.pid}))
     assert _wait(lambda: not alive(leader.pid), 10) and alive(grandchild)  # exited, not reaped: a zombie
     try:
-        _stop_orphan(run_dir, 2.0)
+        stop_orphan(run_dir, 2.0)
         assert alive(grandchild)
-        assert _stop_attempt_group(run_dir, 2.0)
+        assert stop_attempt_group(run_dir, 2.0)
         assert _wait(lambda: not alive(grandchild), 5)
-        assert not _stop_attempt_group(run_dir, 2.0)  # nothing left: nothing to do
+        assert not stop_attempt_group(run_dir, 2.0)  # nothing left: nothing to do
     finally:
         leader.stdout.close()
         leader.wait()

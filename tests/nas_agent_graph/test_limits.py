@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from nas_agent_graph.launcher import child_preexec, error_headline, launch_run
+from nas_agent_graph.launcher import error_headline, launch_run
+from nas_agent_graph.process import child_preexec
 from nas_agent_graph.limits import (GB, Caps, CapError, cpu_cap_s, default_lora_memory_gb, default_run_memory_gb,
                                     parse_memory_gb, ran_out_of_memory)
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
@@ -45,7 +46,7 @@ def build_model(config):
 
 
 def cli(cwd, *args, timeout=120):
-    return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args], cwd=cwd, env=run_env(PYTHONPATH=str(ROOT)),
+    return subprocess.run([PYTHON, "-m", "nas_agent_graph", *args], cwd=cwd, env=run_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -138,7 +139,7 @@ def test_defaults_leave_room_for_the_orchestrator_and_split_by_parallel():
 
 def test_a_model_allocating_past_the_cap_in_its_in_run_smoke_test_is_a_rejection_saying_so(folder):
     from nas_agent_graph.context import Context
-    from nas_agent_graph.nodes import _labelled_smoke_error
+    from nas_agent_graph.validation import labelled_smoke_error
 
     runs = folder / "runs"
     start = time.monotonic()
@@ -147,8 +148,8 @@ def test_a_model_allocating_past_the_cap_in_its_in_run_smoke_test_is_a_rejection
                      caps=Caps(memory_gb=1.5, cpu_s=cpu_cap_s(None, 2)), timeout_s=300)
     assert time.monotonic() - start < 60
     assert hog.status == "invalid" and ran_out_of_memory(hog.metrics["error"]), hog.metrics["error"]
-    message = _labelled_smoke_error(hog.metrics["error"], Context(run_memory_gb=1.5))
+    message = labelled_smoke_error(hog.metrics["error"], Context(run_memory_gb=1.5))
     assert message.startswith("smoke test failed: the model exceeded its memory cap of 1.5 GB (--run-memory); "
                               "propose a smaller one. ")
-    assert _labelled_smoke_error("too many parameters: 9 > --max-params 1", Context(run_memory_gb=1.5)) == \
+    assert labelled_smoke_error("too many parameters: 9 > --max-params 1", Context(run_memory_gb=1.5)) == \
         "too many parameters: 9 > --max-params 1"

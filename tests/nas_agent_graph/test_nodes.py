@@ -2,7 +2,7 @@
 from nas_agent.agent_state import AgentState, RunInfo, add_run
 from nas_agent.config import load_config, parse_config_source, validate_config
 from nas_agent_graph.context import Context
-from nas_agent_graph.nodes import sync_incumbent
+from nas_agent_graph.study.incumbent import sync_incumbent
 from tests.conftest import README_CONFIG, TINY_CONFIG
 
 
@@ -54,7 +54,7 @@ def test_a_config_in_the_original_format_that_holds_the_incumbent_is_left_alone(
 
 
 def test_the_smoke_test_runs_inside_the_run_only_where_that_is_safe(tmp_path):
-    from nas_agent_graph.nodes import smoke_in_run
+    from nas_agent_graph.validation import smoke_in_run
     config = {"proposer": "tpe", "meta": {}}
     assert smoke_in_run(config, Context())
     assert not smoke_in_run(config, Context(smoke_in_run=False))

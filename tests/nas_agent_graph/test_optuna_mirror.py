@@ -17,7 +17,8 @@ from nas_agent.agent_state import load_agent_state
 from nas_agent_graph.optuna_mirror import STUDY_NAME, db_path, sync
 from nas_agent_graph.search_space import load_space
 from tests.conftest import TINY_CONFIG
-from tests.nas_agent_graph.test_cli import TINY_SPACE, cli, search_args
+from nas_agent_graph.testing import TINY_SPACE
+from tests.nas_agent_graph.test_cli import cli, search_args
 
 
 @pytest.fixture(scope="module")

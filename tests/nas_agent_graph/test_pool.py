@@ -14,8 +14,9 @@ from nas_agent.agent_state import load_agent_state
 from nas_agent.logging_utils import load_metrics
 from nas_agent_graph.launcher import LaunchCancelled, is_finished
 from nas_agent_graph.pool import RunPool, RunSpec, slot_env, visible_gpus
-from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
-from tests.nas_agent_graph.test_cli import TINY_SPACE, cli, wait_for
+from tests.conftest import PYTHON, TINY_CONFIG, run_env
+from nas_agent_graph.testing import TINY_SPACE
+from tests.nas_agent_graph.test_cli import cli, wait_for
 from tests.nas_agent_graph.test_launcher import HEADER, alive
 
 # Wider than test_cli's space (4 configs), so 5-6 parallel proposals never run dry.
@@ -160,7 +161,7 @@ def test_parallel_search_runs_two_at_once_with_no_lost_or_duplicated_run(study):
 @pytest.mark.timeout(900)
 def test_sigkill_with_two_runs_in_flight_then_resume_loses_and_repeats_nothing(study):
     """Kill the orchestrator while two train.py runs are going; the resume reruns both, once."""
-    env = run_env(PYTHONPATH=str(ROOT))
+    env = run_env()
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(4, steps=400)]
     proc = subprocess.Popen(args, cwd=study, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -200,7 +201,7 @@ def test_a_two_run_study_on_a_local_ray_cluster(study):
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(2, "--launcher", "ray")]
     pids: list[int] = []
     with ray_leftovers_removed(pids):  # the CLI's pid names its local cluster's session folder
-        proc = subprocess.Popen(args, cwd=study, env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(args, cwd=study, env=run_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         pids.append(proc.pid)
         try:
@@ -219,13 +220,13 @@ def test_a_two_run_study_on_a_local_ray_cluster(study):
 def test_runs_in_flight_that_do_not_follow_the_study_are_dropped(tmp_path):
     from nas_agent.agent_state import AgentState, RunInfo
     from nas_agent_graph.context import Context
-    from nas_agent_graph.nodes import _consistent_flights
+    from nas_agent_graph.study.rules import consistent_flights
 
     ctx = Context(state_path=tmp_path / "agent_state.json")
     study = AgentState(runs=[RunInfo(run_id=f"run_{i:04d}", status="ok") for i in range(2)])
     entry = lambda i: {"run_id": f"run_{i:04d}", "proposal": {}}  # noqa: E731
-    assert _consistent_flights(study, [entry(2), entry(3)], ctx) == [entry(2), entry(3)]
-    assert _consistent_flights(study, [entry(1), entry(2)], ctx) == [entry(2)]  # run_0001 was recorded already
+    assert consistent_flights(study, [entry(2), entry(3)], ctx) == [entry(2), entry(3)]
+    assert consistent_flights(study, [entry(1), entry(2)], ctx) == [entry(2)]  # run_0001 was recorded already
     # agent_state.json restored from a backup: run_0003/4 would clash with the next ids
-    assert _consistent_flights(study, [entry(3), entry(4)], ctx) == []
-    assert _consistent_flights(study, [entry(2), entry(2)], ctx) == []
+    assert consistent_flights(study, [entry(3), entry(4)], ctx) == []
+    assert consistent_flights(study, [entry(2), entry(2)], ctx) == []

@@ -1,10 +1,9 @@
 """Prompts rendered from prompts/*.j2: content, the token bound with 1,000 runs, and clear errors."""
-import random
 import shutil
 
 import pytest
 
-from nas_agent.agent_state import AgentState, RunInfo, add_run
+from nas_agent.agent_state import AgentState
 from nas_agent.config import load_config
 from nas_agent_graph.prompting import (
     PROMPTS_DIR,
@@ -20,40 +19,11 @@ from nas_agent_graph.prompting import (
     repair_messages,
 )
 from nas_agent_graph.search_space import load_space
+from nas_agent_graph.testing import synthetic_study
 from tests.conftest import ROOT
 
 SPACE = load_space(None)
 BASE = load_config(ROOT / "config.py").model_dump()
-
-
-def synthetic_study(n: int, seed: int = 0) -> AgentState:
-    """n runs drawn from the default space: most ok, some failed with long tracebacks, long summaries."""
-    rng = random.Random(seed)
-    state = AgentState(max_runs=n)
-    best = None
-    for i in range(n):
-        params = {}
-        for key, entry in SPACE.entries.items():
-            if not SPACE.is_active(key, params, BASE):
-                continue  # define-by-run, as the samplers draw
-            if entry["type"] == "categorical":
-                params[key] = rng.choice(entry["choices"])
-            elif entry["type"] == "int":
-                params[key] = rng.randint(entry["low"], entry["high"])
-            else:
-                params[key] = rng.uniform(entry["low"], entry["high"])
-        config = SPACE.to_config(params, BASE)
-        failed = i % 7 == 3
-        val = None if failed else 0.4 + rng.random()
-        accepted = val is not None and (best is None or val < best)
-        best = val if accepted else best
-        add_run(state, RunInfo(
-            run_id=f"run_{i:04d}", status="failed" if failed else "ok", val_mse=val,
-            test_mse=None if failed else 7.654321, accepted=accepted, proposer="tpe", config=config,
-            reason="status failed" if failed else "worse", history_summary="The loss went down and up. " * 30,
-            error_tail=("Traceback (most recent call last):\n" + "  File x.py, line 1\n" * 80
-                        + "RuntimeError: CUDA out of memory") if failed else None))
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +67,7 @@ def test_prompt_shows_validation_but_never_test_metrics():
 
 
 def test_runs_in_flight_are_listed_as_running_not_as_failures():
-    from nas_agent_graph.nodes import study_view
+    from nas_agent_graph.study.rules import study_view
     state = synthetic_study(6)
     flying = {"run_id": "run_0006", "proposal": {"config": state.runs[1].config, "raw_config": state.runs[1].config,
                                                  "proposer": "tpe", "parent_run_id": None, "meta": {}}}

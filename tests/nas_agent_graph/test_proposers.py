@@ -139,7 +139,7 @@ def test_failures_become_fail_trials(space, base):
 
 def test_runs_in_flight_are_running_trials_that_steer_tpe_away(space, base):
     """--parallel: a run still training is a RUNNING trial (constant liar), not a FAIL that TPE ignores."""
-    from nas_agent_graph.nodes import study_view
+    from nas_agent_graph.study.rules import study_view
 
     proposer = make_proposer("tpe", space, seed=3)
     state = AgentState()

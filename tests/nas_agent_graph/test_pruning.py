@@ -78,7 +78,7 @@ def test_bad_settings_are_clear_errors():
 def test_a_pruned_run_is_shown_to_the_samplers_as_a_pruned_trial_with_its_curve(tmp_path):
     from nas_agent_graph.proposers import trial_for_run
     from nas_agent_graph.search_space import load_space
-    from tests.nas_agent_graph.test_cli import TINY_SPACE
+    from nas_agent_graph.testing import TINY_SPACE
     (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
     space = load_space(tmp_path / "space.json")
     ok = RunInfo(run_id="run_0000", status="ok", val_mse=0.5, config=base_raw(None), extra={"curve": [0.6, 0.5]})

@@ -23,7 +23,8 @@ import pytest
 
 from nas_agent.logging_utils import load_metrics
 from nas_agent_graph import ray_launcher
-from nas_agent_graph.launcher import LaunchCancelled, error_headline, is_finished, kill_process_group
+from nas_agent_graph.launcher import LaunchCancelled, error_headline, is_finished
+from nas_agent_graph.process import kill_process_group
 from nas_agent_graph.limits import Caps, cpu_cap_s
 from nas_agent_graph.ray_launcher import MARKER_PREFIX, NO_SHARED_FS_ENV, ray_launch_run
 from tests.conftest import DATA_DIR, ROOT, TINY_CONFIG
@@ -198,7 +199,7 @@ def test_joining_a_cluster_ships_the_project_to_its_workers(tmp_path):
             assert wait_for(lambda: b"Ray runtime started" in (tmp_path / "head.log").read_bytes(), 90), \
                 (tmp_path / "head.log").read_text()[-3000:]
             out = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(tmp_path / "runs"),
-                                  str(script)], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                                  str(script)], cwd=tmp_path, env=env,
                                  capture_output=True, text=True, timeout=120)
         finally:
             kill_process_group(head.pid, grace_s=15)  # `ray start --block` stops the cluster it started

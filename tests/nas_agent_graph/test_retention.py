@@ -1,5 +1,6 @@
 """Checkpoint retention (--keep-checkpoints): which files go, what the record says, idempotence."""
 from nas_agent.agent_state import AgentState, RunInfo, add_run
+from nas_agent import run_folder
 from nas_agent_graph import retention
 from nas_agent_graph.report import render_status
 
@@ -18,8 +19,8 @@ def make_study(tmp_path):
             (run_dir / name).write_text("{}")
         extra = {"confirm": {"status": "pending"}} if pending else {}
         if val is not None:  # a failed run wrote no checkpoint
-            (run_dir / retention.CHECKPOINT).write_bytes(b"w" * 200_000)
-            (run_dir / retention.FORECASTS).write_bytes(b"f" * 1_000)
+            (run_dir / run_folder.CHECKPOINT_FILE).write_bytes(b"w" * 200_000)
+            (run_dir / run_folder.FORECASTS_FILE).write_bytes(b"f" * 1_000)
             extra["checkpoint"] = retention.checkpoint_record(run_dir)
         add_run(study, RunInfo(run_id=run_id, val_mse=val, accepted=accepted, status="ok" if val else "failed",
                                extra=extra))
@@ -27,7 +28,7 @@ def make_study(tmp_path):
 
 
 def on_disk(tmp_path):
-    return {p.parent.name for p in tmp_path.glob(f"*/{retention.CHECKPOINT}")}
+    return {p.parent.name for p in tmp_path.glob(f"*/{run_folder.CHECKPOINT_FILE}")}
 
 
 def test_keeps_incumbents_pending_candidates_and_the_n_best(tmp_path):
@@ -41,7 +42,7 @@ def test_keeps_incumbents_pending_candidates_and_the_n_best(tmp_path):
     assert retention.delete(doomed) == 402_000  # marked first, deleted once the caller has saved
     assert on_disk(tmp_path) == {"run_0000", "run_0001", "run_0003", "run_0004", "run_0006"}
     # the checkpoint's forecasts (the ensemble's input) go with it
-    assert {p.parent.name for p in tmp_path.glob(f"*/{retention.FORECASTS}")} == on_disk(tmp_path)
+    assert {p.parent.name for p in tmp_path.glob(f"*/{run_folder.FORECASTS_FILE}")} == on_disk(tmp_path)
     assert all((tmp_path / "run_0002" / name).exists() for name in ("metrics.json", "history.json", "config.py"))
     # a second pass (a resume) deletes nothing more and keeps the first record
     first = dict(study.runs[2].extra["checkpoint"])

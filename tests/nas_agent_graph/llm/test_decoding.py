@@ -45,7 +45,7 @@ def test_greedy_decoding_matches_model_generate(embedded):
     decoding.PREFIXES.clear()
     result = backend.generate_json(model, tokenizer, messages, None, temperature=0, max_new_tokens=24,
                                    constrain=False)
-    expected = tokenizer.decode([t for t in reference if t not in backend._stop_ids(model, tokenizer)],
+    expected = tokenizer.decode([t for t in reference if t not in backend.stop_ids(model, tokenizer)],
                                 skip_special_tokens=True)
     assert result.text == expected
 

@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage
 from nas_agent.agent_state import AgentState, RunInfo, add_run, load_agent_state
 from nas_agent.config import parse_config_source, render_config, validate_config
 from nas_agent_graph.cli import run_search
-from nas_agent_graph.context import Context
+from nas_agent_graph.context import Context, Session
 from nas_agent_graph.display import PlainDisplay
 from nas_agent_graph.launcher import launch_run
 from nas_agent_graph.llm import backend
@@ -27,7 +27,7 @@ from nas_agent_graph.proposers import OptunaProposer, ProposalError, llm_validit
 from nas_agent_graph.search_space import space_from_overrides
 from nas_agent_graph.validation import check_proposal
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
-from tests.nas_agent_graph.test_cli import TINY_SPACE
+from nas_agent_graph.testing import TINY_SPACE
 
 SPACE = space_from_overrides(TINY_SPACE)
 BASE = validate_config(parse_config_source(TINY_CONFIG), "tiny").model_dump()
@@ -75,7 +75,7 @@ def test_llm_proposal_validates_and_launches(chat, tmp_path):
     config = dict(verdict.config, training={**verdict.config["training"], "max_epochs": 1,
                                             "max_steps_per_epoch": 5})
     result = launch_run(tmp_path / "runs" / "run_0003", render_config(config), run_id="run_0003",
-                        runs_dir=tmp_path / "runs", python=PYTHON, env=run_env(PYTHONPATH=str(ROOT)))
+                        runs_dir=tmp_path / "runs", python=PYTHON, env=run_env())
     assert result.status == "ok", result.error_tail
     assert result.metrics["val_mse"] > 0
 
@@ -113,7 +113,7 @@ def test_cli_hybrid_study_traces_every_llm_run(tmp_path):
     (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
     args = [PYTHON, "-m", "nas_agent_graph", "--max-runs", "3", "--space", "space.json", "--proposer", "hybrid",
             "--sampler-fraction", "0.5", "--warm-start", "off", "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
-    proc = subprocess.run(args, cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=tmp_path, env=run_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_agent_state(tmp_path / "agent_state.json")
@@ -145,7 +145,7 @@ def test_cli_hybrid_study_traces_every_llm_run(tmp_path):
 def test_cli_bad_llm_fails_offline_with_a_clear_message(tmp_path, llm, words):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
     proc = subprocess.run([PYTHON, "-m", "nas_agent_graph", "--max-runs", "2", "--proposer", "llm", "--llm", llm],
-                          cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"), capture_output=True,
+                          cwd=tmp_path, env=run_env(HF_HUB_OFFLINE="1"), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
@@ -215,9 +215,9 @@ def test_accepted_model_code_becomes_the_incumbent_model(tmp_path):
     chat = ScriptedChat()
     proposer = LLMProposer(chat, SPACE, seed=0, allow_code=True, code_fraction=1.0, model_path=model_path)
     ctx = Context(state_path=tmp_path / "agent_state.json", runs_dir=tmp_path / "runs",
-                  config_path=tmp_path / "config.py", max_runs=2, proposer_obj=proposer, display=PlainDisplay(),
+                  config_path=tmp_path / "config.py", max_runs=2, session=Session(proposer=proposer, display=PlainDisplay()),
                   overrides=["training.max_epochs=1", "training.max_steps_per_epoch=5"], model_path=model_path,
-                  env=run_env(PYTHONPATH=str(ROOT)))
+                  env=run_env())
     assert run_search(ctx) == 0
     state = load_agent_state(ctx.state_path)
     code_run = state.runs[1]

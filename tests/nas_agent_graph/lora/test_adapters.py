@@ -10,7 +10,7 @@ import torch
 
 from nas_agent.agent_state import AgentState, RunInfo, add_run
 from nas_agent_graph.llm.chat_model import LocalChatModel, from_dicts
-from nas_agent_graph.lora.adapters import LoraSettings, check_rollback, evaluate, gate_decision, registry, split, train_adapter
+from nas_agent_graph.lora.adapters import LoraSettings, active_adapter, check_rollback, evaluate, gate_decision, registry, split, train_adapter
 from nas_agent_graph.prompting import PromptLimits, config_messages
 from nas_agent_graph.proposers import OptunaProposer
 from nas_agent_graph.search_space import DEFAULT_SPACE, space_from_overrides
@@ -167,7 +167,7 @@ class NoModelChat:
 
 
 def test_trigger_counts_unseen_positives_and_a_failed_training_is_recorded(tmp_path):
-    from nas_agent._atomic import append_jsonl
+    from nas_agent.atomic import append_jsonl
     from nas_agent_graph.lora.adapters import finetune_and_gate, finetune_due, samples_path
 
     settings = LoraSettings(trigger=3, held_out=1)
@@ -198,12 +198,12 @@ def test_a_missing_adapter_falls_back_to_the_base_model(tmp_path, caplog):
     reg["adapters"].append({"version": 1, "path": str(tmp_path / "gone"), "status": "promoted", "previous": None})
     reg["active"] = 1
     proposer = LLMProposer(ScriptedChat(), MICRO, seed=0)
-    proposer.use_adapter(state)
+    proposer.use_adapter(active_adapter(state))
     assert proposer.chat.adapter is None and "is missing; proposing with the base model" in caplog.text
 
 
 def test_a_fine_tune_over_its_memory_cap_is_a_recorded_failure(tmp_path):
-    from nas_agent._atomic import append_jsonl
+    from nas_agent.atomic import append_jsonl
     from nas_agent_graph.lora.adapters import finetune_and_gate, samples_path
 
     settings = LoraSettings(trigger=2, held_out=1, steps=2, memory_gb=1.0)  # the model alone needs more

@@ -10,7 +10,7 @@ import pytest
 from nas_agent.agent_state import load_agent_state
 from nas_agent_graph.lora.adapters import read_samples
 from nas_agent_graph.search_space import DEFAULT_SPACE
-from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
+from tests.conftest import PYTHON, TINY_CONFIG, run_env
 
 MICRO_FILE = {**{k: None for k in DEFAULT_SPACE if k not in ("model.e_layers", "model.attn", "model.revin",
                                                              "training.batch_size")},
@@ -32,7 +32,7 @@ def test_short_loop_finetunes_promotes_and_uses_the_adapter_and_a_new_session_ke
             "--set", "training.max_epochs=1", "--set", "training.max_steps_per_epoch=5"]
     for item in LORA:
         args += ["--lora", item]
-    proc = subprocess.run(args, cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2"),
+    proc = subprocess.run(args, cwd=tmp_path, env=run_env(OMP_NUM_THREADS="2"),
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_agent_state(tmp_path / "agent_state.json")
@@ -55,13 +55,13 @@ def test_short_loop_finetunes_promotes_and_uses_the_adapter_and_a_new_session_ke
     assert [s["run_id"] for s in samples] == [f"run_{i:04d}" for i in range(RUNS)]
     assert samples[-1]["adapter_version"] == "v1" and samples[1]["messages"][0]["role"] == "system"
     listing = subprocess.run([PYTHON, "-m", "nas_agent_graph.lora", "list"], cwd=tmp_path,
-                             env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+                             env=run_env(), capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "| v1 | promoted |" in listing.stdout and "adapter in use: v1" in listing.stdout
 
     # A new session (as after a crash: nothing but the files) proposes with the promoted adapter
     # from agent_state.json at once, and does not train it again.
     args[args.index("--max-runs") + 1] = str(RUNS + 1)
-    proc = subprocess.run(args, cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2"),
+    proc = subprocess.run(args, cwd=tmp_path, env=run_env(OMP_NUM_THREADS="2"),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads((tmp_path / "runs" / f"run_{RUNS:04d}" / "llm.json").read_text())

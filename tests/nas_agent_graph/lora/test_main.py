@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from nas_agent_graph.search_space import DEFAULT_SPACE
-from tests.conftest import PYTHON, ROOT, run_env
+from tests.conftest import PYTHON, run_env
 from tests.nas_agent_graph.lora.test_adapters import make_samples
 
 MICRO_OVERRIDES = {**{k: None for k in DEFAULT_SPACE if k not in (
@@ -17,7 +17,7 @@ MICRO_OVERRIDES = {**{k: None for k in DEFAULT_SPACE if k not in (
 
 def lora_cli(cwd, *args, timeout=1200):
     return subprocess.run([PYTHON, "-m", "nas_agent_graph.lora", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2"))
+                          timeout=timeout, env=run_env(OMP_NUM_THREADS="2"))
 
 
 def test_list_and_bad_input(tmp_path):

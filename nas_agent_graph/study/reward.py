@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from typing import Optional
+from nas_agent.run_folder import SCORED
 
 SCALE = 0.05
 FAILURE = -1.0
 
 
 def compute_reward(status: str, val_mse: Optional[float], incumbent_val: Optional[float]) -> float:
-    if status not in ("ok", "timeout") or val_mse is None or not math.isfinite(val_mse):
+    if status not in SCORED or val_mse is None or not math.isfinite(val_mse):
         return FAILURE
     if incumbent_val is None or not math.isfinite(incumbent_val) or incumbent_val <= 0:
         return 0.5

@@ -8,7 +8,7 @@ import pytest
 
 from nas_agent.agent_state import AgentState, RunInfo, load_agent_state
 from nas_agent_graph.cli import run_search
-from nas_agent_graph.confirmation import (
+from nas_agent_graph.study.confirmation import (
     conclude,
     confirmations_of,
     next_confirmation,
@@ -16,7 +16,7 @@ from nas_agent_graph.confirmation import (
     welch_one_sided,
 )
 from nas_agent_graph.report import render_status
-from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
+from tests.conftest import PYTHON, TINY_CONFIG, run_env
 from tests.nas_agent_graph.test_cli import assert_consistent, cli, search_args, study, wait_for  # noqa: F401
 from tests.nas_agent_graph.test_graph import ScriptedProposer, base_raw, make_ctx
 
@@ -130,7 +130,7 @@ def test_confirmation_accepts_a_clearly_better_config(tmp_path, monkeypatch):
 def test_resume_after_sigkill_during_a_confirmation_run(study):  # noqa: F811
     args = search_args(6, "tpe", "--confirm-seeds", "3", "--min-delta", "-1", "--set",
                        "training.max_steps_per_epoch=200")
-    proc = subprocess.Popen([PYTHON, "-m", "nas_agent_graph", *args], cwd=study, env=run_env(PYTHONPATH=str(ROOT)),
+    proc = subprocess.Popen([PYTHON, "-m", "nas_agent_graph", *args], cwd=study, env=run_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     launch = study / "runs" / "run_0003" / "launch.json"  # the second confirmation of run_0001
     wait_for(launch.exists, timeout=300)

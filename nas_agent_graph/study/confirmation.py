@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nas_agent.agent_state import AgentState, RunInfo, get_best_run, get_run, replace_run
+from nas_agent.config import apply_overrides
+from nas_agent.run_folder import SCORED
 
 CONFIRM_PROPOSER = "confirm"
 CONFIRM_ALPHA = 0.05
@@ -84,7 +86,7 @@ def confirmation_config(target: RunInfo, seed: int) -> dict:
 
 def _values(state: AgentState, run: RunInfo) -> list[float]:
     runs = [run] + confirmations_of(state, run.run_id)
-    return [r.val_mse for r in runs if r.status in ("ok", "timeout") and r.val_mse is not None]
+    return [r.val_mse for r in runs if r.status in SCORED and r.val_mse is not None]
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -204,3 +206,13 @@ def noise_floor_text(state: AgentState) -> str | None:
     if not isinstance(nf, dict) or nf.get("std") is None:
         return None
     return f"noise floor ±{nf['std']:.4f} val MSE ({nf.get('run_id')}, {nf.get('n')} seeds)"
+
+
+def confirmation_proposal(study: AgentState, plan: ConfirmationPlan, overrides: list[str]) -> dict[str, Any]:
+    """The proposal of a confirmation run: the repeated run's config with another seed, the
+    study's --set overrides applied as to any proposal."""
+    target = get_run(study, plan.target)
+    raw = confirmation_config(target, plan.seed)
+    meta = {"confirms": plan.target, "candidate": plan.candidate, "seed": plan.seed, "index": plan.index}
+    return {"config": apply_overrides(raw, overrides), "raw_config": raw, "proposer": CONFIRM_PROPOSER,
+            "parent_run_id": plan.target, "meta": meta, "error": None}

@@ -1,0 +1,44 @@
+"""The run-folder contract, defined once: the files a run folder holds, train.py's status
+vocabulary and exit codes, and which statuses are scored. train.py writes the folder; the
+launchers, the study's rules, the ensemble and the report read it.
+
+    runs/<run_id>/
+        config.py          the proposal as launched (the launcher writes it)
+        model.py           a proposed model file, beside it (code proposals only)
+        launch.json        the child's pid, process group, command line and start time
+        train.log          the child's output
+        config_used.py     the effective config, re-runnable as is
+        history.json       one record per epoch, rewritten after each
+        progress.json      where training is inside its epoch (the live panel)
+        best_model.pth     the best checkpoint
+        forecasts.npz      its forecasts of every validation and test window
+        learning_curve.png
+        PRUNE              the search's request to stop (first line: why)
+        metrics.json       written last: its presence means the run finished
+"""
+from __future__ import annotations
+
+CONFIG_FILE = "config.py"
+MODEL_FILE = "model.py"
+LAUNCH_FILE = "launch.json"
+LOG_FILE = "train.log"
+CONFIG_USED_FILE = "config_used.py"
+HISTORY_FILE = "history.json"
+PROGRESS_FILE = "progress.json"
+CHECKPOINT_FILE = "best_model.pth"
+FORECASTS_FILE = "forecasts.npz"
+CURVE_FILE = "learning_curve.png"
+PRUNE_FILE = "PRUNE"
+METRICS_FILE = "metrics.json"
+
+# Files that mean "this folder already holds a run". train.log is not one of them: the launcher
+# opens it before train.py starts, to stream the child's output into it.
+OUTPUT_FILES = (METRICS_FILE, HISTORY_FILE, CONFIG_USED_FILE, CHECKPOINT_FILE, CURVE_FILE, FORECASTS_FILE)
+
+# train.py's statuses and exit codes (its docstring says what each means).
+EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "invalid": 6, "interrupted": 130}
+USAGE_ERROR = 2  # bad flags or config; no status, nothing written
+# Statuses that end training early but still restore and test the best checkpoint.
+TESTED_EARLY_STOPS = ("timeout", "pruned")
+# Statuses whose val_mse is a fair, complete measurement: the ones a study compares and selects on.
+SCORED = ("ok", "timeout")
