@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WHL_DIR, DATA_DIR = ".whl", ".devdata"  # the carried folders, ignored by .gitignore
 CARRY = (WHL_DIR, DATA_DIR)
+PROJECT_MODULES = ("nas_agent", "nas_agent_graph", "train", "model", "bench", "tests")  # the working tree
 TRAVEL_LIMIT = 64 * 2**20  # the device tool's limit on the working tree plus carried paths
 COMMAND_LIMIT, CARRY_PATHS_LIMIT = 2000, 8
 TIMEOUT_S = 480  # the run call's timeout_s: the issue asks for under 8 minutes there
@@ -612,14 +613,15 @@ def classify_imports(logs: list[Path], image: set[str], carried: set[str]) -> tu
     owners = md.packages_distributions()
 
     def dist(module: str | None) -> str:
-        if module is None or module not in owners:
+        # The project travels as the working tree (its editable install here maps it to a distribution).
+        if module is None or module not in owners or module in PROJECT_MODULES:
             return "(project or run time)"  # stdlib modules import no third-party code that the image lacks
         return norm(owners[module][0])
 
     importers: dict[str, set[str]] = {}
     for log in logs:
         for module, importer in import_edges(log):
-            if module in owners:
+            if module in owners and module not in PROJECT_MODULES:
                 d = dist(module)
                 if dist(importer) != d:
                     importers.setdefault(d, set()).add(dist(importer))
