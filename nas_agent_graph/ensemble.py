@@ -40,6 +40,7 @@ from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
 from nas_agent.schema import model_family
+from nas_agent_graph.limits import default_run_memory_gb, run_caps
 from nas_agent_graph.paths import TRAIN_SCRIPT
 from nas_agent_graph.process import run_child
 
@@ -119,7 +120,8 @@ def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str
         cmd += ["--model", str(run_dir / MODEL_FILE)]
     log.info("%s: no %s; predicting from its checkpoint", run.run_id, FORECASTS_FILE)
     try:
-        proc = run_child(cmd, timeout_s=timeout_s)
+        # A run's caps: the default --run-memory of one run at a time, and CPU time for the timeout.
+        proc = run_child(cmd, timeout_s=timeout_s, caps=run_caps(default_run_memory_gb(1), timeout_s))
     except subprocess.TimeoutExpired:
         raise EnsembleError(f"{run.run_id}: train.py --predict took more than {timeout_s:g}s") from None
     if proc.returncode != 0:
