@@ -50,11 +50,13 @@ import numpy as np
 import torch
 
 from nas_agent.config import ConfigError, config_hash, config_style, load_config, write_config
+from nas_agent import forecasts
 from nas_agent.data import DataError, load_dataset
 from nas_agent.logging_utils import save_history, save_metrics
 from nas_agent.run_folder import (
     CHECKPOINT_FILE,
     CONFIG_USED_FILE,
+    CURVE_FILE,
     EXIT_CODES,
     FORECASTS_FILE,
     LOG_FILE,
@@ -413,14 +415,18 @@ def evaluate(model, windows, device) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def forecast(model, windows, device) -> tuple[np.ndarray, np.ndarray]:
-    """Forecasts and targets of every window of a split, (windows, pred_len, channels) each, as
-    evaluate computes them: their MSE is evaluate's."""
-    preds, targets = [], []
-    for pred, y in _eval_batches(model, windows, device):
-        preds.append(pred.cpu().numpy())
-        targets.append(y.float().cpu().numpy())
-    return np.concatenate(preds), np.concatenate(targets)
+def forecast(model, windows, device) -> np.ndarray:
+    """The forecast of every window of a split, (windows, pred_len, channels), as evaluate computes
+    it; its targets are forecasts.windows(windows.target_rows(), pred_len)."""
+    return np.concatenate([pred.cpu().numpy() for pred, _ in _eval_batches(model, windows, device)])
+
+
+def load_data(cfg, device: torch.device | str):
+    """The data set a config describes, with the model's channel counts set from it."""
+    ds = load_dataset(cfg.data, cfg.model.embed, device)
+    cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
+    cfg.model.c_out = ds.c_out
+    return ds
 
 
 def predict(cfg, args, device: torch.device) -> int:
@@ -432,9 +438,7 @@ def predict(cfg, args, device: torch.device) -> int:
         print(f"error: --predict: {ckpt_path} not found (the run wrote no checkpoint, or it was deleted)",
               file=sys.stderr)
         return USAGE_ERROR
-    ds = load_dataset(cfg.data, cfg.model.embed, device)
-    cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
-    cfg.model.c_out = ds.c_out
+    ds = load_data(cfg, device)
     model = load_build_model(args.model)(cfg.model_dump()).to(device)
     # weights_only: a checkpoint is data, never code. Checkpoints written before torch_version was
     # stored as a plain string hold a TorchVersion, which is allowed by name.
@@ -442,25 +446,12 @@ def predict(cfg, args, device: torch.device) -> int:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     model.load_state_dict(ckpt["state_dict"])
     arrays = {}
-    for split in ("val", "test"):
+    for split in forecasts.SPLITS:
         windows = getattr(ds, split)
-        arrays[split] = forecast(model, windows, device)[0]
-        arrays[f"{split}_target_rows"] = windows.target_rows()
-    save_forecasts(Path(args.predict), arrays)
+        arrays[split], arrays[f"{split}_target_rows"] = forecast(model, windows, device), windows.target_rows()
+    forecasts.save(Path(args.predict), arrays)
     print(f"predict: {args.predict} (val {arrays['val'].shape}, test {arrays['test'].shape})")
     return 0
-
-
-def save_forecasts(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to a name without it
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def errors(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """MSE and MAE as evaluate computes them: fp32 differences, summed in fp64."""
-    err = (pred - target).astype(np.float64)
-    return float(np.square(err).mean()), float(np.abs(err).mean())
 
 
 @torch.no_grad()
@@ -707,10 +698,8 @@ def main(argv=None) -> int:
         metrics["amp"] = state["amp"]
         marks["setup"] = process_age_s()
         with smoke_phase(args.smoke_test, args.smoke_timeout):
-            ds = load_dataset(cfg.data, cfg.model.embed, device)
+            ds = load_data(cfg, device)
             marks["data"] = process_age_s()
-            cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
-            cfg.model.c_out = ds.c_out
             model = load_build_model(args.model)(cfg.model_dump()).to(device)
             metrics["n_params"] = sum(p.numel() for p in model.parameters())
             marks["model"] = process_age_s()
@@ -723,7 +712,7 @@ def main(argv=None) -> int:
         write_config(cfg, run_dir / CONFIG_USED_FILE, style=style,
                      header=f"Effective config of {args.tag}: {args.config}" +
                             (f" with --set {' '.join(overrides)}" if overrides else "") +
-                            f"\nRe-run: python train.py --config {run_dir / 'config_used.py'} --tag NEW_TAG")
+                            f"\nRe-run: python train.py --config {run_dir / CONFIG_USED_FILE} --tag NEW_TAG")
         log.info("data %s: %d/%d/%d windows, %d channels; model %d parameters; device %s; amp %s (%s)", ds.path,
                  len(ds.train), len(ds.val), len(ds.test), ds.enc_in, metrics["n_params"], device, state["amp"],
                  metrics["amp_reason"])
@@ -793,18 +782,19 @@ def final_evaluation(model, ds, device, state: dict, metrics: dict) -> None:
     """Validation and test metrics of the restored best checkpoint."""
     if state["best_state"] is None:
         log.warning("no epoch completed; evaluating the current weights")
-    for split in ("val", "test"):
+    for split in forecasts.SPLITS:
         windows = getattr(ds, split)
         if len(windows) * windows.pred_len * ds.c_out * 4 > FORECASTS_MAX_BYTES:
             metrics[f"{split}_mse"], metrics[f"{split}_mae"] = timed_evaluate(model, windows, device, state)
             continue
         start = time.monotonic()
         try:
-            pred, target = forecast(model, windows, device)
+            pred = forecast(model, windows, device)
         finally:
             state["eval_s"] += time.monotonic() - start
-        metrics[f"{split}_mse"], metrics[f"{split}_mae"] = errors(pred, target)
-        state.setdefault("forecasts", {}).update({split: pred, f"{split}_target_rows": windows.target_rows()})
+        rows = windows.target_rows()
+        metrics[f"{split}_mse"], metrics[f"{split}_mae"] = forecasts.errors(pred, forecasts.windows(rows, windows.pred_len))
+        state.setdefault("forecasts", {}).update({split: pred, f"{split}_target_rows": rows})
 
 
 def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics: dict,
@@ -815,7 +805,7 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
             write_config(cfg, run_dir / CONFIG_USED_FILE, header=f"Effective config of {tag}", style=style)
         save_history(run_dir, history_file(state))
         if metrics["status"] != "invalid":  # nothing trained; matplotlib's import alone takes 0.3 s
-            plot_learning_curve(state["history"], run_dir / "learning_curve.png", f"{tag} ({metrics['status']})")
+            plot_learning_curve(state["history"], run_dir / CURVE_FILE, f"{tag} ({metrics['status']})")
         if model is not None and state["best_state"] is not None:
             ckpt = {"state_dict": state["best_state"], "config": cfg.model_dump(), "epoch": state["best_epoch"],
                     "val_mse": state["best_val"], "columns": ds.columns, "scaler_mean": ds.mean.tolist(),
@@ -823,8 +813,8 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
             tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
             torch.save(ckpt, tmp)
             os.replace(tmp, run_dir / CHECKPOINT_FILE)
-            if len(state.get("forecasts") or {}) == 4:  # both splits of this checkpoint
-                save_forecasts(run_dir / FORECASTS_FILE, state["forecasts"])
+            if len(state.get("forecasts") or {}) == len(forecasts.KEYS):  # both splits of this checkpoint
+                forecasts.save(run_dir / FORECASTS_FILE, state["forecasts"])
     except Exception:
         log.exception("writing run outputs failed")
         if metrics["status"] == "ok":

@@ -41,6 +41,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WHL_DIR, DATA_DIR = ".whl", ".devdata"  # the carried folders, ignored by .gitignore
 CARRY = (WHL_DIR, DATA_DIR)
-PROJECT_MODULES = ("nas_agent", "nas_agent_graph", "train", "model", "bench", "tests")  # the working tree
 TRAVEL_LIMIT = 64 * 2**20  # the device tool's limit on the working tree plus carried paths
 COMMAND_LIMIT, CARRY_PATHS_LIMIT = 2000, 8
 TIMEOUT_S = 480  # the run call's timeout_s: the issue asks for under 8 minutes there
@@ -610,18 +610,19 @@ def classify_imports(logs: list[Path], image: set[str], carried: set[str]) -> tu
     those are other versions here, whose optional or newer needs the image's own do not share
     (transformers here imports httpx2 through huggingface_hub 2; torch tries zstandard). What the
     project imports, at load or at run time, or a carried wheel imports, must travel."""
-    owners = md.packages_distributions()
+    # The project itself travels as the working tree: its editable install here is not a wheel to carry.
+    project = norm(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"])
+    owners = {m: d for m, d in md.packages_distributions().items() if norm(d[0]) != project}
 
     def dist(module: str | None) -> str:
-        # The project travels as the working tree (its editable install here maps it to a distribution).
-        if module is None or module not in owners or module in PROJECT_MODULES:
+        if module is None or module not in owners:
             return "(project or run time)"  # stdlib modules import no third-party code that the image lacks
         return norm(owners[module][0])
 
     importers: dict[str, set[str]] = {}
     for log in logs:
         for module, importer in import_edges(log):
-            if module in owners and module not in PROJECT_MODULES:
+            if module in owners:
                 d = dist(module)
                 if dist(importer) != d:
                     importers.setdefault(d, set()).add(dist(importer))

@@ -118,32 +118,32 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
         shutil.copy(ROOT / "config.py", folder / "config.py")
     state_file = folder / "agent_state.json"
     budget = minutes * 60
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
     if not done:
         cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),
                "--time-budget", f"{budget:g}", *ARMS[arm]]
-        rc, _ = run_orchestrator(cmd, folder, env)
+        rc, _ = run_orchestrator(cmd, folder, dict(os.environ, OMP_NUM_THREADS=str(threads)))
         if rc != 0:
             print(f"{arm} seed {seed}: the orchestrator exited {rc}; see {folder / 'orchestrator.log'}")
     state = load_agent_state(state_file)
     minutes_used = state.meta.get("time_used_s", 0.0) / 60
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
-            "minutes": minutes_used, "ensemble": arm_ensemble(folder, env) if minutes_used >= minutes else None,
+            "minutes": minutes_used, "ensemble": arm_ensemble(folder) if minutes_used >= minutes else None,
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config})}
 
 
-def arm_ensemble(folder: Path, env: dict) -> dict | None:
-    """The finished study's ensemble (runs/ensemble.json, which the study writes when it ends): built
-    with `python -m nas_agent_graph ensemble` when missing (a study from before ensembles). Its test
-    MSE is reported, never used."""
+def arm_ensemble(folder: Path) -> dict | None:
+    """The finished study's ensemble (runs/ensemble.json, which the study writes when it ends), built
+    and written here, as `python -m nas_agent_graph ensemble` would, when missing (a study from
+    before ensembles). Its test MSE is reported, never used."""
     record = ensemble.load(folder / "runs")
     if record is None:
-        subprocess.run([sys.executable, "-m", "nas_agent_graph", "ensemble"], cwd=folder, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        record = ensemble.load(folder / "runs")
-    if record is None:
-        return None
+        try:
+            record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs")
+        except ensemble.EnsembleError as e:
+            print(f"{folder.name}: no ensemble: {e}")
+            return None
+        ensemble.write(record, folder / "runs")
     return {k: record[k] for k in ("val_mse", "test_mse", "pool", "steps", "created_at")} | {
         "members": {m["run_id"]: m["picks"] for m in record["members"]}}
 

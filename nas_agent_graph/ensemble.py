@@ -36,18 +36,20 @@ from pathlib import Path
 
 import numpy as np
 
+from nas_agent import forecasts as forecasts_file
 from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
 from nas_agent.schema import model_family
 from nas_agent_graph.limits import default_run_memory_gb, run_caps
 from nas_agent_graph.paths import TRAIN_SCRIPT
+from nas_agent_graph.retention import DEFAULT_KEEP
 from nas_agent_graph.process import run_child
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "ensemble.json"
-DEFAULT_POOL = 5  # the runs retention keeps by default (retention.DEFAULT_KEEP): their weights exist
+DEFAULT_POOL = DEFAULT_KEEP  # the runs retention keeps by default: their weights exist
 DEFAULT_STEPS = 20  # Caruana's library had thousands of models; for a handful, 20 picks resolve weights to 5%
 PREDICT_TIMEOUT_S = 900.0  # one evaluation of both splits; the default Informer takes about 2 minutes on 2 CPU cores
 
@@ -95,18 +97,10 @@ def forecasts(run: RunInfo, runs_dir: Path, *, python: str = sys.executable,
     if not path.is_file():
         _predict(run, run_dir, runs_dir, path, python, timeout_s)
     try:
-        with np.load(path) as d:
-            arrays = {k: d[k] for k in ("val", "test", "val_target_rows", "test_target_rows")}
-    except (OSError, ValueError, KeyError) as e:
-        raise EnsembleError(f"{run.run_id}: {path} is unreadable ({e}); delete it to have it predicted again") from None
-    pred_len = arrays["val"].shape[1]
-    return Forecasts(run.run_id, arrays["val"], arrays["test"], windows(arrays["val_target_rows"], pred_len),
-                     windows(arrays["test_target_rows"], pred_len))
-
-
-def windows(rows: np.ndarray, pred_len: int) -> np.ndarray:
-    """(n, pred_len, channels) targets from the rows they overlap in (a view, no copy)."""
-    return np.lib.stride_tricks.sliding_window_view(rows, pred_len, axis=0).transpose(0, 2, 1)
+        f = forecasts_file.load(path)
+    except ValueError as e:
+        raise EnsembleError(f"{run.run_id}: {e}; delete it to have it predicted again") from None
+    return Forecasts(run.run_id, f["val"], f["test"], f["val_target"], f["test_target"])
 
 
 def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str, timeout_s: float) -> None:
@@ -130,11 +124,7 @@ def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str
 
 
 def mse(pred: np.ndarray, target: np.ndarray) -> float:
-    return float(np.mean((pred.astype(np.float64) - target) ** 2))
-
-
-def mae(pred: np.ndarray, target: np.ndarray) -> float:
-    return float(np.mean(np.abs(pred.astype(np.float64) - target)))
+    return forecasts_file.errors(pred, target)[0]
 
 
 def select(val: dict[str, np.ndarray], target: np.ndarray, steps: int) -> list[str]:
@@ -180,9 +170,8 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
             skipped.append(f"{run.run_id}: its validation/test targets differ from {reference.run_id}'s "
                            f"(another data file, split or horizon)")
             continue
-        if not math.isclose(mse(f.val, f.val_target), run.val_mse, rel_tol=1e-4):
-            skipped.append(f"{run.run_id}: its checkpoint gives val MSE {mse(f.val, f.val_target):.6f}, "
-                           f"not the recorded {run.val_mse:.6f}")
+        if not math.isclose(val_mse := mse(f.val, f.val_target), run.val_mse, rel_tol=1e-4):
+            skipped.append(f"{run.run_id}: its checkpoint gives val MSE {val_mse:.6f}, not the recorded {run.val_mse:.6f}")
             continue
         reference = reference or f
         library[run.run_id] = f
@@ -193,7 +182,8 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
 
     def blend(split: str) -> np.ndarray:
         return sum(getattr(library[rid], split).astype(np.float64) * k for rid, k in weights.items()) / len(picks)
-    val, test = blend("val"), blend("test")
+    val_mse, val_mae = forecasts_file.errors(blend("val"), reference.val_target)
+    test_mse, test_mae = forecasts_file.errors(blend("test"), reference.test_target)  # scored once, after the selection
     by_id = {r.run_id: r for r in runs}
     best = runs[0] if runs[0].run_id in library else by_id[next(iter(library))]
     record = {
@@ -204,8 +194,7 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
                      "val_mse": by_id[rid].val_mse, "test_mse": by_id[rid].test_mse,
                      "family": model_family(by_id[rid].config.get("model") or {})}
                     for rid, k in weights.most_common()],
-        "val_mse": mse(val, reference.val_target), "val_mae": mae(val, reference.val_target),
-        "test_mse": mse(test, reference.test_target), "test_mae": mae(test, reference.test_target),
+        "val_mse": val_mse, "val_mae": val_mae, "test_mse": test_mse, "test_mae": test_mae,
         "best_single": {"run_id": best.run_id, "val_mse": best.val_mse, "val_mae": best.val_mae,
                         "test_mse": best.test_mse, "test_mae": best.test_mae},
         "windows": {"val": int(reference.val_target.shape[0]), "test": int(reference.test_target.shape[0])},

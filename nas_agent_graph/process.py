@@ -126,13 +126,14 @@ def child_preexec(caps: Caps | None = None):
 
 
 def start_child(cmd: list[str], *, cwd: Path, env: Mapping[str, str], caps: Caps | None = None,
-                stdout=None, stderr=subprocess.STDOUT, text: bool = True) -> subprocess.Popen:
+                stdout=None, stderr=subprocess.STDOUT) -> subprocess.Popen:
     """Start a child in its own session (its pid is its process group id), tied to our life and
-    under `caps`, with no stdin. A failure to start is a RuntimeError saying what to check."""
+    under `caps`, with no stdin; piped output is text. A failure to start is a RuntimeError saying
+    what to check."""
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
                                 start_new_session=True, preexec_fn=child_preexec(caps),
-                                text=text and stdout is subprocess.PIPE)
+                                text=stdout is subprocess.PIPE)
     except subprocess.SubprocessError as exc:
         raise RuntimeError(f"could not start {cmd[1]}: setting up the child (prctl PR_SET_PDEATHSIG, "
                            f"resource caps {caps}) failed: {exc}") from exc

@@ -25,7 +25,6 @@ def smoke(config_file: Path, model_file: Path | None) -> dict:
 
     # Imported here, inside main's try: an import that fails (a broken install) is a verdict too.
     from nas_agent.config import load_config, validate_config
-    from nas_agent.data import load_dataset  # (as above)
     import train  # (as above) the checks a run makes: build_model loading, the optimizer and scheduler
 
     t0 = time.monotonic()
@@ -33,9 +32,7 @@ def smoke(config_file: Path, model_file: Path | None) -> dict:
         cfg = validate_config(json.loads(config_file.read_text()), str(config_file))
     else:
         cfg = load_config(config_file)
-    ds = load_dataset(cfg.data, cfg.model.embed)
-    cfg.model.enc_in = cfg.model.dec_in = ds.enc_in
-    cfg.model.c_out = ds.c_out
+    ds = train.load_data(cfg, "cpu")
     torch.manual_seed(cfg.training.seed)
     model = train.load_build_model(str(model_file) if model_file else None)(cfg.model_dump())
     n_params = sum(p.numel() for p in model.parameters())

@@ -103,7 +103,7 @@ def test_forecasts_are_every_window_with_the_reported_errors_and_predict_reprodu
     import numpy as np
 
     from nas_agent.data import load_dataset
-    from nas_agent_graph.ensemble import windows
+    from nas_agent.forecasts import windows
     tmp, _, _ = two_runs
     run, m = tmp / "runs" / "a", metrics_of(tmp, "a")
     saved = dict(np.load(run / "forecasts.npz"))

@@ -198,7 +198,7 @@ def test_other_shared_datasets_load(name):
 @pytest.mark.parametrize("features", ["M", "S", "MS"])
 def test_target_rows_hold_every_windows_target(tmp_path, features):
     """Windows.target_rows: forecasts.npz stores each split's targets once, not per window."""
-    from nas_agent_graph.ensemble import windows
+    from nas_agent.forecasts import windows
     path = tmp_path / "t.csv"
     write_csv(path, n=400)
     ds = load_dataset(cfg(path, features=features), "timeF")

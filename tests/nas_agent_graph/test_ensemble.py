@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from nas_agent.agent_state import AgentState, load_agent_state, save_agent_state
+from nas_agent import forecasts
 from nas_agent_graph import ensemble
+from nas_agent_graph.testing import TINY_SPACE
 from tests.nas_agent_graph.test_cli import cli, search_args
 
 # ------------------------------------------------------------------------ the selection rule
@@ -37,7 +39,6 @@ def test_selection_keeps_the_best_prefix_and_breaks_ties_by_order():
 def finished(tmp_path_factory):
     """A 5-run TPE study on the tiny space, with the CLI's default ensemble at its end."""
     from tests.conftest import TINY_CONFIG
-    from nas_agent_graph.testing import TINY_SPACE
     study = tmp_path_factory.mktemp("ens")
     (study / "config.py").write_text(TINY_CONFIG)
     (study / "space.json").write_text(json.dumps(TINY_SPACE))
@@ -51,7 +52,7 @@ def _recomputed(study, record, split):
     arrays = {rid: np.load(study / "runs" / rid / "forecasts.npz") for rid in members}
     pred = sum(arrays[rid][split].astype(np.float64) * k for rid, k in members.items()) / sum(members.values())
     rid = next(iter(members))
-    target = ensemble.windows(arrays[rid][f"{split}_target_rows"], pred.shape[1])
+    target = forecasts.windows(arrays[rid][f"{split}_target_rows"], pred.shape[1])
     return float(np.mean((pred - target) ** 2))
 
 
@@ -70,6 +71,8 @@ def test_a_study_ends_with_an_ensemble_selected_on_validation(finished):
     assert record["test_mse"] == pytest.approx(_recomputed(study, record, "test"), rel=1e-9)
     assert record["windows"]["test"] == len(np.load(study / "runs" / scored[0].run_id / "forecasts.npz")["test"])
     assert f"ensemble_test_mse: {record['test_mse']:.6f}" in proc.stdout
+    status = cli(study, "status")
+    assert status.returncode == 0 and f"ensemble_test_mse: {record['test_mse']:.6f}" in status.stdout
 
 
 def test_test_forecasts_never_steer_the_selection_and_a_missing_file_is_predicted_again(finished):
@@ -107,6 +110,16 @@ def test_a_forecast_file_that_disagrees_with_its_run_is_left_out(finished):
                                                for s in after["skipped"])
     path.unlink()  # put it back as train.py would
     assert cli(study, "ensemble").returncode == 0
+
+
+def test_ensemble_off_leaves_none(tmp_path):
+    from tests.conftest import TINY_CONFIG
+    (tmp_path / "config.py").write_text(TINY_CONFIG)
+    (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
+    proc = cli(tmp_path, *search_args(2), "--ensemble", "off")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "run_0001" / "forecasts.npz").is_file()  # the runs still keep their forecasts
+    assert not (tmp_path / "runs" / "ensemble.json").exists() and "ensemble_test_mse" not in proc.stdout
 
 
 def test_bad_flags_and_an_empty_study_get_clear_messages(tmp_path, finished):
