@@ -53,13 +53,16 @@ The model space (issue 12)
               and feature-mixing MLPs with residuals, TSMixer, Chen et al., TMLR 2023),
               or "none" (no embedding either: the head sees the raw values)
 
-and a linear head to the horizon. Which combinations are meaningful is the config
+and a linear head to the horizon. Tokens are projected to d_model before the mixer,
+except with mixer "none" and with raw_tokens=True (mixer "mlp" only): then the mixer works
+on the raw values, as TSMixer mixes the raw features, and its blocks normalise each
+(token, feature) cell over the batch, TSMixer's 2D batch normalisation. Which combinations are meaningful is the config
 schema's business (nas_agent/schema.py); the classes below only check what they need.
 
     DLinear       decomp moving_avg, tokens time, mixer none
     PatchTST      revin, channels independent, tokens patch, mixer attention (full)
     iTransformer  revin, tokens variate, mixer attention (full)
-    TSMixer-style revin, tokens time, mixer mlp
+    TSMixer       revin, tokens time, mixer mlp, raw_tokens
 """
 
 import math
@@ -533,6 +536,7 @@ def count_parameters(model: nn.Module) -> int:
 CHOICES = {"decomp": ("none", "moving_avg"), "channels": ("mixed", "independent"),
            "tokens": ("time", "patch", "variate"), "mixer": ("attention", "mlp", "none"),
            "attn": ("prob", "full"), "activation": ("gelu", "relu")}
+RAW_TOKEN_MIXERS = ("mlp", "none")  # mixers that can work on unprojected tokens
 
 
 @dataclass
@@ -549,6 +553,7 @@ class ForecasterConfig:
     patch_len: int = 16
     stride: int = 8
     mixer: str = "attention"  # "attention" | "mlp" | "none"
+    raw_tokens: bool = False  # mixer "mlp" on the raw values, no projection to d_model (TSMixer)
     attn: str = "full"  # "prob" | "full", with mixer="attention"
     d_model: int = 128
     n_heads: int = 8
@@ -575,6 +580,9 @@ class ForecasterConfig:
             raise ValueError(f"model config: decomp_kernel ({self.decomp_kernel}) must be <= seq_len ({self.seq_len})")
         if self.tokens == "variate" and self.channels == "independent":
             raise ValueError("model config: variate tokens need channels='mixed' (one variate is one token)")
+        if self.raw_tokens and self.mixer not in RAW_TOKEN_MIXERS:
+            raise ValueError(f"model config: raw_tokens needs mixer in {RAW_TOKEN_MIXERS}, got {self.mixer!r} "
+                             "(attention works on tokens projected to d_model)")
         if self.mixer == "attention" and self.d_model % self.n_heads:
             raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
@@ -602,7 +610,7 @@ class MovingAverage(nn.Module):
 
 class Tokenizer(nn.Module):
     """[B, L, c] -> tokens [B, N, D]. With embed=False the raw values are the tokens
-    (mixer "none": nothing between the values and the linear head)."""
+    (mixer "none": nothing between the values and the linear head; raw_tokens: TSMixer)."""
 
     def __init__(self, cfg: ForecasterConfig, c, embed):
         super().__init__()
@@ -643,25 +651,42 @@ class Tokenizer(nn.Module):
         return self.dropout(x)
 
 
+class CellBatchNorm(nn.Module):
+    """Batch normalisation of each (token, feature) cell of [B, N, D] over the batch: TSMixer's
+    normalisation over both time and feature dimensions (its code's default, batch norm)."""
+
+    def __init__(self, n_tokens, dim):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(n_tokens * dim)
+
+    def forward(self, x):
+        return self.norm(x.flatten(1)).view_as(x)
+
+
 class MixerBlock(nn.Module):
     """TSMixer's block over tokens [B, N, D]: a token-mixing MLP (shared over features),
-    then a feature-mixing MLP (shared over tokens), each pre-normalised, with residuals."""
+    then a feature-mixing MLP (shared over tokens), each pre-normalised, with residuals.
 
-    def __init__(self, n_tokens, d_model, d_ff, dropout, activation):
+    Embedded tokens (D = d_model) are layer-normalised over their features; raw tokens
+    (D = the values of a time step, patch or variate, whose features differ in meaning)
+    get TSMixer's own CellBatchNorm."""
+
+    def __init__(self, n_tokens, dim, d_ff, dropout, activation, raw=False):
         super().__init__()
         act = nn.GELU if activation == "gelu" else nn.ReLU
-        self.token_norm = nn.LayerNorm(d_model)
+        norm = (lambda: CellBatchNorm(n_tokens, dim)) if raw else (lambda: nn.LayerNorm(dim))
+        self.token_norm = norm()
         self.token_mlp = nn.Sequential(nn.Linear(n_tokens, n_tokens), act(), nn.Dropout(dropout))
-        self.feature_norm = nn.LayerNorm(d_model)
-        self.feature_mlp = nn.Sequential(nn.Linear(d_model, d_ff), act(), nn.Dropout(dropout),
-                                         nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+        self.feature_norm = norm()
+        self.feature_mlp = nn.Sequential(nn.Linear(dim, d_ff), act(), nn.Dropout(dropout),
+                                         nn.Linear(d_ff, dim), nn.Dropout(dropout))
 
     def forward(self, x):
         x = x + self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
         return x + self.feature_mlp(self.feature_norm(x))
 
 
-def make_mixer(cfg: ForecasterConfig, n_tokens):
+def make_mixer(cfg: ForecasterConfig, n_tokens, dim):
     if cfg.mixer == "attention":
         d, drop = cfg.d_model, cfg.dropout
         return nn.Sequential(*[
@@ -669,7 +694,7 @@ def make_mixer(cfg: ForecasterConfig, n_tokens):
                          d, cfg.d_ff, drop, cfg.activation)
             for _ in range(cfg.e_layers)])
     if cfg.mixer == "mlp":
-        return nn.Sequential(*[MixerBlock(n_tokens, cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        return nn.Sequential(*[MixerBlock(n_tokens, dim, cfg.d_ff, cfg.dropout, cfg.activation, cfg.raw_tokens)
                                for _ in range(cfg.e_layers)])
     return nn.Identity()
 
@@ -719,8 +744,8 @@ class Forecaster(nn.Module):
         # DLinear's trend map: one linear map over time, shared by every channel.
         self.trend = nn.Linear(cfg.seq_len, cfg.pred_len) if self.decomp is not None else None
         c = 1 if cfg.channels == "independent" else C
-        self.tokenizer = Tokenizer(cfg, c, embed=cfg.mixer != "none")
-        self.mixer = make_mixer(cfg, self.tokenizer.n_tokens)
+        self.tokenizer = Tokenizer(cfg, c, embed=cfg.mixer != "none" and not cfg.raw_tokens)
+        self.mixer = make_mixer(cfg, self.tokenizer.n_tokens, self.tokenizer.dim)
         self.head = LinearHead(cfg.tokens, self.tokenizer.n_tokens, self.tokenizer.dim, cfg.pred_len, c,
                                raw=self.tokenizer.proj is None)
         # The forecast covers every input channel; "MS" (c_out == 1) keeps the target, the last one.

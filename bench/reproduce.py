@@ -104,14 +104,13 @@ NOTES: dict[tuple[str, str], str] = {
         "60-80 s/epoch on one contended thread and, with no min_delta, likely most of the 100 epochs: "
         "1-2 h per run."),
     ("tsmixer", "ETTh1"): (
-        "Expect it far off; not run to the end (about 4-5 min/epoch on one contended thread, up to 100 "
-        "epochs). Seed 2021 stopped by hand after 2 epochs: train MSE 45.2 then 16.6 (in train mode), "
-        "val 1.378 (naive 1.561), test 0.719. model.py applies model.dropout (0.9, the paper's) not only "
-        "inside the mixer MLPs, as the official TSMixer (google-research/tsmixer, res_block) does, but "
-        "also to the embedded input tokens (Tokenizer) and to the head's input (LinearHead); the official "
-        "model has no input projection, no dropout outside the blocks, and normalises over (time, "
-        "feature) jointly. The same 2 epochs with --set model.dropout=0.3 (a diagnostic, not the paper): "
-        "train 0.744 then 0.515, val 0.904, test 0.463."),
+        "Not yet run to the end with the current model. Since model.raw_tokens (this config sets it) "
+        "the blocks mix the raw features with no input projection and normalise each (time, feature) "
+        "cell over the batch, as the official TSMixer does (google-research tsmixer_rev_in, norm_type B); "
+        "before it, a projection to d_model 16 took the 0.9 dropout too and the model was far off (2 "
+        "epochs: val 1.378, test 0.719). Remaining differences: torch BatchNorm's momentum and eps "
+        "(0.1, 1e-5; Keras 0.01 in torch terms, 1e-3). Cost: the feature MLP's [batch, 512, 512] hidden "
+        "layer dominates, about 100 s/epoch on 2 idle threads (bench/results/train_speed.md)."),
     ("itransformer", "ETTh1"): (
         "Within 5% on both datasets. model.py's iTransformer omits the official one's 4 time-feature tokens "
         "(x_mark as extra variate tokens), its final encoder LayerNorm, and uses affine RevIN; "

@@ -121,6 +121,7 @@ class ModelConfig(_Section):
     tokens: Literal["time", "patch", "variate"] = "time"
     channels: Literal["mixed", "independent"] = "mixed"
     mixer: Literal["attention", "mlp", "none"] = "attention"  # attention: model.attn says which
+    raw_tokens: bool = False  # the MLP mixer on the raw values, not projected to d_model (TSMixer)
     decomp: Literal["none", "moving_avg"] = "none"  # trend + seasonal (DLinear)
     decomp_kernel: int = Field(25, ge=2, le=2048)  # moving-average window, <= data.seq_len
     patch_len: int = Field(16, ge=1, le=2048)  # with tokens "patch"; <= data.seq_len
@@ -128,8 +129,10 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _family(self) -> "ModelConfig":
-        for key, needs in FAMILY_RULES.get(("head", self.head), {}).items():
-            _require(self, "head", key, needs)
+        for (key, value), needs in FAMILY_RULES.items():
+            if getattr(self, key) == value:
+                for other, allowed in needs.items():
+                    _require(self, key, other, allowed)
         if self.tokens == "variate":
             _require(self, "tokens", "channels", ("mixed",))
         if self.uses_attention() and self.d_model % self.n_heads:
@@ -146,23 +149,28 @@ class ModelConfig(_Section):
 def model_family(model: dict) -> str:
     """A short name for a model section's family: "informer" (the decoder head), else
     "<tokens>-<mixer>" with "-ci" for channel independence (e.g. "patch-attention-ci" is
-    PatchTST-like, "time-none-ci" with decomposition DLinear-like, "variate-attention" iTransformer-like)."""
+    PatchTST-like, "time-none-ci" with decomposition DLinear-like, "variate-attention" iTransformer-like,
+    "time-mlp-raw" TSMixer)."""
     if model.get("head", "decoder") == "decoder":
         return "informer"
     name = f"{model.get('tokens', 'time')}-{model.get('mixer', 'attention')}"
+    name += "-raw" if model.get("raw_tokens") and model.get("mixer") == "mlp" else ""
     return name + ("-ci" if model.get("channels") == "independent" and model.get("tokens") != "variate" else "")
 
 
 # What a choice needs of other keys: head "decoder" is Informer's encoder-decoder over time
 # steps, so it needs the other keys at Informer's values.
-FAMILY_RULES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+FAMILY_RULES: dict[tuple[str, object], dict[str, tuple[str, ...]]] = {
     ("head", "decoder"): {"tokens": ("time",), "channels": ("mixed",), "mixer": ("attention",),
                           "decomp": ("none",)},
+    ("raw_tokens", True): {"head": ("linear",), "mixer": ("mlp", "none")},
 }
 _WHY = {
     ("head", "decoder"): "Informer's generative decoder reads every time step of every variate; "
                          "set model.head to 'linear' for the other families",
     ("tokens", "variate"): "with variate tokens each variate is one token, so channels are mixed by the mixer",
+    ("raw_tokens", True): "raw tokens are for the MLP mixer (TSMixer); attention works on tokens projected "
+                          "to d_model, so set model.raw_tokens to false",
 }
 
 

@@ -79,6 +79,8 @@ log = logging.getLogger(__name__)
 
 _ATTENTION = [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]}]
 _WIDTH = [{"model.head": ["decoder"]}, {"model.mixer": ["attention", "mlp"]}]
+# d_model is the width of projected tokens; TSMixer's raw tokens keep their own.
+_PROJECTED = [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]}, {"model.raw_tokens": [False]}]
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     # Look-back: 4 days to 30 days of hourly history (the ETTh1 splits allow up to 720).
@@ -94,6 +96,8 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "model.stride": {"type": "categorical", "choices": [4, 8, 16], "when": {"model.tokens": ["patch"]}},
     "model.mixer": {"type": "categorical", "choices": ["attention", "mlp", "none"],
                     "when": {"model.head": ["linear"]}},
+    # The MLP mixer on projected tokens, or on the raw values (TSMixer proper).
+    "model.raw_tokens": {"type": "categorical", "choices": [False, True], "when": {"model.mixer": ["mlp"]}},
     # Trend + seasonal decomposition (DLinear), and its moving-average window.
     "model.decomp": {"type": "categorical", "choices": ["none", "moving_avg"], "when": {"model.head": ["linear"]}},
     "model.decomp_kernel": {"type": "categorical", "choices": [13, 25, 49],
@@ -105,7 +109,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     # ProbSparse sampling factor c.
     "model.factor": {"type": "categorical", "choices": [3, 5, 8], "when": {"model.attn": ["prob"]}},
     # Width; every choice is divisible by every head count.
-    "model.d_model": {"type": "categorical", "choices": [16, 32, 64, 128, 256, 512], "when": _WIDTH},
+    "model.d_model": {"type": "categorical", "choices": [16, 32, 64, 128, 256, 512], "when": _PROJECTED},
     "model.n_heads": {"type": "categorical", "choices": [1, 2, 4, 8], "when": _ATTENTION},
     # Encoder layers (attention) or mixer blocks (MLP).
     "model.e_layers": {"type": "int", "low": 1, "high": 6, "step": 1, "log": False, "when": _WIDTH},

@@ -19,7 +19,7 @@ N_VARS = 7  # ETTh1's channel count
 MODES = {"M": (N_VARS, N_VARS), "S": (1, 1), "MS": (N_VARS, 1)}
 TINY = dict(d_model=8, n_heads=2, e_layers=2, d_ff=8, dropout=0.1, patch_len=8, stride=4, decomp_kernel=5)
 MIXERS = {"prob": dict(mixer="attention", attn="prob"), "full": dict(mixer="attention", attn="full"),
-          "mlp": dict(mixer="mlp"), "none": dict(mixer="none")}
+          "mlp": dict(mixer="mlp"), "mlp-raw": dict(mixer="mlp", raw_tokens=True), "none": dict(mixer="none")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -109,12 +109,28 @@ def test_informer_forward_backward(features, attn, revin):
 
 
 def test_the_linear_head_maps_embedded_features_back_to_channels_even_when_d_model_equals_them():
-    # d_model == 7 == the channel count (configs/tsmixer.py): the tokens are still learned
-    # features, so the head must map them back to the channels; only raw tokens skip that map.
+    # d_model == 7 == the channel count: the tokens are still learned features, so the head
+    # must map them back to the channels; only raw tokens skip that map.
     embedded = forecaster("M", "time", "mlp", "mixed", "none", False, d_model=N_VARS)
     assert isinstance(embedded.head.over_features, torch.nn.Linear)
     raw = forecaster("M", "time", "none", "mixed", "none", False)
     assert raw.head.over_features is None
+
+
+def test_raw_tokens_mix_the_raw_values_and_batch_normalise_each_time_feature_cell():
+    # TSMixer (configs/tsmixer.py): no projection, the MLPs over the 7 raw features, and its
+    # normalisation over both time and features: each (time, feature) cell over the batch.
+    model = forecaster("M", "time", "mlp-raw", "mixed", "none", False)
+    assert model.tokenizer.proj is None and model.tokenizer.dim == N_VARS
+    assert model.head.over_features is None
+    block = model.mixer[0]
+    assert block.feature_mlp[0].in_features == N_VARS and block.token_mlp[0].in_features == SEQ_LEN
+    x = torch.randn(16, SEQ_LEN, N_VARS) * torch.arange(1.0, SEQ_LEN + 1).unsqueeze(1) + 5
+    y = block.token_norm.train()(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(SEQ_LEN, N_VARS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(SEQ_LEN, N_VARS), atol=1e-3, rtol=0)
+    # Not a layer norm over each token's features: those means are not zero.
+    assert y.mean(2).abs().max() > 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +159,8 @@ def test_itransformer_is_permutation_equivariant_over_variates(decomp, revin):
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("tokens,mixer", [("time", "full"), ("patch", "full"), ("variate", "mlp")])
+@pytest.mark.parametrize("tokens,mixer", [("time", "full"), ("patch", "full"), ("variate", "mlp"),
+                                          ("time", "mlp-raw"), ("variate", "mlp-raw")])
 def test_mixed_channels_are_not_permutation_equivariant(tokens, mixer):
     # The control: the check above can fail. Mixed channels (or an MLP over variate tokens)
     # tell the variates apart.

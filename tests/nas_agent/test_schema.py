@@ -35,6 +35,12 @@ INVALID = {
     "decoder_with_moving_avg": (
         {}, {"head": "decoder", "decomp": "moving_avg"},
         ["model.decomp", "with model.head 'decoder'", "got 'moving_avg'", "expected 'none'"]),
+    "raw_tokens_with_attention": (
+        {}, {"head": "linear", "mixer": "attention", "raw_tokens": True},
+        ["model.mixer", "with model.raw_tokens True", "got 'attention'", "expected 'mlp' or 'none'"]),
+    "raw_tokens_with_the_decoder": (
+        {}, {"head": "decoder", "raw_tokens": True},
+        ["model.head", "with model.raw_tokens True", "got 'decoder'", "expected 'linear'"]),
     "variate_tokens_with_independent_channels": (
         {}, {"head": "linear", "tokens": "variate", "channels": "independent"},
         ["model.channels", "with model.tokens 'variate'", "got 'independent'", "expected 'mixed'"]),
@@ -54,10 +60,14 @@ def test_invalid_family_is_refused_by_validate_config(name):
     assert_names_key_value_and_allowed(str(e.value), fragments)
 
 
-def test_every_decoder_family_rule_is_covered():
-    # A rule added to FAMILY_RULES without a refusal case above would go untested.
-    covered = {key for _, m, _ in INVALID.values() if m.get("head") == "decoder" for key in m if key != "head"}
-    assert covered == set(FAMILY_RULES[("head", "decoder")])
+def test_every_family_rule_is_covered():
+    # A rule added to FAMILY_RULES without a refusal case above would go untested: each
+    # (key, value) -> other needs a case that sets key to value and other to a value it refuses.
+    rules = {(key, value, other): allowed for (key, value), needs in FAMILY_RULES.items()
+             for other, allowed in needs.items()}
+    covered = {(key, value, other) for _, m, _ in INVALID.values() for (key, value, other), allowed in rules.items()
+               if m.get(key) == value and other in m and m[other] not in allowed}
+    assert covered == set(rules)
 
 
 # One refusal from each level of the schema (the model section, the cross-section checks) in

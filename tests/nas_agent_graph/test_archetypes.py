@@ -36,7 +36,7 @@ def test_shipped_archetypes_are_five_families_and_points_of_the_default_space(ba
     space = load_space(None)
     archetypes = load_archetypes(DEFAULT_ARCHETYPES)
     families = {model_family(config["model"]) for _, config in archetypes}
-    assert families == {"time-none-ci", "patch-attention-ci", "variate-attention", "time-mlp"}
+    assert families == {"time-none-ci", "patch-attention-ci", "variate-attention", "time-mlp-raw"}
     for name, config in archetypes:
         assert space.from_config(archetype_config(config, base)) is not None, name
 
@@ -89,7 +89,7 @@ def test_samplers_reach_every_family_after_the_warm_start(base):
     for i, (name, config) in enumerate(load_archetypes(DEFAULT_ARCHETYPES), 1):
         state.runs.append(RunInfo(run_id=f"run_{i:04d}", status="ok", val_mse=0.7 + 0.01 * i, proposer="archetype",
                                   config=archetype_config(config, base), extra={"proposal": {"archetype": name}}))
-    wanted = {"informer", "time-none", "patch-attention", "variate-attention", "time-mlp"}
+    wanted = {"informer", "time-none", "patch-attention", "variate-attention", "time-mlp", "time-mlp-raw"}
     for sampler in ("random", "tpe"):
         proposer = make_proposer(sampler, space, seed=0)
         assert proposer.build_study(state).user_attrs["skipped_runs"] == []  # every archetype is a trial

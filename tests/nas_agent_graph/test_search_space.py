@@ -69,14 +69,20 @@ def test_conditional_keys_follow_their_conditions(space, base):
         space.to_config({**informer, "model.patch_len": 16}, base)
     assert space.active_keys({"model.head": "linear", "model.tokens": "variate"}, base).count("model.channels") == 0
     assert "model.channels" in space.active_keys({"model.head": "linear", "model.tokens": "time"}, base)
+    # TSMixer's raw tokens keep their own width: no d_model to search, and raw_tokens only with the MLP.
+    mlp = {"model.head": "linear", "model.tokens": "time", "model.mixer": "mlp"}
+    assert "model.d_model" in space.active_keys({**mlp, "model.raw_tokens": False}, base)
+    assert "model.d_model" not in space.active_keys({**mlp, "model.raw_tokens": True}, base)
+    assert "model.raw_tokens" not in space.active_keys({**mlp, "model.mixer": "attention"}, base)
 
 
 def test_branches_match_the_active_keys(space, base):
     branches = space.branches()
-    assert len(branches) == 26  # decoder: attn x2; linear: tokens x3, mixer (attention: attn x2, mlp, none), decomp x2
+    # decoder: attn x2; linear: tokens x3, mixer (attention: attn x2, mlp: raw_tokens x2, none), decomp x2
+    assert len(branches) == 32
     for params in _random_params(space, 60, seed=3):
-        fixed = {k: params[k] for k in ("model.head", "model.tokens", "model.mixer", "model.attn", "model.decomp")
-                 if k in params}
+        fixed = {k: params[k] for k in ("model.head", "model.tokens", "model.mixer", "model.raw_tokens", "model.attn",
+                                        "model.decomp") if k in params}
         match = [keys for f, keys in branches if f == fixed]
         assert match == [list(params)]
 
