@@ -90,6 +90,7 @@ class InformerConfig:
     d_layers: int = 1
     d_ff: int = 2048
     dropout: float = 0.05
+    attn_dropout: float | None = None  # on the attention weights; None: dropout
     factor: int = 5
     attn: str = "prob"  # "prob" | "full"
     distil: bool = True
@@ -107,8 +108,7 @@ class InformerConfig:
             raise ValueError(f"model config: label_len must be >= 0, got {self.label_len}")
         if self.d_model % self.n_heads:
             raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        check_dropouts(self)
         for name, allowed in (("attn", ("prob", "full")), ("embed", ("timeF", "fixed", "learned")),
                               ("activation", ("gelu", "relu"))):
             if getattr(self, name) not in allowed:
@@ -449,6 +449,19 @@ class RevIN(nn.Module):
         return (y - b) / (w + self.eps * self.eps) * std[..., channels] + mean[..., channels]
 
 
+def check_dropouts(cfg) -> None:
+    for name in ("dropout", "attn_dropout"):
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"model config: {name} must be in [0, 1), got {value}")
+
+
+def attention_dropout(cfg) -> float:
+    """The dropout on attention weights: attn_dropout, or the model's dropout when unset
+    (Informer and iTransformer use one rate; PatchTST drops no attention weights)."""
+    return cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
+
+
 # -----------------------------------------------------------------------------
 # The model
 
@@ -457,19 +470,20 @@ class Informer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, h, drop, act = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.activation
+        a_drop = attention_dropout(cfg)
         self.revin = RevIN(cfg.enc_in) if cfg.revin else None
         self.enc_embedding = DataEmbedding(cfg.enc_in, d, cfg.embed, drop)
         self.dec_embedding = DataEmbedding(cfg.dec_in, d, cfg.embed, drop)
         self.encoder = Encoder(
-            [EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, drop, cfg.factor), d, h), d, cfg.d_ff, drop, act)
+            [EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, a_drop, cfg.factor), d, h), d, cfg.d_ff, drop, act)
              for _ in range(cfg.e_layers)],
             [DistilLayer(d) for _ in range(cfg.e_layers - 1)] if cfg.distil else [],
             d,
         )
         self.decoder = Decoder(
             [DecoderLayer(
-                AttentionLayer(make_attention(cfg.attn, True, drop, cfg.factor), d, h, mix=cfg.mix),
-                AttentionLayer(make_attention("full", False, drop, cfg.factor), d, h),
+                AttentionLayer(make_attention(cfg.attn, True, a_drop, cfg.factor), d, h, mix=cfg.mix),
+                AttentionLayer(make_attention("full", False, a_drop, cfg.factor), d, h),
                 d, cfg.d_ff, drop, act)
              for _ in range(cfg.d_layers)],
             d,
@@ -560,6 +574,7 @@ class ForecasterConfig:
     e_layers: int = 2
     d_ff: int = 256
     dropout: float = 0.1
+    attn_dropout: float | None = None  # on the attention weights; None: dropout
     factor: int = 5
     activation: str = "gelu"
 
@@ -571,6 +586,7 @@ class ForecasterConfig:
                      "d_model", "n_heads", "e_layers", "d_ff", "factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        check_dropouts(self)
         if self.c_out not in (self.enc_in, 1):
             raise ValueError(f"model config: c_out must be enc_in ({self.enc_in}) or 1 (the target, the last "
                              f"input channel), got {self.c_out}")
@@ -690,7 +706,8 @@ def make_mixer(cfg: ForecasterConfig, n_tokens, dim):
     if cfg.mixer == "attention":
         d, drop = cfg.d_model, cfg.dropout
         return nn.Sequential(*[
-            EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, drop, cfg.factor), d, cfg.n_heads),
+            EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, attention_dropout(cfg), cfg.factor), d,
+                                        cfg.n_heads),
                          d, cfg.d_ff, drop, cfg.activation)
             for _ in range(cfg.e_layers)])
     if cfg.mixer == "mlp":

@@ -108,6 +108,7 @@ class ModelConfig(_Section):
     d_layers: int = Field(1, ge=1, le=12)
     d_ff: int = Field(1024, ge=4, le=16384)
     dropout: float = Field(0.1, ge=0.0, le=0.9)
+    attn_dropout: Optional[float] = Field(None, ge=0.0, le=0.9)  # on attention weights; None: dropout
     factor: int = Field(5, ge=1, le=50)
     attn: Literal["prob", "full"] = "prob"
     distil: bool = True

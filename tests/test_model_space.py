@@ -10,7 +10,8 @@ import itertools
 import pytest
 import torch
 
-from model import Forecaster, ForecasterConfig, Informer, MovingAverage, Tokenizer, build_model, n_patches
+from model import (Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage, ProbAttention, Tokenizer,
+                   build_model, n_patches)
 from nas_agent.config import validate_config
 
 SEQ_LEN, LABEL_LEN, PRED_LEN, BATCH = 24, 8, 6, 3
@@ -131,6 +132,25 @@ def test_raw_tokens_mix_the_raw_values_and_batch_normalise_each_time_feature_cel
     torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(SEQ_LEN, N_VARS), atol=1e-3, rtol=0)
     # Not a layer norm over each token's features: those means are not zero.
     assert y.mean(2).abs().max() > 0.1
+
+
+def attention_rates(model):
+    return sorted({m.dropout for m in model.modules() if isinstance(m, (FullAttention, ProbAttention))})
+
+
+def dropout_rates(model):
+    return sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)})
+
+
+@pytest.mark.parametrize("mixer", ["full", "prob"])
+def test_attn_dropout_sets_the_attention_weights_rate_alone(mixer):
+    # PatchTST drops no attention weights (configs/patchtst*.py); unset, the model's dropout applies.
+    unset = forecaster("M", "patch", mixer, "independent", "none", True)
+    assert attention_rates(unset) == [0.1] and dropout_rates(unset) == [0.1]
+    zero = forecaster("M", "patch", mixer, "independent", "none", True, attn_dropout=0.0)
+    assert attention_rates(zero) == [0.0] and dropout_rates(zero) == [0.1]
+    informer = build("M", **{**TINY, "attn": mixer, "attn_dropout": 0.25})
+    assert attention_rates(informer) == [0.25] and dropout_rates(informer) == [0.1]
 
 
 # -----------------------------------------------------------------------------
