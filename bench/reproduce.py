@@ -9,7 +9,9 @@ test window scored, scaler fitted on the training rows), one train.py subprocess
 (config, dataset, seed), one at a time, and prints test MSE/MAE as mean +- std over the seeds
 next to the published numbers. A run whose metrics.json already holds status ok or timeout
 is not trained again, so a killed benchmark resumes where it stopped; any other leftover
-(failed, interrupted, no metrics.json) is trained again with --overwrite.
+(failed, interrupted, no metrics.json) is trained again with --overwrite, and so is a finished
+run whose config_used.py no longer matches the config (the config file changed since): the
+table never mixes results of two versions of a config.
 
 --set overrides are passed to every run. They make the runs deviate from the papers'
 settings: their runs go to separate folders (a hash of the overrides in the tag) and the
@@ -137,12 +139,41 @@ def read_metrics(run_dir: Path) -> dict | None:
         return None
 
 
+FILLED_IN = ("enc_in", "dec_in", "c_out")  # set by train.py from the data
+
+
+def config_changes(run_dir: Path, config: str, dataset: str, sets: list[str]) -> list[str]:
+    """How the run's config_used.py differs from what the config gives now ([] if it does not)."""
+    try:
+        used = load_config(run_dir / "config_used.py").model_dump()
+    except Exception as e:  # noqa: BLE001 - an unreadable record is a reason to train again
+        return [f"config_used.py does not load ({type(e).__name__})"]
+    now = load_config(ROOT / "configs" / f"{config}.py", run_overrides(config, dataset, sets)).model_dump()
+    return [f"{section}.{key}: {used[section].get(key)!r} -> {value!r}"
+            for section, fields in now.items() for key, value in fields.items()
+            if key not in FILLED_IN and used[section].get(key) != value]
+
+
+def finished(config: str, dataset: str, seed: int, args) -> dict | None:
+    """The metrics of a finished run of the config as it is now, else None."""
+    run_dir = Path(args.out) / tag_for(config, dataset, seed, args.set)
+    m = read_metrics(run_dir)
+    if not m or m.get("status") not in DONE:
+        return None
+    changes = config_changes(run_dir, config, dataset, args.set)
+    if changes:
+        print(f"[stale] {run_dir.name}: trained with another version of configs/{config}.py "
+              f"({'; '.join(changes[:4])}); not counted", flush=True)
+        return None
+    return m
+
+
 def train_one(config: str, dataset: str, seed: int, args) -> dict | None:
     """Run train.py for one (config, dataset, seed) unless a finished run is already there."""
     tag = tag_for(config, dataset, seed, args.set)
     run_dir = Path(args.out) / tag
-    m = read_metrics(run_dir)
-    if m and m.get("status") in DONE:
+    m = finished(config, dataset, seed, args)
+    if m:
         print(f"[skip] {tag}: {m['status']} test_mse {m.get('test_mse')}", flush=True)
         return m
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{config}.py"),
@@ -186,9 +217,8 @@ def table(args) -> str:
     notes = []
     for config in args.configs:
         for dataset in args.datasets:
-            runs = [read_metrics(Path(args.out) / tag_for(config, dataset, SEED0 + i, args.set))
-                    for i in range(args.seeds)]
-            runs = [m for m in runs if m and m.get("status") in DONE and m.get("test_mse") is not None]
+            runs = [finished(config, dataset, SEED0 + i, args) for i in range(args.seeds)]
+            runs = [m for m in runs if m and m.get("test_mse") is not None]
             mse = [m["test_mse"] for m in runs]
             mae = [m["test_mae"] for m in runs]
             val = [m["val_mse"] for m in runs]

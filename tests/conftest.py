@@ -1,4 +1,5 @@
 """Shared fixtures: where the data lives, and a tiny config that trains in seconds."""
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -84,3 +85,13 @@ def run_env(**extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module: bench/ is a folder of scripts, not a package. Registered in
+    sys.modules before it runs, as an import would be (a dataclass looks its module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """bench/device_check.py, the prepared GPU check: its parts here, and its whole dry run (slow)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,22 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_env
+from tests.conftest import ROOT, load_bench_script, run_env
 
 SCRIPT = ROOT / "bench" / "device_check.sh"
-
-
-def _load():
-    # bench/ is a folder of scripts, not a package. Registered before it runs, as an import would
-    # be: a dataclass looks its module up in sys.modules.
-    spec = importlib.util.spec_from_file_location("device_check", ROOT / "bench" / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-dc = _load()
+dc = load_bench_script("device_check")
 
 
 def test_cpu_references_come_from_the_results_files():

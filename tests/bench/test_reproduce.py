@@ -1,0 +1,48 @@
+"""bench/reproduce.py's bookkeeping: a finished run counts only while its config is the one the
+shipped file gives now, so the table never mixes two versions of a config."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from nas_agent.config import load_config, render_config
+from tests.conftest import PYTHON, ROOT, load_bench_script, run_env
+
+rp = load_bench_script("reproduce")
+
+
+def fake_finished_run(out, config: str, dataset: str, seed: int, model_changes: dict, test_mse: float):
+    """A run folder as train.py leaves it: config_used.py (channels filled in) and metrics.json."""
+    cfg = load_config(ROOT / "configs" / f"{config}.py", rp.run_overrides(config, dataset, [])).model_dump()
+    cfg["model"].update(enc_in=7, dec_in=7, c_out=7, **model_changes)
+    run_dir = out / rp.tag_for(config, dataset, seed, [])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config_used.py").write_text(render_config(cfg))
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "status": "ok", "test_mse": test_mse, "test_mae": 0.4, "val_mse": 0.7, "train_time_sec": 10.0,
+        "epochs_run": 3, "best_epoch": 2}))
+    return run_dir
+
+
+def test_a_run_of_the_current_config_counts_and_a_changed_one_does_not(tmp_path):
+    args = rp.parse_args(["--configs", "tsmixer", "--datasets", "ETTh1", "--seeds", "2", "--out", str(tmp_path)])
+    current = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
+    old = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0 + 1, {"raw_tokens": False, "d_model": 16}, 0.7)
+    assert rp.config_changes(current, "tsmixer", "ETTh1", []) == []
+    assert rp.config_changes(old, "tsmixer", "ETTh1", []) == ["model.d_model: 16 -> 256",
+                                                            "model.raw_tokens: False -> True"]
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0 + 1, args) is None
+    row = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1"))
+    assert "| 1/2 |" in row and "0.3710" in row and "0.7" not in row.split("|")[5]
+
+
+def test_report_only_says_which_run_is_stale(tmp_path):
+    fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {"raw_tokens": False}, 0.7)
+    proc = subprocess.run([PYTHON, "bench/reproduce.py", "--configs", "tsmixer", "--datasets", "ETTh1", "--seeds", "1",
+                           "--out", str(tmp_path), "--report-only"], cwd=ROOT, env=run_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[stale] tsmixer_ETTh1_s2021: trained with another version of configs/tsmixer.py" in proc.stdout
+    assert "model.raw_tokens: False -> True" in proc.stdout
+    assert "| tsmixer | ETTh1 | 512 | 0/1 |" in proc.stdout
