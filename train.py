@@ -20,7 +20,9 @@ Status vocabulary and exit codes:
     failed       1   an exception; metrics.json holds the error text
     (usage)      2   bad flags, invalid config, or the run folder already holds a run
     diverged     3   loss or validation metric became NaN/inf; stopped at once
-    timeout      4   training.time_budget_s reached; best checkpoint tested, all files written
+    timeout      4   training.time_budget_s reached (it covers the final evaluation too: training
+                     stops early enough to leave the time it needs); best checkpoint tested, all
+                     files written
     pruned       5   a PRUNE request file appeared in the run folder (the search's pruner);
                      stops within a batch, best checkpoint tested, all files written
     invalid      6   with --smoke-test: the data, the model or the smoke test failed before
@@ -546,6 +548,13 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         raise StopTraining("failed", f"batch_size {tc.batch_size} is larger than the {len(ds.train)} training windows")
     start = time.monotonic()
     deadline = start + tc.time_budget_s if tc.time_budget_s else math.inf
+    # The budget bounds the whole run, so the final evaluation of every val and test window must
+    # fit in it too: training stops that much earlier. The cost per window is timed on one
+    # evaluation batch now, then on each epoch's validation. A model whose evaluation alone takes
+    # longer than the budget trains nothing: its untrained weights are scored, as a bad but
+    # honest result, and the run still costs the search its evaluation time, not that plus the budget.
+    eval_windows = len(ds.val) + len(ds.test)
+    per_window = eval_seconds_per_window(model, ds.val, device) if tc.time_budget_s else 0.0
     bad_epochs = 0
     for epoch in range(1, tc.max_epochs + 1):
         model.train()
@@ -557,8 +566,8 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
                 state["startup_s"] = state["startup_marks"]["first_step"] = process_age_s()
             check_stop(f"during epoch {epoch}")
             check_prune(run_dir, epoch)
-            if time.monotonic() > deadline:
-                raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch}")
+            if time.monotonic() + per_window * eval_windows > deadline:
+                raise StopTraining("timeout", budget_message(tc.time_budget_s, epoch, per_window, eval_windows))
             t_step = time.monotonic()
             with autocast(device, state["amp"]):
                 pred = model(x_enc, m_enc, x_dec, m_dec)
@@ -575,7 +584,7 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             state["step_s"] += time.monotonic() - t_step  # after .item(): the step has really run
             state["samples"] += len(y)
             now = time.monotonic()
-            budget_left = deadline - now if math.isfinite(deadline) else None
+            budget_left = deadline - per_window * eval_windows - now if math.isfinite(deadline) else None
             _progress(epoch, tc.max_epochs, step, steps, loss_sum / step, now - t_epoch, budget_left)
             if now - state.get("progress_at", 0.0) >= PROGRESS_EVERY_S or step == steps:
                 state["progress_at"] = now
@@ -583,7 +592,10 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             if step == steps:
                 break
         state["train_time_sec"] = time.monotonic() - start
+        t_val = time.monotonic()
         val_mse, val_mae = timed_evaluate(model, ds.val, device, state)
+        if tc.time_budget_s:
+            per_window = (time.monotonic() - t_val) / len(ds.val)
         if not math.isfinite(val_mse):
             raise StopTraining("diverged", f"validation MSE became {val_mse} at epoch {epoch}")
         lr = optimizer.param_groups[0]["lr"]
@@ -767,6 +779,30 @@ def main(argv=None) -> int:
     write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics, style)
     print_summary(metrics, run_dir)
     return EXIT_CODES[metrics["status"]]
+
+
+def budget_message(budget_s: float, epoch: int, per_window: float, eval_windows: int) -> str:
+    reserve = per_window * eval_windows
+    if reserve >= budget_s:
+        return (f"time budget of {budget_s:g}s reached before training: evaluating the {eval_windows} validation "
+                f"and test windows alone takes about {reserve:.0f}s ({per_window * 1e3:.1f} ms each), so the "
+                "untrained weights are scored; a smaller model (model.d_model, model.e_layers), a shorter "
+                "look-back (data.seq_len) or a larger training.time_budget_s fits")
+    return (f"time budget of {budget_s:g}s reached in epoch {epoch} (its last {reserve:.0f}s kept for the final "
+            "evaluation)")
+
+
+@torch.no_grad()
+def eval_seconds_per_window(model, windows, device) -> float:
+    """Wall seconds per window of evaluating `windows`, timed on its first batch."""
+    start = time.monotonic()
+    batches = _eval_batches(model, windows, device)
+    try:
+        pred, _ = next(batches)
+        pred.sum().item()  # waits for the device
+    finally:
+        batches.close()  # leaves the forked RNG, so training's stream is untouched
+    return (time.monotonic() - start) / len(pred)
 
 
 def timed_evaluate(model, windows, device, state: dict) -> tuple[float, float]:

@@ -83,7 +83,8 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every run, e.g. --set training.max_epochs=3 for a quick search")
     p.add_argument("--run-budget", default=str(DEFAULT_RUN_BUDGET_S), metavar="SECONDS|none",
-                   help="training time of every run (training.time_budget_s), so runs compare and 100 runs "
+                   help="seconds of every run for training and its final evaluation (training.time_budget_s), so runs "
+                        "compare and 100 runs "
                         "fit a night on a CPU; --set training.time_budget_s wins; 'none': each run trains to its "
                         "max_epochs (default: %(default)s)")
     p.add_argument("--space", type=Path, default=None, help="JSON file that narrows or extends the search space")

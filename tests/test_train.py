@@ -164,6 +164,55 @@ def test_timeout_tests_best_checkpoint_and_writes_everything(tmp_path, tiny_conf
         assert (tmp_path / "runs" / "t" / name).is_file(), name
 
 
+SLOW_EVAL_MODEL = '''
+import importlib.util, pathlib, time, torch
+spec = importlib.util.spec_from_file_location("base_model", pathlib.Path({root!r}) / "model.py")
+base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)
+
+class SlowEval(torch.nn.Module):
+    """The real model, {sleep}s slower per forward call in eval mode: an expensive evaluation."""
+    def __init__(self, inner):
+        super().__init__(); self.inner = inner
+    def forward(self, *x):
+        if not self.training:
+            time.sleep({sleep})
+        return self.inner(*x)
+
+def build_model(config):
+    return SlowEval(base.build_model(config))
+'''
+
+
+def slow_eval_model(tmp_path, sleep: float):
+    path = tmp_path / "slow_eval.py"
+    path.write_text(SLOW_EVAL_MODEL.format(root=str(ROOT), sleep=sleep))
+    return path
+
+
+def test_the_time_budget_keeps_room_for_the_final_evaluation(tmp_path, tiny_config):
+    # About 22 evaluation batches of 0.05 s: the last ~1 s of the 5 s budget is kept for them.
+    proc = train(tmp_path, tiny_config, "k", "--model", str(slow_eval_model(tmp_path, 0.05)),
+                 "--set", "training.max_epochs=1000", "--set", "training.patience=1000",
+                 "--set", "training.time_budget_s=5")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    m = metrics_of(tmp_path, "k")
+    assert m["status"] == "timeout" and "s kept for the final evaluation" in m["error"], m["error"]
+    assert m["test_mse"] is not None and m["val_mse"] is not None
+
+
+def test_a_model_whose_evaluation_outlasts_the_budget_trains_nothing_and_is_scored(tmp_path, tiny_config):
+    # 0.3 s per evaluation batch: scoring every val and test window takes longer than the 3 s budget,
+    # so the run does not spend the budget on training first.
+    proc = train(tmp_path, tiny_config, "b", "--model", str(slow_eval_model(tmp_path, 0.3)),
+                 "--set", "training.time_budget_s=3")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    m = metrics_of(tmp_path, "b")
+    assert m["status"] == "timeout" and "reached before training" in m["error"], m["error"]
+    assert "a larger training.time_budget_s fits" in m["error"]
+    assert m["epochs_run"] == 0 and m["samples_per_s"] is None  # not one training step
+    assert m["val_mse"] is not None and m["test_mse"] is not None  # the untrained weights, scored
+
+
 NAN_MODEL = '''
 import importlib.util, pathlib, torch
 spec = importlib.util.spec_from_file_location("base_model", pathlib.Path({root!r}) / "model.py")
