@@ -17,7 +17,8 @@ test window to FILE.npz, as a run writes its forecasts.npz (for the study's ense
 
 Status vocabulary and exit codes:
     ok           0   trained to early stopping or max_epochs; best checkpoint tested
-    failed       1   an exception; metrics.json holds the error text
+    failed       1   an exception; metrics.json holds the error text. Also a model whose final
+                     evaluation alone would outlast training.time_budget_s (over_budget: true)
     (usage)      2   bad flags, invalid config, or the run folder already holds a run
     diverged     3   loss or validation metric became NaN/inf; stopped at once
     timeout      4   training.time_budget_s reached (it covers the final evaluation too: training
@@ -551,10 +552,16 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     # The budget bounds the whole run, so the final evaluation of every val and test window must
     # fit in it too: training stops that much earlier. The cost per window is timed on one
     # evaluation batch now, then on each epoch's validation. A model whose evaluation alone takes
-    # longer than the budget trains nothing: its untrained weights are scored, as a bad but
-    # honest result, and the run still costs the search its evaluation time, not that plus the budget.
+    # longer than the budget fails at once: scoring its untrained weights would cost more than
+    # the budget and say nothing.
     eval_windows = len(ds.val) + len(ds.test)
-    per_window = eval_seconds_per_window(model, ds.val, device) if tc.time_budget_s else 0.0
+    per_window = 0.0
+    if tc.time_budget_s:
+        per_window = eval_seconds_per_window(model, ds.val, device)
+        state["eval_s"] += per_window * min(EVAL_BATCH, len(ds.val))
+    if tc.time_budget_s and per_window * eval_windows >= tc.time_budget_s:
+        state["over_budget"] = True
+        raise StopTraining("failed", over_budget_message(tc.time_budget_s, per_window, eval_windows))
     bad_epochs = 0
     for epoch in range(1, tc.max_epochs + 1):
         model.train()
@@ -567,7 +574,8 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             check_stop(f"during epoch {epoch}")
             check_prune(run_dir, epoch)
             if time.monotonic() + per_window * eval_windows > deadline:
-                raise StopTraining("timeout", budget_message(tc.time_budget_s, epoch, per_window, eval_windows))
+                raise StopTraining("timeout", f"time budget of {tc.time_budget_s:g}s reached in epoch {epoch} (its "
+                                              f"last {per_window * eval_windows:.0f}s kept for the final evaluation)")
             t_step = time.monotonic()
             with autocast(device, state["amp"]):
                 pred = model(x_enc, m_enc, x_dec, m_dec)
@@ -776,20 +784,18 @@ def main(argv=None) -> int:
     metrics["startup_marks"] = {k: round(v, 3) for k, v in marks.items() if v is not None}
     if state["best_epoch"]:
         metrics["train_mse"] = history[state["best_epoch"] - 1]["train_mse"]
+    if state.get("over_budget"):
+        metrics["over_budget"] = True  # a property of the config, not a broken run (the search's stop rules)
     write_outputs(run_dir, args.tag, cfg, model, ds, state, metrics, style)
     print_summary(metrics, run_dir)
     return EXIT_CODES[metrics["status"]]
 
 
-def budget_message(budget_s: float, epoch: int, per_window: float, eval_windows: int) -> str:
-    reserve = per_window * eval_windows
-    if reserve >= budget_s:
-        return (f"time budget of {budget_s:g}s reached before training: evaluating the {eval_windows} validation "
-                f"and test windows alone takes about {reserve:.0f}s ({per_window * 1e3:.1f} ms each), so the "
-                "untrained weights are scored; a smaller model (model.d_model, model.e_layers), a shorter "
-                "look-back (data.seq_len) or a larger training.time_budget_s fits")
-    return (f"time budget of {budget_s:g}s reached in epoch {epoch} (its last {reserve:.0f}s kept for the final "
-            "evaluation)")
+def over_budget_message(budget_s: float, per_window: float, eval_windows: int) -> str:
+    return (f"too slow for the time budget: evaluating the {eval_windows} validation and test windows alone takes about "
+            f"{per_window * eval_windows:.0f}s ({per_window * 1e3:.1f} ms each), more than training.time_budget_s "
+            f"{budget_s:g}s, so nothing was trained; a smaller model (model.d_model, model.e_layers), a shorter "
+            "look-back (data.seq_len) or a larger budget fits")
 
 
 @torch.no_grad()

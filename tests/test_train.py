@@ -200,17 +200,18 @@ def test_the_time_budget_keeps_room_for_the_final_evaluation(tmp_path, tiny_conf
     assert m["test_mse"] is not None and m["val_mse"] is not None
 
 
-def test_a_model_whose_evaluation_outlasts_the_budget_trains_nothing_and_is_scored(tmp_path, tiny_config):
+def test_a_model_whose_evaluation_outlasts_the_budget_fails_at_once(tmp_path, tiny_config):
     # 0.3 s per evaluation batch: scoring every val and test window takes longer than the 3 s budget,
-    # so the run does not spend the budget on training first.
+    # so the run neither trains nor evaluates; it says why and how to fit.
     proc = train(tmp_path, tiny_config, "b", "--model", str(slow_eval_model(tmp_path, 0.3)),
                  "--set", "training.time_budget_s=3")
-    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     m = metrics_of(tmp_path, "b")
-    assert m["status"] == "timeout" and "reached before training" in m["error"], m["error"]
-    assert "a larger training.time_budget_s fits" in m["error"]
-    assert m["epochs_run"] == 0 and m["samples_per_s"] is None  # not one training step
-    assert m["val_mse"] is not None and m["test_mse"] is not None  # the untrained weights, scored
+    assert m["status"] == "failed" and m["over_budget"] is True
+    assert m["error"].startswith("too slow for the time budget: evaluating the"), m["error"]
+    assert "more than training.time_budget_s 3s" in m["error"] and "a larger budget fits" in m["error"]
+    assert m["epochs_run"] == 0 and m["samples_per_s"] is None and m["val_mse"] is None
+    assert 0.3 <= m["eval_s"] < 3  # one timed batch (6.6 s for all of them)
 
 
 NAN_MODEL = '''

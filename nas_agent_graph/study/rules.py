@@ -55,7 +55,9 @@ def stop_reason_for(state: AgentState, ctx: Context) -> tuple[str | None, bool]:
     used = state.meta.get("time_used_s", 0.0)
     if ctx.time_budget is not None and used >= ctx.time_budget:
         return f"used {used:.0f}s of --time-budget {ctx.time_budget:g}s", False
-    tail = runs[-ctx.max_failures:]
+    # A model too slow to evaluate within the run budget failed for what it is, not because
+    # something is broken: it neither counts nor breaks a streak of failures.
+    tail = [r for r in runs if not r.extra.get("over_budget")][-ctx.max_failures:]
     if ctx.max_failures and len(tail) == ctx.max_failures and \
             all(r.status not in NOT_FAILED or r.val_mse is None for r in tail):
         errors = "\n".join(f"  {r.run_id}: {r.reason}" for r in tail)
@@ -133,6 +135,8 @@ def make_record(state: dict, study: AgentState, ctx: Context) -> RunInfo:
              "checkpoint": retention.checkpoint_record(run_dir)}
     if pruned is not None:
         extra["pruned"] = pruned
+    if metrics.get("over_budget"):
+        extra["over_budget"] = True
     if pending is not None:
         extra["confirm"] = pending
     if confirm_meta is not None:

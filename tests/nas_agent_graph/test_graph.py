@@ -390,3 +390,22 @@ def test_sigkill_while_an_invalid_run_is_rejected_loses_and_repeats_nothing(tmp_
     folder = tmp_path / "runs" / "run_0001"
     assert json.loads((folder / "attempt_1" / "metrics.json").read_text())["status"] == "invalid"
     assert json.loads((folder / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_models_too_slow_for_the_run_budget_are_not_a_streak_of_failures():
+    # train.py's over_budget failures (evaluation alone outlasts the budget) say what the config
+    # is, not that something is broken: they neither stop the search nor break a real streak.
+    from nas_agent.agent_state import AgentState, RunInfo
+    from nas_agent_graph.study.rules import stop_reason_for
+
+    def failed(i, over_budget):
+        return RunInfo(run_id=f"run_{i:04d}", status="failed", val_mse=None,
+                       extra={"over_budget": True} if over_budget else {})
+    ok = RunInfo(run_id="run_0000", status="ok", val_mse=1.0, accepted=True)
+    too_slow = AgentState(runs=[ok] + [failed(i, True) for i in range(1, 6)], best_run_id="run_0000")
+    assert stop_reason_for(too_slow, Context(max_failures=3)) == (None, False)
+    broken = AgentState(runs=[ok, failed(1, False), failed(2, True), failed(3, False), failed(4, True),
+                              failed(5, False)], best_run_id="run_0000")
+    reason, stop_failed = stop_reason_for(broken, Context(max_failures=3))
+    assert stop_failed and reason.startswith("the last 3 runs all failed")
+    assert "run_0001" in reason and "run_0002" not in reason
