@@ -110,6 +110,38 @@ ARMS = {
 }
 
 
+CODE_FILE = "code_versions.txt"  # in a study's folder: the commit of each session that ran it
+
+
+def code_version() -> str:
+    """The checkout's commit, with "+changes" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git checkout)"
+    return head + ("+changes" if dirty else "")
+
+
+def record_code_version(folder: Path) -> list[str]:
+    """Add this session's commit to the study's list (once per change); the list, or ["unrecorded"]
+    for a study that ran before it was kept."""
+    path = folder / CODE_FILE
+    versions = path.read_text().split() if path.exists() else []
+    now = code_version()
+    if not versions or versions[-1] != now:
+        versions.append(now)
+        path.write_text("\n".join(versions) + "\n")
+    return versions
+
+
+def studied_code(folder: Path) -> list[str]:
+    path = folder / CODE_FILE
+    return path.read_text().split() if path.exists() else ["unrecorded"]
+
+
 def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dict:
     """One arm's study, resumed if its folder holds an unfinished one; its best-so-far curve."""
     folder = out / f"{arm}_seed{seed}"
@@ -120,6 +152,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     budget = minutes * 60
     done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
     if not done:
+        record_code_version(folder)
         cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),
                "--time-budget", f"{budget:g}", *ARMS[arm]]
         rc, _ = run_orchestrator(cmd, folder, dict(os.environ, OMP_NUM_THREADS=str(threads)))
@@ -129,7 +162,8 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     minutes_used = state.meta.get("time_used_s", 0.0) / 60
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
             "minutes": minutes_used, "ensemble": arm_ensemble(folder) if minutes_used >= minutes else None,
-            "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config})}
+            "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
+            "code": studied_code(folder)}
 
 
 def arm_ensemble(folder: Path) -> dict | None:
@@ -173,7 +207,8 @@ def _when(iso: str) -> float:
 def arm_tables(rows: list[dict]) -> str:
     """Markdown: per study its best-so-far at milestones, then per arm the mean ± std of the final best."""
     out = ["| arm | seed | runs | study min | best val after 5 / 10 / 20 / all runs | test MSE of final best | "
-           "final best run (proposer) | ensemble val / test MSE (members) |", "|---|---:|---:|---:|---|---:|---|---|"]
+           "final best run (proposer) | ensemble val / test MSE (members) | code |",
+           "|---|---:|---:|---:|---|---:|---|---|---|"]
     for r in rows:
         c = r["curve"]
         at = lambda n: "-" if len(c) < n or c[n - 1]["best_val"] is None else f"{c[n - 1]['best_val']:.4f}"  # noqa: E731
@@ -181,7 +216,7 @@ def arm_tables(rows: list[dict]) -> str:
         proposer = next((x["proposer"] for x in c if x["best_run"] and f"run_{x['run']:04d}" == last.get("best_run")), "-")
         out.append(f"| {r['arm']} | {r['seed']} | {r['runs']} | {r['minutes']:.0f} | {at(5)} / {at(10)} / {at(20)} / "
                    f"{at(len(c))} | {_f(last.get('best_test'))} | {last.get('best_run', '-')} ({proposer}) | "
-                   f"{_ens(r.get('ensemble'))} |")
+                   f"{_ens(r.get('ensemble'))} | {', '.join(r.get('code') or ['unrecorded'])} |")
     out += ["", "| arm | studies | mean best val MSE | std | mean test MSE of best | std | "
                 "mean ensemble val MSE | mean ensemble test MSE | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
@@ -235,7 +270,9 @@ def arms_main(a: argparse.Namespace) -> None:
         f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "
         f"command that made it. Regenerate: `{command}`\n\nThe ensemble is each study's runs/ensemble.json: a "
         f"forward selection on validation forecasts over its 5 best runs (built with `python -m nas_agent_graph "
-        f"ensemble` for a study that predates it); its test MSE, like a run's, is reported, never used.\n\n"
+        f"ensemble` for a study that predates it); its test MSE, like a run's, is reported, never used. "
+        f"The code column lists the commits a study ran at, one per session that resumed it on other code "
+        f"(\"unrecorded\": it ran before the column existed); compare arms that ran on the same code.\n\n"
         f"{text}\n{note}")
 
 
