@@ -60,9 +60,12 @@ def llm_seconds(state) -> tuple[float, int]:
 
 
 def run_orchestrator(cmd: list[str], folder: Path, env: dict) -> tuple[int, float]:
-    """Run one study's orchestrator in `folder` (its output in orchestrator.log): (exit code, seconds)."""
+    """Run one study's orchestrator in `folder` (its output appended to orchestrator.log, so a
+    resumed study keeps the log of its earlier sessions): (exit code, seconds)."""
     t0 = time.monotonic()
-    with open(folder / "orchestrator.log", "w") as log:
+    with open(folder / "orchestrator.log", "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log.flush()
         rc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     return rc, time.monotonic() - t0
 
