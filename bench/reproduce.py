@@ -142,13 +142,14 @@ def read_metrics(run_dir: Path) -> dict | None:
 FILLED_IN = ("enc_in", "dec_in", "c_out")  # set by train.py from the data
 
 
-def config_changes(run_dir: Path, config: str, dataset: str, sets: list[str]) -> list[str]:
+def config_changes(run_dir: Path, config: str, dataset: str, seed: int, sets: list[str]) -> list[str]:
     """How the run's config_used.py differs from what the config gives now ([] if it does not)."""
     try:
         used = load_config(run_dir / "config_used.py").model_dump()
     except Exception as e:  # noqa: BLE001 - an unreadable record is a reason to train again
         return [f"config_used.py does not load ({type(e).__name__})"]
-    now = load_config(ROOT / "configs" / f"{config}.py", run_overrides(config, dataset, sets)).model_dump()
+    overrides = run_overrides(config, dataset, sets) + [f"training.seed={seed}"]  # train.py's --seed
+    now = load_config(ROOT / "configs" / f"{config}.py", overrides).model_dump()
     return [f"{section}.{key}: {used[section].get(key)!r} -> {value!r}"
             for section, fields in now.items() for key, value in fields.items()
             if key not in FILLED_IN and used[section].get(key) != value]
@@ -160,7 +161,7 @@ def finished(config: str, dataset: str, seed: int, args) -> dict | None:
     m = read_metrics(run_dir)
     if not m or m.get("status") not in DONE:
         return None
-    changes = config_changes(run_dir, config, dataset, args.set)
+    changes = config_changes(run_dir, config, dataset, seed, args.set)
     if changes:
         print(f"[stale] {run_dir.name}: trained with another version of configs/{config}.py "
               f"({'; '.join(changes[:4])}); not counted", flush=True)

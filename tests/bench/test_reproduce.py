@@ -13,7 +13,8 @@ rp = load_bench_script("reproduce")
 
 def fake_finished_run(out, config: str, dataset: str, seed: int, model_changes: dict, test_mse: float):
     """A run folder as train.py leaves it: config_used.py (channels filled in) and metrics.json."""
-    cfg = load_config(ROOT / "configs" / f"{config}.py", rp.run_overrides(config, dataset, [])).model_dump()
+    overrides = rp.run_overrides(config, dataset, []) + [f"training.seed={seed}"]  # as train.py --seed sets it
+    cfg = load_config(ROOT / "configs" / f"{config}.py", overrides).model_dump()
     cfg["model"].update(enc_in=7, dec_in=7, c_out=7, **model_changes)
     run_dir = out / rp.tag_for(config, dataset, seed, [])
     run_dir.mkdir(parents=True)
@@ -26,11 +27,14 @@ def fake_finished_run(out, config: str, dataset: str, seed: int, model_changes: 
 
 def test_a_run_of_the_current_config_counts_and_a_changed_one_does_not(tmp_path):
     args = rp.parse_args(["--configs", "tsmixer", "--datasets", "ETTh1", "--seeds", "2", "--out", str(tmp_path)])
+    # (Seeds 2021 and 2022, as the real benchmark runs them.)
     current = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
     old = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0 + 1, {"raw_tokens": False, "d_model": 16}, 0.7)
-    assert rp.config_changes(current, "tsmixer", "ETTh1", []) == []
-    assert rp.config_changes(old, "tsmixer", "ETTh1", []) == ["model.d_model: 16 -> 256",
-                                                            "model.raw_tokens: False -> True"]
+    assert rp.config_changes(current, "tsmixer", "ETTh1", rp.SEED0, []) == []
+    assert rp.config_changes(old, "tsmixer", "ETTh1", rp.SEED0 + 1, []) == ["model.d_model: 16 -> 256",
+                                                                          "model.raw_tokens: False -> True"]
+    # The seed is the run's own: another seed's run is not a changed config.
+    assert rp.config_changes(current, "tsmixer", "ETTh1", rp.SEED0 + 1, []) == ["training.seed: 2021 -> 2022"]
     assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
     assert rp.finished("tsmixer", "ETTh1", rp.SEED0 + 1, args) is None
     row = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1"))
