@@ -550,7 +550,6 @@ def count_parameters(model: nn.Module) -> int:
 CHOICES = {"decomp": ("none", "moving_avg"), "channels": ("mixed", "independent"),
            "tokens": ("time", "patch", "variate"), "mixer": ("attention", "mlp", "none"),
            "attn": ("prob", "full"), "activation": ("gelu", "relu")}
-RAW_TOKEN_MIXERS = ("mlp", "none")  # mixers that can work on unprojected tokens
 
 
 @dataclass
@@ -596,9 +595,9 @@ class ForecasterConfig:
             raise ValueError(f"model config: decomp_kernel ({self.decomp_kernel}) must be <= seq_len ({self.seq_len})")
         if self.tokens == "variate" and self.channels == "independent":
             raise ValueError("model config: variate tokens need channels='mixed' (one variate is one token)")
-        if self.raw_tokens and self.mixer not in RAW_TOKEN_MIXERS:
-            raise ValueError(f"model config: raw_tokens needs mixer in {RAW_TOKEN_MIXERS}, got {self.mixer!r} "
-                             "(attention works on tokens projected to d_model)")
+        if self.raw_tokens and self.mixer != "mlp":
+            raise ValueError(f"model config: raw_tokens needs mixer 'mlp', got {self.mixer!r} (attention works on "
+                             "tokens projected to d_model; mixer 'none' always has raw tokens)")
         if self.mixer == "attention" and self.d_model % self.n_heads:
             raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 

@@ -132,7 +132,8 @@ def record_code_version(folder: Path) -> list[str]:
     """Add this session's commit to the study's list (once per change); the list, or ["unrecorded"]
     for a study that ran before it was kept."""
     path = folder / CODE_FILE
-    versions = path.read_text().split() if path.exists() else []
+    started = path.exists() or (folder / "agent_state.json").exists()
+    versions = studied_code(folder) if started else []
     now = code_version()
     if not versions or versions[-1] != now:
         versions.append(now)

@@ -134,8 +134,6 @@ class ModelConfig(_Section):
             if getattr(self, key) == value:
                 for other, allowed in needs.items():
                     _require(self, key, other, allowed)
-        if self.tokens == "variate":
-            _require(self, "tokens", "channels", ("mixed",))
         if self.uses_attention() and self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model must be divisible by model.n_heads: expected d_model % n_heads == 0, "
@@ -164,14 +162,15 @@ def model_family(model: dict) -> str:
 FAMILY_RULES: dict[tuple[str, object], dict[str, tuple[str, ...]]] = {
     ("head", "decoder"): {"tokens": ("time",), "channels": ("mixed",), "mixer": ("attention",),
                           "decomp": ("none",)},
-    ("raw_tokens", True): {"head": ("linear",), "mixer": ("mlp", "none")},
+    ("tokens", "variate"): {"channels": ("mixed",)},
+    ("raw_tokens", True): {"head": ("linear",), "mixer": ("mlp",)},
 }
 _WHY = {
     ("head", "decoder"): "Informer's generative decoder reads every time step of every variate; "
                          "set model.head to 'linear' for the other families",
     ("tokens", "variate"): "with variate tokens each variate is one token, so channels are mixed by the mixer",
     ("raw_tokens", True): "raw tokens are for the MLP mixer (TSMixer); attention works on tokens projected "
-                          "to d_model, so set model.raw_tokens to false",
+                          "to d_model and mixer 'none' has raw tokens anyway, so set model.raw_tokens to false",
 }
 
 
@@ -288,6 +287,9 @@ class Config(_Section):
         if m.head == "linear" and m.decomp == "moving_avg" and m.decomp_kernel > d.seq_len:
             raise ValueError(f"model.decomp_kernel: expected 2 <= decomp_kernel <= data.seq_len ({d.seq_len}), "
                              f"got {m.decomp_kernel}; a moving average cannot be longer than the look-back")
+        if m.raw_tokens and self.training.batch_size < 2:
+            raise ValueError(f"training.batch_size: expected >= 2 with model.raw_tokens true, got "
+                             f"{self.training.batch_size}; raw tokens are batch-normalised over the batch")
         if m.head == "linear" and m.tokens == "variate" and d.features == "S":
             raise ValueError("model.tokens: 'variate' needs several variates, got data.features 'S' (one variate); "
                              "use features 'M' or 'MS', or tokens 'time' or 'patch'")

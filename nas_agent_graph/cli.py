@@ -129,7 +129,8 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--time-budget", type=float, default=None, help="stop after N seconds of study time")
     limits.add_argument("--target-mse", type=float, default=None, help="stop once best val_mse <= this")
     limits.add_argument("--max-retries", type=int, default=Context.max_retries, help="invalid proposals per run before stopping")
-    limits.add_argument("--max-failures", type=int, default=Context.max_failures, help="failed runs in a row before stopping")
+    limits.add_argument("--max-failures", type=int, default=Context.max_failures, help="failed runs in a row before stopping (runs too slow for the run budget "
+                        "do not count, but twice as many of them in a row stop it too)")
     limits.add_argument("--smoke-timeout", type=float, default=Context.smoke_timeout, help="seconds for a proposal's smoke test")
     limits.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     limits.add_argument("--keep-checkpoints", default=None, metavar="N|all",

@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 _ATTENTION = [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]}]
 _WIDTH = [{"model.head": ["decoder"]}, {"model.mixer": ["attention", "mlp"]}]
 # d_model is the width of projected tokens; TSMixer's raw tokens keep their own.
-_PROJECTED = [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]}, {"model.raw_tokens": [False]}]
+_PROJECTED = [{"model.head": ["decoder"]}, {"model.mixer": ["attention"]},
+              {"model.mixer": ["mlp"], "model.raw_tokens": [False]}]
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     # Look-back: 4 days to 30 days of hourly history (the ETTh1 splits allow up to 720).

@@ -196,8 +196,22 @@ def test_the_time_budget_keeps_room_for_the_final_evaluation(tmp_path, tiny_conf
                  "--set", "training.time_budget_s=5")
     assert proc.returncode == 4, proc.stderr[-2000:]
     m = metrics_of(tmp_path, "k")
-    assert m["status"] == "timeout" and "s kept for the final evaluation" in m["error"], m["error"]
+    assert m["status"] == "timeout" and "s kept for the evaluation)" in m["error"], m["error"]
     assert m["test_mse"] is not None and m["val_mse"] is not None
+
+
+def test_the_evaluation_probe_leaves_training_as_it_was(tmp_path, tiny_config):
+    # A budget that never binds times one evaluation batch before training; the ProbSparse key
+    # sample it draws comes from a forked RNG, so the run is the same as without a budget.
+    for tag, extra in (("none", []), ("budget", ["--set", "training.time_budget_s=10000"])):
+        proc = train(tmp_path, tiny_config, tag, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = tmp_path / "runs"
+    curves = [json.loads((runs / tag / "history.json").read_text())["epochs"] for tag in ("none", "budget")]
+    assert [(e["train_loss"], e["val_mse"]) for e in curves[0]] == [(e["train_loss"], e["val_mse"]) for e in curves[1]]
+    a, b = metrics_of(tmp_path, "none"), metrics_of(tmp_path, "budget")
+    assert (a["val_mse"], a["test_mse"]) == (b["val_mse"], b["test_mse"])
+    assert b["startup_marks"]["eval_probe"] <= b["startup_marks"]["first_step"]
 
 
 def test_a_model_whose_evaluation_outlasts_the_budget_fails_at_once(tmp_path, tiny_config):

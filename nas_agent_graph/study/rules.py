@@ -63,6 +63,12 @@ def stop_reason_for(state: AgentState, ctx: Context) -> tuple[str | None, bool]:
         errors = "\n".join(f"  {r.run_id}: {r.reason}" for r in tail)
         return (f"the last {ctx.max_failures} runs all failed, so the search stops instead of burning its budget. "
                 f"Look at their train.log files; the last errors were:\n{errors}"), True
+    # ... unless nearly every proposal is: then the budget does not fit the space.
+    slow = runs[-2 * ctx.max_failures:]
+    if ctx.max_failures and len(slow) == 2 * ctx.max_failures and all(r.extra.get("over_budget") for r in slow):
+        return (f"the last {len(slow)} runs were all too slow to evaluate within the run budget "
+                f"(training.time_budget_s), so the search stops: give each run more time (--run-budget) or "
+                f"search smaller models (--space); the last was {slow[-1].run_id}: {slow[-1].reason}"), True
     return None, False
 
 

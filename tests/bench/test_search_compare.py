@@ -18,3 +18,9 @@ def test_a_study_keeps_the_commit_of_every_session_that_ran_it(tmp_path, monkeyp
     monkeypatch.setattr(sc, "code_version", lambda: "bbbbbbb+changes")
     assert sc.record_code_version(tmp_path) == ["aaaaaaa", "bbbbbbb+changes"]
     assert sc.studied_code(tmp_path) == ["aaaaaaa", "bbbbbbb+changes"]
+
+
+def test_a_study_from_before_the_record_keeps_its_unrecorded_sessions(tmp_path, monkeypatch):
+    (tmp_path / "agent_state.json").write_text("{}")  # a study that ran before code_versions.txt
+    monkeypatch.setattr(sc, "code_version", lambda: "ccccccc")
+    assert sc.record_code_version(tmp_path) == ["unrecorded", "ccccccc"]

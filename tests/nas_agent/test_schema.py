@@ -37,7 +37,10 @@ INVALID = {
         ["model.decomp", "with model.head 'decoder'", "got 'moving_avg'", "expected 'none'"]),
     "raw_tokens_with_attention": (
         {}, {"head": "linear", "mixer": "attention", "raw_tokens": True},
-        ["model.mixer", "with model.raw_tokens True", "got 'attention'", "expected 'mlp' or 'none'"]),
+        ["model.mixer", "with model.raw_tokens True", "got 'attention'", "expected 'mlp'"]),
+    "raw_tokens_with_no_mixer": (
+        {}, {"head": "linear", "mixer": "none", "raw_tokens": True},
+        ["model.mixer", "with model.raw_tokens True", "got 'none'", "expected 'mlp'"]),
     "raw_tokens_with_the_decoder": (
         {}, {"head": "decoder", "raw_tokens": True},
         ["model.head", "with model.raw_tokens True", "got 'decoder'", "expected 'linear'"]),
@@ -98,3 +101,29 @@ def test_invalid_family_is_refused_by_train_py_without_a_run(name, tmp_path):
 ])
 def test_limits_themselves_are_allowed(model):
     assert validate_config({"data": {"seq_len": 96}, "model": model}).model.head == "linear"
+
+
+def test_raw_tokens_need_batches_of_two_or_more():
+    # Raw tokens are batch-normalised over the batch (TSMixer); a batch of one cannot train.
+    model = {"head": "linear", "mixer": "mlp", "raw_tokens": True}
+    with pytest.raises(ConfigError) as e:
+        validate_config({"model": model, "training": {"batch_size": 1}}, "bad.py")
+    assert_names_key_value_and_allowed(str(e.value), ["training.batch_size", "expected >= 2", "got 1"])
+    validate_config({"model": model, "training": {"batch_size": 2}}, "ok.py")
+
+
+@pytest.mark.parametrize("value", [-0.1, 0.95])
+def test_attn_dropout_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError) as e:
+        validate_config({"model": {"attn_dropout": value}}, "bad.py")
+    assert_names_key_value_and_allowed(str(e.value), ["model.attn_dropout", str(value)])
+
+
+def test_the_new_model_keys_default_alike_in_the_schema_and_the_model():
+    # A config always passes the schema's value; a model built directly must behave the same.
+    from model import ForecasterConfig, InformerConfig
+    from nas_agent.schema import ModelConfig
+    schema = ModelConfig()
+    assert ForecasterConfig(seq_len=8, pred_len=4, enc_in=1, c_out=1).raw_tokens is schema.raw_tokens is False
+    for cls, extra in ((ForecasterConfig, {}), (InformerConfig, {"label_len": 4, "dec_in": 1})):
+        assert cls(seq_len=8, pred_len=4, enc_in=1, c_out=1, **extra).attn_dropout is schema.attn_dropout is None

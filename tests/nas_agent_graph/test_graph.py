@@ -185,6 +185,19 @@ print("loading data ...", flush=True)
 raise RuntimeError("CUDA out of memory (simulated crash)")
 '''
 
+OVER_BUDGET_TRAIN = '''
+import argparse, json, pathlib, sys
+p = argparse.ArgumentParser()
+p.add_argument("--config"); p.add_argument("--tag"); p.add_argument("--runs-dir")
+a, _ = p.parse_known_args()
+run = pathlib.Path(a.runs_dir) / a.tag
+run.mkdir(parents=True, exist_ok=True)
+(run / "metrics.json").write_text(json.dumps({  # as train.py ends a model too slow to evaluate in its budget
+    "status": "failed", "over_budget": True, "val_mse": None, "test_mse": None,
+    "error": "too slow for the time budget: evaluating the 5570 validation and test windows alone takes about 300s"}))
+sys.exit(1)
+'''
+
 HANGING_TRAIN = '''
 import signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child that will not stop politely
@@ -209,6 +222,18 @@ def test_consecutive_train_crashes_stop_the_search_with_a_diagnosis(tmp_path):
     assert study.best_run_id is None
     metrics = json.loads((tmp_path / "runs" / "run_0001" / "metrics.json").read_text())
     assert metrics["status"] == "failed"
+
+
+def test_runs_too_slow_for_the_budget_stop_the_search_only_at_twice_the_failure_streak(tmp_path, capsys):
+    script = tmp_path / "over_budget_train.py"
+    script.write_text(OVER_BUDGET_TRAIN)
+    ctx = make_ctx(tmp_path, ScriptedProposer(_tuned(tmp_path)), max_runs=10, max_failures=2, train_script=script)
+    assert run_search(ctx) == 1
+    study = load_agent_state(ctx.state_path)
+    assert [r.status for r in study.runs] == ["failed"] * 4  # not 2 (--max-failures), not 10
+    assert all(r.extra.get("over_budget") is True for r in study.runs)  # train.py's flag, recorded
+    out = capsys.readouterr()
+    assert "the last 4 runs were all too slow to evaluate within the run budget" in out.out + out.err
 
 
 def test_timeout_kills_a_child_that_ignores_sigterm_and_the_loop_goes_on(tmp_path):

@@ -74,6 +74,10 @@ def test_conditional_keys_follow_their_conditions(space, base):
     assert "model.d_model" in space.active_keys({**mlp, "model.raw_tokens": False}, base)
     assert "model.d_model" not in space.active_keys({**mlp, "model.raw_tokens": True}, base)
     assert "model.raw_tokens" not in space.active_keys({**mlp, "model.mixer": "attention"}, base)
+    # With raw_tokens out of the space (the base's false holds), d_model is still not a key of mixer "none".
+    fixed = space_from_overrides({"model.raw_tokens": None}, where="test")
+    assert "model.d_model" not in fixed.active_keys({**mlp, "model.mixer": "none"}, base)
+    assert "model.d_model" in fixed.active_keys(mlp, base)
 
 
 def test_branches_match_the_active_keys(space, base):
