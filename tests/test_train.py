@@ -435,7 +435,7 @@ def test_the_in_run_smoke_test_leaves_training_exactly_as_without_it(two_runs):
         assert smoked[k] == plain[k], k
     assert 0 < smoked["smoke_s"] < 60 and "smoke_s" not in plain
     marks = smoked["startup_marks"]
-    assert list(marks) == ["imports", "setup", "data", "model", "optimizer", "first_step"]
+    assert list(marks) == ["imports", "setup", "data", "model", "optimizer", "eval_probe", "first_step"]
     assert marks["first_step"] == pytest.approx(smoked["startup_s"], abs=0.01)
 
 
