@@ -101,6 +101,7 @@ def test_same_seed_reproduces_proposals(study, tmp_path_factory):
     assert [r.val_mse for r in a.runs] == [r.val_mse for r in b.runs]
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_status_and_report(study):
     assert cli(study, *search_args(2)).returncode == 0
     status = cli(study, "status")
@@ -222,6 +223,7 @@ def test_corrupt_state_gives_a_clear_error_and_is_not_overwritten(study):
     assert not (study / "runs" / "run_0000").exists()
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_corrupt_checkpoint_database_is_moved_aside_and_the_study_resumes(study):
     assert cli(study, *search_args(2)).returncode == 0
     db = study / "runs" / "checkpoints.sqlite"
@@ -294,6 +296,7 @@ def test_status_shows_a_run_in_flight_and_then_interrupted(study):
     assert "run_0000: interrupted, " in after and "a resume trains it again from scratch" in after, after
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_check_subcommand(study):
     ok = cli(study, "check", "config.py")
     assert ok.returncode == 0 and "OK: config.py would be accepted" in ok.stdout

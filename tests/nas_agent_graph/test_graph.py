@@ -125,6 +125,7 @@ def test_duplicate_proposal_is_rejected_with_the_earlier_run(tmp_path):
     assert all("duplicate: the same settings already ran as run_0000" in r["error"] for r in study.rejected)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_parallel_proposal_of_a_config_still_training_is_a_duplicate(tmp_path):
     slow = base_raw(tmp_path)
     slow["model"]["d_model"] = 24
@@ -236,6 +237,7 @@ def test_runs_too_slow_for_the_budget_stop_the_search_only_at_twice_the_failure_
     assert "the last 4 runs were all too slow to evaluate within the run budget" in out.out + out.err
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_timeout_kills_a_child_that_ignores_sigterm_and_the_loop_goes_on(tmp_path):
     script = tmp_path / "hang_train.py"
     script.write_text(HANGING_TRAIN)
@@ -391,6 +393,7 @@ def too_big_then_fine(tmp_path) -> list:
     return [big, fine]
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_sigkill_while_an_invalid_run_is_rejected_loses_and_repeats_nothing(tmp_path):
     """Killed in reject_run after the rejection is saved, before the folder is set aside: the resumed
     search records the rejection once, sets the folder aside and trains the next proposal as run_0001."""

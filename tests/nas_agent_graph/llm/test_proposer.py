@@ -91,6 +91,7 @@ def test_unusable_reply_gets_one_repair_then_is_recorded_as_data(chat):
     assert "Your reply could not be used" in caught.value.meta["prompt"]  # the repair prompt was sent
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes here
 def test_without_constrained_decoding_it_falls_back_to_extraction(chat, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no grammar today")
