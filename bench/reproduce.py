@@ -6,7 +6,7 @@
 
 Trains each configs/<name>.py at its paper's settings on ETTh1 and ETTh2 (horizon 96, every
 test window scored, scaler fitted on the training rows), one train.py subprocess per
-(config, dataset, seed), one at a time, and prints test MSE/MAE as mean +- std over the seeds
+(config, dataset, seed), one at a time (--jobs N: N at once), and prints test MSE/MAE as mean +- std over the seeds
 next to the published numbers. A run whose metrics.json already holds status ok or timeout
 is not trained again, so a killed benchmark resumes where it stopped; any other leftover
 (failed, interrupted, no metrics.json) is trained again with --overwrite, and so is a finished
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,6 +268,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help=f"seeds {SEED0}, {SEED0 + 1}, ... (default 3)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"runs folder (default {DEFAULT_OUT})")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each training (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every train.py (deviates from the papers' settings; marked in the table)")
@@ -280,10 +282,12 @@ def main(argv=None) -> int:
     if not os.environ.get("NAS_DATA_DIR"):
         print("warning: NAS_DATA_DIR is not set; train.py may try to download the data", file=sys.stderr)
     if not args.report_only:
-        for config in args.configs:
-            for dataset in args.datasets:
-                for i in range(args.seeds):
-                    train_one(config, dataset, SEED0 + i, args)
+        todo = [(config, dataset, SEED0 + i) for config in args.configs for dataset in args.datasets
+                for i in range(args.seeds)]
+        # --jobs N: N trainings at once, each with --threads threads (small models use two
+        # single-thread processes on two cores better than one two-thread process).
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda job: train_one(*job, args), todo))
     text = table(args)
     print(text)
     if args.write:
@@ -294,7 +298,8 @@ def main(argv=None) -> int:
         RESULTS_MD.write_text(
             f"# Reproduction of published ETTh1/ETTh2 numbers (horizon 96, every test window scored)\n\n"
             f"Written {_dt.datetime.now().isoformat(timespec='minutes')} by `{cmd}` "
-            f"(OMP_NUM_THREADS={args.threads}, device {args.device}, seeds {SEED0}..{SEED0 + args.seeds - 1}).\n"
+            f"(OMP_NUM_THREADS={args.threads}, device {args.device}, seeds {SEED0}..{SEED0 + args.seeds - 1}; "
+            f"the train s/run of a row are those of the runs' own threads and jobs, see the notes).\n"
             f"Reproduce (resumes; trains what is missing): `NAS_DATA_DIR=../shared/data {rerun}`\n\n"
             f"{text}\n", encoding="utf-8")
         print(f"wrote {RESULTS_MD}")
