@@ -56,8 +56,9 @@ The model space (issue 12)
 and a linear head to the horizon. Tokens are projected to d_model before the mixer,
 except with mixer "none" and with raw_tokens=True (mixer "mlp" only): then the mixer works
 on the raw values, as TSMixer mixes the raw features, and its blocks normalise each
-(token, feature) cell over the batch, TSMixer's 2D batch normalisation. Which combinations are meaningful is the config
-schema's business (nas_agent/schema.py); the classes below only check what they need.
+(token, feature) cell over the batch, TSMixer's 2D batch normalisation. Which combinations
+are meaningful is the config schema's business (nas_agent/schema.py); the classes below
+only check what they need.
 
     DLinear       decomp moving_avg, tokens time, mixer none
     PatchTST      revin, channels independent, tokens patch, mixer attention (full)

@@ -190,14 +190,17 @@ def slow_eval_model(tmp_path, sleep: float):
 
 
 def test_the_time_budget_keeps_room_for_the_final_evaluation(tmp_path, tiny_config):
-    # About 22 evaluation batches of 0.05 s: the last ~1 s of the 5 s budget is kept for them.
-    proc = train(tmp_path, tiny_config, "k", "--model", str(slow_eval_model(tmp_path, 0.05)),
+    # About 22 evaluation batches of 0.1 s: the last ~2 s of the 6 s budget are kept for them, so
+    # training and the final evaluation together end within the budget (before, 2 s past it).
+    proc = train(tmp_path, tiny_config, "k", "--model", str(slow_eval_model(tmp_path, 0.1)),
                  "--set", "training.max_epochs=1000", "--set", "training.patience=1000",
-                 "--set", "training.time_budget_s=5")
+                 "--set", "training.time_budget_s=6")
     assert proc.returncode == 4, proc.stderr[-2000:]
     m = metrics_of(tmp_path, "k")
     assert m["status"] == "timeout" and "s kept for the evaluation)" in m["error"], m["error"]
     assert m["test_mse"] is not None and m["val_mse"] is not None
+    assert m["eval_s"] > 2.2  # the evaluations really were slow
+    assert m["train_eval_s"] <= 6 + 1.0, m  # within the budget, give or take a step and the estimate
 
 
 def test_the_evaluation_probe_leaves_training_as_it_was(tmp_path, tiny_config):
