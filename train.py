@@ -10,6 +10,14 @@ epoch), learning_curve.png, best_model.pth (state_dict, config, scaler), forecas
 atomically and last, so its presence means the run finished. A greppable `key: value`
 summary ends the output.
 
+    python train.py --config configs/patchtst42.py --tag p42 --resume
+
+keeps resume_state.pt in the run folder after every epoch and, when runs/<tag>/ holds an
+unfinished run of the same config (killed, or interrupted), continues after its last completed
+epoch: weights, optimizer, scheduler, early-stopping counter and RNG streams are restored, so on
+the same device and thread count the result is the one an uninterrupted run gives. A folder
+without a resume state is trained from the start.
+
     python train.py --config runs/<tag>/config_used.py --tag <tag> --predict FILE.npz
 
 trains nothing: it writes the forecasts of runs/<tag>/best_model.pth for every validation and
@@ -36,8 +44,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import errno
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -63,9 +73,11 @@ from nas_agent.run_folder import (
     EXIT_CODES,
     FORECASTS_FILE,
     LOG_FILE,
+    METRICS_FILE,
     OUTPUT_FILES,
     PROGRESS_FILE,
     PRUNE_FILE,
+    RESUME_FILE,
     TESTED_EARLY_STOPS,
     USAGE_ERROR,
 )
@@ -146,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an existing run folder")
+    p.add_argument("--resume", action="store_true",
+                   help=f"keep {RESUME_FILE} after every epoch; continue an unfinished run of the same config in "
+                        "runs/<tag>/ from its last completed epoch (or start it when there is none)")
     p.add_argument("--smoke-test", action="store_true",
                    help="smoke-test the model on one real batch before training; a failure of the data, the model "
                         "or the test ends the run as 'invalid' (exit 6), as the search's smoke test would reject it")
@@ -177,15 +192,48 @@ def cap_gpu_memory(device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, float(gb) * 1024 ** 3 / total))
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless --overwrite; then make the folder."""
+def unfinished(run_dir: Path) -> bool:
+    """The folder holds a run that did not end: no metrics.json, or one that says interrupted."""
+    try:
+        status = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8")).get("status")
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: not ours to take over
+    return status == "interrupted"
+
+
+def load_resume_state(run_dir: Path, cfg) -> dict | None:
+    """--resume: the folder's resume state, when it is of this very config (else a ConfigError:
+    continuing another config's training would be a run of neither)."""
+    path = run_dir / RESUME_FILE
+    if not path.is_file() or not unfinished(run_dir):
+        return None
+    try:  # weights_only: the file is data, never code
+        resume = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        raise ConfigError(f"--resume: {path} does not load ({type(e).__name__}: {e}); "
+                          "pass --overwrite to train the run from the start") from None
+    if resume.get("config_hash") != config_hash(cfg):
+        raise ConfigError(f"--resume: {path} is the state of another config (config hash expected "
+                          f"{config_hash(cfg)}, found {resume.get('config_hash')}); resume with the run's own "
+                          f"{run_dir / CONFIG_USED_FILE}, or pass --overwrite to train this config from the start")
+    return resume
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to clobber an earlier run unless --overwrite (or, with --resume, unless that run is
+    unfinished: it is continued, or restarted when it left no resume state); then make the folder."""
     existing = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); "
-                          f"choose another --tag, or pass --overwrite to replace it")
+    if existing and not overwrite and not (resume and unfinished(run_dir)):
+        hint = "choose another --tag, or pass --overwrite to replace it"
+        if resume:
+            hint = f"it has ended (see its {METRICS_FILE}), so there is nothing to resume; " + hint
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); {hint}")
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in existing:
-        (run_dir / name).unlink()
+        if name != RESUME_FILE or overwrite:
+            (run_dir / name).unlink()
     # A prune request left by an earlier attempt is not meant for this one.
     (run_dir / PRUNE_FILE).unlink(missing_ok=True)
 
@@ -536,7 +584,9 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     """Train with early stopping. Fills `state` as it goes, so callers see progress on any exit.
 
     state keys: history, best_epoch, best_val, best_state, train_time_sec, amp (the precision,
-    from amp_mode), and the throughput counters step_s, samples, eval_s.
+    from amp_mode), and the throughput counters step_s, samples, eval_s. With state["resume"]
+    (--resume), training continues after that state's last epoch; with state["resumable"], the
+    resume state is saved after every epoch.
     """
     tc = cfg.training
     optimizer, scheduler, criterion = make_optim(model, tc)
@@ -547,8 +597,17 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         steps = min(steps, tc.max_steps_per_epoch)
     if steps == 0:
         raise StopTraining("failed", f"batch_size {tc.batch_size} is larger than the {len(ds.train)} training windows")
-    start = state["started"] = time.monotonic()  # the budget's clock (start-up is not in it)
-    deadline = start + tc.time_budget_s if tc.time_budget_s else math.inf
+    loop = Loop(optimizer, scheduler, criterion, gen, steps)
+    resume = state.pop("resume", None)
+    if resume:
+        restore_resume_state(resume, model, loop, state)
+        if loop.bad_epochs >= tc.patience or loop.next_epoch > tc.max_epochs:
+            return  # killed during its final evaluation: training had ended
+    # The budget's clock (start-up is not in it); a resumed run's earlier training counts.
+    start = state["started"] = time.monotonic() - state["train_time_sec"]
+    loop.deadline = start + tc.time_budget_s if tc.time_budget_s else math.inf
+    if resume:  # its evaluation cost is known; the probe's verdict was taken when it started
+        return train_epochs(model, ds, cfg, device, run_dir, state, loop)
     # The budget bounds the whole run, so the final evaluation of every val and test window must
     # fit in it too: training stops that much earlier. The cost per window is timed on one
     # evaluation batch now, then on each epoch's validation. A model whose evaluation alone takes
@@ -566,16 +625,40 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     if per_window * eval_windows >= (tc.time_budget_s or math.inf):
         state["over_budget"] = True
         raise StopTraining("failed", over_budget_message(tc.time_budget_s, per_window, eval_windows))
-    bad_epochs = 0
-    for epoch in range(1, tc.max_epochs + 1):
+    loop.per_window = per_window
+    train_epochs(model, ds, cfg, device, run_dir, state, loop)
+
+
+@dataclasses.dataclass
+class Loop:
+    """The epoch loop's objects and counters: what a resume state saves and restores."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    criterion: torch.nn.Module
+    gen: torch.Generator  # the training batches' order
+    steps: int  # per epoch
+    next_epoch: int = 1
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    per_window: float = 0.0  # seconds to evaluate one window: the budget's reserve
+    deadline: float = math.inf  # time.monotonic() at which training.time_budget_s runs out
+
+
+def train_epochs(model, ds, cfg, device, run_dir: Path, state: dict, loop: Loop) -> None:
+    """fit's epochs, from loop.next_epoch on, with early stopping after `patience` bad epochs."""
+    tc = cfg.training
+    optimizer, scheduler, criterion = loop.optimizer, loop.scheduler, loop.criterion
+    steps, deadline, per_window, bad_epochs = loop.steps, loop.deadline, loop.per_window, loop.bad_epochs
+    start = state["started"]
+    eval_windows = len(ds.val) + len(ds.test)
+    for epoch in range(loop.next_epoch, tc.max_epochs + 1):
         model.train()
         t_epoch = time.monotonic()
         loss_sum = mse_sum = 0.0
-        batches = ds.train.batches(tc.batch_size, shuffle=True, generator=gen, drop_last=True)
+        batches = ds.train.batches(tc.batch_size, shuffle=True, generator=loop.gen, drop_last=True)
         for step, (x_enc, m_enc, x_dec, m_dec, y) in enumerate(batches, 1):
             if "startup_s" not in state:  # interpreter, imports, data, model: up to the first step
                 state["startup_marks"]["first_step"] = process_age_s()
-                state["startup_s"] = state["startup_marks"]["first_step"] - state["eval_probe_s"]
+                state["startup_s"] = state["startup_marks"]["first_step"] - state.get("eval_probe_s", 0.0)
             check_stop(f"during epoch {epoch}")
             check_prune(run_dir, epoch)
             # The epoch's last step is followed by its validation, which must fit too.
@@ -625,12 +708,66 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         else:
             bad_epochs += 1
         save_history(run_dir, history_file(state))  # per-epoch progress for the orchestrator
+        if state["resumable"]:
+            loop.next_epoch, loop.bad_epochs, loop.per_window = epoch + 1, bad_epochs, per_window
+            save_resume_state(run_dir, cfg, model, loop, state)
         log.info("epoch %d/%d train_mse %.4f val_mse %.4f val_mae %.4f lr %.2e time %.1fs%s", epoch,
                  tc.max_epochs, record["train_mse"], val_mse, val_mae, lr, record["epoch_time_s"],
                  " *" if improved else "")
         if bad_epochs >= tc.patience:
             log.info("early stop: no improvement for %d epochs", bad_epochs)
             break
+
+
+# --------------------------------------------------------------------------- resume (--resume)
+
+def save_resume_state(run_dir: Path, cfg, model, loop: Loop, state: dict) -> None:
+    """Everything train_epochs needs to go on from loop.next_epoch as if never stopped, written
+    atomically (a kill mid-write leaves the previous epoch's state)."""
+    resume = {
+        "config_hash": config_hash(cfg), "next_epoch": loop.next_epoch, "bad_epochs": loop.bad_epochs,
+        "per_window": loop.per_window, "model": model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
+        "history": state["history"], "best_epoch": state["best_epoch"], "best_val": state["best_val"],
+        "best_state": state["best_state"],
+        "counters": {k: state[k] for k in ("step_s", "samples", "eval_s")},
+        "train_time_sec": time.monotonic() - state["started"],
+        # The RNG streams: batch order (gen), dropout and ProbSparse sampling (torch's global
+        # generators), and numpy's and Python's for model code that draws from them. Plain lists
+        # and tensors, so torch.load(weights_only=True) reads them back.
+        "rng": {"batches": loop.gen.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": _numpy_rng_state(), "python": list(random.getstate()[1])},
+    }
+    tmp = run_dir / (RESUME_FILE + ".tmp")
+    torch.save(resume, tmp)
+    os.replace(tmp, run_dir / RESUME_FILE)
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+
+
+def restore_resume_state(resume: dict, model, loop: Loop, state: dict) -> None:
+    """Load a resume state into the model, the loop and the run's state."""
+    model.load_state_dict(resume["model"])
+    loop.optimizer.load_state_dict(resume["optimizer"])
+    if loop.scheduler is not None and resume["scheduler"] is not None:
+        loop.scheduler.load_state_dict(resume["scheduler"])
+    loop.next_epoch, loop.bad_epochs, loop.per_window = resume["next_epoch"], resume["bad_epochs"], resume["per_window"]
+    state.update(history=list(resume["history"]), best_epoch=resume["best_epoch"], best_val=resume["best_val"],
+                 best_state=resume["best_state"], train_time_sec=resume["train_time_sec"], **resume["counters"])
+    rng = resume["rng"]
+    loop.gen.set_state(rng["batches"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((3, tuple(rng["python"]), None))
+    log.info("resumed after epoch %d (best epoch %s, val_mse %.4f, %d bad epochs)", loop.next_epoch - 1,
+             resume["best_epoch"], resume["best_val"], loop.bad_epochs)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -700,7 +837,9 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         if args.predict:
             return predict(cfg, args, device)
-        prepare_run_dir(run_dir, args.overwrite)
+        # Read (and checked against the config) before the folder is touched: a refusal loses nothing.
+        resume = load_resume_state(run_dir, cfg) if args.resume and not args.overwrite else None
+        prepare_run_dir(run_dir, args.overwrite, args.resume)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
@@ -711,7 +850,8 @@ def main(argv=None) -> int:
     tc = cfg.training
     seed_everything(tc.seed)
     state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0,
-             "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0, "startup_marks": marks}
+             "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0, "startup_marks": marks,
+             "resumable": args.resume, "resume": resume}
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
@@ -871,6 +1011,8 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
         if metrics["status"] == "ok":
             metrics["status"], metrics["error"] = "failed", traceback.format_exc()[-4000:]
     save_metrics(run_dir, metrics)
+    if metrics["status"] != "interrupted":  # the run has ended: nothing left to resume
+        (run_dir / RESUME_FILE).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """Reproduce the shipped configs' published ETTh1/ETTh2 numbers (issue 12, section 5).
 
     NAS_DATA_DIR=../shared/data python bench/reproduce.py [--configs dlinear itransformer]
-        [--datasets ETTh1 ETTh2] [--seeds 3] [--out /tmp/nas_reproduce] [--threads 1]
+        [--datasets ETTh1 ETTh2] [--seeds 3] [--out runs/reproduce] [--threads 1]
         [--set training.max_epochs=2 ...] [--write] [--report-only]
 
 Trains each configs/<name>.py at its paper's settings on ETTh1 and ETTh2 (horizon 96, every
 test window scored, scaler fitted on the training rows), one train.py subprocess per
 (config, dataset, seed), one at a time (--jobs N: N at once), and prints test MSE/MAE as mean +- std over the seeds
 next to the published numbers. A run whose metrics.json already holds status ok or timeout
-is not trained again, so a killed benchmark resumes where it stopped; any other leftover
-(failed, interrupted, no metrics.json) is trained again with --overwrite, and so is a finished
-run whose config_used.py no longer matches the config (the config file changed since): the
-table never mixes results of two versions of a config.
+is not trained again, so a killed benchmark resumes where it stopped. Every run is trained with
+train.py --resume, so a run killed mid-training (no metrics.json, or interrupted) continues after
+its last completed epoch, to the result it would have had (a PatchTST run takes most of an hour
+on a 2-core CPU: a session's end costs at most an epoch). Any other leftover (failed, diverged,
+pruned) is trained again with --overwrite, and so is a run whose config_used.py no longer
+matches the config (the config file changed since): the table never mixes results of two
+versions of a config.
 
 --set overrides are passed to every run. They make the runs deviate from the papers'
 settings: their runs go to separate folders (a hash of the overrides in the tag) and the
@@ -42,7 +45,7 @@ CONFIGS = ["dlinear", "itransformer", "patchtst42", "tsmixer", "patchtst64", "in
 DATASETS = ["ETTh1", "ETTh2"]
 SEED0 = 2021  # seeds are 2021, 2022, ... (2021 is the PatchTST/DLinear scripts' seed)
 DONE = ("ok", "timeout")  # statuses that count as a finished run (timeout: best checkpoint tested)
-DEFAULT_OUT = "/tmp/nas_reproduce"
+DEFAULT_OUT = str(ROOT / "runs" / "reproduce")  # beside the checkout's own runs: kept across reboots
 RESULTS_MD = ROOT / "bench" / "results" / "reproduce.md"
 
 # Per-dataset settings of the papers' own scripts where they differ from the ETTh1 config.
@@ -173,6 +176,21 @@ def finished(config: str, dataset: str, seed: int, args) -> dict | None:
     return m
 
 
+def restart_reason(run_dir: Path, config: str, dataset: str, seed: int, args) -> str | None:
+    """Why an earlier attempt in run_dir cannot be continued (it ended without a result, or it
+    trained another version of the config), or None: nothing there, or a resumable attempt."""
+    if not run_dir.exists():
+        return None
+    m = read_metrics(run_dir)
+    if m and m.get("status") != "interrupted":
+        return f"it ended {m.get('status')}"
+    if (run_dir / "config_used.py").exists():
+        changes = config_changes(run_dir, config, dataset, seed, args.set)
+        if changes:
+            return f"it trained another version of configs/{config}.py ({'; '.join(changes[:4])})"
+    return None
+
+
 def train_one(config: str, dataset: str, seed: int, args) -> dict | None:
     """Run train.py for one (config, dataset, seed) unless a finished run is already there."""
     tag = tag_for(config, dataset, seed, args.set)
@@ -185,8 +203,11 @@ def train_one(config: str, dataset: str, seed: int, args) -> dict | None:
            "--tag", tag, "--runs-dir", str(args.out), "--seed", str(seed), "--device", args.device]
     for s in run_overrides(config, dataset, args.set):
         cmd += ["--set", s]
-    if run_dir.exists():
-        cmd.append("--overwrite")  # a killed or failed earlier attempt
+    cmd.append("--resume")  # continues a killed attempt; keeps a resume state for the next kill
+    reason = restart_reason(run_dir, config, dataset, seed, args)
+    if reason:
+        print(f"[redo] {tag}: {reason}; trained from the start", flush=True)
+        cmd.append("--overwrite")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     print(f"[run ] {tag}: {shlex.join(cmd[1:])}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

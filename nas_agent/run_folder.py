@@ -11,6 +11,9 @@ launchers, the study's rules, the ensemble and the report read it.
         history.json       one record per epoch, rewritten after each
         progress.json      where training is inside its epoch (the live panel)
         best_model.pth     the best checkpoint
+        resume_state.pt    with train.py --resume: everything needed to continue after the last
+                           completed epoch (weights, optimizer, RNG streams, curve); removed
+                           once the run ends with any status but interrupted
         forecasts.npz      its forecasts of every validation and test window
         learning_curve.png
         PRUNE              the search's request to stop (first line: why)
@@ -28,12 +31,14 @@ PROGRESS_FILE = "progress.json"
 CHECKPOINT_FILE = "best_model.pth"
 FORECASTS_FILE = "forecasts.npz"
 CURVE_FILE = "learning_curve.png"
+RESUME_FILE = "resume_state.pt"
 PRUNE_FILE = "PRUNE"
 METRICS_FILE = "metrics.json"
 
 # Files that mean "this folder already holds a run". train.log is not one of them: the launcher
 # opens it before train.py starts, to stream the child's output into it.
-OUTPUT_FILES = (METRICS_FILE, HISTORY_FILE, CONFIG_USED_FILE, CHECKPOINT_FILE, CURVE_FILE, FORECASTS_FILE)
+OUTPUT_FILES = (METRICS_FILE, HISTORY_FILE, CONFIG_USED_FILE, CHECKPOINT_FILE, CURVE_FILE, FORECASTS_FILE,
+                RESUME_FILE)
 
 # train.py's statuses and exit codes (its docstring says what each means).
 EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "invalid": 6, "interrupted": 130}

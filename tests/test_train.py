@@ -479,3 +479,65 @@ def test_max_params_and_the_smoke_timeout_end_the_run_invalid(tmp_path, tiny_con
     m = metrics_of(tmp_path, "slow")
     assert m["status"] == "invalid" and m["error"] == "smoke test failed: smoke test timed out after 0.001s"
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+RESUMABLE_CONFIG = '''
+import torch.nn as nn
+import torch.optim as optim
+data = {"path": "data/ETTh1.csv", "seq_len": 48, "label_len": 24, "pred_len": 24}
+model = {"d_model": 16, "n_heads": 2, "e_layers": 2, "d_layers": 1, "d_ff": 32, "dropout": 0.1}
+training = {"max_epochs": 6, "batch_size": 32, "lr": 1e-3, "max_steps_per_epoch": 25, "patience": 10,
+            "scheduler_class": optim.lr_scheduler.ExponentialLR, "scheduler_kwargs": {"gamma": 0.8}}
+'''
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    """SIGKILL (nothing written at the end) after epoch 3; --resume continues from the resume
+    state, and the curve, the checkpoint's metrics and its forecasts equal an uninterrupted run's
+    (dropout, ProbSparse sampling, batch order and the scheduler all carry over)."""
+    config = tmp_path / "resumable.py"
+    config.write_text(RESUMABLE_CONFIG)
+    whole = train(tmp_path, config, "whole", "--resume")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert not (tmp_path / "runs" / "whole" / "resume_state.pt").exists()  # an ended run keeps none
+
+    cmd = [PYTHON, "train.py", "--config", str(config), "--tag", "cut", "--runs-dir", str(tmp_path / "runs"), "--resume"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "cut"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            # epoch 3 in the curve: epoch 2's resume state, saved before it, is on disk
+            if len(json.loads((run_dir / "history.json").read_text())["epochs"]) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
+    saved = torch.load(run_dir / "resume_state.pt", weights_only=True)
+    assert 2 <= saved["next_epoch"] - 1 < 6
+
+    # Another config's state is refused, naming both hashes, and nothing in the folder changes.
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    other = train(tmp_path, config, "cut", "--resume", "--set", "training.lr=0.002")
+    assert other.returncode == 2
+    assert "is the state of another config (config hash expected" in other.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+    again = train(tmp_path, config, "cut", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed after epoch {saved['next_epoch'] - 1}" in again.stderr
+    a, b = metrics_of(tmp_path, "whole"), metrics_of(tmp_path, "cut")
+    curve = [(e["epoch"], e["train_loss"], e["val_mse"], e["lr"]) for e in
+             json.loads((tmp_path / "runs" / "whole" / "history.json").read_text())["epochs"]]
+    assert curve == [(e["epoch"], e["train_loss"], e["val_mse"], e["lr"]) for e in
+                     json.loads((run_dir / "history.json").read_text())["epochs"]]
+    assert len(curve) == 6 and curve[-1][3] < curve[0][3]  # the scheduler carried on
+    for key in ("status", "best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "epochs_run"):
+        assert a[key] == b[key], key
+    assert b["train_time_sec"] > 0 and not (run_dir / "resume_state.pt").exists()
+
+    ended = train(tmp_path, config, "cut", "--resume")
+    assert ended.returncode == 2 and "nothing to resume" in ended.stderr

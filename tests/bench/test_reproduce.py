@@ -50,3 +50,18 @@ def test_report_only_says_which_run_is_stale(tmp_path):
     assert "[stale] tsmixer_ETTh1_s2021: trained with another version of configs/tsmixer.py" in proc.stdout
     assert "model.raw_tokens: False -> True" in proc.stdout
     assert "| tsmixer | ETTh1 | 512 | 0/1 |" in proc.stdout
+
+
+def test_a_killed_attempt_is_resumed_and_an_ended_or_stale_one_restarted(tmp_path):
+    args = rp.parse_args(["--configs", "tsmixer", "--datasets", "ETTh1", "--out", str(tmp_path)])
+    assert rp.restart_reason(tmp_path / "absent", "tsmixer", "ETTh1", rp.SEED0, args) is None
+    run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
+    for status, reason in (("failed", "it ended failed"), ("pruned", "it ended pruned"), ("interrupted", None)):
+        (run / "metrics.json").write_text(json.dumps({"status": status}))
+        assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) == reason
+    (run / "metrics.json").unlink()  # killed: train.py --resume takes it over
+    assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) is None
+    stale = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0 + 1, {"raw_tokens": False}, 0.7)
+    (stale / "metrics.json").unlink()
+    assert rp.restart_reason(stale, "tsmixer", "ETTh1", rp.SEED0 + 1, args) == (
+        "it trained another version of configs/tsmixer.py (model.raw_tokens: False -> True)")
