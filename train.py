@@ -13,10 +13,11 @@ summary ends the output.
     python train.py --config configs/patchtst42.py --tag p42 --resume
 
 keeps resume_state.pt in the run folder after every epoch and, when runs/<tag>/ holds an
-unfinished run of the same config (killed, or interrupted), continues after its last completed
-epoch: weights, optimizer, scheduler, early-stopping counter and RNG streams are restored, so on
-the same device and thread count the result is the one an uninterrupted run gives. A folder
-without a resume state is trained from the start.
+unfinished run of the same config and model file (killed, interrupted, or failed for a passing
+reason such as missing data), continues after its last completed epoch: weights, optimizer,
+scheduler, early-stopping counter and RNG streams are restored, so on a CPU at the same thread
+count, with no time budget cutting it, the result is the one an uninterrupted run gives. A
+folder without a resume state is trained from the start.
 
     python train.py --config runs/<tag>/config_used.py --tag <tag> --predict FILE.npz
 
@@ -46,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import hashlib
 import importlib.util
 import json
 import logging
@@ -77,6 +79,7 @@ from nas_agent.run_folder import (
     OUTPUT_FILES,
     PROGRESS_FILE,
     PRUNE_FILE,
+    RESUMABLE_STATUSES,
     RESUME_FILE,
     TESTED_EARLY_STOPS,
     USAGE_ERROR,
@@ -193,19 +196,26 @@ def cap_gpu_memory(device: torch.device) -> None:
 
 
 def unfinished(run_dir: Path) -> bool:
-    """The folder holds a run that did not end: no metrics.json, or one that says interrupted."""
+    """--resume may take the folder over: no metrics.json, or one that says interrupted, or a
+    passing failure (RESUMABLE_STATUSES) that left a resume state."""
     try:
         status = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8")).get("status")
     except FileNotFoundError:
         return True
     except (OSError, ValueError, AttributeError):
         return False  # unreadable: not ours to take over
-    return status == "interrupted"
+    return status == "interrupted" or (status in RESUMABLE_STATUSES and (run_dir / RESUME_FILE).is_file())
 
 
-def load_resume_state(run_dir: Path, cfg) -> dict | None:
-    """--resume: the folder's resume state, when it is of this very config (else a ConfigError:
-    continuing another config's training would be a run of neither)."""
+def model_file_hash(model_file: str | None) -> str:
+    """sha256 of the model file's text: config_hash does not cover the code that builds the model."""
+    path = Path(model_file) if model_file else Path(__file__).with_name("model.py")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def load_resume_state(run_dir: Path, cfg, model_file: str | None) -> dict | None:
+    """--resume: the folder's resume state, when it is of this very config and model code (else a
+    ConfigError: continuing another config's training would be a run of neither)."""
     path = run_dir / RESUME_FILE
     if not path.is_file() or not unfinished(run_dir):
         return None
@@ -218,12 +228,17 @@ def load_resume_state(run_dir: Path, cfg) -> dict | None:
         raise ConfigError(f"--resume: {path} is the state of another config (config hash expected "
                           f"{config_hash(cfg)}, found {resume.get('config_hash')}); resume with the run's own "
                           f"{run_dir / CONFIG_USED_FILE}, or pass --overwrite to train this config from the start")
+    if resume.get("model_hash") != model_file_hash(model_file):
+        raise ConfigError(f"--resume: {path} was trained with another model file (sha256 prefix expected "
+                          f"{model_file_hash(model_file)}, found {resume.get('model_hash')}); resume with the same "
+                          "--model, or pass --overwrite to train from the start")
     return resume
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, resuming: bool = False) -> None:
     """Refuse to clobber an earlier run unless --overwrite (or, with --resume, unless that run is
-    unfinished: it is continued, or restarted when it left no resume state); then make the folder."""
+    unfinished); then make the folder. `resuming` (a resume state was loaded): only metrics.json
+    goes, so the folder reads as unfinished and a failure of this attempt loses nothing."""
     existing = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
     if existing and not overwrite and not (resume and unfinished(run_dir)):
         hint = "choose another --tag, or pass --overwrite to replace it"
@@ -231,9 +246,15 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
             hint = f"it has ended (see its {METRICS_FILE}), so there is nothing to resume; " + hint
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); {hint}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        return
+    if existing and not overwrite:
+        print(f"--resume: {run_dir} holds an unfinished run without a resume state; training from the start",
+              file=sys.stderr)
     for name in existing:
-        if name != RESUME_FILE or overwrite:
-            (run_dir / name).unlink()
+        (run_dir / name).unlink()
+    (run_dir / (RESUME_FILE + ".tmp")).unlink(missing_ok=True)
     # A prune request left by an earlier attempt is not meant for this one.
     (run_dir / PRUNE_FILE).unlink(missing_ok=True)
 
@@ -245,12 +266,12 @@ def _is_same_file(stream, path: Path) -> bool:
         return False
 
 
-def setup_logging(log_path: Path) -> None:
+def setup_logging(log_path: Path, append: bool = False) -> None:
     """Log to stderr, and to train.log unless our output is already being streamed there."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if not (_is_same_file(sys.stdout, log_path) or _is_same_file(sys.stderr, log_path)):
-        handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+        handlers.append(logging.FileHandler(log_path, mode="a" if append else "w", encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
     log.handlers[:] = handlers
@@ -597,16 +618,16 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
         steps = min(steps, tc.max_steps_per_epoch)
     if steps == 0:
         raise StopTraining("failed", f"batch_size {tc.batch_size} is larger than the {len(ds.train)} training windows")
-    loop = Loop(optimizer, scheduler, criterion, gen, steps)
+    loop = Loop(optimizer, scheduler, criterion, gen, steps, device)
     resume = state.pop("resume", None)
     if resume:
         restore_resume_state(resume, model, loop, state)
-        if loop.bad_epochs >= tc.patience or loop.next_epoch > tc.max_epochs:
-            return  # killed during its final evaluation: training had ended
     # The budget's clock (start-up is not in it); a resumed run's earlier training counts.
     start = state["started"] = time.monotonic() - state["train_time_sec"]
     loop.deadline = start + tc.time_budget_s if tc.time_budget_s else math.inf
     if resume:  # its evaluation cost is known; the probe's verdict was taken when it started
+        if loop.bad_epochs >= tc.patience or loop.next_epoch > tc.max_epochs:
+            return  # stopped during its final evaluation: training had ended
         return train_epochs(model, ds, cfg, device, run_dir, state, loop)
     # The budget bounds the whole run, so the final evaluation of every val and test window must
     # fit in it too: training stops that much earlier. The cost per window is timed on one
@@ -637,6 +658,7 @@ class Loop:
     criterion: torch.nn.Module
     gen: torch.Generator  # the training batches' order
     steps: int  # per epoch
+    device: torch.device
     next_epoch: int = 1
     bad_epochs: int = 0  # epochs since the best one (early stopping)
     per_window: float = 0.0  # seconds to evaluate one window: the budget's reserve
@@ -725,7 +747,7 @@ def save_resume_state(run_dir: Path, cfg, model, loop: Loop, state: dict) -> Non
     """Everything train_epochs needs to go on from loop.next_epoch as if never stopped, written
     atomically (a kill mid-write leaves the previous epoch's state)."""
     resume = {
-        "config_hash": config_hash(cfg), "next_epoch": loop.next_epoch, "bad_epochs": loop.bad_epochs,
+        "config_hash": config_hash(cfg), "model_hash": state["model_hash"], "next_epoch": loop.next_epoch, "bad_epochs": loop.bad_epochs,
         "per_window": loop.per_window, "model": model.state_dict(), "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
         "history": state["history"], "best_epoch": state["best_epoch"], "best_val": state["best_val"],
@@ -735,9 +757,11 @@ def save_resume_state(run_dir: Path, cfg, model, loop: Loop, state: dict) -> Non
         # The RNG streams: batch order (gen), dropout and ProbSparse sampling (torch's global
         # generators), and numpy's and Python's for model code that draws from them. Plain lists
         # and tensors, so torch.load(weights_only=True) reads them back.
+        "device": loop.device.type,
         "rng": {"batches": loop.gen.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": _numpy_rng_state(), "python": list(random.getstate()[1])},
+                # this device's only: asking for every GPU's would start CUDA on each of them
+                "cuda": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None,
+                "numpy": _numpy_rng_state(), "python": [list(random.getstate()[1]), random.getstate()[2]]},
     }
     tmp = run_dir / (RESUME_FILE + ".tmp")
     torch.save(resume, tmp)
@@ -761,11 +785,14 @@ def restore_resume_state(resume: dict, model, loop: Loop, state: dict) -> None:
     rng = resume["rng"]
     loop.gen.set_state(rng["batches"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if resume["device"] != loop.device.type:
+        log.warning("resuming on %s a run saved on %s: it goes on, but not exactly as it would have there",
+                    loop.device.type, resume["device"])
+    elif rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], loop.device)
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate((3, tuple(rng["python"]), None))
+    random.setstate((3, tuple(rng["python"][0]), rng["python"][1]))
     log.info("resumed after epoch %d (best epoch %s, val_mse %.4f, %d bad epochs)", loop.next_epoch - 1,
              resume["best_epoch"], resume["best_val"], loop.bad_epochs)
 
@@ -838,20 +865,21 @@ def main(argv=None) -> int:
         if args.predict:
             return predict(cfg, args, device)
         # Read (and checked against the config) before the folder is touched: a refusal loses nothing.
-        resume = load_resume_state(run_dir, cfg) if args.resume and not args.overwrite else None
-        prepare_run_dir(run_dir, args.overwrite, args.resume)
+        resume = load_resume_state(run_dir, cfg, args.model) if args.resume and not args.overwrite else None
+        prepare_run_dir(run_dir, args.overwrite, args.resume, resuming=resume is not None)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
-    setup_logging(run_dir / LOG_FILE)
+    setup_logging(run_dir / LOG_FILE, append=resume is not None)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     tc = cfg.training
     seed_everything(tc.seed)
     state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0,
              "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0, "startup_marks": marks,
-             "resumable": args.resume, "resume": resume}
+             "resumable": args.resume, "resume": resume,
+             "model_hash": model_file_hash(args.model) if args.resume else None}
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
@@ -1011,8 +1039,9 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
         if metrics["status"] == "ok":
             metrics["status"], metrics["error"] = "failed", traceback.format_exc()[-4000:]
     save_metrics(run_dir, metrics)
-    if metrics["status"] != "interrupted":  # the run has ended: nothing left to resume
+    if metrics["status"] not in RESUMABLE_STATUSES:  # a verdict on the config: nothing left to resume
         (run_dir / RESUME_FILE).unlink(missing_ok=True)
+        (run_dir / (RESUME_FILE + ".tmp")).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

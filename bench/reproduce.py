@@ -9,7 +9,8 @@ test window scored, scaler fitted on the training rows), one train.py subprocess
 (config, dataset, seed), one at a time (--jobs N: N at once), and prints test MSE/MAE as mean +- std over the seeds
 next to the published numbers. A run whose metrics.json already holds status ok or timeout
 is not trained again, so a killed benchmark resumes where it stopped. Every run is trained with
-train.py --resume, so a run killed mid-training (no metrics.json, or interrupted) continues after
+train.py --resume, so a run killed mid-training (no metrics.json, interrupted, or failed for a
+passing reason such as missing data, with its resume state) continues after
 its last completed epoch, to the result it would have had (a PatchTST run takes most of an hour
 on a 2-core CPU: a session's end costs at most an epoch). Any other leftover (failed, diverged,
 pruned) is trained again with --overwrite, and so is a run whose config_used.py no longer
@@ -40,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent.config import load_config
+from nas_agent.run_folder import RESUMABLE_STATUSES, RESUME_FILE
 
 CONFIGS = ["dlinear", "itransformer", "patchtst42", "tsmixer", "patchtst64", "informer"]
 DATASETS = ["ETTh1", "ETTh2"]
@@ -181,13 +183,16 @@ def restart_reason(run_dir: Path, config: str, dataset: str, seed: int, args) ->
     trained another version of the config), or None: nothing there, or a resumable attempt."""
     if not run_dir.exists():
         return None
-    m = read_metrics(run_dir)
-    if m and m.get("status") != "interrupted":
-        return f"it ended {m.get('status')}"
     if (run_dir / "config_used.py").exists():
         changes = config_changes(run_dir, config, dataset, seed, args.set)
         if changes:
             return f"it trained another version of configs/{config}.py ({'; '.join(changes[:4])})"
+    m = read_metrics(run_dir)
+    if m is None and (run_dir / "metrics.json").exists():
+        return "its metrics.json does not read"
+    if m and m.get("status") != "interrupted" and not (
+            m.get("status") in RESUMABLE_STATUSES and (run_dir / RESUME_FILE).is_file()):
+        return f"it ended {m.get('status')}"
     return None
 
 
@@ -212,7 +217,7 @@ def train_one(config: str, dataset: str, seed: int, args) -> dict | None:
     print(f"[run ] {tag}: {shlex.join(cmd[1:])}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with open(Path(args.out) / f"{tag}.out", "w", encoding="utf-8") as log:
+    with open(Path(args.out) / f"{tag}.out", "a", encoding="utf-8") as log:  # a resumed run's log goes on
         rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     m = read_metrics(run_dir)
     status = m.get("status") if m else f"no metrics.json (exit {rc})"

@@ -13,7 +13,7 @@ launchers, the study's rules, the ensemble and the report read it.
         best_model.pth     the best checkpoint
         resume_state.pt    with train.py --resume: everything needed to continue after the last
                            completed epoch (weights, optimizer, RNG streams, curve); removed
-                           once the run ends with any status but interrupted
+                           once the run ends with a verdict (not RESUMABLE_STATUSES)
         forecasts.npz      its forecasts of every validation and test window
         learning_curve.png
         PRUNE              the search's request to stop (first line: why)
@@ -45,5 +45,9 @@ EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "timeout": 4, "pruned": 5, "i
 USAGE_ERROR = 2  # bad flags or config; no status, nothing written
 # Statuses that end training early but still restore and test the best checkpoint.
 TESTED_EARLY_STOPS = ("timeout", "pruned")
+# Statuses after which train.py --resume continues a run from its resume state: it was stopped
+# from outside (interrupted), or by something passing (failed: the data not found, a full disk,
+# out of memory; invalid: a smoke-test timeout). The others are a verdict on the config.
+RESUMABLE_STATUSES = ("interrupted", "failed", "invalid")
 # Statuses whose val_mse is a fair, complete measurement: the ones a study compares and selects on.
 SCORED = ("ok", "timeout")

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -528,9 +529,18 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert "is the state of another config (config hash expected" in other.stderr
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
+    # A passing failure (the data is not there in this session) keeps the state and the files.
+    nodata = subprocess.run(cmd, cwd=ROOT, env=run_env(NAS_DATA_DIR=str(tmp_path / "nodata")), capture_output=True,
+                            text=True, timeout=300)
+    assert nodata.returncode == 1 and metrics_of(tmp_path, "cut")["status"] == "failed"
+    assert (run_dir / "resume_state.pt").is_file() and (run_dir / "history.json").is_file()
+
     again = train(tmp_path, config, "cut", "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed after epoch {saved['next_epoch'] - 1}" in again.stderr
+    whole_fc = np.load(tmp_path / "runs" / "whole" / "forecasts.npz")
+    cut_fc = np.load(run_dir / "forecasts.npz")
+    assert all(np.array_equal(whole_fc[k], cut_fc[k]) for k in whole_fc.files)
     a, b = metrics_of(tmp_path, "whole"), metrics_of(tmp_path, "cut")
     curve = [(e["epoch"], e["train_loss"], e["val_mse"], e["lr"]) for e in
              json.loads((tmp_path / "runs" / "whole" / "history.json").read_text())["epochs"]]
@@ -543,3 +553,15 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
     ended = train(tmp_path, config, "cut", "--resume")
     assert ended.returncode == 2 and "nothing to resume" in ended.stderr
+
+
+def test_resume_restarts_an_unfinished_run_that_left_no_resume_state(tmp_path, tiny_config):
+    """A run interrupted without --resume has no state: --resume trains it from the start, and says so."""
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.json").write_text('{"best_epoch": null, "epochs": []}')
+    (run_dir / "metrics.json").write_text('{"status": "interrupted"}')
+    proc = train(tmp_path, tiny_config, "r", "--resume", "--set", "training.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "holds an unfinished run without a resume state; training from the start" in proc.stderr
+    assert metrics_of(tmp_path, "r")["epochs_run"] == 1 and not (run_dir / "resume_state.pt").exists()

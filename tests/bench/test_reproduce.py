@@ -59,6 +59,11 @@ def test_a_killed_attempt_is_resumed_and_an_ended_or_stale_one_restarted(tmp_pat
     for status, reason in (("failed", "it ended failed"), ("pruned", "it ended pruned"), ("interrupted", None)):
         (run / "metrics.json").write_text(json.dumps({"status": status}))
         assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) == reason
+    (run / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    (run / "resume_state.pt").write_bytes(b"state")  # a passing failure that kept its state: resumed
+    assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) is None
+    (run / "metrics.json").write_text("{torn")
+    assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) == "its metrics.json does not read"
     (run / "metrics.json").unlink()  # killed: train.py --resume takes it over
     assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) is None
     stale = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0 + 1, {"raw_tokens": False}, 0.7)
