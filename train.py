@@ -213,7 +213,7 @@ def model_file_hash(model_file: str | None) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def load_resume_state(run_dir: Path, cfg, model_file: str | None) -> dict | None:
+def load_resume_state(run_dir: Path, cfg, model_hash: str) -> dict | None:
     """--resume: the folder's resume state, when it is of this very config and model code (else a
     ConfigError: continuing another config's training would be a run of neither)."""
     path = run_dir / RESUME_FILE
@@ -228,9 +228,9 @@ def load_resume_state(run_dir: Path, cfg, model_file: str | None) -> dict | None
         raise ConfigError(f"--resume: {path} is the state of another config (config hash expected "
                           f"{config_hash(cfg)}, found {resume.get('config_hash')}); resume with the run's own "
                           f"{run_dir / CONFIG_USED_FILE}, or pass --overwrite to train this config from the start")
-    if resume.get("model_hash") != model_file_hash(model_file):
+    if resume.get("model_hash") != model_hash:
         raise ConfigError(f"--resume: {path} was trained with another model file (sha256 prefix expected "
-                          f"{model_file_hash(model_file)}, found {resume.get('model_hash')}); resume with the same "
+                          f"{model_hash}, found {resume.get('model_hash')}); resume with the same "
                           "--model, or pass --overwrite to train from the start")
     return resume
 
@@ -865,7 +865,8 @@ def main(argv=None) -> int:
         if args.predict:
             return predict(cfg, args, device)
         # Read (and checked against the config) before the folder is touched: a refusal loses nothing.
-        resume = load_resume_state(run_dir, cfg, args.model) if args.resume and not args.overwrite else None
+        model_hash = model_file_hash(args.model) if args.resume else None  # read once: checked, then saved
+        resume = load_resume_state(run_dir, cfg, model_hash) if args.resume and not args.overwrite else None
         prepare_run_dir(run_dir, args.overwrite, args.resume, resuming=resume is not None)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -879,7 +880,7 @@ def main(argv=None) -> int:
     state = {"history": [], "best_epoch": None, "best_val": math.inf, "best_state": None, "train_time_sec": 0.0,
              "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0, "startup_marks": marks,
              "resumable": args.resume, "resume": resume,
-             "model_hash": model_file_hash(args.model) if args.resume else None}
+             "model_hash": model_hash}
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
