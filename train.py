@@ -67,6 +67,7 @@ import torch
 from nas_agent.config import ConfigError, config_hash, config_style, load_config, write_config
 from nas_agent import forecasts
 from nas_agent.data import DataError, load_dataset
+from nas_agent.lock import LockHeld, RunFolderLock
 from nas_agent.logging_utils import save_history, save_metrics
 from nas_agent.run_folder import (
     CHECKPOINT_FILE,
@@ -864,6 +865,26 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         if args.predict:
             return predict(cfg, args, device)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    # One train.py per folder: taken before anything in it is read, so a live run's resume
+    # state is never read half-written, nor its files replaced under it.
+    lock = RunFolderLock(run_dir)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return train_run(args, cfg, style, device, run_dir, overrides, marks)
+    finally:
+        lock.release()
+
+
+def train_run(args, cfg, style, device, run_dir: Path, overrides: list[str], marks: dict) -> int:
+    """main's run, under the folder's lock: check the folder, train, test, write every output."""
+    try:
         # Read (and checked against the config) before the folder is touched: a refusal loses nothing.
         model_hash = model_file_hash(args.model) if args.resume else None  # read once: checked, then saved
         resume = load_resume_state(run_dir, cfg, model_hash) if args.resume and not args.overwrite else None

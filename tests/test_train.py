@@ -1,5 +1,6 @@
 """train.py end to end: real subprocesses, real ETTh1, a tiny model. Every status is exercised."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -521,9 +522,11 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
     saved = torch.load(run_dir / "resume_state.pt", weights_only=True)
     assert 2 <= saved["next_epoch"] - 1 < 10
+    assert (run_dir / ".lock").is_file()  # SIGKILL left the folder's lock file; the kernel freed the lock
 
-    # Another config's state is refused, naming both hashes, and nothing in the folder changes.
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    # Another config's state is refused, naming both hashes, and none of the run's files change
+    # (the refused train.py took the folder's lock, as any train.py does, and removed its file).
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
     other = train(tmp_path, config, "cut", "--resume", "--set", "training.lr=0.002")
     assert other.returncode == 2
     assert "is the state of another config (config hash expected" in other.stderr
@@ -550,6 +553,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     for key in ("status", "best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "epochs_run"):
         assert a[key] == b[key], key
     assert b["train_time_sec"] > 0 and not (run_dir / "resume_state.pt").exists()
+    assert not (run_dir / ".lock").exists()  # taken over from the dead holder, removed at the end
 
     ended = train(tmp_path, config, "cut", "--resume")
     assert ended.returncode == 2 and "nothing to resume" in ended.stderr
@@ -565,3 +569,24 @@ def test_resume_restarts_an_unfinished_run_that_left_no_resume_state(tmp_path, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "holds an unfinished run without a resume state; training from the start" in proc.stderr
     assert metrics_of(tmp_path, "r")["epochs_run"] == 1 and not (run_dir / "resume_state.pt").exists()
+
+
+def test_a_second_train_py_on_a_live_run_folder_is_refused_untouched(tmp_path, tiny_config):
+    """One train.py per run folder: while another process holds the folder's lock (here this
+    test, as a live run would), train.py --resume and --overwrite both exit 2 naming the holder,
+    and the folder's files are not read, replaced or removed."""
+    from nas_agent.lock import RunFolderLock
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.json").write_text('{"best_epoch": null, "epochs": []}')
+    with RunFolderLock(run_dir):
+        before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.iterdir()}
+        for flag in ("--resume", "--overwrite"):
+            proc = train(tmp_path, tiny_config, "busy", flag, "--set", "training.max_epochs=1")
+            assert proc.returncode == 2, (flag, proc.stderr[-2000:])
+            assert f"is in use by another train.py: PID {os.getpid()}" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr and "frees itself when it exits" in proc.stderr
+            assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.iterdir()} == before
+    proc = train(tmp_path, tiny_config, "busy", "--resume", "--set", "training.max_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert metrics_of(tmp_path, "busy")["status"] == "ok" and not (run_dir / ".lock").exists()
