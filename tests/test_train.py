@@ -590,3 +590,41 @@ def test_a_second_train_py_on_a_live_run_folder_is_refused_untouched(tmp_path, t
     proc = train(tmp_path, tiny_config, "busy", "--resume", "--set", "training.max_epochs=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert metrics_of(tmp_path, "busy")["status"] == "ok" and not (run_dir / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_final_evaluation_resumes_to_that_evaluation_alone(tmp_path):
+    """Killed after its last epoch, while testing the best checkpoint: --resume trains no more
+    epochs, and its final evaluation gives the uninterrupted run's metrics and forecasts."""
+    config = tmp_path / "resumable.py"
+    config.write_text(RESUMABLE_CONFIG)
+    slow = str(slow_eval_model(tmp_path, 0.2))  # about 9 s of final evaluation to kill it in
+    extra = ("--model", slow, "--resume", "--set", "training.max_epochs=2")
+    whole = train(tmp_path, config, "whole", *extra)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    cmd = [PYTHON, "train.py", "--config", str(config), "--tag", "cut", "--runs-dir", str(tmp_path / "runs"), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "cut"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:  # the state after epoch 2 is saved before the final evaluation starts
+            if torch.load(run_dir / "resume_state.pt", weights_only=True)["next_epoch"] == 3:
+                break
+        except (OSError, RuntimeError, EOFError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
+    assert len(json.loads((run_dir / "history.json").read_text())["epochs"]) == 2
+
+    again = train(tmp_path, config, "cut", *extra)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed after epoch 2" in again.stderr and "epoch 3/" not in again.stderr
+    a, b = metrics_of(tmp_path, "whole"), metrics_of(tmp_path, "cut")
+    for key in ("status", "best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "epochs_run"):
+        assert a[key] == b[key], key
+    whole_fc, cut_fc = np.load(tmp_path / "runs" / "whole" / "forecasts.npz"), np.load(run_dir / "forecasts.npz")
+    assert all(np.array_equal(whole_fc[k], cut_fc[k]) for k in whole_fc.files)
+    assert not (run_dir / "resume_state.pt").exists()
