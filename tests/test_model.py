@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import (
     Informer,
@@ -167,6 +168,26 @@ def qkv(L_Q, L_K, seed=0, B=2, H=3, E=8):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(B, H, L_Q, E, generator=gen), torch.randn(B, H, L_K, E, generator=gen),
             torch.randn(B, H, L_K, E, generator=gen))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_full_attention_runs_in_fp32_inside_cpu_bf16_autocast(causal, monkeypatch):
+    """CPU bf16 autocast hands torch's fused attention fp32 inputs (its bf16 backward is several
+    times slower there) and gives bf16 back; values and gradients match fp32 attention."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw))
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(24, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = full_attention(q, k, v, causal)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    torch.testing.assert_close(out.float(), full_attention(q32, k32, v32, causal), atol=1e-2, rtol=1e-2)
+    seen.clear()
+    full_attention(q32, k32, v32, causal)  # no autocast: untouched
+    assert seen == [torch.float32]
 
 
 @pytest.mark.parametrize("causal,L_Q,L_K", [(False, 40, 40), (False, 24, 40), (True, 40, 40)])
