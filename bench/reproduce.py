@@ -40,8 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from nas_agent.config import load_config
+from nas_agent.config import ConfigError, load_config
 from nas_agent.run_folder import RESUMABLE_STATUSES, RESUME_FILE
+import train  # its resume-state check, so a state that train.py --resume refuses is trained afresh
 
 CONFIGS = ["dlinear", "itransformer", "patchtst42", "tsmixer", "patchtst64", "informer"]
 DATASETS = ["ETTh1", "ETTh2"]
@@ -188,6 +189,15 @@ def restart_reason(run_dir: Path, config: str, dataset: str, seed: int, args) ->
         changes = config_changes(run_dir, config, dataset, seed, args.set)
         if changes:
             return f"it trained another version of configs/{config}.py ({'; '.join(changes[:4])})"
+    if (run_dir / RESUME_FILE).is_file():
+        # train.py --resume refuses a torn state, or one of another model.py (an edit since the run
+        # started): left alone, every later invocation would be refused again.
+        cfg = load_config(ROOT / "configs" / f"{config}.py",
+                          run_overrides(config, dataset, args.set) + [f"training.seed={seed}"])
+        try:
+            train.load_resume_state(run_dir, cfg, train.model_file_hash(str(ROOT / "model.py")))
+        except ConfigError as e:
+            return f"its resume state cannot be continued ({e})"
     m = read_metrics(run_dir)
     if m is None and (run_dir / "metrics.json").exists():
         return "its metrics.json does not read"

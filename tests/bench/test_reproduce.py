@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 
-from nas_agent.config import load_config, render_config
+import torch
+
+import train
+from nas_agent.config import config_hash, load_config, render_config
 from tests.conftest import PYTHON, ROOT, load_bench_script, run_env
 
 rp = load_bench_script("reproduce")
@@ -23,6 +26,13 @@ def fake_finished_run(out, config: str, dataset: str, seed: int, model_changes: 
         "status": "ok", "test_mse": test_mse, "test_mae": 0.4, "val_mse": 0.7, "train_time_sec": 10.0,
         "epochs_run": 3, "best_epoch": 2}))
     return run_dir
+
+
+def resume_state(run_dir, config: str, seed: int, model_hash: str | None = None) -> None:
+    """The part of train.py's resume_state.pt that decides whether --resume continues it."""
+    cfg = load_config(ROOT / "configs" / f"{config}.py", rp.run_overrides(config, "ETTh1", []) + [f"training.seed={seed}"])
+    torch.save({"config_hash": config_hash(cfg), "model_hash": model_hash or train.model_file_hash(str(ROOT / "model.py"))},
+               run_dir / "resume_state.pt")
 
 
 def test_a_run_of_the_current_config_counts_and_a_changed_one_does_not(tmp_path):
@@ -60,8 +70,16 @@ def test_a_killed_attempt_is_resumed_and_an_ended_or_stale_one_restarted(tmp_pat
         (run / "metrics.json").write_text(json.dumps({"status": status}))
         assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) == reason
     (run / "metrics.json").write_text(json.dumps({"status": "failed"}))
-    (run / "resume_state.pt").write_bytes(b"state")  # a passing failure that kept its state: resumed
+    resume_state(run, "tsmixer", rp.SEED0)  # a passing failure that kept its state: resumed
     assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) is None
+    # A state train.py --resume would refuse is trained afresh, not refused at every invocation.
+    resume_state(run, "tsmixer", rp.SEED0, model_hash="0123456789abcdef")  # model.py edited since
+    assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args).startswith(
+        "its resume state cannot be continued (--resume: ") and "another model file" in rp.restart_reason(
+        run, "tsmixer", "ETTh1", rp.SEED0, args)
+    (run / "resume_state.pt").write_bytes(b"torn")
+    assert "does not load" in rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args)
+    resume_state(run, "tsmixer", rp.SEED0)
     (run / "metrics.json").write_text("{torn")
     assert rp.restart_reason(run, "tsmixer", "ETTh1", rp.SEED0, args) == "its metrics.json does not read"
     (run / "metrics.json").unlink()  # killed: train.py --resume takes it over
