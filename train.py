@@ -28,7 +28,8 @@ Status vocabulary and exit codes:
     ok           0   trained to early stopping or max_epochs; best checkpoint tested
     failed       1   an exception; metrics.json holds the error text. Also a model whose final
                      evaluation alone would outlast training.time_budget_s (over_budget: true)
-    (usage)      2   bad flags, invalid config, or the run folder already holds a run
+    (usage)      2   bad flags, invalid config, the run folder already holds a run, or another
+                     train.py is running in it (its .lock); no run file is written
     diverged     3   loss or validation metric became NaN/inf; stopped at once
     timeout      4   training.time_budget_s reached (it covers the final evaluation too: training
                      stops early enough to leave the time it needs); best checkpoint tested, all
@@ -225,6 +226,10 @@ def load_resume_state(run_dir: Path, cfg, model_hash: str) -> dict | None:
     except Exception as e:  # noqa: BLE001 - a torn or foreign file
         raise ConfigError(f"--resume: {path} does not load ({type(e).__name__}: {e}); "
                           "pass --overwrite to train the run from the start") from None
+    missing = [key for key in RESUME_KEYS if key not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
+    if missing:
+        raise ConfigError(f"--resume: {path} is not a resume state this train.py can continue (missing "
+                          f"{', '.join(missing)}); pass --overwrite to train the run from the start")
     if resume.get("config_hash") != config_hash(cfg):
         raise ConfigError(f"--resume: {path} is the state of another config (config hash expected "
                           f"{config_hash(cfg)}, found {resume.get('config_hash')}); resume with the run's own "
@@ -247,6 +252,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, resumi
             hint = f"it has ended (see its {METRICS_FILE}), so there is nothing to resume; " + hint
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); {hint}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A prune request left by an earlier attempt is not meant for this one.
+    (run_dir / PRUNE_FILE).unlink(missing_ok=True)
     if resuming:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         return
@@ -256,8 +263,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, resumi
     for name in existing:
         (run_dir / name).unlink()
     (run_dir / (RESUME_FILE + ".tmp")).unlink(missing_ok=True)
-    # A prune request left by an earlier attempt is not meant for this one.
-    (run_dir / PRUNE_FILE).unlink(missing_ok=True)
 
 
 def _is_same_file(stream, path: Path) -> bool:
@@ -744,6 +749,11 @@ def train_epochs(model, ds, cfg, device, run_dir: Path, state: dict, loop: Loop)
 
 # --------------------------------------------------------------------------- resume (--resume)
 
+RESUME_KEYS = ("config_hash", "model_hash", "next_epoch", "bad_epochs", "per_window", "model", "optimizer",
+               "scheduler", "history", "best_epoch", "best_val", "best_state", "counters", "train_time_sec",
+               "device", "rng")  # what save_resume_state writes
+
+
 def save_resume_state(run_dir: Path, cfg, model, loop: Loop, state: dict) -> None:
     """Everything train_epochs needs to go on from loop.next_epoch as if never stopped, written
     atomically (a kill mid-write leaves the previous epoch's state)."""
@@ -776,10 +786,17 @@ def _numpy_rng_state() -> list:
 
 def restore_resume_state(resume: dict, model, loop: Loop, state: dict) -> None:
     """Load a resume state into the model, the loop and the run's state."""
-    model.load_state_dict(resume["model"])
-    loop.optimizer.load_state_dict(resume["optimizer"])
-    if loop.scheduler is not None and resume["scheduler"] is not None:
-        loop.scheduler.load_state_dict(resume["scheduler"])
+    try:
+        model.load_state_dict(resume["model"])
+        loop.optimizer.load_state_dict(resume["optimizer"])
+        if loop.scheduler is not None and resume["scheduler"] is not None:
+            loop.scheduler.load_state_dict(resume["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        # Same config and model file, yet it does not fit: the data's columns changed, say. It
+        # never will, so it goes (write_outputs), and the next --resume trains afresh.
+        state["resume_unusable"] = True
+        raise ConfigError(f"--resume: {RESUME_FILE} does not fit this run's model or optimizer ({e}); it is "
+                          "removed, and the next --resume trains the run from the start") from None
     loop.next_epoch, loop.bad_epochs, loop.per_window = resume["next_epoch"], resume["bad_epochs"], resume["per_window"]
     state.update(history=list(resume["history"]), best_epoch=resume["best_epoch"], best_val=resume["best_val"],
                  best_state=resume["best_state"], train_time_sec=resume["train_time_sec"], **resume["counters"])
@@ -876,6 +893,9 @@ def main(argv=None) -> int:
     except LockHeld as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except OSError as e:  # not a folder, no permission, a file system without locks
+        print(f"error: cannot lock the run folder {run_dir} ({e}); check --runs-dir and --tag", file=sys.stderr)
+        return USAGE_ERROR
     try:
         return train_run(args, cfg, style, device, run_dir, overrides, marks)
     finally:
@@ -902,6 +922,9 @@ def train_run(args, cfg, style, device, run_dir: Path, overrides: list[str], mar
              "amp": "off", "step_s": 0.0, "samples": 0, "eval_s": 0.0, "startup_marks": marks,
              "resumable": args.resume, "resume": resume,
              "model_hash": model_hash}
+    if resume:  # the folder's curve and best so far, so an attempt failing before fit rewrites them as they are
+        state.update(history=list(resume["history"]), best_epoch=resume["best_epoch"], best_val=resume["best_val"],
+                     best_state=resume["best_state"], train_time_sec=resume["train_time_sec"])
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
@@ -1061,7 +1084,7 @@ def write_outputs(run_dir: Path, tag: str, cfg, model, ds, state: dict, metrics:
         if metrics["status"] == "ok":
             metrics["status"], metrics["error"] = "failed", traceback.format_exc()[-4000:]
     save_metrics(run_dir, metrics)
-    if metrics["status"] not in RESUMABLE_STATUSES:  # a verdict on the config: nothing left to resume
+    if metrics["status"] not in RESUMABLE_STATUSES or state.get("resume_unusable"):  # nothing left to resume
         (run_dir / RESUME_FILE).unlink(missing_ok=True)
         (run_dir / (RESUME_FILE + ".tmp")).unlink(missing_ok=True)
 

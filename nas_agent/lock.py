@@ -22,6 +22,8 @@ import socket
 import sys
 from pathlib import Path
 
+from nas_agent.run_folder import LOCK_FILE
+
 log = logging.getLogger(__name__)
 
 _MAX_TRIES = 5  # re-opens after losing a race with a releasing holder that unlinked the file
@@ -55,6 +57,8 @@ class ExclusiveLock:
                 self._fd = fd
                 try:
                     self._write_owner()
+                except OSError as exc:  # a full disk, say: the record only informs a refused user
+                    log.warning("%s: held, but its holder record could not be written (%s)", self.path, exc)
                 except BaseException:
                     self.release()  # no `with` body will run, so nothing else would release it
                     raise
@@ -151,4 +155,4 @@ class RunFolderLock(ExclusiveLock):
     resume state (a reproduction started twice, or a --resume beside a live run)."""
 
     def __init__(self, run_dir: Path):
-        super().__init__(Path(run_dir) / ".lock", resource=Path(run_dir), holder="train.py")
+        super().__init__(Path(run_dir) / LOCK_FILE, resource=Path(run_dir), holder="train.py")

@@ -17,6 +17,7 @@ launchers, the study's rules, the ensemble and the report read it.
         forecasts.npz      its forecasts of every validation and test window
         learning_curve.png
         PRUNE              the search's request to stop (first line: why)
+        .lock              while a train.py runs in the folder: its flock (nas_agent.lock)
         metrics.json       written last: its presence means the run finished
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ FORECASTS_FILE = "forecasts.npz"
 CURVE_FILE = "learning_curve.png"
 RESUME_FILE = "resume_state.pt"
 PRUNE_FILE = "PRUNE"
+LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.json"
 
 # Files that mean "this folder already holds a run". train.log is not one of them: the launcher

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from nas_agent.atomic import atomic_write_json, atomic_write_text
-from nas_agent.run_folder import CONFIG_FILE, LAUNCH_FILE, LOG_FILE, PRUNE_FILE
+from nas_agent.run_folder import CONFIG_FILE, LAUNCH_FILE, LOCK_FILE, LOG_FILE, PRUNE_FILE
 from nas_agent_graph.disk import mentions_full_disk
 from nas_agent_graph.limits import Caps, memory_cap_reason, ran_out_of_memory
 from nas_agent_graph.paths import TRAIN_SCRIPT
@@ -269,7 +269,9 @@ def move_aside(run_dir: Path) -> int:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := ATTEMPT_RE.match(p.name))]
-    leftovers = [p for p in run_dir.iterdir() if not (p.is_dir() and ATTEMPT_RE.match(p.name))]
+    # The lock file stays: a train.py still holding it (an orphan stop_orphan missed) then refuses
+    # the new attempt, instead of both writing the folder.
+    leftovers = [p for p in run_dir.iterdir() if not (p.is_dir() and ATTEMPT_RE.match(p.name)) and p.name != LOCK_FILE]
     if not leftovers:
         return len(numbers)
     target = run_dir / f"attempt_{max(numbers, default=0) + 1}"

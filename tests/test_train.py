@@ -1,6 +1,7 @@
 """train.py end to end: real subprocesses, real ETTh1, a tiny model. Every status is exercised."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nas_agent.config import load_config, parse_config_source
+from nas_agent.config import ConfigError, load_config, parse_config_source
 from tests.conftest import PYTHON, ROOT, run_env
 
 OUTPUTS = ("config_used.py", "metrics.json", "history.json", "learning_curve.png", "best_model.pth", "train.log",
@@ -499,13 +500,17 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     """SIGKILL (nothing written at the end) after epoch 3; --resume continues from the resume
     state, and the curve, the checkpoint's metrics and its forecasts equal an uninterrupted run's
     (dropout, ProbSparse sampling, batch order and the scheduler all carry over)."""
+    import train as train_mod
     config = tmp_path / "resumable.py"
     config.write_text(RESUMABLE_CONFIG)
-    whole = train(tmp_path, config, "whole", "--resume")
+    # Evaluation slowed to about 1 s per epoch, so a loaded machine still kills it mid-run.
+    model = ("--model", str(slow_eval_model(tmp_path, 0.05)))
+    whole = train(tmp_path, config, "whole", "--resume", *model)
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert not (tmp_path / "runs" / "whole" / "resume_state.pt").exists()  # an ended run keeps none
 
-    cmd = [PYTHON, "train.py", "--config", str(config), "--tag", "cut", "--runs-dir", str(tmp_path / "runs"), "--resume"]
+    cmd = [PYTHON, "train.py", "--config", str(config), "--tag", "cut", "--runs-dir", str(tmp_path / "runs"), "--resume",
+           *model]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "runs" / "cut"
     deadline = time.monotonic() + 120
@@ -521,24 +526,40 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     proc.wait(timeout=30)
     assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
     saved = torch.load(run_dir / "resume_state.pt", weights_only=True)
-    assert 2 <= saved["next_epoch"] - 1 < 10
+    assert 2 <= saved["next_epoch"] - 1 < 10 and tuple(saved) == train_mod.RESUME_KEYS
     assert (run_dir / ".lock").is_file()  # SIGKILL left the folder's lock file; the kernel freed the lock
 
     # Another config's state is refused, naming both hashes, and none of the run's files change
     # (the refused train.py took the folder's lock, as any train.py does, and removed its file).
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
-    other = train(tmp_path, config, "cut", "--resume", "--set", "training.lr=0.002")
+    other = train(tmp_path, config, "cut", "--resume", *model, "--set", "training.lr=0.002")
     assert other.returncode == 2
     assert "is the state of another config (config hash expected" in other.stderr
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
-    # A passing failure (the data is not there in this session) keeps the state and the files.
+    # A passing failure (the data is not there in this session) keeps the state and the files,
+    # and rewrites the curve as it was.
+    curve_before = json.loads((run_dir / "history.json").read_text())
     nodata = subprocess.run(cmd, cwd=ROOT, env=run_env(NAS_DATA_DIR=str(tmp_path / "nodata")), capture_output=True,
                             text=True, timeout=300)
     assert nodata.returncode == 1 and metrics_of(tmp_path, "cut")["status"] == "failed"
-    assert (run_dir / "resume_state.pt").is_file() and (run_dir / "history.json").is_file()
+    assert (run_dir / "resume_state.pt").is_file() and json.loads((run_dir / "history.json").read_text()) == curve_before
+    assert metrics_of(tmp_path, "cut")["epochs_run"] == len(curve_before["epochs"])
 
-    again = train(tmp_path, config, "cut", "--resume")
+    # A state that does not fit the model built now (its weights changed shape) is refused with
+    # the reason and removed, so the next --resume trains afresh; the rest of the folder stays.
+    unfit = tmp_path / "runs" / "unfit"
+    shutil.copytree(run_dir, unfit)
+    bad = torch.load(unfit / "resume_state.pt", weights_only=True)
+    name = next(iter(bad["model"]))
+    bad["model"][name] = torch.zeros(3, 3)
+    torch.save(bad, unfit / "resume_state.pt")
+    refused = train(tmp_path, config, "unfit", "--resume", *model)
+    assert refused.returncode == 1 and "resume_state.pt does not fit this run's model or optimizer" in refused.stderr
+    assert not (unfit / "resume_state.pt").exists()
+    assert json.loads((unfit / "history.json").read_text()) == curve_before
+
+    again = train(tmp_path, config, "cut", "--resume", *model)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed after epoch {saved['next_epoch'] - 1}" in again.stderr
     whole_fc = np.load(tmp_path / "runs" / "whole" / "forecasts.npz")
@@ -555,8 +576,20 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert b["train_time_sec"] > 0 and not (run_dir / "resume_state.pt").exists()
     assert not (run_dir / ".lock").exists()  # taken over from the dead holder, removed at the end
 
-    ended = train(tmp_path, config, "cut", "--resume")
+    ended = train(tmp_path, config, "cut", "--resume", *model)
     assert ended.returncode == 2 and "nothing to resume" in ended.stderr
+
+
+def test_a_resume_state_missing_its_keys_is_refused_with_the_fix(tmp_path, tiny_config):
+    """A state from another train.py version (or not a state at all) is a clear refusal, not a traceback."""
+    import train as train_mod
+    cfg = load_config(tiny_config)
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    for payload, missing in (({"config_hash": "x"}, "missing model_hash, next_epoch"), ([1, 2], "missing config_hash")):
+        torch.save(payload, run_dir / "resume_state.pt")
+        with pytest.raises(ConfigError, match=f"is not a resume state this train.py can continue \\({missing}"):
+            train_mod.load_resume_state(run_dir, cfg, "0" * 16)
 
 
 def test_resume_restarts_an_unfinished_run_that_left_no_resume_state(tmp_path, tiny_config):
@@ -591,25 +624,35 @@ def test_a_second_train_py_on_a_live_run_folder_is_refused_untouched(tmp_path, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert metrics_of(tmp_path, "busy")["status"] == "ok" and not (run_dir / ".lock").exists()
 
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    cmd = [PYTHON, "train.py", "--config", str(tiny_config), "--tag", "t", "--runs-dir", str(not_a_folder)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error: cannot lock the run folder" in proc.stderr and "Traceback" not in proc.stderr
+
 
 @pytest.mark.slow
 def test_a_run_killed_in_its_final_evaluation_resumes_to_that_evaluation_alone(tmp_path):
-    """Killed after its last epoch, while testing the best checkpoint: --resume trains no more
-    epochs, and its final evaluation gives the uninterrupted run's metrics and forecasts."""
+    """Killed after early stopping (patience 1 ends it after epoch 4 of 30), while testing the best
+    checkpoint: --resume trains no more epochs, and its final evaluation gives the uninterrupted
+    run's metrics and forecasts."""
     config = tmp_path / "resumable.py"
     config.write_text(RESUMABLE_CONFIG)
     slow = str(slow_eval_model(tmp_path, 0.2))  # about 9 s of final evaluation to kill it in
-    extra = ("--model", slow, "--resume", "--set", "training.max_epochs=2")
+    extra = ("--model", slow, "--resume", "--set", "training.max_epochs=30", "--set", "training.patience=1",
+             "--set", "training.lr=0.003")
     whole = train(tmp_path, config, "whole", *extra)
     assert whole.returncode == 0, whole.stderr[-2000:]
+    stopped = metrics_of(tmp_path, "whole")["epochs_run"]
+    assert "early stop" in whole.stderr and stopped < 30, "the settings no longer stop early on patience"
 
     cmd = [PYTHON, "train.py", "--config", str(config), "--tag", "cut", "--runs-dir", str(tmp_path / "runs"), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "runs" / "cut"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        try:  # the state after epoch 2 is saved before the final evaluation starts
-            if torch.load(run_dir / "resume_state.pt", weights_only=True)["next_epoch"] == 3:
+        try:  # the state after the last epoch is saved before the final evaluation starts
+            if torch.load(run_dir / "resume_state.pt", weights_only=True)["next_epoch"] == stopped + 1:
                 break
         except (OSError, RuntimeError, EOFError, KeyError):
             pass
@@ -617,11 +660,11 @@ def test_a_run_killed_in_its_final_evaluation_resumes_to_that_evaluation_alone(t
     proc.kill()
     proc.wait(timeout=30)
     assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
-    assert len(json.loads((run_dir / "history.json").read_text())["epochs"]) == 2
+    assert len(json.loads((run_dir / "history.json").read_text())["epochs"]) == stopped
 
     again = train(tmp_path, config, "cut", *extra)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed after epoch 2" in again.stderr and "epoch 3/" not in again.stderr
+    assert f"resumed after epoch {stopped}" in again.stderr and f"epoch {stopped + 1}/" not in again.stderr
     a, b = metrics_of(tmp_path, "whole"), metrics_of(tmp_path, "cut")
     for key in ("status", "best_epoch", "val_mse", "val_mae", "test_mse", "test_mae", "epochs_run"):
         assert a[key] == b[key], key

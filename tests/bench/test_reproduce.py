@@ -31,8 +31,9 @@ def fake_finished_run(out, config: str, dataset: str, seed: int, model_changes: 
 def resume_state(run_dir, config: str, seed: int, model_hash: str | None = None) -> None:
     """The part of train.py's resume_state.pt that decides whether --resume continues it."""
     cfg = load_config(ROOT / "configs" / f"{config}.py", rp.run_overrides(config, "ETTh1", []) + [f"training.seed={seed}"])
-    torch.save({"config_hash": config_hash(cfg), "model_hash": model_hash or train.model_file_hash(str(ROOT / "model.py"))},
-               run_dir / "resume_state.pt")
+    state = dict.fromkeys(train.RESUME_KEYS, 0)  # the rest is what restore_resume_state reads
+    state.update(config_hash=config_hash(cfg), model_hash=model_hash or train.model_file_hash(str(ROOT / "model.py")))
+    torch.save(state, run_dir / "resume_state.pt")
 
 
 def test_a_run_of_the_current_config_counts_and_a_changed_one_does_not(tmp_path):

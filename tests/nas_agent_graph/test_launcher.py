@@ -301,10 +301,12 @@ def test_interrupted_attempts_are_moved_aside_and_relaunched(tmp_path):
     (run_dir / "config.py").write_text("old config\n")
     (run_dir / "history.json").write_text('[{"epoch": 1}]')
     (run_dir / "train.log").write_text("old log\n")
+    (run_dir / ".lock").write_text('{"pid": 1}')  # a SIGKILLed train.py's lock file stays where it locks
 
     first = launch(tmp_path, script)
     assert (first.status, first.attempt, first.reused) == ("ok", 1, False)
     assert sorted(p.name for p in (run_dir / "attempt_1").iterdir()) == ["config.py", "history.json", "train.log"]
+    assert (run_dir / ".lock").is_file()
     assert (run_dir / "attempt_1" / "config.py").read_text() == "old config\n"
     assert (run_dir / "config.py").read_text() == CONFIG_TEXT and is_finished(run_dir)
 
