@@ -210,7 +210,7 @@ def full_attention(q, k, v, causal, dropout_p=0.0):
     """Canonical softmax(q k^T / sqrt(E)) v."""
     if causal and q.size(2) != k.size(2):
         raise ValueError(f"causal attention needs L_Q == L_K, got {q.size(2)} and {k.size(2)}")
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if q.is_cpu and torch.is_autocast_enabled("cpu"):
         # Under CPU bf16 autocast, torch's fused attention runs its backward about 4.7x slower in
         # bf16 than in fp32 (profiled: torch 2.13, AMD EPYC with avx512_bf16), so patch-token
         # models trained at 0.55x of fp32. In fp32 here, inside an otherwise bf16 model, they
