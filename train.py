@@ -784,6 +784,12 @@ def _numpy_rng_state() -> list:
     return [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
 
 
+def resumed_progress(resume: dict) -> dict:
+    """The run's curve, best epoch and checkpoint, and training time, as the resume state holds them."""
+    return {"history": list(resume["history"]), "best_epoch": resume["best_epoch"], "best_val": resume["best_val"],
+            "best_state": resume["best_state"], "train_time_sec": resume["train_time_sec"]}
+
+
 def restore_resume_state(resume: dict, model, loop: Loop, state: dict) -> None:
     """Load a resume state into the model, the loop and the run's state."""
     try:
@@ -798,8 +804,7 @@ def restore_resume_state(resume: dict, model, loop: Loop, state: dict) -> None:
         raise ConfigError(f"--resume: {RESUME_FILE} does not fit this run's model or optimizer ({e}); it is "
                           "removed, and the next --resume trains the run from the start") from None
     loop.next_epoch, loop.bad_epochs, loop.per_window = resume["next_epoch"], resume["bad_epochs"], resume["per_window"]
-    state.update(history=list(resume["history"]), best_epoch=resume["best_epoch"], best_val=resume["best_val"],
-                 best_state=resume["best_state"], train_time_sec=resume["train_time_sec"], **resume["counters"])
+    state.update(resumed_progress(resume), **resume["counters"])
     rng = resume["rng"]
     loop.gen.set_state(rng["batches"])
     torch.set_rng_state(rng["torch"])
@@ -923,8 +928,7 @@ def train_run(args, cfg, style, device, run_dir: Path, overrides: list[str], mar
              "resumable": args.resume, "resume": resume,
              "model_hash": model_hash}
     if resume:  # the folder's curve and best so far, so an attempt failing before fit rewrites them as they are
-        state.update(history=list(resume["history"]), best_epoch=resume["best_epoch"], best_val=resume["best_val"],
-                     best_state=resume["best_state"], train_time_sec=resume["train_time_sec"])
+        state.update(resumed_progress(resume))
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,

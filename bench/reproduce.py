@@ -160,14 +160,18 @@ def read_metrics(run_dir: Path) -> dict | None:
 FILLED_IN = ("enc_in", "dec_in", "c_out")  # set by train.py from the data
 
 
+def current_config(config: str, dataset: str, seed: int, sets: list[str]):
+    """The config the shipped file gives now for this run, as train.py loads it (--set, --seed)."""
+    return load_config(ROOT / "configs" / f"{config}.py", run_overrides(config, dataset, sets) + [f"training.seed={seed}"])
+
+
 def config_changes(run_dir: Path, config: str, dataset: str, seed: int, sets: list[str]) -> list[str]:
     """How the run's config_used.py differs from what the config gives now ([] if it does not)."""
     try:
         used = load_config(run_dir / "config_used.py").model_dump()
     except Exception as e:  # noqa: BLE001 - an unreadable record is a reason to train again
         return [f"config_used.py does not load ({type(e).__name__})"]
-    overrides = run_overrides(config, dataset, sets) + [f"training.seed={seed}"]  # train.py's --seed
-    now = load_config(ROOT / "configs" / f"{config}.py", overrides).model_dump()
+    now = current_config(config, dataset, seed, sets).model_dump()
     return [f"{section}.{key}: {used[section].get(key)!r} -> {value!r}"
             for section, fields in now.items() for key, value in fields.items()
             if key not in FILLED_IN and used[section].get(key) != value]
@@ -199,10 +203,9 @@ def restart_reason(run_dir: Path, config: str, dataset: str, seed: int, args) ->
     if (run_dir / RESUME_FILE).is_file():
         # train.py --resume refuses a torn state, or one of another model.py (an edit since the run
         # started): left alone, every later invocation would be refused again.
-        cfg = load_config(ROOT / "configs" / f"{config}.py",
-                          run_overrides(config, dataset, args.set) + [f"training.seed={seed}"])
         try:
-            train.load_resume_state(run_dir, cfg, train.model_file_hash(str(ROOT / "model.py")))
+            train.load_resume_state(run_dir, current_config(config, dataset, seed, args.set),
+                                    train.model_file_hash(str(ROOT / "model.py")))
         except ConfigError as e:
             return f"its resume state cannot be continued ({e})"
     m = read_metrics(run_dir)
