@@ -17,9 +17,15 @@ pruned) is trained again with --overwrite, and so is a run whose config_used.py 
 matches the config (the config file changed since): the table never mixes results of two
 versions of a config.
 
+Each finished run also leaves a small record, bench/results/reproduce/<tag>.json (its metrics,
+the config it trained, the model.py it ran): commit them. The table is built from the records and
+from --out, so runs made on other machines and in earlier sessions count, and a fresh checkout
+does not train again what a record already holds (for the config as it is now). A record whose
+config no longer matches the shipped file is stale, like a run folder, and not counted.
+
 --set overrides are passed to every run. They make the runs deviate from the papers'
 settings: their runs go to separate folders (a hash of the overrides in the tag) and the
-table says so in bold. --report-only prints the table from what is in --out, training nothing.
+table says so in bold. --report-only prints the table from the records and --out, training nothing.
 
 It is a benchmark: it prints tables and asserts nothing about time.
 """
@@ -40,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from nas_agent.atomic import atomic_write_text, dumps_json
 from nas_agent.config import ConfigError, load_config
 from nas_agent.run_folder import RESUMABLE_STATUSES, RESUME_FILE
 import train  # its resume-state check, so a state that train.py --resume refuses is trained afresh
@@ -50,6 +57,8 @@ SEED0 = 2021  # seeds are 2021, 2022, ... (2021 is the PatchTST/DLinear scripts'
 DONE = ("ok", "timeout")  # statuses that count as a finished run (timeout: best checkpoint tested)
 DEFAULT_OUT = str(ROOT / "runs" / "reproduce")  # beside the checkout's own runs: kept across reboots
 RESULTS_MD = ROOT / "bench" / "results" / "reproduce.md"
+RECORDS = ROOT / "bench" / "results" / "reproduce"  # one <tag>.json per finished run (committed)
+RECORD_KEYS = ("status", "test_mse", "test_mae", "val_mse", "train_time_sec", "epochs_run", "best_epoch")
 
 # Per-dataset settings of the papers' own scripts where they differ from the ETTh1 config.
 # These are the papers' settings, not deviations.
@@ -171,24 +180,80 @@ def config_changes(run_dir: Path, config: str, dataset: str, seed: int, sets: li
         used = load_config(run_dir / "config_used.py").model_dump()
     except Exception as e:  # noqa: BLE001 - an unreadable record is a reason to train again
         return [f"config_used.py does not load ({type(e).__name__})"]
-    now = current_config(config, dataset, seed, sets).model_dump()
-    return [f"{section}.{key}: {used[section].get(key)!r} -> {value!r}"
+    return config_diff(used, current_config(config, dataset, seed, sets).model_dump())
+
+
+def config_diff(used: dict, now: dict) -> list[str]:
+    """The keys whose value differs ("section.key: used -> now"), the data-filled channels aside.
+    Both sides go through JSON first, so a record read back (lists) equals a config (tuples)."""
+    used, now = json.loads(dumps_json(used)), json.loads(dumps_json(now))
+    return [f"{section}.{key}: {used.get(section, {}).get(key)!r} -> {value!r}"
             for section, fields in now.items() for key, value in fields.items()
-            if key not in FILLED_IN and used[section].get(key) != value]
+            if key not in FILLED_IN and used.get(section, {}).get(key) != value]
+
+
+def make_record(run_dir: Path, m: dict, config: str, dataset: str, seed: int, sets: list[str]) -> dict:
+    """The record of a finished run: what the table needs, and what decides whether it is stale."""
+    return {"tag": run_dir.name, "config": config, "dataset": dataset, "seed": seed, "sets": list(sets),
+            **{k: m.get(k) for k in RECORD_KEYS},
+            "config_used": load_config(run_dir / "config_used.py").model_dump(),
+            "model_py": train.model_file_hash(str(ROOT / "model.py")),  # as recorded: right after the run
+            "recorded": _dt.datetime.now().isoformat(timespec="minutes"),
+            "source": "a run folder of bench/reproduce.py (train.py metrics.json, config_used.py)"}
+
+
+def save_record(records: Path, record: dict) -> None:
+    """Write the record, unless the one there already says the same (its date aside: a report
+    run again leaves the committed records as they are)."""
+    path = records / f"{record['tag']}.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    same = lambda a: {k: v for k, v in json.loads(dumps_json(a)).items() if k != "recorded"}  # noqa: E731
+    if isinstance(old, dict) and same(old) == same(record):
+        return
+    records.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dumps_json(record))
+
+
+def load_record(records: Path, tag: str) -> dict | None:
+    try:
+        rec = json.loads((records / f"{tag}.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"[bad ] {records / tag}.json does not read ({e}); not counted (fix or delete it)", flush=True)
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("config_used"), dict) or rec.get("status") not in DONE:
+        print(f"[bad ] {records / tag}.json is not a finished run's record (needs config_used and status ok "
+              f"or timeout); not counted (fix or delete it)", flush=True)
+        return None
+    return rec
 
 
 def finished(config: str, dataset: str, seed: int, args) -> dict | None:
-    """The metrics of a finished run of the config as it is now, else None."""
-    run_dir = Path(args.out) / tag_for(config, dataset, seed, args.set)
+    """The metrics of a finished run of the config as it is now, else None: the run folder in
+    --out (whose record it writes or refreshes), else the run's record in --records."""
+    tag = tag_for(config, dataset, seed, args.set)
+    run_dir = Path(args.out) / tag
     m = read_metrics(run_dir)
-    if not m or m.get("status") not in DONE:
-        return None
-    changes = config_changes(run_dir, config, dataset, seed, args.set)
-    if changes:
+    if m and m.get("status") in DONE:
+        changes = config_changes(run_dir, config, dataset, seed, args.set)
+        if not changes:
+            save_record(Path(args.records), make_record(run_dir, m, config, dataset, seed, args.set))
+            return m
         print(f"[stale] {run_dir.name}: trained with another version of configs/{config}.py "
               f"({'; '.join(changes[:4])}); not counted", flush=True)
+    record = load_record(Path(args.records), tag)
+    if record is None:
         return None
-    return m
+    changes = config_diff(record["config_used"], current_config(config, dataset, seed, args.set).model_dump())
+    if changes:
+        print(f"[stale] record {tag}.json: trained with another version of configs/{config}.py "
+              f"({'; '.join(changes[:4])}); not counted", flush=True)
+        return None
+    return record
 
 
 def restart_reason(run_dir: Path, config: str, dataset: str, seed: int, args) -> str | None:
@@ -240,6 +305,7 @@ def train_one(config: str, dataset: str, seed: int, args) -> dict | None:
     t0 = time.monotonic()
     with open(Path(args.out) / f"{tag}.out", "a", encoding="utf-8") as log:  # a resumed run's log goes on
         rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finished(config, dataset, seed, args)  # a finished run's record, written now: a session may end any time
     m = read_metrics(run_dir)
     status = m.get("status") if m else f"no metrics.json (exit {rc})"
     print(f"[done] {tag}: {status} test_mse {m.get('test_mse') if m else None} "
@@ -272,8 +338,9 @@ def table(args) -> str:
             runs = [finished(config, dataset, SEED0 + i, args) for i in range(args.seeds)]
             runs = [m for m in runs if m and m.get("test_mse") is not None]
             mse = [m["test_mse"] for m in runs]
-            mae = [m["test_mae"] for m in runs]
-            val = [m["val_mse"] for m in runs]
+            # A record rebuilt from a note may lack MAE or val MSE: those cells say over how many.
+            mae = [m["test_mae"] for m in runs if m.get("test_mae") is not None]
+            val = [m["val_mse"] for m in runs if m.get("val_mse") is not None]
             timeouts = sum(m["status"] == "timeout" for m in runs)
             pub = PUBLISHED.get((config, dataset))
             if pub:
@@ -294,8 +361,13 @@ def table(args) -> str:
                       f"({statistics.mean(m['best_epoch'] or 0 for m in runs):.1f})") if runs else "–"
             done = f"{len(runs)}/{args.seeds}" + (f" ({timeouts} timeout)" if timeouts else "")
             val_cell = f"{statistics.mean(val):.4f}" if val else "–"
+            mae_cell = mean_std(mae)
+            if len(mae) < len(mse) and mae:
+                mae_cell += f" ({len(mae)} of {len(mse)})"
+            if len(val) < len(mse) and val:
+                val_cell += f" ({len(val)} of {len(mse)})"
             lines.append(f"| {config} | {dataset} | {look_back(config, dataset, args.set)} | {done} | "
-                         f"{mean_std(mse)} | {mean_std(mae)} | {val_cell} | {pub_cell} | {ratio_cell} | "
+                         f"{mean_std(mse)} | {mae_cell} | {val_cell} | {pub_cell} | {ratio_cell} | "
                          f"{within} | {train_s} | {epochs} |")
             if pub:
                 notes.append(f"- {config} / {dataset}: published L={pub['L']}, {pub['source']}.")
@@ -317,13 +389,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     p.add_argument("--seeds", type=int, default=3, help=f"seeds {SEED0}, {SEED0 + 1}, ... (default 3)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"runs folder (default {DEFAULT_OUT})")
+    p.add_argument("--records", default=str(RECORDS),
+                   help=f"one JSON record per finished run, read and written (default {RECORDS.relative_to(ROOT)})")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each training (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to every train.py (deviates from the papers' settings; marked in the table)")
     p.add_argument("--write", action="store_true", help=f"also write the table to {RESULTS_MD.relative_to(ROOT)}")
-    p.add_argument("--report-only", action="store_true", help="train nothing; tabulate what is in --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing; tabulate the records and what is in --out")
     return p.parse_args(argv)
 
 
@@ -345,7 +420,7 @@ def main(argv=None) -> int:
         given = argv if argv is not None else sys.argv[1:]
         cmd = "python bench/reproduce.py " + shlex.join(given)
         rerun = "python bench/reproduce.py " + shlex.join(a for a in given if a != "--report-only")
-        how = ("tabulated from the runs already in --out" if args.report_only else
+        how = ("tabulated from the records and the runs already in --out" if args.report_only else
                f"OMP_NUM_THREADS={args.threads}, device {args.device}")
         RESULTS_MD.write_text(
             f"# Reproduction of published ETTh1/ETTh2 numbers (horizon 96, every test window scored)\n\n"

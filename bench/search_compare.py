@@ -49,6 +49,7 @@ from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
 from nas_agent.schema import model_family  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
 from nas_agent_graph.proposers import llm_records, llm_validity  # noqa: E402
+import train  # noqa: E402 - its CPU bf16 check, for the machine a study ran on
 
 BUDGET = ["training.max_epochs=3", "training.max_steps_per_epoch=60", "training.patience=3"]
 
@@ -114,6 +115,7 @@ ARMS = {
 
 
 CODE_FILE = "code_versions.txt"  # in a study's folder: the commit of each session that ran it
+MACHINE_FILE = "machines.txt"  # in a study's folder: the CPU of each session that ran it (one per line)
 
 
 def code_version() -> str:
@@ -128,22 +130,34 @@ def code_version() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def record_code_version(folder: Path) -> list[str]:
-    """Add this session's commit to the study's list (once per change); the list, or ["unrecorded"]
-    for a study that ran before it was kept."""
-    path = folder / CODE_FILE
+def machine() -> str:
+    """This machine as the arms' wall-clock budgets see it: the CPU, its cores, and whether it has
+    native bf16 (without it, training.amp is off and bf16-friendly models train slower)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        info = ""
+    name = next((line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    bf16, _ = train.cpu_has_native_bf16(info) if info else (False, "")
+    return f"{name}, {os.cpu_count()} cores, {'native bf16' if bf16 else 'no native bf16'}"
+
+
+def record_session(folder: Path, file: str, now: str) -> list[str]:
+    """Add this session's value (its commit, its machine) to the study's list in `file`, once per
+    change; the list, or ["unrecorded"] for a study that ran before the list was kept."""
+    path = folder / file
     started = path.exists() or (folder / "agent_state.json").exists()
-    versions = studied_code(folder) if started else []
-    now = code_version()
+    versions = session_values(folder, file) if started else []
     if not versions or versions[-1] != now:
         versions.append(now)
         path.write_text("\n".join(versions) + "\n")
     return versions
 
 
-def studied_code(folder: Path) -> list[str]:
-    path = folder / CODE_FILE
-    return path.read_text().split() if path.exists() else ["unrecorded"]
+def session_values(folder: Path, file: str) -> list[str]:
+    path = folder / file
+    return path.read_text().splitlines() if path.exists() else ["unrecorded"]
 
 
 def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dict:
@@ -156,7 +170,8 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     budget = minutes * 60
     done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
     if not done:
-        record_code_version(folder)
+        record_session(folder, CODE_FILE, code_version())
+        record_session(folder, MACHINE_FILE, machine())
         cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),
                "--time-budget", f"{budget:g}", *ARMS[arm]]
         rc, _ = run_orchestrator(cmd, folder, dict(os.environ, OMP_NUM_THREADS=str(threads)))
@@ -167,7 +182,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
             "minutes": minutes_used, "ensemble": arm_ensemble(folder) if minutes_used >= minutes else None,
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
-            "code": studied_code(folder)}
+            "code": session_values(folder, CODE_FILE), "machines": session_values(folder, MACHINE_FILE)}
 
 
 def arm_ensemble(folder: Path) -> dict | None:
@@ -211,16 +226,17 @@ def _when(iso: str) -> float:
 def arm_tables(rows: list[dict]) -> str:
     """Markdown: per study its best-so-far at milestones, then per arm the mean ± std of the final best."""
     out = ["| arm | seed | runs | study min | best val after 5 / 10 / 20 / all runs | test MSE of final best | "
-           "final best run (proposer) | ensemble val / test MSE (members) | code |",
-           "|---|---:|---:|---:|---|---:|---|---|---|"]
+           "final best run (proposer) | ensemble val / test MSE (members) | code | machine |",
+           "|---|---:|---:|---:|---|---:|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
-        at = lambda n: "-" if len(c) < n or c[n - 1]["best_val"] is None else f"{c[n - 1]['best_val']:.4f}"  # noqa: E731
+        at = lambda n: "-" if not 0 < n <= len(c) or c[n - 1]["best_val"] is None else f"{c[n - 1]['best_val']:.4f}"  # noqa: E731
         last = c[-1] if c else {}
         proposer = next((x["proposer"] for x in c if x["best_run"] and f"run_{x['run']:04d}" == last.get("best_run")), "-")
         out.append(f"| {r['arm']} | {r['seed']} | {r['runs']} | {r['minutes']:.0f} | {at(5)} / {at(10)} / {at(20)} / "
                    f"{at(len(c))} | {_f(last.get('best_test'))} | {last.get('best_run', '-')} ({proposer}) | "
-                   f"{_ens(r.get('ensemble'))} | {', '.join(r.get('code') or ['unrecorded'])} |")
+                   f"{_ens(r.get('ensemble'))} | {', '.join(r.get('code') or ['unrecorded'])} | "
+                   f"{'; '.join(r.get('machines') or ['unrecorded'])} |")
     out += ["", "| arm | studies | mean best val MSE | std | mean test MSE of best | std | "
                 "mean ensemble val MSE | mean ensemble test MSE | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
@@ -276,7 +292,9 @@ def arms_main(a: argparse.Namespace) -> None:
         f"forward selection on validation forecasts over its 5 best runs (built with `python -m nas_agent_graph "
         f"ensemble` for a study that predates it); its test MSE, like a run's, is reported, never used. "
         f"The code column lists the commits a study ran at, one per session that resumed it on other code "
-        f"(\"unrecorded\": it ran before the column existed); compare arms that ran on the same code.\n\n"
+        f"(\"unrecorded\": it ran before the column existed); compare arms that ran on the same code. The machine "
+        f"column is the CPU of each session that ran the study: the budgets are wall-clock, so a study on a slower "
+        f"CPU, or one without native bf16 (training.amp off), trains less in its 90 minutes.\n\n"
         f"{text}\n{note}")
 
 

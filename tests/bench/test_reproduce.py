@@ -1,5 +1,6 @@
 """bench/reproduce.py's bookkeeping: a finished run counts only while its config is the one the
-shipped file gives now, so the table never mixes two versions of a config."""
+shipped file gives now, so the table never mixes two versions of a config; each finished run
+leaves a record that counts on a machine without its run folder."""
 from __future__ import annotations
 
 import json
@@ -36,8 +37,14 @@ def resume_state(run_dir, config: str, seed: int, model_hash: str | None = None)
     torch.save(state, run_dir / "resume_state.pt")
 
 
+def bench_args(tmp_path, *more: str):
+    """Arguments with --out and --records in tmp_path (never the checkout's committed records)."""
+    return rp.parse_args(["--configs", "tsmixer", "--datasets", "ETTh1", "--out", str(tmp_path),
+                          "--records", str(tmp_path / "records"), *more])
+
+
 def test_a_run_of_the_current_config_counts_and_a_changed_one_does_not(tmp_path):
-    args = rp.parse_args(["--configs", "tsmixer", "--datasets", "ETTh1", "--seeds", "2", "--out", str(tmp_path)])
+    args = bench_args(tmp_path, "--seeds", "2")
     # (Seeds 2021 and 2022, as the real benchmark runs them.)
     current = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
     old = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0 + 1, {"raw_tokens": False, "d_model": 16}, 0.7)
@@ -55,7 +62,7 @@ def test_a_run_of_the_current_config_counts_and_a_changed_one_does_not(tmp_path)
 def test_report_only_says_which_run_is_stale(tmp_path):
     fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {"raw_tokens": False}, 0.7)
     proc = subprocess.run([PYTHON, "bench/reproduce.py", "--configs", "tsmixer", "--datasets", "ETTh1", "--seeds", "1",
-                           "--out", str(tmp_path), "--report-only"], cwd=ROOT, env=run_env(), capture_output=True,
+                           "--out", str(tmp_path), "--records", str(tmp_path / "records"), "--report-only"], cwd=ROOT, env=run_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[stale] tsmixer_ETTh1_s2021: trained with another version of configs/tsmixer.py" in proc.stdout
@@ -64,7 +71,7 @@ def test_report_only_says_which_run_is_stale(tmp_path):
 
 
 def test_a_killed_attempt_is_resumed_and_an_ended_or_stale_one_restarted(tmp_path):
-    args = rp.parse_args(["--configs", "tsmixer", "--datasets", "ETTh1", "--out", str(tmp_path)])
+    args = bench_args(tmp_path)
     assert rp.restart_reason(tmp_path / "absent", "tsmixer", "ETTh1", rp.SEED0, args) is None
     run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
     for status, reason in (("failed", "it ended failed"), ("pruned", "it ended pruned"), ("interrupted", None)):
@@ -89,3 +96,66 @@ def test_a_killed_attempt_is_resumed_and_an_ended_or_stale_one_restarted(tmp_pat
     (stale / "metrics.json").unlink()
     assert rp.restart_reason(stale, "tsmixer", "ETTh1", rp.SEED0 + 1, args) == (
         "it trained another version of configs/tsmixer.py (model.raw_tokens: False -> True)")
+
+
+def test_a_finished_run_leaves_a_record_that_counts_without_its_folder(tmp_path):
+    args = bench_args(tmp_path, "--seeds", "2")
+    run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+    record_file = tmp_path / "records" / f"{run.name}.json"
+    record = json.loads(record_file.read_text())
+    assert record["test_mse"] == 0.371 and record["seed"] == rp.SEED0 and record["config_used"]["model"]["d_model"] == 256
+    # Read again: the record is left as it is (no new date, so a committed record does not churn).
+    record_file.write_text(record_file.read_text().replace(record["recorded"], "2000-01-01T00:00"))
+    rp.finished("tsmixer", "ETTh1", rp.SEED0, args)
+    assert json.loads(record_file.read_text())["recorded"] == "2000-01-01T00:00"
+
+    # Another machine: the record, no run folder. It counts, and train_one does not train it again.
+    for f in run.iterdir():
+        f.unlink()
+    run.rmdir()
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+    assert rp.train_one("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+    assert not run.exists()
+    row = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1"))
+    assert "| 1/2 |" in row and "0.3710" in row
+
+
+def test_a_stale_or_unreadable_record_does_not_count(tmp_path, capsys):
+    args = bench_args(tmp_path, "--seeds", "3")
+    records = tmp_path / "records"
+    run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
+    rp.finished("tsmixer", "ETTh1", rp.SEED0, args)
+    record = json.loads((records / f"{run.name}.json").read_text())
+    # Trained before a config change: stale, with what changed.
+    stale = dict(record, tag=rp.tag_for("tsmixer", "ETTh1", rp.SEED0 + 1, []), seed=rp.SEED0 + 1)
+    stale["config_used"] = dict(record["config_used"], training=dict(record["config_used"]["training"], seed=rp.SEED0 + 1),
+                                model=dict(record["config_used"]["model"], raw_tokens=False))
+    (records / f"{stale['tag']}.json").write_text(json.dumps(stale))
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0 + 1, args) is None
+    assert "[stale] record tsmixer_ETTh1_s2022.json: trained with another version of configs/tsmixer.py " \
+           "(model.raw_tokens: False -> True)" in capsys.readouterr().out
+    # A torn record, and one that is not a finished run's: named, not counted.
+    torn = rp.tag_for("tsmixer", "ETTh1", rp.SEED0 + 2, [])
+    (records / f"{torn}.json").write_text("{torn")
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0 + 2, args) is None
+    assert f"{torn}.json does not read" in capsys.readouterr().out
+    (records / f"{torn}.json").write_text(json.dumps({"status": "failed"}))
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0 + 2, args) is None
+    assert "is not a finished run's record" in capsys.readouterr().out
+
+
+def test_a_record_without_mae_says_over_how_many_seeds_the_cell_is(tmp_path):
+    args = bench_args(tmp_path, "--seeds", "2")
+    for seed, mse in ((rp.SEED0, 0.371), (rp.SEED0 + 1, 0.381)):
+        fake_finished_run(tmp_path, "tsmixer", "ETTh1", seed, {}, mse)
+        rp.finished("tsmixer", "ETTh1", seed, args)
+    path = tmp_path / "records" / f"{rp.tag_for('tsmixer', 'ETTh1', rp.SEED0 + 1, [])}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, test_mae=None, val_mse=None)))
+    for run in tmp_path.glob("tsmixer_*"):  # the records alone
+        for f in run.iterdir():
+            f.unlink()
+        run.rmdir()
+    cells = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1")).split(" | ")
+    assert cells[3:7] == ["2/2", "0.3760 ± 0.0071", "0.4000 (1 of 2)", "0.7000 (1 of 2)"]

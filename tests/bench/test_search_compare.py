@@ -1,4 +1,4 @@
-"""bench/search_compare.py's bookkeeping: which code each arm's study ran at."""
+"""bench/search_compare.py's bookkeeping: which code, and which machine, each arm's study ran on."""
 from __future__ import annotations
 
 import subprocess
@@ -8,19 +8,30 @@ from tests.conftest import ROOT, load_bench_script
 sc = load_bench_script("search_compare")
 
 
-def test_a_study_keeps_the_commit_of_every_session_that_ran_it(tmp_path, monkeypatch):
+def test_a_study_keeps_the_commit_of_every_session_that_ran_it(tmp_path):
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     assert sc.code_version().startswith(head.strip())
-    assert sc.studied_code(tmp_path) == ["unrecorded"]  # a study from before the record
-    monkeypatch.setattr(sc, "code_version", lambda: "aaaaaaa")
-    assert sc.record_code_version(tmp_path) == ["aaaaaaa"]
-    assert sc.record_code_version(tmp_path) == ["aaaaaaa"]  # resumed on the same code: once
-    monkeypatch.setattr(sc, "code_version", lambda: "bbbbbbb+changes")
-    assert sc.record_code_version(tmp_path) == ["aaaaaaa", "bbbbbbb+changes"]
-    assert sc.studied_code(tmp_path) == ["aaaaaaa", "bbbbbbb+changes"]
+    assert sc.session_values(tmp_path, sc.CODE_FILE) == ["unrecorded"]  # a study from before the record
+    assert sc.record_session(tmp_path, sc.CODE_FILE, "aaaaaaa") == ["aaaaaaa"]
+    assert sc.record_session(tmp_path, sc.CODE_FILE, "aaaaaaa") == ["aaaaaaa"]  # resumed on the same code: once
+    assert sc.record_session(tmp_path, sc.CODE_FILE, "bbbbbbb+changes") == ["aaaaaaa", "bbbbbbb+changes"]
+    assert sc.session_values(tmp_path, sc.CODE_FILE) == ["aaaaaaa", "bbbbbbb+changes"]
 
 
-def test_a_study_from_before_the_record_keeps_its_unrecorded_sessions(tmp_path, monkeypatch):
+def test_a_study_keeps_the_machine_of_every_session_that_ran_it(tmp_path):
+    # A machine's description has spaces and commas: one per line.
+    here = sc.machine()
+    assert f"{__import__('os').cpu_count()} cores" in here and ("native bf16" in here)
+    assert sc.record_session(tmp_path, sc.MACHINE_FILE, "AMD EPYC, 2 cores, native bf16") == [
+        "AMD EPYC, 2 cores, native bf16"]
+    assert sc.record_session(tmp_path, sc.MACHINE_FILE, "AMD EPYC, 2 cores, no native bf16") == [
+        "AMD EPYC, 2 cores, native bf16", "AMD EPYC, 2 cores, no native bf16"]
+    row = {"arm": "tpe", "seed": 1, "runs": 3, "minutes": 90.0, "curve": [], "ensemble": None, "code": ["aaaaaaa"],
+           "machines": sc.session_values(tmp_path, sc.MACHINE_FILE)}
+    line = sc.arm_tables([row]).splitlines()[2]
+    assert line.endswith("| aaaaaaa | AMD EPYC, 2 cores, native bf16; AMD EPYC, 2 cores, no native bf16 |")
+
+
+def test_a_study_from_before_the_record_keeps_its_unrecorded_sessions(tmp_path):
     (tmp_path / "agent_state.json").write_text("{}")  # a study that ran before code_versions.txt
-    monkeypatch.setattr(sc, "code_version", lambda: "ccccccc")
-    assert sc.record_code_version(tmp_path) == ["unrecorded", "ccccccc"]
+    assert sc.record_session(tmp_path, sc.CODE_FILE, "ccccccc") == ["unrecorded", "ccccccc"]
