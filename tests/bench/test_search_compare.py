@@ -1,6 +1,7 @@
 """bench/search_compare.py's bookkeeping: which code, and which machine, each arm's study ran on."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 from tests.conftest import ROOT, load_bench_script
@@ -21,7 +22,7 @@ def test_a_study_keeps_the_commit_of_every_session_that_ran_it(tmp_path):
 def test_a_study_keeps_the_machine_of_every_session_that_ran_it(tmp_path):
     # A machine's description has spaces and commas: one per line.
     here = sc.machine()
-    assert f"{__import__('os').cpu_count()} cores" in here and ("native bf16" in here)
+    assert f"{os.cpu_count()} cores" in here and "native bf16" in here
     assert sc.record_session(tmp_path, sc.MACHINE_FILE, "AMD EPYC, 2 cores, native bf16") == [
         "AMD EPYC, 2 cores, native bf16"]
     assert sc.record_session(tmp_path, sc.MACHINE_FILE, "AMD EPYC, 2 cores, no native bf16") == [
