@@ -160,6 +160,17 @@ def session_values(folder: Path, file: str) -> list[str]:
     return path.read_text().splitlines() if path.exists() else ["unrecorded"]
 
 
+def known_machines(machines: list[str], results_file: Path) -> list[str]:
+    """The study folder's machines, or, where it has none recorded (a study from before the
+    record), those its results file was given by hand: a re-read does not lose them."""
+    if machines != ["unrecorded"]:
+        return machines
+    try:
+        return json.loads(results_file.read_text()).get("machines") or machines
+    except (OSError, ValueError, AttributeError):
+        return machines
+
+
 def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dict:
     """One arm's study, resumed if its folder holds an unfinished one; its best-so-far curve."""
     folder = out / f"{arm}_seed{seed}"
@@ -273,7 +284,9 @@ def arms_main(a: argparse.Namespace) -> None:
         for arm in a.arms:
             row = run_arm(arm, seed, a.minutes, a.out, threads)
             row.update(command=command, date=time.strftime("%Y-%m-%d"), finished=row["minutes"] >= a.minutes)
-            (a.results / f"{arm}_seed{seed}.json").write_text(json.dumps(row, indent=1))
+            path = a.results / f"{arm}_seed{seed}.json"
+            row["machines"] = known_machines(row["machines"], path)
+            path.write_text(json.dumps(row, indent=1))
     rows = [json.loads(f.read_text()) for f in sorted(a.results.glob("*_seed*.json"))]
     text = arm_tables(rows)
     print(text)

@@ -98,7 +98,7 @@ def test_a_killed_attempt_is_resumed_and_an_ended_or_stale_one_restarted(tmp_pat
         "it trained another version of configs/tsmixer.py (model.raw_tokens: False -> True)")
 
 
-def test_a_finished_run_leaves_a_record_that_counts_without_its_folder(tmp_path):
+def test_a_finished_run_leaves_a_record_that_counts_without_its_folder(tmp_path, monkeypatch):
     args = bench_args(tmp_path, "--seeds", "2")
     run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
     assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
@@ -115,6 +115,11 @@ def test_a_finished_run_leaves_a_record_that_counts_without_its_folder(tmp_path)
         f.unlink()
     run.rmdir()
     assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+
+    def no_training(*a, **k):
+        raise AssertionError("a run with a current record was trained again")
+
+    monkeypatch.setattr(rp.subprocess, "call", no_training)
     assert rp.train_one("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
     assert not run.exists()
     row = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1"))
@@ -133,8 +138,9 @@ def test_a_stale_or_unreadable_record_does_not_count(tmp_path, capsys):
                                 model=dict(record["config_used"]["model"], raw_tokens=False))
     (records / f"{stale['tag']}.json").write_text(json.dumps(stale))
     assert rp.finished("tsmixer", "ETTh1", rp.SEED0 + 1, args) is None
-    assert "[stale] record tsmixer_ETTh1_s2022.json: trained with another version of configs/tsmixer.py " \
-           "(model.raw_tokens: False -> True)" in capsys.readouterr().out
+    assert f"[stale] {records / 'tsmixer_ETTh1_s2022.json'}: trained with another version of configs/tsmixer.py " \
+           "(model.raw_tokens: False -> True); not counted (delete it, and the run is trained again)" \
+           in capsys.readouterr().out
     # A torn record, and one that is not a finished run's: named, not counted.
     torn = rp.tag_for("tsmixer", "ETTh1", rp.SEED0 + 2, [])
     (records / f"{torn}.json").write_text("{torn")
@@ -159,3 +165,38 @@ def test_a_record_without_mae_says_over_how_many_seeds_the_cell_is(tmp_path):
         run.rmdir()
     cells = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1")).split(" | ")
     assert cells[3:7] == ["2/2", "0.3760 ± 0.0071", "0.4000 (1 of 2)", "0.7000 (1 of 2)"]
+
+
+def test_train_one_records_the_run_it_trained_unless_it_deviates_from_the_paper(tmp_path, monkeypatch):
+    def fake_train(cmd, **kwargs):  # train.py's part: a finished run folder
+        fake_finished_run(tmp_path, "tsmixer", "ETTh1", int(cmd[cmd.index("--seed") + 1]), {}, 0.371)
+        return 0
+
+    monkeypatch.setattr(rp.subprocess, "call", fake_train)
+    args = bench_args(tmp_path)
+    assert rp.train_one("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+    record = json.loads((tmp_path / "records" / "tsmixer_ETTh1_s2021.json").read_text())
+    assert record["test_mse"] == 0.371 and record["model_py"] == train.model_file_hash(str(ROOT / "model.py"))
+    # --set: not the papers' settings, so nothing is recorded.
+    rp.finished("tsmixer", "ETTh1", rp.SEED0, bench_args(tmp_path, "--set", "training.max_epochs=2"))
+    assert [f.name for f in (tmp_path / "records").iterdir()] == ["tsmixer_ETTh1_s2021.json"]
+
+
+def test_a_record_from_before_a_new_schema_key_still_counts(tmp_path):
+    """A key the schema gained since (absent from the record, its default what the config gives) is
+    no change; a record whose config no longer validates is stale, with the reason."""
+    args = bench_args(tmp_path)
+    fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
+    rp.finished("tsmixer", "ETTh1", rp.SEED0, args)
+    path = tmp_path / "records" / "tsmixer_ETTh1_s2021.json"
+    for run in tmp_path.glob("tsmixer_*"):
+        for f in run.iterdir():
+            f.unlink()
+        run.rmdir()
+    record = json.loads(path.read_text())
+    del record["config_used"]["data"]["label_len"]  # as if written before the key existed
+    path.write_text(json.dumps(record))
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args)["test_mse"] == 0.371
+    record["config_used"]["model"]["d_model"] = -1
+    path.write_text(json.dumps(record))
+    assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args) is None

@@ -1,7 +1,9 @@
 """bench/search_compare.py's bookkeeping: which code, and which machine, each arm's study ran on."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 
 from tests.conftest import ROOT, load_bench_script
@@ -22,7 +24,7 @@ def test_a_study_keeps_the_commit_of_every_session_that_ran_it(tmp_path):
 def test_a_study_keeps_the_machine_of_every_session_that_ran_it(tmp_path):
     # A machine's description has spaces and commas: one per line.
     here = sc.machine()
-    assert f"{os.cpu_count()} cores" in here and "native bf16" in here
+    assert re.fullmatch(rf".+, {os.cpu_count()} cores, (no )?native bf16", here), here
     assert sc.record_session(tmp_path, sc.MACHINE_FILE, "AMD EPYC, 2 cores, native bf16") == [
         "AMD EPYC, 2 cores, native bf16"]
     assert sc.record_session(tmp_path, sc.MACHINE_FILE, "AMD EPYC, 2 cores, no native bf16") == [
@@ -36,3 +38,11 @@ def test_a_study_keeps_the_machine_of_every_session_that_ran_it(tmp_path):
 def test_a_study_from_before_the_record_keeps_its_unrecorded_sessions(tmp_path):
     (tmp_path / "agent_state.json").write_text("{}")  # a study that ran before code_versions.txt
     assert sc.record_session(tmp_path, sc.CODE_FILE, "ccccccc") == ["unrecorded", "ccccccc"]
+
+
+def test_machines_given_by_hand_survive_a_re_read_of_an_unrecorded_study(tmp_path):
+    results = tmp_path / "tpe_seed0.json"
+    assert sc.known_machines(["unrecorded"], results) == ["unrecorded"]  # no results file yet
+    results.write_text(json.dumps({"machines": ["AMD EPYC, 2 cores, native bf16 (recorded afterwards)"]}))
+    assert sc.known_machines(["unrecorded"], results) == ["AMD EPYC, 2 cores, native bf16 (recorded afterwards)"]
+    assert sc.known_machines(["AMD EPYC, 2 cores, no native bf16"], results) == ["AMD EPYC, 2 cores, no native bf16"]
