@@ -99,6 +99,12 @@ log = logging.getLogger("train")
 # split whose forecasts would exceed this size (a wide data set), evaluated streaming instead.
 FORECASTS_MAX_BYTES = 256 * 2**20
 EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
+# The budget's first look at a model's evaluation cost: a batch this small costs more per window
+# than a full one, but by less than PROBE_MARGIN for any model slow enough to be over the budget
+# (measured: bench/results/eval_probe.md), so an estimate over PROBE_MARGIN x the budget fails the
+# run at once; anything closer is timed again on a full evaluation batch.
+PROBE_WINDOWS = 16
+PROBE_MARGIN = 4.0
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
 # Where a run is inside its epoch (PROGRESS_FILE), for the search's live panel: rewritten
 # (atomically) at most this often, since an epoch of the default config takes minutes and
@@ -463,7 +469,7 @@ def autocast(device: torch.device, mode: str):
     return contextlib.nullcontext()
 
 
-def _eval_batches(model, windows, device):
+def _eval_batches(model, windows, device, batch: int = EVAL_BATCH):
     """(forecast, target) per batch over every window of a split, in order (no drop-last), in fp32.
 
     Always fp32, whatever training.amp says, so a reported metric never depends on the
@@ -474,7 +480,7 @@ def _eval_batches(model, windows, device):
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
-        for x_enc, m_enc, x_dec, m_dec, y in windows.batches(EVAL_BATCH):
+        for x_enc, m_enc, x_dec, m_dec, y in windows.batches(batch):
             check_stop("during evaluation")
             yield model(x_enc, m_enc, x_dec, m_dec).float(), y
 
@@ -641,15 +647,12 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
     # longer than the budget fails at once: scoring its untrained weights would cost more than
     # the budget and say nothing.
     eval_windows = len(ds.val) + len(ds.test)
-    per_window = eval_seconds_per_window(model, ds.val, device) if tc.time_budget_s else 0.0
-    if per_window * eval_windows >= (tc.time_budget_s or math.inf):
-        # The first batch also paid one-time set-up (kernel choice, allocations): a verdict
-        # that ends the run is taken on a second, warm one.
-        per_window = min(per_window, eval_seconds_per_window(model, ds.val, device))
+    budget = tc.time_budget_s or math.inf
+    per_window = eval_cost_per_window(model, ds.val, device, eval_windows, budget) if tc.time_budget_s else 0.0
     state["eval_probe_s"] = time.monotonic() - start
     state["eval_s"] += state["eval_probe_s"]
     state["startup_marks"]["eval_probe"] = process_age_s()
-    if per_window * eval_windows >= (tc.time_budget_s or math.inf):
+    if per_window * eval_windows >= budget:
         state["over_budget"] = True
         raise StopTraining("failed", over_budget_message(tc.time_budget_s, per_window, eval_windows))
     loop.per_window = per_window
@@ -1023,12 +1026,30 @@ def over_budget_message(budget_s: float, per_window: float, eval_windows: int) -
             "look-back (data.seq_len) or a larger budget fits")
 
 
+def eval_cost_per_window(model, windows, device, eval_windows: int, budget: float) -> float:
+    """Seconds per window of the final evaluation (of `eval_windows` windows), for the budget's
+    reserve and its over-budget verdict. A quick look on PROBE_WINDOWS windows comes first: a model
+    far over the budget fails after seconds, not after the minutes that two full evaluation
+    batches of it take. A verdict that ends the run is taken on a second, warm batch: the first
+    also paid one-time set-up (kernel choice, allocations)."""
+    far_over = PROBE_MARGIN * budget
+    quick = eval_seconds_per_window(model, windows, device, PROBE_WINDOWS)
+    if quick * eval_windows >= far_over:
+        quick = min(quick, eval_seconds_per_window(model, windows, device, PROBE_WINDOWS))
+        if quick * eval_windows >= far_over:
+            return quick
+    per_window = eval_seconds_per_window(model, windows, device)
+    if per_window * eval_windows >= budget:
+        per_window = min(per_window, eval_seconds_per_window(model, windows, device))
+    return per_window
+
+
 @torch.no_grad()
-def eval_seconds_per_window(model, windows, device) -> float:
-    """Wall seconds per window of evaluating `windows`, timed on its first batch (no gradients, a
-    forked RNG: training afterwards is exactly what it would be without it)."""
+def eval_seconds_per_window(model, windows, device, batch: int = EVAL_BATCH) -> float:
+    """Wall seconds per window of evaluating `windows`, timed on its first batch of `batch`
+    windows (no gradients, a forked RNG: training afterwards is exactly what it would be without it)."""
     start = time.monotonic()
-    batches = _eval_batches(model, windows, device)
+    batches = _eval_batches(model, windows, device, batch)
     try:
         pred, _ = next(batches)
         pred.sum().item()  # waits for the device

@@ -142,6 +142,12 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
         # liar steers the next proposal away from it instead of ignoring it like a FAIL.
         state = TrialState.RUNNING
     intermediate = {}
+    if isinstance(run.extra, dict) and run.extra.get("over_budget"):
+        # Too slow to evaluate within the run budget: a property of the config on this machine.
+        # A FAIL is invisible to TPE, which then keeps proposing the same slow region (a quarter
+        # of a 90-minute study's runs on a CPU without bf16); a PRUNED trial that got nowhere
+        # ranks behind every other trial, so TPE learns to avoid it.
+        state = TrialState.PRUNED
     if run.status == "pruned":
         # A pruned run is shown as Optuna's PRUNED trial with its learning curve: TPE ranks it
         # behind every complete trial (by how far it got, then its last value), so it counts as

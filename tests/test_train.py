@@ -234,6 +234,28 @@ def test_a_model_whose_evaluation_outlasts_the_budget_fails_at_once(tmp_path, ti
     assert 0.3 <= m["eval_s"] < 3  # one timed batch (6.6 s for all of them)
 
 
+@pytest.mark.parametrize("per_window, sizes, verdict", [
+    (3.0, [16, 16], 3.0),  # far over the budget (x4): two quick looks, no full batch
+    (1.0, [16, 256, 256], 1.0),  # over, but within the quick look's margin: the full-batch verdict, warm
+    (0.01, [16, 256], 0.01),  # within the budget: one full batch for the reserve
+])
+def test_the_evaluation_cost_is_looked_at_on_a_small_batch_first(monkeypatch, per_window, sizes, verdict):
+    """A model far over the budget fails after two batches of PROBE_WINDOWS windows, not after two
+    full evaluation batches (minutes each for the slowest models a search proposes)."""
+    import train as train_mod
+    asked = []
+
+    def timed(model, windows, device, batch=train_mod.EVAL_BATCH):
+        asked.append(batch)
+        return per_window
+
+    monkeypatch.setattr(train_mod, "eval_seconds_per_window", timed)
+    # 100 windows against a 60 s budget: over it from 0.6 s a window, far over from 2.4 s.
+    assert train_mod.eval_cost_per_window(None, None, None, 100, 60.0) == verdict
+    assert (train_mod.PROBE_WINDOWS, train_mod.EVAL_BATCH, train_mod.PROBE_MARGIN) == (16, 256, 4.0)
+    assert asked == sizes
+
+
 NAN_MODEL = '''
 import importlib.util, pathlib, torch
 spec = importlib.util.spec_from_file_location("base_model", pathlib.Path({root!r}) / "model.py")

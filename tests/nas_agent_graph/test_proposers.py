@@ -197,3 +197,31 @@ def test_import_is_clean_of_deprecation_warnings():
     result = subprocess.run([PYTHON, "-W", "error::DeprecationWarning", "-c", "import nas_agent_graph.proposers"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_tpe_learns_to_avoid_configs_too_slow_for_the_run_budget(space, base):
+    """A run that failed as too slow to evaluate within its budget (extra.over_budget) is a PRUNED
+    trial that got nowhere, which TPE ranks behind every other trial; a plain FAIL is invisible
+    to TPE, which then keeps proposing the slow region. Here the long look-backs are "too slow"."""
+    def slow(config: dict) -> bool:
+        return config["data"]["seq_len"] >= 512
+
+    def search(mark_over_budget: bool, seed: int) -> list[bool]:
+        proposer, state = make_proposer("tpe", space, seed=seed), AgentState()
+        for _ in range(40):
+            proposal = proposer.propose(state, base, 0, None)
+            if slow(proposal.config):
+                run = record(state, proposal, status="failed")
+                if mark_over_budget:
+                    run.extra["over_budget"] = True
+            else:
+                record(state, proposal)
+        if mark_over_budget:
+            assert {t.state for t in proposer.build_study(state).trials
+                    if slow(t.params and state.runs[t.number].config)} == {TrialState.PRUNED}
+        return [slow(r.config) for r in state.runs]
+
+    # The slow proposals among the last 20 of 40 runs, over 3 seeds (7 against 20 when measured).
+    told = sum(sum(search(True, seed)[20:]) for seed in range(3))
+    untold = sum(sum(search(False, seed)[20:]) for seed in range(3))
+    assert told < untold / 2, (told, untold)
