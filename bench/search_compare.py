@@ -160,6 +160,25 @@ def session_values(folder: Path, file: str) -> list[str]:
     return path.read_text().splitlines() if path.exists() else ["unrecorded"]
 
 
+def study_ended(folder: Path, budget_s: float) -> bool:
+    """Whether the study is over: its time budget used, or it stopped on its own (a stop rule),
+    which leaves runs/ensemble.json; a killed study has neither and is resumed."""
+    state_file = folder / "agent_state.json"
+    if not state_file.exists():
+        return False
+    return load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget_s or \
+        (folder / "runs" / "ensemble.json").exists()
+
+
+def stop_line(folder: Path) -> str | None:
+    """The last "Search stopped: ..." line of the study's orchestrator.log (why it ended)."""
+    try:
+        lines = (folder / "orchestrator.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line for line in reversed(lines) if line.startswith("Search stopped:")), None)
+
+
 def known_machines(machines: list[str], results_file: Path) -> list[str]:
     """The study folder's machines, or, where it has none recorded (a study from before the
     record), those its results file was given by hand: a re-read does not lose them."""
@@ -179,7 +198,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
         shutil.copy(ROOT / "config.py", folder / "config.py")
     state_file = folder / "agent_state.json"
     budget = minutes * 60
-    done = state_file.exists() and load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget
+    done = study_ended(folder, budget)
     if not done:
         record_session(folder, CODE_FILE, code_version())
         record_session(folder, MACHINE_FILE, machine())
@@ -191,7 +210,8 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     state = load_agent_state(state_file)
     minutes_used = state.meta.get("time_used_s", 0.0) / 60
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
-            "minutes": minutes_used, "ensemble": arm_ensemble(folder) if minutes_used >= minutes else None,
+            "minutes": minutes_used, "ensemble": arm_ensemble(folder) if study_ended(folder, budget) else None,
+            "finished": study_ended(folder, budget), "stop": stop_line(folder),
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
             "code": session_values(folder, CODE_FILE), "machines": session_values(folder, MACHINE_FILE)}
 
@@ -283,7 +303,7 @@ def arms_main(a: argparse.Namespace) -> None:
     for seed in a.seeds:
         for arm in a.arms:
             row = run_arm(arm, seed, a.minutes, a.out, threads)
-            row.update(command=command, date=time.strftime("%Y-%m-%d"), finished=row["minutes"] >= a.minutes)
+            row.update(command=command, date=time.strftime("%Y-%m-%d"))
             path = a.results / f"{arm}_seed{seed}.json"
             row["machines"] = known_machines(row["machines"], path)
             path.write_text(json.dumps(row, indent=1))
@@ -298,6 +318,10 @@ def arms_main(a: argparse.Namespace) -> None:
                   f"{x['best_run']} |")
     unfinished = [f"{r['arm']} seed {r['seed']}" for r in rows if not r.get("finished")]
     note = f"\nNot finished yet (fewer than {a.minutes:g} minutes): {', '.join(unfinished)}.\n" if unfinished else ""
+    early = [f"- {r['arm']} seed {r['seed']} ({r['minutes']:.0f} min): {r['stop']}" for r in rows
+             if r.get("finished") and r.get("stop") and r["minutes"] < a.minutes]
+    if early:
+        note += "\nEnded by a stop rule before its time budget:\n" + "\n".join(early) + "\n"
     (a.results / "README.md").write_text(
         f"# Architecture-search arms (issue 12)\n\nStudies of at most {a.minutes:g} minutes of study time on a "
         f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "

@@ -46,3 +46,19 @@ def test_machines_given_by_hand_survive_a_re_read_of_an_unrecorded_study(tmp_pat
     results.write_text(json.dumps({"machines": ["AMD EPYC, 2 cores, native bf16 (recorded afterwards)"]}))
     assert sc.known_machines(["unrecorded"], results) == ["AMD EPYC, 2 cores, native bf16 (recorded afterwards)"]
     assert sc.known_machines(["AMD EPYC, 2 cores, no native bf16"], results) == ["AMD EPYC, 2 cores, no native bf16"]
+
+
+def test_a_study_stopped_by_a_rule_is_over_and_says_why(tmp_path):
+    from nas_agent.agent_state import AgentState, save_agent_state
+
+    assert not sc.study_ended(tmp_path, 5400)  # nothing there yet
+    state = AgentState()
+    state.meta["time_used_s"] = 5289.6
+    save_agent_state(state, tmp_path / "agent_state.json")
+    assert not sc.study_ended(tmp_path, 5400)  # killed before its budget: resumed
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ensemble.json").write_text("{}")  # what a study that stops on its own writes
+    assert sc.study_ended(tmp_path, 5400)
+    (tmp_path / "orchestrator.log").write_text("run_0042: failed\nSearch stopped: the last 6 runs were all too slow\n"
+                                               "Runs in the study: 43.\n")
+    assert sc.stop_line(tmp_path) == "Search stopped: the last 6 runs were all too slow"
