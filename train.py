@@ -99,10 +99,10 @@ log = logging.getLogger("train")
 # split whose forecasts would exceed this size (a wide data set), evaluated streaming instead.
 FORECASTS_MAX_BYTES = 256 * 2**20
 EVAL_BATCH = 256  # fixed: ProbSparse draws its key sample per forward call, so the batch size is part of the metric
-# The budget's first look at a model's evaluation cost: a batch this small costs more per window
-# than a full one, but by less than PROBE_MARGIN for any model slow enough to be over the budget
-# (measured: bench/results/eval_probe.md), so an estimate over PROBE_MARGIN x the budget fails the
-# run at once; anything closer is timed again on a full evaluation batch.
+# The budget's first look at a model's evaluation cost: batches of 8 and 16 windows, extrapolated
+# to a full one (eval_cost_per_window). An extrapolation over PROBE_MARGIN x the budget fails the run
+# at once; the margin covers what the extrapolation misses (bench/eval_probe.py measures it against
+# full batches: bench/results/eval_probe.md); anything closer is timed on a full evaluation batch.
 PROBE_WINDOWS = 16
 PROBE_MARGIN = 4.0
 EVAL_SEED = 0  # fixed sampling for ProbSparse attention at evaluation
@@ -642,10 +642,10 @@ def fit(model, ds, cfg, device, run_dir: Path, state: dict) -> None:
             return  # stopped during its final evaluation: training had ended
         return train_epochs(model, ds, cfg, device, run_dir, state, loop)
     # The budget bounds the whole run, so the final evaluation of every val and test window must
-    # fit in it too: training stops that much earlier. The cost per window is timed on one
-    # evaluation batch now, then on each epoch's validation. A model whose evaluation alone takes
-    # longer than the budget fails at once: scoring its untrained weights would cost more than
-    # the budget and say nothing.
+    # fit in it too: training stops that much earlier. The cost per window is estimated now
+    # (eval_cost_per_window: small batches, then full ones unless far over), then timed on each
+    # epoch's validation. A model whose evaluation alone takes longer than the budget fails at
+    # once: scoring its untrained weights would cost more than the budget and say nothing.
     eval_windows = len(ds.val) + len(ds.test)
     budget = tc.time_budget_s or math.inf
     per_window = eval_cost_per_window(model, ds.val, device, eval_windows, budget) if tc.time_budget_s else 0.0
@@ -1028,20 +1028,34 @@ def over_budget_message(budget_s: float, per_window: float, eval_windows: int) -
 
 def eval_cost_per_window(model, windows, device, eval_windows: int, budget: float) -> float:
     """Seconds per window of the final evaluation (of `eval_windows` windows), for the budget's
-    reserve and its over-budget verdict. A quick look on PROBE_WINDOWS windows comes first: a model
-    far over the budget fails after seconds, not after the minutes that two full evaluation
-    batches of it take. A verdict that ends the run is taken on a second, warm batch: the first
-    also paid one-time set-up (kernel choice, allocations)."""
-    far_over = PROBE_MARGIN * budget
-    quick = eval_seconds_per_window(model, windows, device, PROBE_WINDOWS)
-    if quick * eval_windows >= far_over:
-        quick = min(quick, eval_seconds_per_window(model, windows, device, PROBE_WINDOWS))
-        if quick * eval_windows >= far_over:
-            return quick
+    reserve and its over-budget verdict.
+
+    A quick look comes first: batches of PROBE_WINDOWS / 2 and PROBE_WINDOWS windows (after an
+    untimed one that pays the one-time set-up: kernel choice, allocations) give the cost per call
+    and the cost per window, extrapolated to a full evaluation batch. A model whose evaluation is
+    then over PROBE_MARGIN x the budget fails after seconds, not after the minutes that two full
+    batches of it take (up to 134 s each here). Anything closer is timed on full batches, and a
+    verdict that ends the run is taken on a second, warm one."""
+    half = PROBE_WINDOWS // 2
+    eval_seconds_per_window(model, windows, device, half)  # warm-up, not timed
+    small = eval_seconds_per_window(model, windows, device, half) * half
+    large = eval_seconds_per_window(model, windows, device, PROBE_WINDOWS) * PROBE_WINDOWS
+    quick = full_batch_cost(small, large, half, PROBE_WINDOWS)
+    if quick * eval_windows >= PROBE_MARGIN * budget:
+        return quick
     per_window = eval_seconds_per_window(model, windows, device)
     if per_window * eval_windows >= budget:
         per_window = min(per_window, eval_seconds_per_window(model, windows, device))
     return per_window
+
+
+def full_batch_cost(small_s: float, large_s: float, small: int, large: int) -> float:
+    """Seconds per window of a full evaluation batch, extrapolated from the seconds of two small
+    ones: a cost per call (Python, launches) plus a cost per window, each at least 0, so a model
+    with a large fixed cost per call is not taken for a slow one, nor timing noise for a cost."""
+    per_window = max((large_s - small_s) / (large - small), 0.0)
+    per_call = max(large_s - large * per_window, 0.0)
+    return (per_call + EVAL_BATCH * per_window) / EVAL_BATCH
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ BUDGET = ["training.max_epochs=1", "training.max_steps_per_epoch=2"]
 STARTUP_STEPS = [("imports", "python and imports"), ("setup", "config, device, bf16 probe"), ("data", "data"),
                  ("model", "model"),
                  ("optimizer", "to the optimizer (imports torch._dynamo; the in-run smoke test)"),
-                 ("eval_probe", "evaluation probe (one timed batch, for the run budget)"),
+                 ("eval_probe", "evaluation probe (small timed batches, then full ones unless far over; for the run budget)"),
                  ("first_step", "first batch")]
 # Rows of the table, in loop order; a NODE/PART row is part of its node's time.
 NODE_ROWS = ["load_state", "propose", "validate", "validate/smoke", "launch", "launch/mirror", "wait",

@@ -161,13 +161,16 @@ def session_values(folder: Path, file: str) -> list[str]:
 
 
 def study_ended(folder: Path, budget_s: float) -> bool:
-    """Whether the study is over: its time budget used, or it stopped on its own (a stop rule),
-    which leaves runs/ensemble.json; a killed study has neither and is resumed."""
+    """Whether the study is over: its time budget used, or it stopped on its own by a rule about
+    the search (its log's "Search stopped:" line, and runs/ensemble.json written). A killed study,
+    or one stopped because every recent run failed (a fault to fix, then resume), is not."""
     state_file = folder / "agent_state.json"
     if not state_file.exists():
         return False
-    return load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget_s or \
-        (folder / "runs" / "ensemble.json").exists()
+    if load_agent_state(state_file).meta.get("time_used_s", 0.0) >= budget_s:
+        return True
+    stop = stop_line(folder)
+    return (folder / "runs" / "ensemble.json").exists() and stop is not None and "runs all failed" not in stop
 
 
 def stop_line(folder: Path) -> str | None:

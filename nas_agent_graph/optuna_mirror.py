@@ -66,6 +66,8 @@ def _state(run: RunInfo) -> TrialState:
         return TrialState.RUNNING
     if run.status == "pruned":
         return TrialState.PRUNED
+    # An over-budget run stays a FAIL here, as people read it (it failed, with its reason); the
+    # samplers see it as PRUNED (proposers.trial_for_run), so TPE learns to avoid its region.
     return TrialState.COMPLETE if run_value(run) is not None else TrialState.FAIL
 
 

@@ -146,7 +146,8 @@ def trial_for_run(run: RunInfo, space: SearchSpace) -> FrozenTrial | None:
         # Too slow to evaluate within the run budget: a property of the config on this machine.
         # A FAIL is invisible to TPE, which then keeps proposing the same slow region (a quarter
         # of a 90-minute study's runs on a CPU without bf16); a PRUNED trial that got nowhere
-        # ranks behind every other trial, so TPE learns to avoid it.
+        # ranks behind every other trial, so TPE learns to avoid it. (It also counts towards TPE's
+        # start-up trials; CMA-ES ignores it, as it ignores pruned runs; random search ignores history.)
         state = TrialState.PRUNED
     if run.status == "pruned":
         # A pruned run is shown as Optuna's PRUNED trial with its learning curve: TPE ranks it
@@ -216,7 +217,7 @@ class OptunaProposer:
         params = {k: _plain(v) for k, v in self.space.sample(trial, base_config).items()}
         config = self.space.to_config(params, base_config)
         frozen = study.get_trials(deepcopy=False)[trial.number]
-        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
         meta = {
             "attempt": attempt,
             "optuna": {
@@ -227,6 +228,8 @@ class OptunaProposer:
                 "system_attrs": _json_attrs(frozen.system_attrs, f"{self.name} trial {trial.number}"),
                 "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
                 "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+                # pruned runs and runs too slow for the budget (see trial_for_run)
+                "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
                 # runs in flight, without the trial asked just now
                 "n_running": sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)) - 1,
                 "skipped_runs": list(study.user_attrs["skipped_runs"]),

@@ -231,29 +231,41 @@ def test_a_model_whose_evaluation_outlasts_the_budget_fails_at_once(tmp_path, ti
     assert m["error"].startswith("too slow for the time budget: evaluating the"), m["error"]
     assert "more than training.time_budget_s 3s" in m["error"] and "a larger budget fits" in m["error"]
     assert m["epochs_run"] == 0 and m["samples_per_s"] is None and m["val_mse"] is None
-    assert 0.3 <= m["eval_s"] < 3  # one timed batch (6.6 s for all of them)
+    assert 0.3 <= m["eval_s"] < 3  # a few timed batches (6.6 s for all of them)
 
 
-@pytest.mark.parametrize("per_window, sizes, verdict", [
-    (3.0, [16, 16], 3.0),  # far over the budget (x4): two quick looks, no full batch
-    (1.0, [16, 256, 256], 1.0),  # over, but within the quick look's margin: the full-batch verdict, warm
-    (0.01, [16, 256], 0.01),  # within the budget: one full batch for the reserve
+@pytest.mark.parametrize("per_call, per_window, sizes, verdict", [
+    (0.0, 3.0, [8, 8, 16], 3.0),  # far over the budget (x4): the quick look decides, no full batch
+    (0.0, 1.0, [8, 8, 16, 256, 256], 1.0),  # over, within the margin: full batches decide, the warm one counts
+    (0.0, 0.01, [8, 8, 16, 256], 0.01),  # within the budget: one full batch for the reserve
+    # A fixed cost per call (a 0.5 s sleep, say) is not taken for a slow model: over 4x the budget on
+    # 16 windows (0.5 / 16 s a window), but a full batch is cheap per window, and fits.
+    (0.5, 0.0, [8, 8, 16, 256], 0.5 / 256),
 ])
-def test_the_evaluation_cost_is_looked_at_on_a_small_batch_first(monkeypatch, per_window, sizes, verdict):
-    """A model far over the budget fails after two batches of PROBE_WINDOWS windows, not after two
+def test_the_evaluation_cost_is_looked_at_on_small_batches_first(monkeypatch, per_call, per_window, sizes, verdict):
+    """A model far over the budget fails after three batches of at most 16 windows, not after two
     full evaluation batches (minutes each for the slowest models a search proposes)."""
     import train as train_mod
     asked = []
 
     def timed(model, windows, device, batch=train_mod.EVAL_BATCH):
         asked.append(batch)
-        return per_window
+        cold = 100.0 if len(asked) == 1 else 0.0  # the first call pays set-up: never part of a verdict
+        return (cold + per_call + batch * per_window) / batch
 
     monkeypatch.setattr(train_mod, "eval_seconds_per_window", timed)
     # 100 windows against a 60 s budget: over it from 0.6 s a window, far over from 2.4 s.
-    assert train_mod.eval_cost_per_window(None, None, None, 100, 60.0) == verdict
+    assert train_mod.eval_cost_per_window(None, None, None, 100, 60.0) == pytest.approx(verdict)
     assert (train_mod.PROBE_WINDOWS, train_mod.EVAL_BATCH, train_mod.PROBE_MARGIN) == (16, 256, 4.0)
     assert asked == sizes
+
+
+def test_the_full_batch_cost_is_extrapolated_from_two_small_batches():
+    import train as train_mod
+    # 0.2 s a call and 0.5 s a window: 8 windows take 4.2 s, 16 take 8.2 s; a full batch 128.2 s.
+    assert train_mod.full_batch_cost(4.2, 8.2, 8, 16) == pytest.approx(128.2 / 256)
+    assert train_mod.full_batch_cost(0.3, 0.3, 8, 16) == pytest.approx(0.3 / 256)  # all per call
+    assert train_mod.full_batch_cost(0.5, 0.3, 8, 16) == pytest.approx(0.3 / 256)  # noise: no negative cost
 
 
 NAN_MODEL = '''

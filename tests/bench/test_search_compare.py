@@ -57,8 +57,12 @@ def test_a_study_stopped_by_a_rule_is_over_and_says_why(tmp_path):
     save_agent_state(state, tmp_path / "agent_state.json")
     assert not sc.study_ended(tmp_path, 5400)  # killed before its budget: resumed
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "ensemble.json").write_text("{}")  # what a study that stops on its own writes
-    assert sc.study_ended(tmp_path, 5400)
-    (tmp_path / "orchestrator.log").write_text("run_0042: failed\nSearch stopped: the last 6 runs were all too slow\n"
-                                               "Runs in the study: 43.\n")
+    (tmp_path / "runs" / "ensemble.json").write_text("{}")  # written when a study ends, or by hand
+    assert not sc.study_ended(tmp_path, 5400)  # no stop line: an ensemble built by hand
+    log = tmp_path / "orchestrator.log"
+    log.write_text("run_0042: failed\nSearch stopped: the last 6 runs were all too slow\nRuns in the study: 43.\n")
     assert sc.stop_line(tmp_path) == "Search stopped: the last 6 runs were all too slow"
+    assert sc.study_ended(tmp_path, 5400)
+    # Stopped because every recent run failed: a fault to fix, then resume.
+    log.write_text("Search stopped: the last 3 runs all failed, so the search stops instead of burning its budget.\n")
+    assert not sc.study_ended(tmp_path, 5400)
