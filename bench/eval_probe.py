@@ -56,14 +56,14 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help=f"also write the table to {RESULTS_MD.relative_to(ROOT)}")
     args = p.parse_args()
     device = torch.device(args.device)
-    paths = args.configs or [ROOT / "config.py", *sorted((ROOT / "configs").glob("*.py"))]
+    paths = [c.resolve() for c in args.configs] or [ROOT / "config.py", *sorted((ROOT / "configs").glob("*.py"))]
     lines = [f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
              f"quick look {train.PROBE_WINDOWS} windows, full batch {train.EVAL_BATCH}, margin {train.PROBE_MARGIN:g}",
              "", f"| config | in->out | params | ms/window, {train.PROBE_WINDOWS} windows | ms/window, "
              f"{train.EVAL_BATCH} windows | small / full | val+test eval s |", "|---|---|---:|---:|---:|---:|---:|"]
     for path in paths:
         r = measure(path, device)
-        name = path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+        name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         lines.append(f"| {name} | {r['window']} | {r['params']:,} | {r['small_ms']:.2f} | {r['full_ms']:.2f} | "
                      f"{r['ratio']:.2f}x | {r['eval_s']:.0f} |")
         print(lines[-1], flush=True)
