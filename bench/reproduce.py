@@ -253,24 +253,25 @@ def finished(config: str, dataset: str, seed: int, args) -> dict | None:
             if not args.set:  # a deviation from the papers' settings is no result to keep
                 save_record(Path(args.records), make_record(run_dir, m, config, dataset, seed, args.set))
             return m
-        print(f"[stale] {run_dir.name}: trained with another version of configs/{config}.py "
-              f"({'; '.join(changes[:4])}); not counted", flush=True)
+        report_stale(run_dir.name, config, changes)
     record = load_record(Path(args.records), tag)
     if record is None:
         return None
     path = Path(args.records) / f"{tag}.json"
     try:
         used = validate_config(record["config_used"], where=f"{path} config_used").model_dump()
+        changes = config_diff(used, current_config(config, dataset, seed, args.set).model_dump())
     except ConfigError as e:
-        print(f"[stale] {path}: its config no longer validates ({e}); not counted (delete it, "
-              f"and the run is trained again)", flush=True)
-        return None
-    changes = config_diff(used, current_config(config, dataset, seed, args.set).model_dump())
+        changes = [f"its config no longer validates: {e}"]
     if changes:
-        print(f"[stale] {path}: trained with another version of configs/{config}.py "
-              f"({'; '.join(changes[:4])}); not counted (delete it, and the run is trained again)", flush=True)
+        report_stale(str(path), config, changes, fix=" (delete it, and the run is trained again)")
         return None
     return record
+
+
+def report_stale(where: str, config: str, changes: list[str], fix: str = "") -> None:
+    print(f"[stale] {where}: trained with another version of configs/{config}.py "
+          f"({'; '.join(changes[:4])}); not counted{fix}", flush=True)
 
 
 def restart_reason(run_dir: Path, config: str, dataset: str, seed: int, args) -> str | None:

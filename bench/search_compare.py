@@ -211,10 +211,10 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
         if rc != 0:
             print(f"{arm} seed {seed}: the orchestrator exited {rc}; see {folder / 'orchestrator.log'}")
     state = load_agent_state(state_file)
-    minutes_used = state.meta.get("time_used_s", 0.0) / 60
+    ended = study_ended(folder, budget)
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
-            "minutes": minutes_used, "ensemble": arm_ensemble(folder) if study_ended(folder, budget) else None,
-            "finished": study_ended(folder, budget), "stop": stop_line(folder),
+            "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": arm_ensemble(folder) if ended else None,
+            "finished": ended, "stop": stop_line(folder),
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
             "code": session_values(folder, CODE_FILE), "machines": session_values(folder, MACHINE_FILE)}
 
