@@ -3,4 +3,5 @@ import sys
 
 from nas_agent_graph.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (a doc tool, an import-time probe) starts no search
+    sys.exit(main())
