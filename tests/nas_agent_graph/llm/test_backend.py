@@ -285,11 +285,11 @@ def test_extract_json():
 
 # ----------------------------------------------------------------------------- generation
 
-def _sample(embedded, n, constrain, seed=0):
+def _sample(embedded, n, seed=0):
+    """n constrained replies at temperature 0.8 (bench/llm_speed.py measures unconstrained ones too)."""
     model, tokenizer, _ = embedded
-    max_new = PROPOSAL_TOKENS if constrain else 160
     return backend.generate_json_batch(model, tokenizer, MESSAGES, SCHEMA, n=n, temperature=0.8, top_p=0.95,
-                                       max_new_tokens=max_new, seed=seed, constrain=constrain)
+                                       max_new_tokens=PROPOSAL_TOKENS, seed=seed, constrain=True)
 
 
 def _report(label, results, ok, errors):
@@ -303,24 +303,16 @@ def _report(label, results, ok, errors):
         print("  ", e)
 
 
-# Both slow: n4 is ~45 s of generation here; the default suite keeps the grammar tests (xgrammar, fallback).
-@pytest.mark.parametrize("n", [pytest.param(4, id="n4", marks=pytest.mark.slow), pytest.param(20, id="n20", marks=pytest.mark.slow)])
-def test_constrained_proposals_are_all_valid(embedded, base_config, n):
-    results = _sample(embedded, n, constrain=True)
+# ~45 s of generation here; the default suite keeps the grammar tests (xgrammar, fallback). The
+# validity rate over 20 replies, constrained and not, is a measurement: bench/llm_speed.py.
+@pytest.mark.slow
+def test_constrained_proposals_are_all_valid(embedded, base_config):
+    n = 4
+    results = _sample(embedded, n)
     ok, errors = _validity(results, base_config)
     _report(f"constrained n={n}", results, ok, errors)
     assert all(r.constrained and r.fallback_reason is None for r in results)
     assert ok == n, errors
-
-
-@pytest.mark.slow  # 45-50 s even at n=4; the constrained path's tests stay in the default suite
-@pytest.mark.parametrize("n", [pytest.param(4, id="n4"), pytest.param(20, id="n20")])
-def test_unconstrained_validity_rate_is_measured(embedded, base_config, n):
-    results = _sample(embedded, n, constrain=False)
-    ok, errors = _validity(results, base_config)
-    _report(f"unconstrained n={n}", results, ok, errors)
-    assert all(not r.constrained for r in results)
-    assert 0.0 <= ok / n <= 1.0  # a rate, not a threshold: the base model is free to ramble
 
 
 def test_schema_that_does_not_compile_falls_back(embedded, monkeypatch):
