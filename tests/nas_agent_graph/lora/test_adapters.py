@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,10 @@ MICRO = space_from_overrides({**{k: None for k in DEFAULT_SPACE if k not in (
 # max_len 512 keeps these ~450-550-token prompts (nearly) whole: with 256 only the system message and
 # the request were left after the middle cut, and 12 steps no longer taught the format.
 QUICK = LoraSettings(steps=12, lr=2e-3, batch_size=2, max_len=512, r=8, alpha=16, held_out=2, gate_max_new_tokens=80)
+# The adapter that must answer in format. 12 steps taught it on a CPU with native bf16, but in fp32
+# (a CPU without it) its greedy replies still dropped a `":` after one key ('{"model.revinfalse,...'),
+# so none parsed; 20 steps is the margin.
+GOOD = replace(QUICK, steps=20)
 
 
 def make_samples(n: int, seed: int, response: str | None = None) -> list[dict]:
@@ -52,17 +57,17 @@ def chat():
 @pytest.fixture(scope="module")
 def good_adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "adapter_v1"
-    verdict = train_adapter(make_samples(6, seed=1), out, 1, QUICK, python=PYTHON, env=run_env(OMP_NUM_THREADS="2"))
+    verdict = train_adapter(make_samples(6, seed=1), out, 1, GOOD, python=PYTHON, env=run_env(OMP_NUM_THREADS="2"))
     assert verdict["ok"], verdict
     return out, verdict
 
 
-@pytest.mark.slow  # trains the module's adapter: ~170 s here here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # trains the module's adapter (20 steps): ~250 s here; CI's second pass runs it (the default suite stays under 15 min)
 def test_a_few_lora_steps_reduce_training_loss(good_adapter):
     out, verdict = good_adapter
     meta = json.loads((out / "meta.json").read_text())
     losses = meta["losses"]
-    assert len(losses) == QUICK.steps and meta["n_samples"] == 6 and meta["base_model"].startswith("gemma-3-270m")
+    assert len(losses) == GOOD.steps and meta["n_samples"] == 6 and meta["base_model"].startswith("gemma-3-270m")
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
     assert (out / "adapter_model.safetensors").stat().st_size > 100_000 and (out / "loss_curve.png").exists()
     assert (out / "adapter_config.json").exists() and verdict["final_loss"] == losses[-1]
@@ -70,7 +75,7 @@ def test_a_few_lora_steps_reduce_training_loss(good_adapter):
     assert meta["settings"]["batch_size"] == 2 and 1e9 < meta["peak_rss_bytes"] < 24e9, meta["peak_rss_bytes"]
 
 
-@pytest.mark.slow  # needs the module's adapter (~170 s) and greedy generations here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # needs the module's adapter (~250 s) and greedy generations here; CI's second pass runs it (the default suite stays under 15 min)
 def test_adapter_reloads_and_changes_greedy_output(chat, good_adapter):
     out, _ = good_adapter
     messages = from_dicts(make_samples(1, seed=9)[0]["messages"])
