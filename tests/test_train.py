@@ -138,7 +138,7 @@ def test_existing_run_is_never_silently_overwritten(two_runs):
     assert (tmp / "runs" / "a" / "metrics.json").read_bytes() == before
 
 
-@pytest.mark.slow  # four train.py runs: ~26 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # four train.py runs: ~26 s here
 def test_overwrite_seed_flag_and_other_training_classes(tmp_path, tiny_config):
     assert train(tmp_path, tiny_config, "r", "--set", "training.max_epochs=1").returncode == 0
     proc = train(tmp_path, tiny_config, "r", "--overwrite", "--seed", "7", "--set", "training.max_epochs=2",
@@ -207,7 +207,7 @@ def test_the_time_budget_keeps_room_for_the_final_evaluation(tmp_path, tiny_conf
     assert m["train_eval_s"] <= 6 + 1.0, m  # within the budget, give or take a step and the estimate
 
 
-@pytest.mark.slow  # two runs with a slowed evaluation: ~29 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # two runs with a slowed evaluation: ~29 s here
 def test_the_evaluation_probe_leaves_training_as_it_was(tmp_path, tiny_config):
     # A budget that never binds times one evaluation batch before training; the ProbSparse key
     # sample it draws comes from a forked RNG, so the run is the same as without a budget.
@@ -309,7 +309,7 @@ def test_exception_is_recorded_as_failed(tmp_path, tiny_config):
     assert "error:" in proc.stdout
 
 
-@pytest.mark.slow  # ~12 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~12 s here
 def test_sigterm_writes_what_exists_as_interrupted(tmp_path, tiny_config):
     cmd = [PYTHON, "train.py", "--config", str(tiny_config), "--tag", "i", "--runs-dir", str(tmp_path / "runs"),
            "--set", "training.max_epochs=1000", "--set", "training.patience=1000"]
@@ -354,7 +354,7 @@ def test_a_pending_signal_interrupts_evaluation(tiny_config):
         train_mod._stop_signal.clear()
 
 
-@pytest.mark.slow  # the README's full-size Informer, twice: ~75 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # the README's full-size Informer, twice: ~75 s here
 def test_readme_config_trains_and_its_config_used_reruns_as_is(tmp_path, readme_config):
     """The original nas_system's config.py example, as written, with a small budget (a few steps, a small
     slice of ETTh1 to evaluate on); an override in its spelling; config_used.py comes out in the same
@@ -470,7 +470,7 @@ def run_in_process(tmp_path, *args) -> int:
         train_mod.log.handlers.clear()
 
 
-@pytest.mark.slow  # two runs compared: ~16 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # two runs compared: ~16 s here
 def test_the_in_run_smoke_test_leaves_training_exactly_as_without_it(two_runs):
     tmp, config, procs = two_runs
     proc = train(tmp, config, "smoked", "--set", "training.max_epochs=3", "--smoke-test", "--smoke-timeout", "120")
@@ -535,7 +535,7 @@ training = {"max_epochs": 10, "batch_size": 32, "lr": 1e-3, "max_steps_per_epoch
 '''
 
 
-@pytest.mark.slow  # six train.py runs: ~70 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # six train.py runs: ~70 s here
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     """SIGKILL (nothing written at the end) after epoch 3; --resume continues from the resume
     state, and the curve, the checkpoint's metrics and its forecasts equal an uninterrupted run's
@@ -634,7 +634,7 @@ def test_a_resume_state_missing_its_keys_is_refused_with_the_fix(tmp_path, tiny_
             train_mod.load_resume_state(run_dir, cfg, "0" * 16)
 
 
-@pytest.mark.slow  # ~12 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~12 s here
 def test_resume_restarts_an_unfinished_run_that_left_no_resume_state(tmp_path, tiny_config):
     """A run interrupted without --resume has no state: --resume trains it from the start, and says so."""
     run_dir = tmp_path / "runs" / "r"
@@ -647,7 +647,7 @@ def test_resume_restarts_an_unfinished_run_that_left_no_resume_state(tmp_path, t
     assert metrics_of(tmp_path, "r")["epochs_run"] == 1 and not (run_dir / "resume_state.pt").exists()
 
 
-@pytest.mark.slow  # ~26 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~26 s here
 def test_a_second_train_py_on_a_live_run_folder_is_refused_untouched(tmp_path, tiny_config):
     """One train.py per run folder: while another process holds the folder's lock (here this
     test, as a live run would), train.py --resume and --overwrite both exit 2 naming the holder,

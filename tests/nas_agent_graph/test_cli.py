@@ -58,10 +58,10 @@ def assert_consistent(study: Path, n_runs: int):
     return state
 
 
-# All slow (~50 s each here; CI's second pass runs them): the default suite's CLI search is
-# test_search_from_a_config_in_the_original_format, and test_graph.py's searches run the loop.
-@pytest.mark.parametrize("proposer", [pytest.param("random", marks=pytest.mark.slow), pytest.param("tpe", marks=pytest.mark.slow),
-                                      pytest.param("cmaes", marks=pytest.mark.slow)])
+# ~50 s each here: the default suite's CLI search is test_search_from_a_config_in_the_original_format,
+# and test_graph.py's searches run the loop.
+@pytest.mark.slow
+@pytest.mark.parametrize("proposer", ["random", "tpe", "cmaes"])
 def test_search_loop_for_each_proposer(study, proposer):
     proc = cli(study, *search_args(3, proposer))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,7 +151,7 @@ def test_resume_after_sigkill_during_training(study):
     assert (study / "runs" / "run_0001" / "attempt_1" / "train.log").exists()  # old partial files kept
 
 
-@pytest.mark.slow  # a killed CLI session and its resume: ~55 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # a killed CLI session and its resume: ~55 s here
 def test_resume_after_sigkill_during_proposing(study):
     env = run_env(NAS_AGENT_TEST_PAUSE="propose:run_0001:30")
     args = [PYTHON, "-m", "nas_agent_graph", *search_args(3)]
@@ -200,7 +200,7 @@ def test_checkpoint_and_state_agree_after_crashes(study):
     assert_consistent(study, 4)
 
 
-@pytest.mark.slow  # ~23 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~23 s here
 def test_second_orchestrator_is_refused(study):
     env = run_env(NAS_AGENT_TEST_PAUSE="propose:run_0001:60")
     first = subprocess.Popen([PYTHON, "-m", "nas_agent_graph", *search_args(3)], cwd=study, env=env,
@@ -267,7 +267,7 @@ def test_keep_checkpoints_holds_exactly_across_a_resume(study):
     assert all("deleted" in line for line in status.splitlines() if line.strip().startswith(tuple(deleted)))
 
 
-@pytest.mark.slow  # ~26 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~26 s here
 def test_a_set_that_breaks_the_config_fails_at_start_up(study):
     """Before any model loads or any proposal is made: exit 2, the schema's message, nothing written."""
     start = time.monotonic()
@@ -317,7 +317,7 @@ def test_check_subcommand(study):
     assert big.returncode == 1 and "too many parameters" in big.stdout
 
 
-@pytest.mark.slow  # ~17 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~17 s here
 def test_check_subcommand_reads_the_original_format(study):
     from tests.conftest import README_CONFIG
     (study / "old.py").write_text(README_CONFIG)
@@ -344,7 +344,7 @@ def test_search_from_a_config_in_the_original_format(study):
     assert (study / "config.py").read_text() == README_CONFIG  # the baseline is the incumbent: nothing to rewrite
 
 
-@pytest.mark.slow  # ~22 s; test_code_check.py covers the check in the default suite here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~22 s here; test_code_check.py covers the check in the default suite
 def test_check_with_a_model_file(study):
     good = cli(study, "check", "config.py", "--model", str(ROOT / "model.py"))
     assert good.returncode == 0 and "OK:" in good.stdout

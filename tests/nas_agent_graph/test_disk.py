@@ -44,7 +44,7 @@ def test_message_names_the_file_the_free_space_and_what_to_do(tmp_path):
     assert msg.endswith("Free space and run the same command to resume.")
 
 
-@pytest.mark.slow  # ~26 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~26 s here
 def test_a_run_whose_writes_find_the_disk_full_stops_and_reruns_after_space_is_freed(tmpfs):
     runs = tmpfs / "runs"
     runs.mkdir()

@@ -95,7 +95,7 @@ def test_test_forecasts_never_steer_the_selection_and_a_missing_file_is_predicte
     assert load_agent_state(study / "agent_state.json").runs == state.runs  # the study is untouched
 
 
-@pytest.mark.slow  # ~13 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~13 s here
 def test_a_forecast_file_that_disagrees_with_its_run_is_left_out(finished):
     study, _ = finished
     record = json.loads((study / "runs" / "ensemble.json").read_text())
@@ -113,7 +113,7 @@ def test_a_forecast_file_that_disagrees_with_its_run_is_left_out(finished):
     assert cli(study, "ensemble").returncode == 0
 
 
-@pytest.mark.slow  # a second study: ~33 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # a second study: ~33 s here
 def test_ensemble_off_leaves_none(tmp_path):
     from tests.conftest import TINY_CONFIG
     (tmp_path / "config.py").write_text(TINY_CONFIG)

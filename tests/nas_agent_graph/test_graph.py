@@ -144,7 +144,7 @@ def test_parallel_proposal_of_a_config_still_training_is_a_duplicate(tmp_path):
     assert {r.run_id: r.config["model"]["d_model"] for r in study.runs}["run_0002"] == 32
 
 
-@pytest.mark.parametrize("in_run", [True, pytest.param(False, marks=pytest.mark.slow)])  # False: ~34 s here, in CI's second pass
+@pytest.mark.parametrize("in_run", [True, pytest.param(False, marks=pytest.mark.slow)])  # False: ~34 s here
 def test_smoke_test_failure_and_param_budget_reject(tmp_path, in_run):
     raw = base_raw(tmp_path)
     raw["data"]["path"] = str(tmp_path / "missing.csv")  # fails only when data is loaded: in the smoke test
@@ -332,7 +332,7 @@ def test_rich_display_shows_progress_within_the_epoch_and_the_study_eta(tmp_path
         d.on_stop(message="Search stopped.")
 
 
-@pytest.mark.slow  # ~24 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~24 s here
 def test_a_proposer_error_is_an_invalid_proposal_not_a_crash(tmp_path):
     good = base_raw(tmp_path)
     good["model"]["d_model"] = 24
@@ -346,7 +346,7 @@ def test_a_proposer_error_is_an_invalid_proposal_not_a_crash(tmp_path):
     assert "24 % 5" in proposer.calls[1]["feedback"]
 
 
-@pytest.mark.slow  # ~13 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~13 s here
 def test_rerun_after_max_retries_does_not_repeat_the_rejected_attempts(tmp_path):
     proposer = ScriptedProposer([base_raw(tmp_path)])  # always the baseline again: a duplicate
     ctx = make_ctx(tmp_path, proposer, max_retries=1)

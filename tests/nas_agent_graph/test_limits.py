@@ -91,7 +91,7 @@ def test_bad_run_memory_values_are_usage_errors(folder, value, message):
 
 # --------------------------------------------------------------------------- train.py runs
 
-@pytest.mark.slow  # ~23 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~23 s here
 def test_a_run_growing_past_the_cap_fails_with_the_reason_and_the_next_run_proceeds(folder):
     runs = folder / "runs"
     caps = Caps(memory_gb=1.5, cpu_s=cpu_cap_s(None, 2))

@@ -119,7 +119,7 @@ def test_train_py_stops_on_a_prune_request_and_writes_every_file(tmp_path, tiny_
     assert "status:         pruned" in out
 
 
-@pytest.mark.slow  # ~11 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~11 s here
 def test_a_stale_prune_request_does_not_stop_a_new_attempt(tmp_path, tiny_config):
     run_dir = tmp_path / "runs" / "run_0000"
     run_dir.mkdir(parents=True)

@@ -336,7 +336,7 @@ def test_generation_is_reproducible_with_a_seed(embedded):
     assert a.text == b.text and 0 <= a.parsed["x"] <= 1
 
 
-@pytest.mark.slow  # ~18 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~18 s here
 def test_4bit_loads_and_generates_on_cpu(converted):
     try:
         model, tokenizer, info = backend.load_model(None, quant="4bit", device="cpu")

@@ -50,7 +50,7 @@ def test_greedy_decoding_matches_model_generate(embedded):
     assert result.text == expected
 
 
-@pytest.mark.slow  # ~50 s of generation here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~50 s of generation here
 def test_a_reused_prefix_changes_no_token(embedded):
     model, tokenizer = embedded
     decoding.PREFIXES.clear()
@@ -71,7 +71,7 @@ def test_a_reused_prefix_changes_no_token(embedded):
     assert reused.text == fresh.text
 
 
-@pytest.mark.slow  # ~42 s of generation here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~42 s of generation here
 def test_an_adapter_tag_keeps_its_own_prefixes(embedded):
     model, tokenizer = embedded
     decoding.PREFIXES.clear()
@@ -85,7 +85,7 @@ def test_an_adapter_tag_keeps_its_own_prefixes(embedded):
     assert other.meta["reused_tokens"] == 0 and same.meta["reused_tokens"] > 0
 
 
-@pytest.mark.slow  # ~38 s of generation here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~38 s of generation here
 def test_forced_text_costs_no_forward_pass_and_replies_stay_valid(embedded):
     model, tokenizer = embedded
     space = load_space(None)
@@ -101,7 +101,7 @@ def test_forced_text_costs_no_forward_pass_and_replies_stay_valid(embedded):
         assert result.meta["decode_passes"] < result.completion_tokens - result.meta["forced_tokens"] + 1
 
 
-@pytest.mark.slow  # ~27 s of generation here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # ~27 s of generation here
 def test_the_same_seed_gives_the_same_reply_and_leaves_the_global_rng_alone(embedded):
     model, tokenizer = embedded
     space = load_space(None)

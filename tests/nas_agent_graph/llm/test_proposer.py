@@ -209,7 +209,7 @@ def test_extract_code():
     assert extract_code("sorry, no code") is None
 
 
-@pytest.mark.slow  # an LLM code proposal and two runs: ~42 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # an LLM code proposal and two runs: ~42 s here
 def test_accepted_model_code_becomes_the_incumbent_model(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG.replace('"lr": 1e-3', '"lr": 1e-6'))  # a poor baseline
     model_path = tmp_path / "model.py"

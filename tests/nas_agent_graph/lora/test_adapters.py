@@ -62,7 +62,7 @@ def good_adapter(tmp_path_factory):
     return out, verdict
 
 
-@pytest.mark.slow  # trains the module's adapter (20 steps): ~250 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # trains the module's adapter (20 steps): ~250 s here
 def test_a_few_lora_steps_reduce_training_loss(good_adapter):
     out, verdict = good_adapter
     meta = json.loads((out / "meta.json").read_text())
@@ -75,7 +75,7 @@ def test_a_few_lora_steps_reduce_training_loss(good_adapter):
     assert meta["settings"]["batch_size"] == 2 and 1e9 < meta["peak_rss_bytes"] < 24e9, meta["peak_rss_bytes"]
 
 
-@pytest.mark.slow  # needs the module's adapter (~250 s) and greedy generations here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # needs the module's adapter (~250 s) and greedy generations here
 def test_adapter_reloads_and_changes_greedy_output(chat, good_adapter):
     out, _ = good_adapter
     messages = from_dicts(make_samples(1, seed=9)[0]["messages"])
@@ -173,7 +173,7 @@ class NoModelChat:
         raise AssertionError("the gate must not run after a failed training")
 
 
-@pytest.mark.slow  # a real fine-tune job: ~13 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # a real fine-tune job: ~13 s here
 def test_trigger_counts_unseen_positives_and_a_failed_training_is_recorded(tmp_path):
     from nas_agent.atomic import append_jsonl
     from nas_agent_graph.lora.adapters import finetune_and_gate, finetune_due, samples_path
@@ -210,7 +210,7 @@ def test_a_missing_adapter_falls_back_to_the_base_model(tmp_path, caplog):
     assert proposer.chat.adapter is None and "is missing; proposing with the base model" in caplog.text
 
 
-@pytest.mark.slow  # a real fine-tune job up to its cap: ~20 s here; CI's second pass runs it (the default suite stays under 15 min)
+@pytest.mark.slow  # a real fine-tune job up to its cap: ~20 s here
 def test_a_fine_tune_over_its_memory_cap_is_a_recorded_failure(tmp_path):
     from nas_agent.atomic import append_jsonl
     from nas_agent_graph.lora.adapters import finetune_and_gate, samples_path
