@@ -70,7 +70,8 @@ def test_check_accepts_shipped_config(config, tmp_path):
 # test splits made the paper-sized Informer take 400 s on the shared 2-core machine. Still slow.
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.heavy) if c.stem == "informer" else c
+                                    for c in CONFIGS], ids=lambda p: p.stem)
 def test_train_py_runs_shipped_config(config, tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.run([PYTHON, "train.py", "--config", str(config), "--tag", "t", "--runs-dir", str(runs),

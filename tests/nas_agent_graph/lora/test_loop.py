@@ -24,6 +24,7 @@ RUNS = 6
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)  # 6 LLM proposals, 7 runs, one fine-tune and the gate: ~5 min on 2 idle cores
 def test_short_loop_finetunes_promotes_and_uses_the_adapter_and_a_new_session_keeps_it(tmp_path):
     (tmp_path / "config.py").write_text(TINY_CONFIG)
