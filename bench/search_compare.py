@@ -328,7 +328,8 @@ def arms_main(a: argparse.Namespace) -> None:
     (a.results / "README.md").write_text(
         f"# Architecture-search arms (issue 12)\n\nStudies of at most {a.minutes:g} minutes of study time on a "
         f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "
-        f"command that made it. Regenerate: `{command}`\n\nThe ensemble is each study's runs/ensemble.json: a "
+        f"command that made it: run again, it reads a finished study from --out, resumes a killed one, and trains "
+        f"one anew where --out lacks it (up to {a.minutes:g} minutes). The latest: `{command}`\n\nThe ensemble is each study's runs/ensemble.json: a "
         f"forward selection on validation forecasts over its 5 best runs (built with `python -m nas_agent_graph "
         f"ensemble` for a study that predates it); its test MSE, like a run's, is reported, never used. "
         f"The code column lists the commits a study ran at, one per session that resumed it on other code "

@@ -50,6 +50,14 @@ training = {
 '''
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m selection, which reads the marks
+def pytest_collection_modifyitems(items):
+    """A heavy test is a slow test: mark it so, so that the default suite (-m 'not slow') never runs it."""
+    for item in items:
+        if item.get_closest_marker("heavy") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def readme_config(tmp_path) -> Path:
     path = tmp_path / "readme_config.py"

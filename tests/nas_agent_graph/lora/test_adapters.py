@@ -62,8 +62,7 @@ def good_adapter(tmp_path_factory):
     return out, verdict
 
 
-@pytest.mark.slow  # trains the module's adapter (20 steps): ~250 s here
-@pytest.mark.heavy
+@pytest.mark.heavy  # trains the module's adapter (20 steps): ~250 s here
 def test_a_few_lora_steps_reduce_training_loss(good_adapter):
     out, verdict = good_adapter
     meta = json.loads((out / "meta.json").read_text())
@@ -76,8 +75,7 @@ def test_a_few_lora_steps_reduce_training_loss(good_adapter):
     assert meta["settings"]["batch_size"] == 2 and 1e9 < meta["peak_rss_bytes"] < 24e9, meta["peak_rss_bytes"]
 
 
-@pytest.mark.slow  # needs the module's adapter (~250 s) and greedy generations here
-@pytest.mark.heavy
+@pytest.mark.heavy  # needs the module's adapter (~250 s) and greedy generations here
 def test_adapter_reloads_and_changes_greedy_output(chat, good_adapter):
     out, _ = good_adapter
     messages = from_dicts(make_samples(1, seed=9)[0]["messages"])
@@ -88,8 +86,7 @@ def test_adapter_reloads_and_changes_greedy_output(chat, good_adapter):
     assert chat.invoke(messages, max_new_tokens=40).content == base  # the base model is still there, unchanged
 
 
-@pytest.mark.slow  # trains a second adapter and runs 6 greedy evaluations
-@pytest.mark.heavy
+@pytest.mark.heavy  # trains a second adapter and runs 6 greedy evaluations
 def test_gate_rejects_an_adapter_trained_on_wrong_format_replies(chat, good_adapter, tmp_path):
     bad_samples = make_samples(6, seed=2, response="I would try a bigger model with more dropout and a lower lr.")
     bad = tmp_path / "adapter_bad"

@@ -23,7 +23,6 @@ LORA = ["trigger=4", "reward_threshold=0", "held_out=1", "steps=12", "lr=1e-3", 
 RUNS = 6
 
 
-@pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.timeout(1800)  # 6 LLM proposals, 7 runs, one fine-tune and the gate: ~5 min on 2 idle cores
 def test_short_loop_finetunes_promotes_and_uses_the_adapter_and_a_new_session_keeps_it(tmp_path):

@@ -31,7 +31,6 @@ def test_list_and_bad_input(tmp_path):
     assert none.returncode == 2 and "no positive samples" in none.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.heavy  # a fine-tune and an evaluation of the embedded LLM
 @pytest.mark.timeout(1800)
 def test_train_then_eval_an_adapter_from_a_samples_file(tmp_path):
