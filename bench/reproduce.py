@@ -132,10 +132,14 @@ NOTES: dict[tuple[str, str], str] = {
         "with the machine: over the 3 seeds the MAE was 0.4115 ± 0.0013 and the mean val MSE 0.7217, but only "
         "seed 2021's MAE and val MSE were written down one by one, so those cells show seed 2021's."),
     ("patchtst42", "ETTh2"): (
-        "Seed 2021 so far: test 0.2915 / 0.3465 (1.064x of 0.274), val 0.2226, early-stopped at epoch 97 "
-        "(2372 s at about 24 s per epoch). Whether that is seed noise or a gap is open until the other "
-        "seeds finish: ETTh2 is noisy here (DLinear: 1.067x over 3 seeds, 1.044x over 10), and the "
-        "published 0.274 is one run. The model differences listed for ETTh1 apply."),
+        "Not within 5%, and not seed noise: test 0.2915 / 0.2897 / 0.2899 for seeds 2021-2023 (1.060x of "
+        "0.274, std 0.0010, while ETTh2's DLinear spreads 0.018 over the same seeds). The cause is open; "
+        "the candidates are the model differences listed for ETTh1 (LayerNorm for BatchNorm, no residual "
+        "attention, affine RevIN, ExponentialLR from epoch 1, patience 10), and the published 0.274 is one "
+        "run. Seed 2021 ran at about 24 s per epoch on 2 idle threads of a CPU with avx512_bf16; seeds "
+        "2022-2023 ran side by side, one thread each (`--jobs 2 --threads 1`), on a 2-core AMD EPYC "
+        "without it, at 60-100 s per epoch (7428 / 7107 s), both to epoch 100 with val MSE still "
+        "improving by < 1e-4 (lr 3e-9 at the end)."),
     ("tsmixer", "ETTh1"): (
         "Not yet run to the end with the current model. Since model.raw_tokens (this config sets it) "
         "the blocks mix the raw features with no input projection and normalise each (time, feature) "
