@@ -76,6 +76,41 @@ import torch.nn.functional as F
 N_MARKS = 4  # time-mark columns, fixed by the data pipeline
 
 
+# -----------------------------------------------------------------------------
+# Dropout
+
+MASK_LEVELS = 2 ** 15  # int16 random_() draws uniformly from [0, 2^15)
+
+
+def apply_dropout(x, p, training):
+    """F.dropout, with the mask drawn from 15-bit integers on a CPU.
+
+    Why: on a CPU torch draws the mask with bernoulli_, one double per element in a scalar loop;
+    profiled (torch 2.13, 1 thread, fp32 training steps) it was 27% of a PatchTST/42 step and 26%
+    of a TSMixer step. Uniform int16 integers from random_() cost several times less.
+    An element is dropped when its integer is below round(p * 2^15), so the rate used is p to
+    within 2^-16, and the survivors are scaled by the inverse of the keep rate used, so the
+    expectation of the output is the input exactly. CUDA has a fused dropout: it keeps
+    F.dropout's, and so does p = 1 (everything dropped)."""
+    if not training or p == 0.0:
+        return x
+    drop = round(p * MASK_LEVELS)
+    if not x.is_cpu or drop >= MASK_LEVELS:
+        return F.dropout(x, p, training)
+    keep = torch.empty(x.shape, dtype=torch.int16).random_() >= drop
+    # A float mask carries the scale: backward is then one multiplication by the saved mask.
+    return x * keep.to(x.dtype).mul_(MASK_LEVELS / (MASK_LEVELS - drop))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that draws its CPU mask as `apply_dropout` does (same p, same eval behaviour)."""
+
+    def forward(self, x):
+        if self.inplace:
+            return super().forward(x)
+        return apply_dropout(x, self.p, self.training)
+
+
 @dataclass
 class InformerConfig:
     seq_len: int
@@ -197,7 +232,7 @@ class DataEmbedding(nn.Module):
             self.temporal = nn.Linear(N_MARKS, d_model, bias=False)
         else:
             self.temporal = TemporalEmbedding(d_model, embed)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, marks):
         return self.dropout(self.token(x) + self.position(x) + self.temporal(marks))
@@ -275,7 +310,7 @@ def prob_attention(q, k, v, factor, causal, dropout_p=0.0):
     if causal:
         future = torch.arange(L_K, device=q.device) > top.unsqueeze(-1)  # [B, H, u, L_K]
         scores = scores.masked_fill(future, float("-inf"))
-    weights = F.dropout(scores.softmax(-1), p=dropout_p, training=dropout_p > 0)
+    weights = apply_dropout(scores.softmax(-1), dropout_p, dropout_p > 0)
     out_top = weights @ v  # [B, H, u, E]
 
     # Everyone else: the output of uniform attention over the keys they may see.
@@ -349,7 +384,7 @@ class FeedForward(nn.Module):
         self.conv1 = nn.Conv1d(d_model, d_ff, kernel_size=1)
         self.conv2 = nn.Conv1d(d_ff, d_model, kernel_size=1)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x):  # [B, L, d_model]
         y = self.dropout(self.act(self.conv1(x.transpose(1, 2))))
@@ -363,7 +398,7 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x):
         x = self.norm1(x + self.dropout(self.attention(x, x)))
@@ -410,7 +445,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, memory):
         x = self.norm1(x + self.dropout(self.self_attention(x, x)))
@@ -659,7 +694,7 @@ class Tokenizer(nn.Module):
         # and the model stays equivariant to the order of the variates.
         # Dropout on the embedded tokens is the transformers' (PatchTST, iTransformer); TSMixer
         # drops out inside its mixing blocks only, and at its 0.9 here it would erase the input.
-        self.dropout = nn.Dropout(cfg.dropout) if embed and cfg.mixer == "attention" else nn.Identity()
+        self.dropout = Dropout(cfg.dropout) if embed and cfg.mixer == "attention" else nn.Identity()
 
     def forward(self, x):
         if self.kind == "variate":
@@ -701,10 +736,10 @@ class MixerBlock(nn.Module):
         act = nn.GELU if activation == "gelu" else nn.ReLU
         norm = (lambda: CellBatchNorm(n_tokens, dim)) if raw else (lambda: nn.LayerNorm(dim))
         self.token_norm = norm()
-        self.token_mlp = nn.Sequential(nn.Linear(n_tokens, n_tokens), act(), nn.Dropout(dropout))
+        self.token_mlp = nn.Sequential(nn.Linear(n_tokens, n_tokens), act(), Dropout(dropout))
         self.feature_norm = norm()
-        self.feature_mlp = nn.Sequential(nn.Linear(dim, d_ff), act(), nn.Dropout(dropout),
-                                         nn.Linear(d_ff, dim), nn.Dropout(dropout))
+        self.feature_mlp = nn.Sequential(nn.Linear(dim, d_ff), act(), Dropout(dropout),
+                                         nn.Linear(d_ff, dim), Dropout(dropout))
 
     def forward(self, x):
         x = x + self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2)

@@ -1,5 +1,6 @@
 """Training speed on this machine: samples/s and seconds per epoch for the default config and
-every shipped config in configs/, in fp32 and with bf16 autocast (training.amp).
+every shipped config in configs/, in fp32 and with bf16 autocast (training.amp), and in fp32
+with torch's own dropout in place of model.py's (the baseline of model.py's CPU dropout masks).
 
     NAS_DATA_DIR=../shared/data python bench/train_speed.py [--steps 20] [--device cpu]
 
@@ -16,14 +17,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is a folder of scripts, not a package: `python bench/train_speed.py` puts bench/ on
 # the path, not the repository root that model.py, train.py and nas_agent live in.
 
+import model as model_py  # noqa: E402
 from model import build_model  # noqa: E402
 from nas_agent.config import load_config  # noqa: E402
 from nas_agent.data import load_dataset  # noqa: E402
@@ -69,6 +73,18 @@ def median_step_s(model, ds, cfg, steps: int, device: torch.device, amp: str) ->
     return statistics.median(times)
 
 
+@contextmanager
+def torch_dropout():
+    """Inside: every dropout of model.py is torch's F.dropout (bernoulli_ masks on a CPU), the
+    baseline against which model.py's own CPU masks are timed."""
+    own = model_py.apply_dropout
+    model_py.apply_dropout = F.dropout
+    try:
+        yield
+    finally:
+        model_py.apply_dropout = own
+
+
 def measure(path: Path, steps: int, device: torch.device) -> dict:
     cfg = load_config(path)
     ds = load_dataset(cfg.data, cfg.model.embed, device)
@@ -80,6 +96,9 @@ def measure(path: Path, steps: int, device: torch.device) -> dict:
         torch.manual_seed(0)  # the same weights for both precisions
         model = build_model(cfg.model_dump()).to(device)
         step_s[amp] = median_step_s(model, ds, cfg, steps, device, amp)
+    torch.manual_seed(0)
+    with torch_dropout():
+        step_s["torch dropout"] = median_step_s(build_model(cfg.model_dump()).to(device), ds, cfg, steps, device, "off")
     t = time.perf_counter()
     train.evaluate(model, ds.val, device)  # always fp32, as train.py evaluates
     sync(device)
@@ -90,6 +109,7 @@ def measure(path: Path, steps: int, device: torch.device) -> dict:
     return {"window": f"{cfg.data.seq_len}->{cfg.data.pred_len}", "batch": bs,
             "params": sum(p.numel() for p in model.parameters()), "samples_s": bs / step_s["off"],
             "bf16_samples_s": bs / step_s["bf16"] if "bf16" in step_s else None, "bf16_why": why,
+            "torch_dropout_samples_s": bs / step_s["torch dropout"],
             "train_epoch_s": fast * steps_per_epoch, "eval_s": eval_s, "epoch_s": fast * steps_per_epoch + eval_s}
 
 
@@ -104,13 +124,16 @@ def main() -> None:
     rows = {str(path.relative_to(ROOT)): measure(path, args.steps, device) for path in config_files()}
     base = rows["config.py"]
     print(f"bf16: {base['bf16_why']}")
-    print("\n| config | in->out | params | batch | samples/s fp32 | samples/s bf16 | bf16 vs fp32 | "
+    print("\n| config | in->out | params | batch | samples/s fp32, torch's dropout | samples/s fp32 | "
+          "vs torch's dropout | samples/s bf16 | bf16 vs fp32 | "
           "train s/epoch | val eval s (fp32) | s/epoch | epoch time vs config.py |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         bf16 = r["bf16_samples_s"]
         bf16_cells = "n/a | n/a" if bf16 is None else f"{bf16:.0f} | {bf16 / r['samples_s']:.2f}x"
-        print(f"| {name} | {r['window']} | {r['params']:,} | {r['batch']} | {r['samples_s']:.0f} | {bf16_cells} | "
+        td = r["torch_dropout_samples_s"]
+        print(f"| {name} | {r['window']} | {r['params']:,} | {r['batch']} | {td:.0f} | {r['samples_s']:.0f} | "
+              f"{r['samples_s'] / td:.2f}x | {bf16_cells} | "
               f"{r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | {r['epoch_s']:.1f} | "
               f"{r['epoch_s'] / base['epoch_s']:.3f}x |")
 

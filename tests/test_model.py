@@ -1,4 +1,4 @@
-"""Tests for model.py: shapes, gradients, the ProbSparse path, RevIN, determinism."""
+"""Tests for model.py: shapes, gradients, the ProbSparse path, RevIN, dropout, determinism."""
 
 import itertools
 import math
@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import (
+    Dropout,
     Informer,
+    apply_dropout,
     build_model,
     count_parameters,
     full_attention,
@@ -300,6 +302,68 @@ def test_revin_ms_denormalises_with_last_channel():
     x_dec2[:, :LABEL_LEN, -1] = 10 * x_dec[:, :LABEL_LEN, -1] + 5
     y2 = run_eval(model, (x_enc2, x_mark_enc, x_dec2, x_mark_dec))
     torch.testing.assert_close(y2, 10 * y + 5, atol=1e-3, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Dropout: the CPU mask from 15-bit integers behaves as F.dropout's
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_drops_at_rate_p_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    n = 1_000_000
+    y = apply_dropout(torch.ones(n), p, True)
+    kept = y != 0
+    # Binomial(n, p): 6 standard deviations (the rate used differs from p by under 2^-16).
+    assert abs((~kept).float().mean().item() - p) < 6 * math.sqrt(p * (1 - p) / n) + 2 ** -16
+    scale = y[kept].unique()
+    assert scale.numel() == 1 and math.isclose(scale.item(), 1 / (1 - p), rel_tol=1e-4)
+    # Survivors scaled by the inverse of the keep rate used: the expectation is the input.
+    assert abs(y.mean().item() - 1) < 6 * math.sqrt(p / (1 - p) / n)
+
+
+def test_dropout_masks_are_independent_of_position_and_of_each_other():
+    torch.manual_seed(0)
+    a = apply_dropout(torch.ones(400, 1000), 0.5, True) != 0
+    b = apply_dropout(torch.ones(400, 1000), 0.5, True) != 0
+    assert not torch.equal(a, b)
+    # No stripes: every row and every column is dropped at about the rate (binomial, 6 sd).
+    assert (a.float().mean(1) - 0.5).abs().max() < 6 * math.sqrt(0.25 / 1000)
+    assert (a.float().mean(0) - 0.5).abs().max() < 6 * math.sqrt(0.25 / 400)
+    # Two masks agree as often as independent coin flips do.
+    assert abs((a == b).float().mean().item() - 0.5) < 6 * math.sqrt(0.25 / a.numel())
+
+
+def test_dropout_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(0)
+    x = torch.randn(50, 40, requires_grad=True)
+    y = apply_dropout(x, 0.3, True)
+    g = torch.randn_like(y)
+    y.backward(g)
+    factor = (y / x).detach()  # 0 or 1/(1-p) per element
+    torch.testing.assert_close(x.grad, g * factor)
+
+
+def test_dropout_is_the_identity_in_eval_and_at_zero_and_f_dropout_at_one():
+    x = torch.randn(8, 16)
+    assert apply_dropout(x, 0.5, False) is x and apply_dropout(x, 0.0, True) is x
+    assert Dropout(0.5).eval()(x) is x
+    assert torch.equal(apply_dropout(x, 1.0, True), torch.zeros_like(x))
+
+
+def test_dropout_keeps_bf16_and_is_seeded():
+    x = torch.randn(64, 64).bfloat16()
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(Dropout(0.2).train()(x))
+    assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("config", [tiny_config(), tiny_config(attn="full")])
+def test_models_use_the_fast_dropout_everywhere(config):
+    model = build_model(config)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is Dropout for m in drops)
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from model import (Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage, ProbAttention, Tokenizer,
+from model import (Dropout, Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage, ProbAttention, Tokenizer,
                    build_model, n_patches)
 from nas_agent.config import validate_config
 
@@ -141,6 +141,13 @@ def attention_rates(model):
 def dropout_rates(model):
     return sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)})
 
+
+
+@pytest.mark.parametrize("tokens,mixer", [("patch", "full"), ("variate", "prob"), ("time", "mlp-raw"), ("patch", "mlp")])
+def test_forecasters_use_the_fast_dropout_everywhere(tokens, mixer):
+    model = forecaster("M", tokens, mixer, "mixed", "none", True)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is Dropout for m in drops)
 
 @pytest.mark.parametrize("mixer", ["full", "prob"])
 def test_attn_dropout_sets_the_attention_weights_rate_alone(mixer):
