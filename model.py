@@ -85,25 +85,29 @@ MASK_LEVELS = 2 ** 15  # int16 random_() draws uniformly from [0, 2^15)
 def apply_dropout(x, p, training):
     """F.dropout, with the mask drawn from 15-bit integers on a CPU.
 
-    Why: on a CPU torch draws the mask with bernoulli_, one double per element in a scalar loop;
-    profiled (torch 2.13, 1 thread, fp32 training steps) it was 27% of a PatchTST/42 step and 26%
-    of a TSMixer step. Uniform int16 integers from random_() cost several times less.
-    An element is dropped when its integer is below round(p * 2^15), so the rate used is p to
-    within 2^-16, and the survivors are scaled by the inverse of the keep rate used, so the
-    expectation of the output is the input exactly. CUDA has a fused dropout: it keeps
-    F.dropout's, and so does p = 1 (everything dropped)."""
+    Why: on a CPU torch draws the mask with bernoulli_ in a scalar loop; profiled (torch 2.13,
+    1 thread, fp32 training steps) bernoulli_ was 27% of a PatchTST/42 step and 26% of a TSMixer
+    step. Uniform int16 integers from random_() are cheaper to draw (bench/train_speed.py has the
+    measured effect on each shipped config). An element is dropped when its integer is below
+    round(p * 2^15), so the rate used is p to within 2^-16, and the survivors are scaled by the
+    inverse of the keep rate used, so the output's expectation is the input (up to the rounding
+    of that scale in x's dtype, as with F.dropout). F.dropout stays where it is as good: on CUDA
+    (a fused kernel), and for rates that 2^15 levels cannot express (p < 2^-16, p > 1 - 2^-16)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
     drop = round(p * MASK_LEVELS)
-    if not x.is_cpu or drop >= MASK_LEVELS:
+    if not x.is_cpu or drop in (0, MASK_LEVELS):
         return F.dropout(x, p, training)
-    keep = torch.empty(x.shape, dtype=torch.int16).random_() >= drop
+    keep = torch.empty_like(x, dtype=torch.int16).random_() >= drop
     # A float mask carries the scale: backward is then one multiplication by the saved mask.
     return x * keep.to(x.dtype).mul_(MASK_LEVELS / (MASK_LEVELS - drop))
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout that draws its CPU mask as `apply_dropout` does (same p, same eval behaviour)."""
+    """nn.Dropout that draws its CPU mask as `apply_dropout` does (same p, same eval behaviour);
+    inplace=True keeps torch's own dropout."""
 
     def forward(self, x):
         if self.inplace:
@@ -251,9 +255,16 @@ def full_attention(q, k, v, causal, dropout_p=0.0):
         # models trained at 0.55x of fp32. In fp32 here, inside an otherwise bf16 model, they
         # train at 1.0-1.2x of fp32 (bench/results/train_speed.md). The output goes back to bf16.
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
-                                                 is_causal=causal)
+            out = full_attention(q.float(), k.float(), v.float(), causal, dropout_p)
         return out.to(q.dtype)
+    if q.is_cpu and dropout_p > 0:
+        # With dropout, torch's CPU attention leaves its fused kernel for the plain math below
+        # anyway, and draws the mask with bernoulli_; apply_dropout's mask is cheaper.
+        scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+        if causal:
+            future = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return apply_dropout(scores.softmax(-1), dropout_p, True) @ v
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
 

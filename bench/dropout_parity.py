@@ -12,7 +12,8 @@ subprocess at a time. It prints val and test MSE as mean +- std over the seeds, 
 amp_parity's verdict on val MSE ("parity" when the means differ by less than twice the standard
 error of the difference). Test MSE is shown, never used for the verdict.
 
-Runs whose metrics.json says ok or timeout are reused, so a killed benchmark resumes. A
+Runs whose metrics.json says ok or timeout are reused, so a killed benchmark resumes; a run's tag
+holds its model file's hash, so an edit of model.py trains anew. A
 benchmark: it prints a table, asserts nothing.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import train
 from amp_parity import DONE, SEED0, mean_std, verdict  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +47,14 @@ def torch_dropout_model(out: Path) -> Path:
 
 
 def run_one(config: str, variant: str, seed: int, sets: list[str], out: Path, threads: int) -> dict:
-    tag = f"{Path(config).stem}_{variant}_s{seed}"
+    model = ROOT / "model.py" if variant == "own" else torch_dropout_model(out)
+    # The model file's hash in the tag: a run of an earlier model.py is not reused.
+    tag = f"{Path(config).stem}_{variant}_{train.model_file_hash(str(model))[:10]}_s{seed}"
     metrics_path = out / tag / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         if metrics.get("status") in DONE:
             return metrics
-    model = ROOT / "model.py" if variant == "own" else torch_dropout_model(out)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / config), "--model", str(model),
            "--tag", tag, "--runs-dir", str(out), "--seed", str(seed), "--overwrite", "--device", "cpu",
            *[a for s in sets for a in ("--set", s)]]

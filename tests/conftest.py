@@ -103,3 +103,12 @@ def load_bench_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def cpu_ops(fn) -> set[str]:
+    """The names of the torch operators that fn() runs on the CPU (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}

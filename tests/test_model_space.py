@@ -10,9 +10,10 @@ import itertools
 import pytest
 import torch
 
-from model import (Dropout, Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage, ProbAttention, Tokenizer,
+from model import (Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage, ProbAttention, Tokenizer,
                    build_model, n_patches)
 from nas_agent.config import validate_config
+from tests.conftest import cpu_ops
 
 SEQ_LEN, LABEL_LEN, PRED_LEN, BATCH = 24, 8, 6, 3
 N_VARS = 7  # ETTh1's channel count
@@ -142,13 +143,6 @@ def dropout_rates(model):
     return sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)})
 
 
-
-@pytest.mark.parametrize("tokens,mixer", [("patch", "full"), ("variate", "prob"), ("time", "mlp-raw"), ("patch", "mlp")])
-def test_forecasters_use_the_fast_dropout_everywhere(tokens, mixer):
-    model = forecaster("M", tokens, mixer, "mixed", "none", True)
-    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    assert drops and all(type(m) is Dropout for m in drops)
-
 @pytest.mark.parametrize("mixer", ["full", "prob"])
 def test_attn_dropout_sets_the_attention_weights_rate_alone(mixer):
     # PatchTST drops no attention weights (configs/patchtst*.py); unset, the model's dropout applies.
@@ -158,6 +152,15 @@ def test_attn_dropout_sets_the_attention_weights_rate_alone(mixer):
     assert attention_rates(zero) == [0.0] and dropout_rates(zero) == [0.1]
     informer = build("M", **{**TINY, "attn": mixer, "attn_dropout": 0.25})
     assert attention_rates(informer) == [0.25] and dropout_rates(informer) == [0.1]
+
+
+
+@pytest.mark.parametrize("tokens,mixer", [("patch", "full"), ("variate", "prob"), ("time", "mlp-raw"), ("patch", "mlp")])
+def test_forecasters_draw_no_torch_dropout_masks_on_cpu(tokens, mixer):
+    """Every dropout of the linear-head families, attention's included, is model.apply_dropout's."""
+    model = forecaster("M", tokens, mixer, "mixed", "none", True).train()
+    ops = cpu_ops(lambda: model(*make_inputs(N_VARS)).sum().backward())
+    assert "aten::random_" in ops and "aten::bernoulli_" not in ops
 
 
 # -----------------------------------------------------------------------------
