@@ -106,12 +106,10 @@ def apply_dropout(x, p, training):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout that draws its CPU mask as `apply_dropout` does (same p, same eval behaviour);
-    inplace=True keeps torch's own dropout."""
+    """nn.Dropout that draws its CPU mask as `apply_dropout` does (same p, same eval behaviour;
+    never in place)."""
 
     def forward(self, x):
-        if self.inplace:
-            return super().forward(x)
         return apply_dropout(x, self.p, self.training)
 
 

@@ -35,22 +35,27 @@ DEFAULT_SETS = ["training.max_epochs=3"]
 PRECISIONS = {"fp32": "False", "bf16": "True"}
 
 
-def run_one(config: str, precision: str, seed: int, sets: list[str], out: Path, threads: int) -> dict:
-    tag = f"{Path(config).stem}_{precision}_s{seed}"
+def train_once(tag: str, config: str, seed: int, extra: list[str], sets: list[str], out: Path, threads: int) -> dict:
+    """The metrics of one train.py run into out/tag (reused when it already ended ok or timeout)."""
     metrics_path = out / tag / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         if metrics.get("status") in DONE:
             return metrics
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / config), "--tag", tag,
-           "--runs-dir", str(out), "--seed", str(seed), "--overwrite",
-           "--set", f"training.amp={PRECISIONS[precision]}", *[a for s in sets for a in ("--set", s)]]
+           "--runs-dir", str(out), "--seed", str(seed), "--overwrite", *extra,
+           *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("$", shlex.join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if not metrics_path.exists():
         raise SystemExit(f"{tag}: train.py wrote no metrics.json (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(metrics_path.read_text())
+
+
+def run_one(config: str, precision: str, seed: int, sets: list[str], out: Path, threads: int) -> dict:
+    return train_once(f"{Path(config).stem}_{precision}_s{seed}", config, seed,
+                      ["--set", f"training.amp={PRECISIONS[precision]}"], sets, out, threads)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -19,17 +19,12 @@ benchmark: it prints a table, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shlex
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import train
-from amp_parity import DONE, SEED0, mean_std, verdict  # bench/ is this script's folder
+from amp_parity import SEED0, mean_std, train_once, verdict  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/patchtst42.py", "configs/itransformer.py"]
@@ -50,20 +45,7 @@ def run_one(config: str, variant: str, seed: int, sets: list[str], out: Path, th
     model = ROOT / "model.py" if variant == "own" else torch_dropout_model(out)
     # The model file's hash in the tag: a run of an earlier model.py is not reused.
     tag = f"{Path(config).stem}_{variant}_{train.model_file_hash(str(model))[:10]}_s{seed}"
-    metrics_path = out / tag / "metrics.json"
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        if metrics.get("status") in DONE:
-            return metrics
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / config), "--model", str(model),
-           "--tag", tag, "--runs-dir", str(out), "--seed", str(seed), "--overwrite", "--device", "cpu",
-           *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    print("$", shlex.join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if not metrics_path.exists():
-        raise SystemExit(f"{tag}: train.py wrote no metrics.json (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(metrics_path.read_text())
+    return train_once(tag, config, seed, ["--model", str(model), "--device", "cpu"], sets, out, threads)
 
 
 def main() -> None:
