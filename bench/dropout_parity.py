@@ -7,7 +7,8 @@ model.apply_dropout draws a CPU dropout mask from 15-bit integers instead of tor
 (cheaper; the rate used is p to within 2^-16). The tests check the mask's rate, scale, gradient
 and independence; this checks what matters to a user, that models train as well. Each config is
 trained once per seed with model.py ("own") and once with a copy of model.py whose apply_dropout
-is torch's F.dropout ("torch", written into --out and passed as train.py --model), one train.py
+is torch's F.dropout and whose MLPs are model.plain_mlp, not the fused model.mlp_forward ("torch",
+written into --out and passed as train.py --model), one train.py
 subprocess at a time. It prints val and test MSE as mean +- std over the seeds, samples/s, and
 amp_parity's verdict on val MSE ("parity" when the means differ by less than twice the standard
 error of the difference). Test MSE is shown, never used for the verdict.
@@ -33,11 +34,13 @@ VARIANTS = ("own", "torch")
 
 
 def torch_dropout_model(out: Path) -> Path:
-    """A copy of model.py in which every dropout is torch's F.dropout: Dropout.forward and the
-    attention call the module's apply_dropout when they run, so rebinding it at the end suffices."""
+    """A copy of model.py in which every dropout is torch's F.dropout and every MLP the plain
+    sequence: Dropout.forward, the attention and the MLP modules look up the module's
+    apply_dropout and mlp_forward when they run, so rebinding them at the end suffices."""
     path = out / "model_torch_dropout.py"
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text((ROOT / "model.py").read_text() + "\n\napply_dropout = F.dropout  # dropout_parity's baseline\n")
+    path.write_text((ROOT / "model.py").read_text() + "\n\n# dropout_parity's baseline\n"
+                    "apply_dropout = F.dropout\nmlp_forward = plain_mlp\n")
     return path
 
 

@@ -75,14 +75,15 @@ def median_step_s(model, ds, cfg, steps: int, device: torch.device, amp: str) ->
 
 @contextmanager
 def torch_dropout():
-    """Inside: every dropout of model.py is torch's F.dropout (bernoulli_ masks on a CPU), the
-    baseline against which model.py's own CPU masks are timed."""
-    own = model_py.apply_dropout
-    model_py.apply_dropout = F.dropout
+    """Inside: every dropout of model.py is torch's F.dropout (bernoulli_ masks on a CPU) and
+    every MLP is model.plain_mlp, the baseline against which model.py's own CPU masks and its
+    fused MLPs (model.mlp_forward) are timed."""
+    own = model_py.apply_dropout, model_py.mlp_forward
+    model_py.apply_dropout, model_py.mlp_forward = F.dropout, model_py.plain_mlp
     try:
         yield
     finally:
-        model_py.apply_dropout = own
+        model_py.apply_dropout, model_py.mlp_forward = own
 
 
 def measure(path: Path, steps: int, device: torch.device) -> dict:

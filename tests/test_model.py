@@ -17,6 +17,7 @@ from model import (
     build_model,
     count_parameters,
     full_attention,
+    keep_mask,
     prob_attention,
     sampled_scores,
 )
@@ -323,6 +324,20 @@ def test_dropout_drops_at_rate_p_and_keeps_the_mean(p):
     used_keep = 1 - round(p * MASK_LEVELS) / MASK_LEVELS
     assert scale.numel() == 1 and math.isclose(scale.item(), 1 / used_keep, rel_tol=1e-6)
     assert abs(y.mean().item() - 1) < 6 * math.sqrt(p / (1 - p) / n)
+
+
+@pytest.mark.parametrize("drop", [1, MASK_LEVELS // 10, MASK_LEVELS // 2, MASK_LEVELS - 1])
+def test_keep_mask_is_uniform_in_each_of_the_four_lanes_of_a_64_bit_draw(drop):
+    # keep_mask cuts one int64 into four 15-bit integers: each lane (position mod 4, the top one
+    # included, whose sign bit random_() leaves at 0) must keep at the rate, whatever the shape.
+    torch.manual_seed(0)
+    n = 4 * 250_000
+    keep = keep_mask(torch.empty(n - 1), drop)  # not a multiple of 4: the last word is cut
+    assert keep.shape == (n - 1,) and keep.dtype == torch.bool
+    want = 1 - drop / MASK_LEVELS
+    lanes = torch.cat([keep, torch.tensor([True])]).view(-1, 4).float().mean(0)
+    assert (lanes - want).abs().max() < 6 * math.sqrt(want * (1 - want) / (n / 4)) + 1e-5
+    assert keep_mask(torch.empty(0, 3), drop).shape == (0, 3)
 
 
 def test_dropout_masks_are_independent_of_position_and_of_each_other():

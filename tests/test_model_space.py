@@ -10,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from model import (Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage, ProbAttention, Tokenizer,
-                   build_model, n_patches)
+from model import (FeatureMLP, FeedForward, Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage,
+                   ProbAttention, Tokenizer, apply_dropout, build_model, n_patches)
 from nas_agent.config import validate_config
 from tests.conftest import cpu_ops
 
@@ -161,6 +161,73 @@ def test_forecasters_draw_no_torch_dropout_masks_on_cpu(tokens, mixer):
     model = forecaster("M", tokens, mixer, "mixed", "none", True).train()
     ops = cpu_ops(lambda: model(*make_inputs(N_VARS)).sum().backward())
     assert "aten::random_" in ops and "aten::bernoulli_" not in ops
+
+
+# -----------------------------------------------------------------------------
+# MLPs (TSMixer's feature MLP, the transformers' FFN): the CPU training path is the plain
+# sequence, in fewer passes (model.mlp_forward)
+
+def plain_and_fused(module, x, plain_forward, dtype=torch.float32):
+    """(output, gradients) of plain_forward(x) and of module(x), from the same random stream, so
+    both draw the same masks."""
+    def run(forward):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = forward(x)
+        return (y, *torch.autograd.grad(y.float(), [x, *module.parameters()], torch.ones_like(y, dtype=torch.float)))
+    return run(plain_forward), run(module)
+
+
+def plain_ffn(ffn):
+    """FeedForward as Informer's kernel-1 convolutions, each dropout drawn as apply_dropout draws
+    it, on the hidden laid out [B, L, d_ff] as mlp_forward lays it out."""
+    def forward(x):
+        h = ffn.act(ffn.conv1(x.transpose(1, 2))).transpose(1, 2)
+        h = apply_dropout(h, ffn.dropout.p, ffn.training).transpose(1, 2)
+        return ffn.dropout(ffn.conv2(h).transpose(1, 2))
+    return forward
+
+
+@pytest.mark.parametrize("dim,p,activation", [(7, 0.9, "relu"), (7, 0.1, "relu"), (1, 0.5, "relu"), (7, 0.3, "gelu")])
+def test_feature_mlp_fused_dropout_matches_the_plain_sequence(dim, p, activation):
+    mlp = FeatureMLP(dim, 64, p, activation).train()
+    x = torch.randn(4, SEQ_LEN, dim, requires_grad=True)
+    plain, fused = plain_and_fused(mlp, x, lambda t: torch.nn.Sequential.forward(mlp, t))
+    torch.testing.assert_close(fused, plain)
+    # The fused path ran (with ReLU, no ReLU pass of its own), and both dropouts dropped something.
+    ops = cpu_ops(lambda: mlp(x))
+    assert "aten::where" in ops and (activation == "gelu" or not ops & {"aten::relu", "aten::clamp_min"})
+    assert (fused[0] == 0).any() and (fused[0] != 0).any()
+
+
+@pytest.mark.parametrize("p,activation", [(0.1, "gelu"), (0.2, "relu"), (0.0, "gelu")])
+def test_ffn_as_linear_maps_matches_the_kernel_1_convolutions(p, activation):
+    ffn = FeedForward(16, 64, p, activation)
+    x = torch.randn(4, SEQ_LEN, 16, requires_grad=True)
+    for mode in (ffn.train(), ffn.eval()):
+        plain, fused = plain_and_fused(mode, x, plain_ffn(mode))
+        torch.testing.assert_close(fused, plain)
+
+
+def test_fused_mlp_under_bf16_autocast():
+    mlp = FeatureMLP(N_VARS, 64, 0.3, "relu").train()
+    plain, fused = plain_and_fused(mlp, torch.randn(4, SEQ_LEN, N_VARS, requires_grad=True),
+                                   lambda t: torch.nn.Sequential.forward(mlp, t), torch.bfloat16)
+    assert fused[0].dtype == torch.bfloat16
+    torch.testing.assert_close(fused, plain, atol=0.05, rtol=0.02)
+
+
+def test_feature_mlp_in_eval_is_the_mlp_without_dropout():
+    x = torch.randn(4, SEQ_LEN, N_VARS)
+    relu = FeatureMLP(N_VARS, 64, 0.3, "relu").eval()
+    torch.testing.assert_close(relu(x), relu[3](relu[1](relu[0](x))))
+
+
+def test_feature_mlp_keeps_the_state_dict_of_the_sequence_it_replaced():
+    # Checkpoints written before FeatureMLP (an nn.Sequential of the same five modules) still load.
+    old = torch.nn.Sequential(torch.nn.Linear(N_VARS, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(64, N_VARS), torch.nn.Dropout(0.1))
+    FeatureMLP(N_VARS, 64, 0.1, "relu").load_state_dict(old.state_dict())
 
 
 # -----------------------------------------------------------------------------
