@@ -116,6 +116,10 @@ def keep_mask(x, drop):
     return words.view(torch.int16)[:n].view(x.shape).bitwise_and_(MASK_LEVELS - 1) >= drop
 
 
+def make_act(activation):
+    return nn.GELU() if activation == "gelu" else nn.ReLU()
+
+
 def check_rate(p):
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
@@ -131,8 +135,10 @@ def mask_threshold(x, p):
 
 def mlp_forward(x, w1, b1, act, p, training, w2, b2):
     """`plain_mlp`: F.linear(apply_dropout(act(F.linear(x, w1, b1)), p, training), w2, b2). In CPU
-    training: the same masks from the same random stream, and the same result up to float rounding
-    (tests/test_model_space.py), in fewer passes over the hidden layer.
+    training with a rate model.py draws itself: the same masks from the same random stream, and
+    the same result up to float rounding (tests/test_model_space.py; under bf16 autocast the
+    dropout's scale is applied in w2's fp32, not rounded to bf16), in fewer passes over the
+    hidden layer.
 
     Why: the hidden [..., d_ff] is the largest tensor of an MLP (TSMixer's feature MLP: 512
     against 7 features; a transformer's FFN: 4-8x d_model), and the plain sequence passes over it
@@ -140,20 +146,19 @@ def mlp_forward(x, w1, b1, act, p, training, w2, b2):
     - The mask is applied as a selection, torch.where(keep, h, 0), and the dropout's scale goes
       into w2, a [d_out, d_ff] matrix, instead of a float mask over the hidden; backward is one
       selection from the saved boolean mask.
-    - ReLU then dropout is one mask, keep & (h > 0), so with ReLU there is no separate ReLU pass,
-      nor its backward.
+    - ReLU then dropout is one mask, keep & ~(h <= 0), so with ReLU there is no separate ReLU
+      pass, nor its backward (NaN is kept, as ReLU passes it on: train.py's NaN check still sees it).
     - w1 goes in as a contiguous [d_in, d_ff] matrix, so autograd takes its gradient as
       x^T @ grad: 2-4x faster than (grad^T @ x)^T when d_in is small (7 features, d_model 16).
     """
-    if not (training and x.is_cpu):
-        return plain_mlp(x, w1, b1, act, p, training, w2, b2)
-    h = torch.addmm(b1, x.reshape(-1, x.shape[-1]), w1.t().contiguous()).view(*x.shape[:-1], -1)
-    drop = mask_threshold(h, p) if p > 0 else None
+    drop = mask_threshold(x, p) if training and p > 0 else None
     if drop is None:
-        return F.linear(apply_dropout(act(h), p, True), w2, b2)
+        return plain_mlp(x, w1, b1, act, p, training, w2, b2)
+    rows, w1t = x.reshape(-1, x.shape[-1]), w1.t().contiguous()
+    h = (rows @ w1t if b1 is None else torch.addmm(b1, rows, w1t)).view(*x.shape[:-1], w1.shape[0])
     keep = keep_mask(h, drop)
     if isinstance(act, nn.ReLU):
-        keep &= h > 0
+        keep &= ~(h <= 0)
     else:
         h = act(h)
     return F.linear(torch.where(keep, h, 0.0), w2 * (MASK_LEVELS / (MASK_LEVELS - drop)), b2)
@@ -453,7 +458,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(d_model, d_ff, kernel_size=1)
         self.conv2 = nn.Conv1d(d_ff, d_model, kernel_size=1)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = make_act(activation)
         self.dropout = Dropout(dropout)
 
     def forward(self, x):  # [B, L, d_model]
@@ -801,8 +806,7 @@ class FeatureMLP(nn.Sequential):
     `mlp_forward`."""
 
     def __init__(self, dim, d_ff, dropout, activation):
-        act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        super().__init__(nn.Linear(dim, d_ff), act, Dropout(dropout), nn.Linear(d_ff, dim), Dropout(dropout))
+        super().__init__(nn.Linear(dim, d_ff), make_act(activation), Dropout(dropout), nn.Linear(d_ff, dim), Dropout(dropout))
 
     def forward(self, x):
         first, act, dropout, second, out_dropout = self
@@ -820,10 +824,9 @@ class MixerBlock(nn.Module):
 
     def __init__(self, n_tokens, dim, d_ff, dropout, activation, raw=False):
         super().__init__()
-        act = nn.GELU if activation == "gelu" else nn.ReLU
         norm = (lambda: CellBatchNorm(n_tokens, dim)) if raw else (lambda: nn.LayerNorm(dim))
         self.token_norm = norm()
-        self.token_mlp = nn.Sequential(nn.Linear(n_tokens, n_tokens), act(), Dropout(dropout))
+        self.token_mlp = nn.Sequential(nn.Linear(n_tokens, n_tokens), make_act(activation), Dropout(dropout))
         self.feature_norm = norm()
         self.feature_mlp = FeatureMLP(dim, d_ff, dropout, activation)
 

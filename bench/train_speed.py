@@ -1,6 +1,7 @@
 """Training speed on this machine: samples/s and seconds per epoch for the default config and
 every shipped config in configs/, in fp32 and with bf16 autocast (training.amp), and in fp32
-with torch's own dropout in place of model.py's (the baseline of model.py's CPU dropout masks).
+with torch's own dropout in place of model.py's and model.plain_mlp in place of the fused
+model.mlp_forward (the baseline of model.py's CPU dropout masks and fused MLPs).
 
     NAS_DATA_DIR=../shared/data python bench/train_speed.py [--steps 20] [--device cpu]
 
@@ -127,8 +128,8 @@ def main() -> None:
     rows = {str(path.relative_to(ROOT)): measure(path, args.steps, device) for path in config_files()}
     base = rows["config.py"]
     print(f"bf16: {base['bf16_why']}")
-    print("\n| config | in->out | params | batch | samples/s fp32, torch's dropout | samples/s fp32 | "
-          "vs torch's dropout | samples/s bf16 | bf16 vs fp32 | "
+    print("\n| config | in->out | params | batch | samples/s fp32, torch's dropout, plain MLP | samples/s fp32 | "
+          "vs that baseline | samples/s bf16 | bf16 vs fp32 | "
           "train s/epoch | val eval s (fp32) | s/epoch | epoch time vs config.py |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():

@@ -340,20 +340,39 @@ def test_keep_mask_is_uniform_in_each_of_the_four_lanes_of_a_64_bit_draw(drop):
     assert keep_mask(torch.empty(0, 3), drop).shape == (0, 3)
 
 
-def test_dropout_masks_are_independent_of_position_and_of_each_other():
+def test_keep_mask_is_the_four_15_bit_lanes_of_each_int64_draw():
+    # The layout pinned exactly: lane i of word w is element 4w + i, kept when its 15 bits >= drop
+    # (drop is one lane's own value, so ">" for ">=" shows).
+    torch.manual_seed(7)
+    words = torch.empty(4, dtype=torch.int64).random_()
+    lanes = torch.stack([(words >> (16 * i)) & (MASK_LEVELS - 1) for i in range(4)], dim=1).flatten()[:15]
+    drop = int(lanes[5])
+    torch.manual_seed(7)
+    keep = keep_mask(torch.empty(3, 5), drop)
+    assert torch.equal(keep.flatten(), lanes >= drop) and keep.flatten()[5]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_masks_are_independent_of_position_and_of_each_other(p):
+    # At p = 0.5 a mask reads one bit of each 15-bit integer; at p = 0.1, most of them (two
+    # lanes sharing bits would agree more often than independent draws).
     torch.manual_seed(0)
-    a = apply_dropout(torch.ones(400, 1000), 0.5, True) != 0
-    b = apply_dropout(torch.ones(400, 1000), 0.5, True) != 0
-    sd = lambda n: 6 * math.sqrt(0.25 / n)  # noqa: E731  (6 standard deviations of a fair coin's mean)
+    a = apply_dropout(torch.ones(400, 1000), p, True) != 0
+    b = apply_dropout(torch.ones(400, 1000), p, True) != 0
+    agree = p * p + (1 - p) * (1 - p)  # how often two independent draws agree
+    sd = lambda n, q: 6 * math.sqrt(q * (1 - q) / n)  # noqa: E731  (6 standard deviations of a mean of n Bernoulli(q))
     # No stripes: every row and every column is dropped at about the rate.
-    assert (a.float().mean(1) - 0.5).abs().max() < sd(1000)
-    assert (a.float().mean(0) - 0.5).abs().max() < sd(400)
-    # Neighbours, along either axis, agree as often as independent coin flips do: no shared draws.
-    assert abs((a[:, 1:] == a[:, :-1]).float().mean().item() - 0.5) < sd(a[:, 1:].numel())
-    assert abs((a[1:] == a[:-1]).float().mean().item() - 0.5) < sd(a[1:].numel())
+    assert (a.float().mean(1) - (1 - p)).abs().max() < sd(1000, p)
+    assert (a.float().mean(0) - (1 - p)).abs().max() < sd(400, p)
+    # Neighbours, along either axis and in every lane pair of a 64-bit draw, agree as often as
+    # independent draws do: no shared bits.
+    flat = a.flatten()
+    for step in (1, 2, 3, 4, 1000):
+        pairs = flat[step:] == flat[:-step]
+        assert abs(pairs.float().mean().item() - agree) < sd(pairs.numel(), agree), step
     # So do two masks.
     assert not torch.equal(a, b)
-    assert abs((a == b).float().mean().item() - 0.5) < sd(a.numel())
+    assert abs((a == b).float().mean().item() - agree) < sd(a.numel(), agree)
 
 
 def test_dropout_gradient_is_the_mask_times_the_scale():

@@ -194,19 +194,49 @@ def test_feature_mlp_fused_dropout_matches_the_plain_sequence(dim, p, activation
     x = torch.randn(4, SEQ_LEN, dim, requires_grad=True)
     plain, fused = plain_and_fused(mlp, x, lambda t: torch.nn.Sequential.forward(mlp, t))
     torch.testing.assert_close(fused, plain)
-    # The fused path ran (with ReLU, no ReLU pass of its own), and both dropouts dropped something.
+    # The fused path ran (with ReLU, no ReLU pass of its own), and the output dropout dropped something.
     ops = cpu_ops(lambda: mlp(x))
     assert "aten::where" in ops and (activation == "gelu" or not ops & {"aten::relu", "aten::clamp_min"})
     assert (fused[0] == 0).any() and (fused[0] != 0).any()
+
+
+@pytest.mark.parametrize("p", [1e-6, 1.0, 0.0])
+def test_feature_mlp_rates_left_to_f_dropout_still_drop(p):
+    # Rates 2^15 levels cannot express, and p = 0, take plain_mlp: p = 1 zeroes everything.
+    mlp = FeatureMLP(N_VARS, 64, p, "relu").train()
+    x = torch.randn(4, SEQ_LEN, N_VARS, requires_grad=True)
+    plain, fused = plain_and_fused(mlp, x, lambda t: torch.nn.Sequential.forward(mlp, t))
+    torch.testing.assert_close(fused, plain)
+    assert (fused[0] == 0).all() if p == 1.0 else (fused[0] != 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, SEQ_LEN, N_VARS), (4, 0, N_VARS), (N_VARS,), (2, 3, 5, N_VARS)])
+def test_feature_mlp_fused_path_takes_any_leading_shape(shape):
+    mlp = FeatureMLP(N_VARS, 64, 0.2, "relu").train()
+    x = torch.randn(*shape, requires_grad=True)
+    plain, fused = plain_and_fused(mlp, x, lambda t: torch.nn.Sequential.forward(mlp, t))
+    assert fused[0].shape == shape
+    torch.testing.assert_close(fused, plain)
+
+
+def test_fused_relu_mask_keeps_a_nan_hidden_unit_as_relu_does():
+    # ReLU passes NaN on: a model whose weights went NaN must not look finite (train.py fails fast on NaN).
+    mlp = FeatureMLP(N_VARS, 64, 0.1, "relu").train()
+    with torch.no_grad():
+        mlp[0].weight[:] = float("nan")
+    assert mlp(torch.randn(4, SEQ_LEN, N_VARS)).isnan().any()
 
 
 @pytest.mark.parametrize("p,activation", [(0.1, "gelu"), (0.2, "relu"), (0.0, "gelu")])
 def test_ffn_as_linear_maps_matches_the_kernel_1_convolutions(p, activation):
     ffn = FeedForward(16, 64, p, activation)
     x = torch.randn(4, SEQ_LEN, 16, requires_grad=True)
-    for mode in (ffn.train(), ffn.eval()):
-        plain, fused = plain_and_fused(mode, x, plain_ffn(mode))
+    for training in (True, False):
+        ffn.train(training)
+        plain, fused = plain_and_fused(ffn, x, plain_ffn(ffn))
         torch.testing.assert_close(fused, plain)
+        if training and p > 0:
+            assert (fused[0] == 0).any()  # the output dropout ran
 
 
 def test_fused_mlp_under_bf16_autocast():
