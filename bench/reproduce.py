@@ -147,7 +147,9 @@ NOTES: dict[tuple[str, str], str] = {
         "before it, a projection to d_model 16 took the 0.9 dropout too and the model was far off (2 "
         "epochs: val 1.378, test 0.719). Remaining differences: torch BatchNorm's momentum and eps "
         "(0.1, 1e-5; Keras 0.01 in torch terms, 1e-3). Cost: the feature MLP's [batch, 512, 512] hidden "
-        "layer dominates, about 100 s/epoch on 2 idle threads (bench/results/train_speed.md)."),
+        "layer dominates: about 100 s/epoch on 2 idle threads of a CPU with avx512_bf16; on an AVX2-only "
+        "one 323 s, and 206 s since model.mlp_forward fuses that layer's ReLU and dropout "
+        "(bench/results/train_speed.md)."),
     ("itransformer", "ETTh1"): (
         "Within 5% on both datasets. model.py's iTransformer omits the official one's 4 time-feature tokens "
         "(x_mark as extra variate tokens), its final encoder LayerNorm, and uses affine RevIN; "
