@@ -26,6 +26,7 @@ from pathlib import Path
 
 import train
 from amp_parity import SEED0, mean_std, train_once, verdict  # bench/ is this script's folder
+from train_speed import BASELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/patchtst42.py", "configs/itransformer.py"]
@@ -40,7 +41,7 @@ def torch_dropout_model(out: Path) -> Path:
     path = out / "model_torch_dropout.py"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text((ROOT / "model.py").read_text() + "\n\n# dropout_parity's baseline\n"
-                    "apply_dropout = F.dropout\nmlp_forward = plain_mlp\n")
+                    + "".join(f"{name} = {expr}\n" for name, expr in BASELINE.items()))
     return path
 
 

@@ -19,10 +19,10 @@ import argparse
 import statistics
 import time
 from contextlib import contextmanager
+from operator import attrgetter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is a folder of scripts, not a package: `python bench/train_speed.py` puts bench/ on
@@ -74,17 +74,24 @@ def median_step_s(model, ds, cfg, steps: int, device: torch.device, amp: str) ->
     return statistics.median(times)
 
 
+# The baseline, as model.py names rebound to model.py expressions: torch's dropout and the plain
+# MLP. torch_dropout() rebinds them in this process; dropout_parity writes them into a model file.
+BASELINE = {"apply_dropout": "F.dropout", "mlp_forward": "plain_mlp"}
+
+
 @contextmanager
 def torch_dropout():
     """Inside: every dropout of model.py is torch's F.dropout (bernoulli_ masks on a CPU) and
     every MLP is model.plain_mlp, the baseline against which model.py's own CPU masks and its
     fused MLPs (model.mlp_forward) are timed."""
-    own = model_py.apply_dropout, model_py.mlp_forward
-    model_py.apply_dropout, model_py.mlp_forward = F.dropout, model_py.plain_mlp
+    own = {name: getattr(model_py, name) for name in BASELINE}
+    for name, expr in BASELINE.items():
+        setattr(model_py, name, attrgetter(expr)(model_py))
     try:
         yield
     finally:
-        model_py.apply_dropout, model_py.mlp_forward = own
+        for name, value in own.items():
+            setattr(model_py, name, value)
 
 
 def measure(path: Path, steps: int, device: torch.device) -> dict:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import train
 from tests.conftest import ROOT, cpu_ops, load_bench_script
 
-load_bench_script("amp_parity")  # imported by dropout_parity as a sibling script
+load_bench_script("amp_parity")  # imported by dropout_parity as sibling scripts
+load_bench_script("train_speed")
 dp = load_bench_script("dropout_parity")
 
 CONFIG = {"data": {"seq_len": 24, "label_len": 8, "pred_len": 6},
