@@ -64,6 +64,11 @@ only check what they need.
     PatchTST      revin, channels independent, tokens patch, mixer attention (full)
     iTransformer  revin, tokens variate, mixer attention (full)
     TSMixer       revin, tokens time, mixer mlp, raw_tokens
+
+PatchTST's own code differs from this generic attention mixer in three switches, each off by
+default: encoder_norm="batch" (batch norm in the encoder layers), res_attention=True (each
+layer's attention scores added to the next's) and revin_affine=False (RevIN without its
+learned scale and shift).
 """
 
 import math
@@ -201,6 +206,7 @@ class InformerConfig:
     activation: str = "gelu"  # "gelu" | "relu"
     mix: bool = True
     revin: bool = False
+    revin_affine: bool = True  # RevIN's learned scale and shift
 
     def __post_init__(self):
         for name in ("seq_len", "pred_len", "enc_in", "dec_in", "c_out", "d_model",
@@ -331,6 +337,20 @@ def full_attention(q, k, v, causal, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
 
+def residual_attention(q, k, v, prev, dropout_p=0.0):
+    """Full attention whose pre-softmax scores carry over to the next layer: layer l attends with
+    softmax(q k^T / sqrt(E) + s_{l-1}), where s_{l-1} is the previous layer's sum (none for the
+    first). PatchTST's encoder (its code's res_attention, after RealFormer, He et al. 2021).
+    Returns (output [B, H, L, E], this layer's scores [B, H, L, S] for the next one).
+
+    The scores must be materialised, so torch's fused attention cannot run it: on a CPU it is
+    about 1.5-2.5x slower than full_attention at PatchTST's shapes (head dim 4, 42-64 patches)."""
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    if prev is not None:
+        scores = scores + prev
+    return apply_dropout(scores.softmax(-1), dropout_p, dropout_p > 0) @ v, scores
+
+
 def sampled_scores(q, k, sample):
     """q_i . k_s for each query i and its sampled keys s = sample[i, :]: [B, H, L_Q, U]."""
     B, H, L_Q, E = q.shape
@@ -398,26 +418,39 @@ def prob_attention(q, k, v, factor, causal, dropout_p=0.0):
 
 
 class FullAttention(nn.Module):
-    def __init__(self, causal, dropout):
-        super().__init__()
-        self.causal, self.dropout = causal, dropout
+    """forward(q, k, v, prev) -> (output, scores): scores are the pre-softmax scores passed on
+    to the next layer with residual=True (residual_attention), else None (and prev must be)."""
 
-    def forward(self, q, k, v):
-        return full_attention(q, k, v, self.causal, self.dropout if self.training else 0.0)
+    def __init__(self, causal, dropout, residual=False):
+        super().__init__()
+        if residual and causal:
+            raise ValueError("residual attention is an encoder's (PatchTST): it has no causal form here")
+        self.causal, self.dropout, self.residual = causal, dropout, residual
+
+    def forward(self, q, k, v, prev=None):
+        p = self.dropout if self.training else 0.0
+        if self.residual:
+            return residual_attention(q, k, v, prev, p)
+        return full_attention(q, k, v, self.causal, p), None
 
 
 class ProbAttention(nn.Module):
     def __init__(self, causal, dropout, factor):
         super().__init__()
         self.causal, self.dropout, self.factor = causal, dropout, factor
+        self.residual = False
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, prev=None):
         out, _ = prob_attention(q, k, v, self.factor, self.causal, self.dropout if self.training else 0.0)
-        return out
+        return out, None
 
 
-def make_attention(kind, causal, dropout, factor):
-    return ProbAttention(causal, dropout, factor) if kind == "prob" else FullAttention(causal, dropout)
+def make_attention(kind, causal, dropout, factor, residual=False):
+    if kind == "prob":
+        if residual:
+            raise ValueError("residual attention needs attn 'full' (ProbSparse scores only its active queries)")
+        return ProbAttention(causal, dropout, factor)
+    return FullAttention(causal, dropout, residual)
 
 
 class AttentionLayer(nn.Module):
@@ -436,15 +469,18 @@ class AttentionLayer(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x, context):  # x [B, L, d_model] queries; context [B, S, d_model] keys/values
+    def forward(self, x, context, prev=None):
+        """x [B, L, d_model] queries; context [B, S, d_model] keys/values; prev: the previous
+        layer's scores for residual attention. -> (output [B, L, d_model], this layer's scores
+        [B, H, L, S] with residual attention, else None)."""
         B, L, D = x.shape
         S, H = context.size(1), self.n_heads
         q = self.q_proj(x).view(B, L, H, -1).transpose(1, 2)
         k = self.k_proj(context).view(B, S, H, -1).transpose(1, 2)
         v = self.v_proj(context).view(B, S, H, -1).transpose(1, 2)
-        out = self.attention(q, k, v)  # [B, H, L, E]
+        out, scores = self.attention(q, k, v, prev)  # [B, H, L, E]
         out = out.reshape(B, L, D) if self.mix else out.transpose(1, 2).reshape(B, L, D)
-        return self.out_proj(out)
+        return self.out_proj(out), scores
 
 
 # -----------------------------------------------------------------------------
@@ -468,18 +504,47 @@ class FeedForward(nn.Module):
                                         self.training, self.conv2.weight.squeeze(-1), self.conv2.bias))
 
 
+class TokenBatchNorm(nn.BatchNorm1d):
+    """Batch normalisation of tokens [B, N, D] over their D features, with statistics over the
+    batch and the tokens: PatchTST's normalisation in its encoder layers (its paper found batch
+    norm better than layer norm for time-series transformers, after Zerveas et al., KDD 2021)."""
+
+    def forward(self, x):
+        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+def make_norm(kind, d_model):
+    return TokenBatchNorm(d_model) if kind == "batch" else nn.LayerNorm(d_model)
+
+
 class EncoderLayer(nn.Module):
-    def __init__(self, attention, d_model, d_ff, dropout, activation):
+    """Self-attention then FFN, each with a residual and a post-norm (layer norm, or batch norm
+    with norm="batch"). forward(x, prev) -> (x, scores): see AttentionLayer."""
+
+    def __init__(self, attention, d_model, d_ff, dropout, activation, norm="layer"):
         super().__init__()
         self.attention = attention
         self.ffn = FeedForward(d_model, d_ff, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm1 = make_norm(norm, d_model)
+        self.norm2 = make_norm(norm, d_model)
         self.dropout = Dropout(dropout)
 
+    def forward(self, x, prev=None):
+        out, scores = self.attention(x, x, prev)
+        x = self.norm1(x + self.dropout(out))
+        return self.norm2(x + self.ffn(x)), scores
+
+
+class AttentionEncoder(nn.Sequential):
+    """A stack of EncoderLayers (the Forecaster's attention mixer) that hands each layer's
+    attention scores to the next (used by residual attention; None otherwise). An nn.Sequential,
+    so its state-dict keys are the layers' indices."""
+
     def forward(self, x):
-        x = self.norm1(x + self.dropout(self.attention(x, x)))
-        return self.norm2(x + self.ffn(x))
+        scores = None
+        for layer in self:
+            x, scores = layer(x, scores)
+        return x
 
 
 class DistilLayer(nn.Module):
@@ -507,7 +572,7 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            x, _ = layer(x)
             if i < len(self.distils):
                 x = self.distils[i](x)
         return self.norm(x)
@@ -525,8 +590,8 @@ class DecoderLayer(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x, memory):
-        x = self.norm1(x + self.dropout(self.self_attention(x, x)))
-        x = self.norm2(x + self.dropout(self.cross_attention(x, memory)))
+        x = self.norm1(x + self.dropout(self.self_attention(x, x)[0]))
+        x = self.norm2(x + self.dropout(self.cross_attention(x, memory)[0]))
         return self.norm3(x + self.ffn(x))
 
 
@@ -549,13 +614,15 @@ class Decoder(nn.Module):
 class RevIN(nn.Module):
     """Reversible instance normalisation: each series is normalised by its own mean/std
     over the input window, and the prediction is mapped back with the same statistics.
-    This removes the level/scale shift between training and test windows."""
+    This removes the level/scale shift between training and test windows. affine=True adds a
+    learned per-channel scale and shift in the normalised space (RevIN's paper); PatchTST's
+    code runs it without (affine=False: no parameters)."""
 
-    def __init__(self, n_channels, eps=1e-5):
+    def __init__(self, n_channels, eps=1e-5, affine=True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n_channels))
-        self.bias = nn.Parameter(torch.zeros(n_channels))
+        self.weight = nn.Parameter(torch.ones(n_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(n_channels)) if affine else None
 
     def stats(self, x):  # [B, L, C] -> mean, std, each [B, 1, C]
         mean = x.mean(1, keepdim=True)
@@ -563,12 +630,14 @@ class RevIN(nn.Module):
         return mean, std
 
     def norm(self, x, mean, std):
-        return (x - mean) / std * self.weight + self.bias
+        x = (x - mean) / std
+        return x if self.weight is None else x * self.weight + self.bias
 
     def denorm(self, y, mean, std, channels):
         """channels: slice of the input channels that y's columns correspond to."""
-        w, b = self.weight[channels], self.bias[channels]
-        return (y - b) / (w + self.eps * self.eps) * std[..., channels] + mean[..., channels]
+        if self.weight is not None:
+            y = (y - self.bias[channels]) / (self.weight[channels] + self.eps * self.eps)
+        return y * std[..., channels] + mean[..., channels]
 
 
 def check_dropouts(cfg) -> None:
@@ -593,7 +662,7 @@ class Informer(nn.Module):
         self.cfg = cfg
         d, h, drop, act = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.activation
         a_drop = attention_dropout(cfg)
-        self.revin = RevIN(cfg.enc_in) if cfg.revin else None
+        self.revin = RevIN(cfg.enc_in, affine=cfg.revin_affine) if cfg.revin else None
         self.enc_embedding = DataEmbedding(cfg.enc_in, d, cfg.embed, drop)
         self.dec_embedding = DataEmbedding(cfg.dec_in, d, cfg.embed, drop)
         self.encoder = Encoder(
@@ -671,7 +740,7 @@ def count_parameters(model: nn.Module) -> int:
 
 CHOICES = {"decomp": ("none", "moving_avg"), "channels": ("mixed", "independent"),
            "tokens": ("time", "patch", "variate"), "mixer": ("attention", "mlp", "none"),
-           "attn": ("prob", "full"), "activation": ("gelu", "relu")}
+           "attn": ("prob", "full"), "activation": ("gelu", "relu"), "encoder_norm": ("layer", "batch")}
 
 
 @dataclass
@@ -681,6 +750,7 @@ class ForecasterConfig:
     enc_in: int
     c_out: int
     revin: bool = False
+    revin_affine: bool = True  # RevIN's learned scale and shift (PatchTST's code: none)
     decomp: str = "none"  # "none" | "moving_avg"
     decomp_kernel: int = 25
     channels: str = "mixed"  # "mixed" | "independent"
@@ -690,6 +760,8 @@ class ForecasterConfig:
     mixer: str = "attention"  # "attention" | "mlp" | "none"
     raw_tokens: bool = False  # mixer "mlp" on the raw values, no projection to d_model (TSMixer)
     attn: str = "full"  # "prob" | "full", with mixer="attention"
+    encoder_norm: str = "layer"  # "layer" | "batch": the attention layers' norm (PatchTST: batch)
+    res_attention: bool = False  # scores carried from layer to layer (PatchTST), with attn="full"
     d_model: int = 128
     n_heads: int = 8
     e_layers: int = 2
@@ -700,7 +772,7 @@ class ForecasterConfig:
     activation: str = "gelu"
 
     def __post_init__(self):
-        for name in ("decomp", "channels", "tokens", "mixer", "attn", "activation"):
+        for name in ("decomp", "channels", "tokens", "mixer", "attn", "activation", "encoder_norm"):
             if getattr(self, name) not in CHOICES[name]:
                 raise ValueError(f"model config: {name} must be one of {CHOICES[name]}, got {getattr(self, name)!r}")
         for name in ("seq_len", "pred_len", "enc_in", "c_out", "decomp_kernel", "patch_len", "stride",
@@ -720,6 +792,9 @@ class ForecasterConfig:
         if self.raw_tokens and self.mixer != "mlp":
             raise ValueError(f"model config: raw_tokens needs mixer 'mlp', got {self.mixer!r} (attention works on "
                              "tokens projected to d_model; mixer 'none' always has raw tokens)")
+        if self.res_attention and (self.mixer, self.attn) != ("attention", "full"):
+            raise ValueError(f"model config: res_attention needs mixer 'attention' with attn 'full', got mixer "
+                             f"{self.mixer!r}, attn {self.attn!r}")
         if self.mixer == "attention" and self.d_model % self.n_heads:
             raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
@@ -838,10 +913,10 @@ class MixerBlock(nn.Module):
 def make_mixer(cfg: ForecasterConfig, n_tokens, dim):
     if cfg.mixer == "attention":
         d, drop = cfg.d_model, cfg.dropout
-        return nn.Sequential(*[
-            EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, attention_dropout(cfg), cfg.factor), d,
-                                        cfg.n_heads),
-                         d, cfg.d_ff, drop, cfg.activation)
+        return AttentionEncoder(*[
+            EncoderLayer(AttentionLayer(make_attention(cfg.attn, False, attention_dropout(cfg), cfg.factor,
+                                                       cfg.res_attention), d, cfg.n_heads),
+                         d, cfg.d_ff, drop, cfg.activation, cfg.encoder_norm)
             for _ in range(cfg.e_layers)])
     if cfg.mixer == "mlp":
         return nn.Sequential(*[MixerBlock(n_tokens, dim, cfg.d_ff, cfg.dropout, cfg.activation, cfg.raw_tokens)
@@ -889,7 +964,7 @@ class Forecaster(nn.Module):
         super().__init__()
         self.cfg = cfg
         C = cfg.enc_in
-        self.revin = RevIN(C) if cfg.revin else None
+        self.revin = RevIN(C, affine=cfg.revin_affine) if cfg.revin else None
         self.decomp = MovingAverage(cfg.decomp_kernel) if cfg.decomp == "moving_avg" else None
         # DLinear's trend map: one linear map over time, shared by every channel.
         self.trend = nn.Linear(cfg.seq_len, cfg.pred_len) if self.decomp is not None else None

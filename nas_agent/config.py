@@ -222,10 +222,18 @@ def _is_json_value(v: Any) -> bool:
     return False
 
 
+# JSON's spellings, as a shell user types them (--set model.revin=true): read as the literals
+# True, False and None, not as the bare strings "true", "false", "null" that no key takes.
+JSON_WORDS = {"true": True, "false": False, "null": None}
+
+
 def _parse_override_value(text: str) -> Any:
-    """A Python literal of JSON types (tuples become lists), else the text as a bare string."""
+    """A Python literal of JSON types (tuples become lists), or true/false/null, else the text
+    as a bare string."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"--set value is longer than {MAX_CONFIG_BYTES} characters")
+    if text in JSON_WORDS:
+        return JSON_WORDS[text]
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -240,7 +248,8 @@ def _parse_override_value(text: str) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply `section.key=value` (or `section.key.sub=value`) overrides to a raw config dict.
 
-    Values are Python literals (`2`, `1e-3`, `True`, `[0.7, 0.1, 0.2]`) or bare strings.
+    Values are Python literals (`2`, `1e-3`, `True`, `[0.7, 0.1, 0.2]`), JSON's `true`, `false`
+    and `null`, or bare strings.
     Keys and the dict may use either spelling (`training.optimizer_params.lr=3e-4`, `seed=42`);
     both are made canonical first, so an override replaces a setting whichever way the config
     spelled it. Returns a new dict; the input is not modified.

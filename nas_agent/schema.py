@@ -118,11 +118,14 @@ class ModelConfig(_Section):
     # The model space (model.py's docstring). The defaults are Informer; FAMILY_RULES says
     # which combinations make a model.
     revin: bool = False  # normalisation: RevIN, or none
+    revin_affine: bool = True  # RevIN's learned per-channel scale and shift (PatchTST's code: false)
     head: Literal["decoder", "linear"] = "decoder"  # Informer's generative decoder, or flatten + linear
     tokens: Literal["time", "patch", "variate"] = "time"
     channels: Literal["mixed", "independent"] = "mixed"
     mixer: Literal["attention", "mlp", "none"] = "attention"  # attention: model.attn says which
     raw_tokens: bool = False  # the MLP mixer on the raw values, not projected to d_model (TSMixer)
+    encoder_norm: Literal["layer", "batch"] = "layer"  # the attention mixer's norm (PatchTST: batch)
+    res_attention: bool = False  # attention scores carried from layer to layer (PatchTST), attn "full"
     decomp: Literal["none", "moving_avg"] = "none"  # trend + seasonal (DLinear)
     decomp_kernel: int = Field(25, ge=2, le=2048)  # moving-average window, <= data.seq_len
     patch_len: int = Field(16, ge=1, le=2048)  # with tokens "patch"; <= data.seq_len
@@ -164,6 +167,9 @@ FAMILY_RULES: dict[tuple[str, object], dict[str, tuple[str, ...]]] = {
                           "decomp": ("none",)},
     ("tokens", "variate"): {"channels": ("mixed",)},
     ("raw_tokens", True): {"head": ("linear",), "mixer": ("mlp",)},
+    ("encoder_norm", "batch"): {"head": ("linear",), "mixer": ("attention",)},
+    ("res_attention", True): {"head": ("linear",), "mixer": ("attention",), "attn": ("full",)},
+    ("revin_affine", False): {"revin": (True,)},
 }
 _WHY = {
     ("head", "decoder"): "Informer's generative decoder reads every time step of every variate; "
@@ -171,6 +177,12 @@ _WHY = {
     ("tokens", "variate"): "with variate tokens each variate is one token, so channels are mixed by the mixer",
     ("raw_tokens", True): "raw tokens are for the MLP mixer (TSMixer); attention works on tokens projected "
                           "to d_model and mixer 'none' has raw tokens anyway, so set model.raw_tokens to false",
+    ("encoder_norm", "batch"): "encoder_norm is the norm of the linear-head families' attention layers; set "
+                               "model.encoder_norm to 'layer' for the others",
+    ("res_attention", True): "residual attention adds each layer's full attention scores to the next's, in the "
+                             "linear-head families' attention mixer; set model.res_attention to false for the others",
+    ("revin_affine", False): "revin_affine says whether RevIN has learned weights, so it needs model.revin true; "
+                             "leave it out without RevIN",
 }
 
 

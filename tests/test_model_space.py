@@ -10,8 +10,9 @@ import itertools
 import pytest
 import torch
 
-from model import (FeatureMLP, FeedForward, Forecaster, ForecasterConfig, FullAttention, Informer, MovingAverage,
-                   ProbAttention, Tokenizer, apply_dropout, build_model, n_patches)
+from model import (AttentionLayer, FeatureMLP, FeedForward, Forecaster, ForecasterConfig, FullAttention, Informer,
+                   MovingAverage, ProbAttention, TokenBatchNorm, Tokenizer, apply_dropout, build_model,
+                   full_attention, n_patches, residual_attention)
 from nas_agent.config import validate_config
 from tests.conftest import cpu_ops
 
@@ -375,3 +376,117 @@ def test_revin_forecaster_is_affine_equivariant(features, tokens, mixer, channel
     # Not exact: RevIN's eps (1e-5) inside the std is not scaled by a.
     torch.testing.assert_close(y2, a[out] * y + b[out], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(y, y2)
+
+
+# -----------------------------------------------------------------------------
+# PatchTST's switches: batch norm in the encoder, residual attention, RevIN without its affine
+
+PATCHTST = dict(tokens="patch", mixer="full", channels="independent", decomp="none", revin=True)
+SWITCHES = list(itertools.product(["layer", "batch"], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize("features", MODES)
+@pytest.mark.parametrize("encoder_norm,res_attention,revin_affine", SWITCHES)
+def test_patchtst_switches_forward_backward(features, encoder_norm, res_attention, revin_affine):
+    torch.manual_seed(0)
+    model = forecaster(features, **PATCHTST, encoder_norm=encoder_norm, res_attention=res_attention,
+                       revin_affine=revin_affine)
+    norms = {type(m) for m in model.mixer.modules() if isinstance(m, (torch.nn.LayerNorm, TokenBatchNorm))}
+    assert norms == {TokenBatchNorm if encoder_norm == "batch" else torch.nn.LayerNorm}
+    assert {m.residual for m in model.modules() if isinstance(m, FullAttention)} == {res_attention}
+    assert (model.revin.weight is not None) is revin_affine
+    check_forward_backward(model, features)
+
+
+def test_defaults_keep_the_state_dict_of_the_sequential_encoder():
+    # Checkpoints and resume states of PatchTST/iTransformer runs from before the switches load.
+    model = forecaster("M", **PATCHTST)
+    keys = set(model.state_dict())
+    assert {"mixer.0.attention.q_proj.weight", "mixer.1.norm2.weight", "revin.weight", "revin.bias"} <= keys
+    assert not any("running_mean" in k for k in keys)
+
+
+def qkv(B=2, H=3, L=5, S=5, E=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, E, generator=gen, dtype=torch.float64) for n in (L, S, S)]
+
+
+def test_residual_attention_adds_the_previous_scores_before_the_softmax():
+    q, k, v = qkv()
+    out, scores = residual_attention(q, k, v, None)
+    # Without previous scores it is full attention, and passes on its own scores.
+    torch.testing.assert_close(out, full_attention(q, k, v, False))
+    torch.testing.assert_close(scores, q @ k.transpose(-2, -1) / 2.0)  # E = 4
+    prev = torch.randn_like(scores)
+    out2, scores2 = residual_attention(q, k, v, prev)
+    torch.testing.assert_close(scores2, scores + prev)
+    torch.testing.assert_close(out2, torch.softmax(scores + prev, -1) @ v)
+
+
+def test_residual_attention_drops_out_weights_as_the_rate_says():
+    q, k, v = qkv(B=64, L=16, S=16)
+    torch.manual_seed(0)
+    kept = residual_attention(q, k, torch.eye(16, dtype=q.dtype).expand(64, 3, 16, 16), None, 0.5)[0]
+    weights = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1)
+    zero = kept == 0
+    assert 0.45 < zero.double().mean() < 0.55
+    torch.testing.assert_close(kept[~zero], weights[~zero] * 2)
+
+
+@pytest.mark.parametrize("res_attention", [False, True])
+def test_each_encoder_layer_gets_the_scores_of_the_one_before(res_attention):
+    model = forecaster("M", **{**PATCHTST, "e_layers": 3}, res_attention=res_attention)
+    seen = []  # (prev given, scores returned) per attention call, in layer order
+    for m in model.modules():
+        if isinstance(m, FullAttention):
+            m.register_forward_hook(lambda mod, args, out: seen.append((args[3], out[1])))
+    model(make_inputs(N_VARS)[0])
+    assert len(seen) == 3
+    if not res_attention:
+        assert all(prev is None and scores is None for prev, scores in seen)
+        return
+    assert seen[0][0] is None
+    for (_, before), (prev, _) in zip(seen, seen[1:]):
+        assert prev is before
+    n = model.tokenizer.n_tokens
+    assert seen[-1][1].shape == (BATCH * N_VARS, TINY["n_heads"], n, n)
+
+
+def test_residual_attention_needs_full_non_causal_attention():
+    with pytest.raises(ValueError, match="attn 'full'"):
+        ForecasterConfig(seq_len=24, pred_len=6, enc_in=7, c_out=7, attn="prob", res_attention=True)
+    with pytest.raises(ValueError, match="no causal form"):
+        FullAttention(True, 0.0, residual=True)
+
+
+def test_token_batch_norm_normalises_each_feature_over_batch_and_tokens():
+    norm = TokenBatchNorm(8)
+    x = torch.randn(16, 10, 8) * torch.arange(1.0, 9.0) + torch.arange(8.0) * 3
+    y = norm.train()(x)
+    flat = y.reshape(-1, 8)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+    assert y.mean(2).abs().max() > 0.1  # not a layer norm: a token's features do not average to 0
+    # Eval uses the running statistics, so one token alone is normalised as in the batch's company.
+    single = norm.eval()(x[:1, :1])
+    expected = (x[:1, :1] - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(single, expected)
+
+
+@pytest.mark.parametrize("features", ["M", "MS"])
+def test_revin_without_affine_has_no_parameters_and_stays_equivariant(features):
+    torch.manual_seed(0)
+    model = forecaster(features, **{**PATCHTST, "revin_affine": False}).double().eval()
+    assert not list(model.revin.parameters())
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(N_VARS, generator=gen, dtype=torch.float64) * 4 + 0.5
+    b = torch.randn(N_VARS, generator=gen, dtype=torch.float64) * 5
+    x = make_inputs(N_VARS, dtype=torch.float64)[0]
+    out = slice(None) if features == "M" else slice(-1, None)
+    torch.testing.assert_close(predict(model, a * x + b), a[out] * predict(model, x) + b[out], atol=1e-4, rtol=1e-4)
+
+
+def test_informer_takes_revin_without_affine():
+    model = build("M", **{**TINY, "revin": True, "revin_affine": False})
+    assert isinstance(model, Informer) and not list(model.revin.parameters())
+    check_forward_backward(model, "M")

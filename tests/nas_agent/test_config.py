@@ -55,6 +55,14 @@ def test_overrides_apply_and_do_not_mutate_input():
         apply_overrides(raw, ["trainin.lr=1"])
 
 
+def test_overrides_read_json_spellings_of_true_false_and_null():
+    out = apply_overrides({}, ["model.revin=true", "model.distil=false", "model.attn_dropout=null",
+                               "model.mix=True", "data.target=truthy"])
+    assert out["model"] == {"revin": True, "distil": False, "attn_dropout": None, "mix": True}
+    assert out["data"]["target"] == "truthy"
+    assert validate_config(out).model.revin is True
+
+
 def test_hash_ignores_data_derived_channels_but_not_settings():
     a = validate_config({})
     b = validate_config({"model": {"enc_in": 7, "dec_in": 7, "c_out": 7}})

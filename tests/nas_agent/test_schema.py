@@ -44,6 +44,24 @@ INVALID = {
     "raw_tokens_with_the_decoder": (
         {}, {"head": "decoder", "raw_tokens": True},
         ["model.head", "with model.raw_tokens True", "got 'decoder'", "expected 'linear'"]),
+    "batch_norm_with_the_decoder": (
+        {}, {"head": "decoder", "encoder_norm": "batch"},
+        ["model.head", "with model.encoder_norm 'batch'", "got 'decoder'", "expected 'linear'"]),
+    "batch_norm_with_the_mlp_mixer": (
+        {}, {"head": "linear", "mixer": "mlp", "encoder_norm": "batch"},
+        ["model.mixer", "with model.encoder_norm 'batch'", "got 'mlp'", "expected 'attention'"]),
+    "res_attention_with_the_decoder": (
+        {}, {"head": "decoder", "attn": "full", "res_attention": True},
+        ["model.head", "with model.res_attention True", "got 'decoder'", "expected 'linear'"]),
+    "res_attention_with_no_mixer": (
+        {}, {"head": "linear", "mixer": "none", "attn": "full", "res_attention": True},
+        ["model.mixer", "with model.res_attention True", "got 'none'", "expected 'attention'"]),
+    "res_attention_with_probsparse": (
+        {}, {"head": "linear", "mixer": "attention", "attn": "prob", "res_attention": True},
+        ["model.attn", "with model.res_attention True", "got 'prob'", "expected 'full'"]),
+    "revin_affine_without_revin": (
+        {}, {"head": "linear", "revin": False, "revin_affine": False},
+        ["model.revin", "with model.revin_affine False", "got False", "expected True"]),
     "variate_tokens_with_independent_channels": (
         {}, {"head": "linear", "tokens": "variate", "channels": "independent"},
         ["model.channels", "with model.tokens 'variate'", "got 'independent'", "expected 'mixed'"]),
