@@ -65,10 +65,8 @@ only check what they need.
     iTransformer  revin, tokens variate, mixer attention (full)
     TSMixer       revin, tokens time, mixer mlp, raw_tokens
 
-PatchTST's own code differs from this generic attention mixer in three switches, each off by
-default: encoder_norm="batch" (batch norm in the encoder layers), res_attention=True (each
-layer's attention scores added to the next's) and revin_affine=False (RevIN without its
-learned scale and shift).
+PatchTST's code adds three switches (off by default): encoder_norm="batch", res_attention,
+revin_affine=False.
 """
 
 import math
