@@ -65,10 +65,8 @@ only check what they need.
     iTransformer  revin, tokens variate, mixer attention (full)
     TSMixer       revin, tokens time, mixer mlp, raw_tokens
 
-PatchTST's own code differs from this generic attention mixer in three switches, each off by
-default: encoder_norm="batch" (batch norm in the encoder layers), res_attention=True (each
-layer's attention scores added to the next's) and revin_affine=False (RevIN without its
-learned scale and shift).
+PatchTST's code adds three switches (off by default): encoder_norm="batch", res_attention,
+revin_affine=False.
 """
 
 import math
@@ -312,7 +310,8 @@ class DataEmbedding(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Attention. The inner attentions take and return [B, H, L, E].
+# Attention. The inner attentions take q, k, v as [B, H, L, E] and return (output [B, H, L, E],
+# scores for the next layer with residual attention, else None).
 
 def full_attention(q, k, v, causal, dropout_p=0.0):
     """Canonical softmax(q k^T / sqrt(E)) v."""
@@ -345,6 +344,12 @@ def residual_attention(q, k, v, prev, dropout_p=0.0):
 
     The scores must be materialised, so torch's fused attention cannot run it: on a CPU it is
     about 1.5-2.5x slower than full_attention at PatchTST's shapes (head dim 4, 42-64 patches)."""
+    if q.is_cpu and torch.is_autocast_enabled("cpu"):
+        # As full_attention under CPU bf16 autocast: the maths in fp32, and the scores carried
+        # from layer to layer stay fp32 (summed over layers, bf16 would round them each time).
+        with torch.autocast("cpu", enabled=False):
+            out, scores = residual_attention(q.float(), k.float(), v.float(), prev, dropout_p)
+        return out.to(q.dtype), scores
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
     if prev is not None:
         scores = scores + prev
@@ -419,7 +424,7 @@ def prob_attention(q, k, v, factor, causal, dropout_p=0.0):
 
 class FullAttention(nn.Module):
     """forward(q, k, v, prev) -> (output, scores): scores are the pre-softmax scores passed on
-    to the next layer with residual=True (residual_attention), else None (and prev must be)."""
+    to the next layer with residual=True (residual_attention), else None (and prev must be None)."""
 
     def __init__(self, causal, dropout, residual=False):
         super().__init__()
@@ -431,6 +436,8 @@ class FullAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.residual:
             return residual_attention(q, k, v, prev, p)
+        if prev is not None:
+            raise ValueError("FullAttention got previous scores but is not residual (residual=False)")
         return full_attention(q, k, v, self.causal, p), None
 
 
@@ -441,6 +448,8 @@ class ProbAttention(nn.Module):
         self.residual = False
 
     def forward(self, q, k, v, prev=None):
+        if prev is not None:
+            raise ValueError("ProbAttention got previous scores: residual attention needs attn 'full'")
         out, _ = prob_attention(q, k, v, self.factor, self.causal, self.dropout if self.training else 0.0)
         return out, None
 

@@ -228,8 +228,8 @@ JSON_WORDS = {"true": True, "false": False, "null": None}
 
 
 def _parse_override_value(text: str) -> Any:
-    """A Python literal of JSON types (tuples become lists), or true/false/null, else the text
-    as a bare string."""
+    """A Python literal of JSON types (tuples become lists), or true/false/null as the whole
+    value (inside a list or dict, write True/False/None), else the text as a bare string."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"--set value is longer than {MAX_CONFIG_BYTES} characters")
     if text in JSON_WORDS:

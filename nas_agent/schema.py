@@ -118,7 +118,10 @@ class ModelConfig(_Section):
     # The model space (model.py's docstring). The defaults are Informer; FAMILY_RULES says
     # which combinations make a model.
     revin: bool = False  # normalisation: RevIN, or none
-    revin_affine: bool = True  # RevIN's learned per-channel scale and shift (PatchTST's code: false)
+    # With revin: RevIN's learned per-channel scale and shift (PatchTST's code: false). Without
+    # RevIN it has no effect, like patch_len without patch tokens: a search whose base config sets
+    # it false may still sample revin false.
+    revin_affine: bool = True
     head: Literal["decoder", "linear"] = "decoder"  # Informer's generative decoder, or flatten + linear
     tokens: Literal["time", "patch", "variate"] = "time"
     channels: Literal["mixed", "independent"] = "mixed"
@@ -169,7 +172,6 @@ FAMILY_RULES: dict[tuple[str, object], dict[str, tuple[str, ...]]] = {
     ("raw_tokens", True): {"head": ("linear",), "mixer": ("mlp",)},
     ("encoder_norm", "batch"): {"head": ("linear",), "mixer": ("attention",)},
     ("res_attention", True): {"head": ("linear",), "mixer": ("attention",), "attn": ("full",)},
-    ("revin_affine", False): {"revin": (True,)},
 }
 _WHY = {
     ("head", "decoder"): "Informer's generative decoder reads every time step of every variate; "
@@ -180,9 +182,9 @@ _WHY = {
     ("encoder_norm", "batch"): "encoder_norm is the norm of the linear-head families' attention layers; set "
                                "model.encoder_norm to 'layer' for the others",
     ("res_attention", True): "residual attention adds each layer's full attention scores to the next's, in the "
-                             "linear-head families' attention mixer; set model.res_attention to false for the others",
-    ("revin_affine", False): "revin_affine says whether RevIN has learned weights, so it needs model.revin true; "
-                             "leave it out without RevIN",
+                             "linear-head families' attention mixer (ProbSparse scores only its active queries); "
+                             "set model.attn to 'full' and model.mixer to 'attention', or model.res_attention "
+                             "to false",
 }
 
 

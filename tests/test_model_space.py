@@ -461,11 +461,17 @@ def test_residual_attention_needs_full_non_causal_attention():
 
 def test_token_batch_norm_normalises_each_feature_over_batch_and_tokens():
     norm = TokenBatchNorm(8)
-    x = torch.randn(16, 10, 8) * torch.arange(1.0, 9.0) + torch.arange(8.0) * 3
+    gen = torch.Generator().manual_seed(0)
+    # Each sample its own offset: a norm over each sample's tokens alone would remove it.
+    x = (torch.randn(16, 10, 8, generator=gen) * torch.arange(1.0, 9.0) + torch.arange(8.0) * 3
+         + torch.randn(16, 1, 1, generator=gen) * 4)
     y = norm.train()(x)
-    flat = y.reshape(-1, 8)
-    torch.testing.assert_close(flat.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flat.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+    flat = x.reshape(-1, 8)
+    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + norm.eps), atol=1e-5, rtol=1e-5)
+    # One step's running statistics move by the momentum towards the batch's (unbiased variance).
+    torch.testing.assert_close(norm.running_mean, 0.1 * mean)
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * flat.var(0, unbiased=True))
     assert y.mean(2).abs().max() > 0.1  # not a layer norm: a token's features do not average to 0
     # Eval uses the running statistics, so one token alone is normalised as in the batch's company.
     single = norm.eval()(x[:1, :1])
@@ -484,6 +490,33 @@ def test_revin_without_affine_has_no_parameters_and_stays_equivariant(features):
     x = make_inputs(N_VARS, dtype=torch.float64)[0]
     out = slice(None) if features == "M" else slice(-1, None)
     torch.testing.assert_close(predict(model, a * x + b), a[out] * predict(model, x) + b[out], atol=1e-4, rtol=1e-4)
+
+
+def test_informer_keeps_layer_norm_and_its_state_dict_keys():
+    # The switches are the linear-head families'; Informer's layers are as before them.
+    model = build("M", **TINY)
+    assert not any(isinstance(m, TokenBatchNorm) for m in model.modules())
+    assert all(isinstance(layer.norm1, torch.nn.LayerNorm) for layer in model.encoder.layers)
+    assert {"encoder.layers.0.norm1.weight", "encoder.layers.0.attention.q_proj.weight", "decoder.layers.0.norm3.bias"} \
+        <= set(model.state_dict())
+    assert {m.residual for m in model.modules() if isinstance(m, (FullAttention, ProbAttention))} == {False}
+
+
+def test_attention_without_residual_refuses_previous_scores():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="not residual"):
+        FullAttention(False, 0.0)(q, k, v, torch.zeros(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="attn 'full'"):
+        ProbAttention(False, 0.0, 5)(q, k, v, torch.zeros(2, 3, 5, 5))
+
+
+def test_residual_attention_under_bf16_autocast_carries_fp32_scores():
+    q, k, v = (t.float() for t in qkv())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, scores = residual_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    assert out.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    exact, _ = residual_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), None)
+    torch.testing.assert_close(out.float(), exact, atol=1e-2, rtol=1e-2)
 
 
 def test_informer_takes_revin_without_affine():

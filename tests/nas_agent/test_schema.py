@@ -58,10 +58,8 @@ INVALID = {
         ["model.mixer", "with model.res_attention True", "got 'none'", "expected 'attention'"]),
     "res_attention_with_probsparse": (
         {}, {"head": "linear", "mixer": "attention", "attn": "prob", "res_attention": True},
-        ["model.attn", "with model.res_attention True", "got 'prob'", "expected 'full'"]),
-    "revin_affine_without_revin": (
-        {}, {"head": "linear", "revin": False, "revin_affine": False},
-        ["model.revin", "with model.revin_affine False", "got False", "expected True"]),
+        ["model.attn", "with model.res_attention True", "got 'prob'", "expected 'full'",
+         "set model.attn to 'full'"]),
     "variate_tokens_with_independent_channels": (
         {}, {"head": "linear", "tokens": "variate", "channels": "independent"},
         ["model.channels", "with model.tokens 'variate'", "got 'independent'", "expected 'mixed'"]),
