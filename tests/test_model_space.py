@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from model import (AttentionLayer, FeatureMLP, FeedForward, Forecaster, ForecasterConfig, FullAttention, Informer,
+from model import (FeatureMLP, FeedForward, Forecaster, ForecasterConfig, FullAttention, Informer,
                    MovingAverage, ProbAttention, TokenBatchNorm, Tokenizer, apply_dropout, build_model,
                    full_attention, n_patches, residual_attention)
 from nas_agent.config import validate_config
