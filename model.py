@@ -342,8 +342,10 @@ def residual_attention(q, k, v, prev, dropout_p=0.0):
     first). PatchTST's encoder (its code's res_attention, after RealFormer, He et al. 2021).
     Returns (output [B, H, L, E], this layer's scores [B, H, L, S] for the next one).
 
-    The scores must be materialised, so torch's fused attention cannot run it: on a CPU it is
-    about 1.5-2.5x slower than full_attention at PatchTST's shapes (head dim 4, 42-64 patches)."""
+    The scores must be materialised, so torch's fused attention cannot run it. The attention op
+    alone (forward and backward, 2 threads, this 2-core AMD EPYC) took 1.6x full_attention's time
+    at [896, 4, 42, 4] and 2.5x at [896, 4, 64, 4]; a whole PatchTST/42 epoch on ETTh2 took about the
+    same either way (50-55 s on one thread, bench/reproduce.py runs of 2026-12-03)."""
     if q.is_cpu and torch.is_autocast_enabled("cpu"):
         # As full_attention under CPU bf16 autocast: the maths in fp32, and the scores carried
         # from layer to layer stay fp32 (summed over layers, bf16 would round them each time).
