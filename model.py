@@ -313,18 +313,29 @@ class DataEmbedding(nn.Module):
 # Attention. The inner attentions take q, k, v as [B, H, L, E] and return (output [B, H, L, E],
 # scores for the next layer with residual attention, else None).
 
+def fp32_under_cpu_autocast(attention):
+    """An attention function that, under CPU bf16 autocast, runs in fp32 and hands its output back
+    in q's dtype (a second output, residual attention's scores, stays fp32: summed over layers,
+    bf16 would round it at each one).
+
+    Why: under CPU bf16 autocast, torch's fused attention runs its backward about 4.7x slower in
+    bf16 than in fp32 (profiled: torch 2.13, AMD EPYC with avx512_bf16), so patch-token models
+    trained at 0.55x of fp32. In fp32 here, inside an otherwise bf16 model, they train at 1.0-1.2x
+    of fp32 (bench/results/train_speed.md)."""
+    def run(q, k, v, *args, **kwargs):
+        if not (q.is_cpu and torch.is_autocast_enabled("cpu")):
+            return attention(q, k, v, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):
+            out = attention(q.float(), k.float(), v.float(), *args, **kwargs)
+        return (out[0].to(q.dtype), *out[1:]) if isinstance(out, tuple) else out.to(q.dtype)
+    return run
+
+
+@fp32_under_cpu_autocast
 def full_attention(q, k, v, causal, dropout_p=0.0):
     """Canonical softmax(q k^T / sqrt(E)) v."""
     if causal and q.size(2) != k.size(2):
         raise ValueError(f"causal attention needs L_Q == L_K, got {q.size(2)} and {k.size(2)}")
-    if q.is_cpu and torch.is_autocast_enabled("cpu"):
-        # Under CPU bf16 autocast, torch's fused attention runs its backward about 4.7x slower in
-        # bf16 than in fp32 (profiled: torch 2.13, AMD EPYC with avx512_bf16), so patch-token
-        # models trained at 0.55x of fp32. In fp32 here, inside an otherwise bf16 model, they
-        # train at 1.0-1.2x of fp32 (bench/results/train_speed.md). The output goes back to bf16.
-        with torch.autocast("cpu", enabled=False):
-            out = full_attention(q.float(), k.float(), v.float(), causal, dropout_p)
-        return out.to(q.dtype)
     if q.is_cpu and dropout_p > 0:
         # With dropout, torch's CPU attention leaves its fused kernel for the plain math below
         # anyway, and draws the mask with bernoulli_; apply_dropout's mask is cheaper.
@@ -336,6 +347,7 @@ def full_attention(q, k, v, causal, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
 
+@fp32_under_cpu_autocast
 def residual_attention(q, k, v, prev, dropout_p=0.0):
     """Full attention whose pre-softmax scores carry over to the next layer: layer l attends with
     softmax(q k^T / sqrt(E) + s_{l-1}), where s_{l-1} is the previous layer's sum (none for the
@@ -346,12 +358,6 @@ def residual_attention(q, k, v, prev, dropout_p=0.0):
     alone (forward and backward, 2 threads, this 2-core AMD EPYC) took 1.6x full_attention's time
     at [896, 4, 42, 4] and 2.5x at [896, 4, 64, 4]; a whole PatchTST/42 epoch on ETTh2 took about the
     same either way (50-55 s on one thread, bench/reproduce.py runs of 2026-12-03)."""
-    if q.is_cpu and torch.is_autocast_enabled("cpu"):
-        # As full_attention under CPU bf16 autocast: the maths in fp32, and the scores carried
-        # from layer to layer stay fp32 (summed over layers, bf16 would round them each time).
-        with torch.autocast("cpu", enabled=False):
-            out, scores = residual_attention(q.float(), k.float(), v.float(), prev, dropout_p)
-        return out.to(q.dtype), scores
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
     if prev is not None:
         scores = scores + prev
