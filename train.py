@@ -914,7 +914,7 @@ def train_run(args, cfg, style, device, run_dir: Path, overrides: list[str], mar
     """main's run, under the folder's lock: check the folder, train, test, write every output."""
     try:
         # Read (and checked against the config) before the folder is touched: a refusal loses nothing.
-        model_hash = model_file_hash(args.model) if args.resume else None  # read once: checked, then saved
+        model_hash = model_file_hash(args.model)  # read once: checked against a resume state, saved, reported
         resume = load_resume_state(run_dir, cfg, model_hash) if args.resume and not args.overwrite else None
         prepare_run_dir(run_dir, args.overwrite, args.resume, resuming=resume is not None)
     except (ConfigError, DataError) as e:
@@ -935,7 +935,7 @@ def train_run(args, cfg, style, device, run_dir: Path, overrides: list[str], mar
     metrics = {"status": "failed", "best_epoch": None, "val_mse": None, "val_mae": None, "test_mse": None,
                "test_mae": None, "train_mse": None, "naive_val_mse": None, "train_time_sec": 0.0, "n_params": None,
                "epochs_run": 0, "device": str(device), "seed": tc.seed, "error": None,
-               "config_hash": config_hash(cfg), "tag": args.tag, "amp": "off", "amp_reason": None,
+               "config_hash": config_hash(cfg), "model_hash": model_hash, "tag": args.tag, "amp": "off", "amp_reason": None,
                "samples_per_s": None, "eval_s": None, "startup_s": None}
     model = ds = None
     try:

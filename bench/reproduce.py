@@ -201,7 +201,8 @@ def make_record(run_dir: Path, m: dict, config: str, dataset: str, seed: int, se
     return {"tag": run_dir.name, "config": config, "dataset": dataset, "seed": seed, "sets": list(sets),
             **{k: m.get(k) for k in RECORD_KEYS},
             "config_used": load_config(run_dir / "config_used.py").model_dump(),
-            "model_py": train.model_file_hash(str(ROOT / "model.py")),  # as recorded: right after the run
+            # the model file the run trained (train.py reports it; older runs did not: model.py now)
+            "model_py": m.get("model_hash") or train.model_file_hash(str(ROOT / "model.py")),
             "recorded": _dt.datetime.now().isoformat(timespec="minutes"),
             "source": "a run folder of bench/reproduce.py (train.py metrics.json, config_used.py)"}
 

@@ -204,6 +204,8 @@ def test_the_time_budget_keeps_room_for_the_final_evaluation(tmp_path, tiny_conf
     assert m["status"] == "timeout" and "s kept for the evaluation)" in m["error"], m["error"]
     assert m["test_mse"] is not None and m["val_mse"] is not None
     assert m["eval_s"] > 2.2  # the evaluations really were slow
+    import train as train_mod
+    assert m["model_hash"] == train_mod.model_file_hash(str(tmp_path / "slow_eval.py"))  # the file it trained
     assert m["train_eval_s"] <= 6 + 1.0, m  # within the budget, give or take a step and the estimate
 
 

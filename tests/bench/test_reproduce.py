@@ -182,6 +182,16 @@ def test_train_one_records_the_run_it_trained_unless_it_deviates_from_the_paper(
     assert [f.name for f in (tmp_path / "records").iterdir()] == ["tsmixer_ETTh1_s2021.json"]
 
 
+def test_a_record_names_the_model_file_the_run_reports(tmp_path):
+    # train.py --model OTHER reports OTHER's hash in metrics.json; the record keeps it, not model.py's.
+    run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0, {}, 0.371)
+    m = json.loads((run / "metrics.json").read_text())
+    record = rp.make_record(run, dict(m, model_hash="0123456789abcdef"), "tsmixer", "ETTh1", rp.SEED0, [])
+    assert record["model_py"] == "0123456789abcdef"
+    assert rp.make_record(run, m, "tsmixer", "ETTh1", rp.SEED0, [])["model_py"] == train.model_file_hash(
+        str(ROOT / "model.py"))  # a run from before train.py reported it
+
+
 def test_a_record_from_before_a_new_schema_key_still_counts(tmp_path):
     """A key the schema gained since (absent from the record, its default what the config gives) is
     no change; a record whose config no longer validates is stale, with the reason."""
