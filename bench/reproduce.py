@@ -121,7 +121,10 @@ NOTES: dict[tuple[str, str], str] = {
         "(1.034x of 0.385), val MSE 0.7217. Remaining differences: ExponentialLR(0.9) decays from "
         "epoch 1 (the authors' lradj type3 holds 1e-4 for 3 epochs) and patience is 10 (theirs 100). "
         "The runs of 2026-12-03 trained one thread each, two or three side by side on the 2-core AMD EPYC "
-        "without avx512 (50-80 s per epoch); one was stopped and resumed (train.py --resume)."),
+        "without avx512 (50-80 s per epoch). Seeds 2022 and 2023 were stopped (epochs 59 and 2) and "
+        "resumed on 2026-12-03 with train.py --resume --model set to the model.py they started with "
+        "(465ff4f; model.py changed since only in comments and a refactor checked bit for bit), which "
+        "their records name (model_py). The 3 seeds stopped after 61-68 epochs."),
     ("patchtst42", "ETTh2"): (
         "The 1.060x of the earlier config was its encoder. With layer norm, affine RevIN and plain "
         "attention, 3 seeds of 100 epochs gave 0.2904 ± 0.0010 (records in "
@@ -133,6 +136,14 @@ NOTES: dict[tuple[str, str], str] = {
         "0.2211 / 0.2177 against 0.2649 / 0.2412 / 0.2291 / 0.2208 / 0.2173), while the old model "
         "stood at 0.2342 after 5 epochs: batch norm is the cause. With the switches the runs stop "
         "through patience 10 after 27-47 epochs, about 50 s each on one thread of this 2-core CPU."),
+    ("patchtst64", "ETTh1"): (
+        "Published only under drop_last (0.370); no every-window number is known, so the ratio is "
+        "against a protocol that skips some of the test windows. With the authors' encoder (batch norm, "
+        "residual attention, RevIN without weights) the validation MSE bottoms out at epochs 8-12 and "
+        "patience 10 stops the runs at 18-22 epochs, 40-50 minutes each on one thread of this 2-core AMD "
+        "EPYC without avx512, two runs side by side (130-150 s per epoch). Profiled (one thread, batch 128 "
+        "x 7 channels), the attention over 64 patches takes most of a step: residual attention must "
+        "materialise its [896, 4, 64, 64] scores, so its batched matmuls and softmax dominate."),
     ("tsmixer", "ETTh1"): (
         "Not yet run to the end with the current model. Since model.raw_tokens (this config sets it) "
         "the blocks mix the raw features with no input projection and normalise each (time, feature) "
