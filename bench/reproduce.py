@@ -18,8 +18,9 @@ matches the config (the config file changed since) and has no current record: th
 mixes results of two versions of a config.
 
 Each finished run also leaves a small record, bench/results/reproduce/<tag>.json (its metrics,
-the config it trained, and the hash of model.py when the record was first written, right after
-the run): commit them. The table is built from the records and from --out, so runs made on other
+the config it trained, and model_py: the hash of the model file the run trained, as train.py
+reports it in metrics.json; model.py's when the record was first written, for runs from before
+train.py reported it): commit them. The table is built from the records and from --out, so runs made on other
 machines and in earlier sessions count, and a fresh checkout does not train again what a record
 already holds (for the config as it is now). --report-only also records a finished run it finds
 in --out without one. A record whose config no longer matches the shipped file is stale, like a
