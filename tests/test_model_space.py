@@ -423,6 +423,23 @@ def test_residual_attention_adds_the_previous_scores_before_the_softmax():
     torch.testing.assert_close(out2, torch.softmax(scores + prev, -1) @ v)
 
 
+@pytest.mark.parametrize("E", [3, 4])
+def test_residual_attention_is_the_plain_formula_in_value_and_gradient(E):
+    # model.py folds the scale into q and adds prev inside the matmul (baddbmm); E = 3 has a scale
+    # that is not a power of two, so only the rounding may differ from the plain formula.
+    q, k, v = (t.requires_grad_() for t in qkv(E=E, L=4, S=6))
+    prev = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    plain = (q @ k.transpose(-2, -1)) / E ** 0.5 + prev
+    out, scores = residual_attention(q, k, v, prev)
+    torch.testing.assert_close(scores, plain)
+    torch.testing.assert_close(out, torch.softmax(plain, -1) @ v)
+    grads = torch.autograd.grad((out.sin().sum() + scores.cos().sum()), (q, k, v, prev))
+    plain_out = torch.softmax(plain, -1) @ v
+    expected = torch.autograd.grad((plain_out.sin().sum() + plain.cos().sum()), (q, k, v, prev))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_residual_attention_drops_out_weights_as_the_rate_says():
     q, k, v = qkv(B=64, L=16, S=16)
     torch.manual_seed(0)
