@@ -366,8 +366,8 @@ def residual_attention(q, k, v, prev, dropout_p=0.0):
     a power of two (E = 4, 16, 64), else equal within float rounding (tests/test_model_space.py)."""
     B, H, L, E = q.shape
     S = k.size(2)
-    if torch.is_autocast_enabled(q.device.type):
-        # CUDA autocast: the plain form, so the summed scores stay fp32 (baddbmm would cast prev down).
+    if not q.is_cpu and torch.is_autocast_enabled("cuda"):
+        # Under CUDA autocast the plain form, so the summed scores stay fp32 (baddbmm would cast prev down).
         scores = (q @ k.transpose(-2, -1)) * E ** -0.5
         scores = scores if prev is None else scores + prev
     else:
