@@ -366,14 +366,9 @@ def residual_attention(q, k, v, prev, dropout_p=0.0):
     a power of two (E = 4, 16, 64), else equal within float rounding (tests/test_model_space.py)."""
     B, H, L, E = q.shape
     S = k.size(2)
-    if not q.is_cpu and torch.is_autocast_enabled("cuda"):
-        # Under CUDA autocast the plain form, so the summed scores stay fp32 (baddbmm would cast prev down).
-        scores = (q @ k.transpose(-2, -1)) * E ** -0.5
-        scores = scores if prev is None else scores + prev
-    else:
-        q3, k3 = (q * E ** -0.5).reshape(B * H, L, E), k.reshape(B * H, S, E).transpose(1, 2)
-        scores = torch.bmm(q3, k3) if prev is None else torch.baddbmm(prev.reshape(B * H, L, S), q3, k3)
-        scores = scores.view(B, H, L, S)
+    q3, k3 = (q * E ** -0.5).reshape(B * H, L, E), k.reshape(B * H, S, E).transpose(1, 2)
+    scores = torch.bmm(q3, k3) if prev is None else torch.baddbmm(prev.reshape(B * H, L, S), q3, k3)
+    scores = scores.view(B, H, L, S)
     return apply_dropout(scores.softmax(-1), dropout_p, dropout_p > 0) @ v, scores
 
 

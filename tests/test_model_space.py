@@ -430,11 +430,11 @@ def test_residual_attention_is_the_plain_formula_in_value_and_gradient(E):
     q, k, v = (t.requires_grad_() for t in qkv(E=E, L=4, S=6))
     prev = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
     plain = (q @ k.transpose(-2, -1)) / E ** 0.5 + prev
+    plain_out = torch.softmax(plain, -1) @ v
     out, scores = residual_attention(q, k, v, prev)
     torch.testing.assert_close(scores, plain)
-    torch.testing.assert_close(out, torch.softmax(plain, -1) @ v)
+    torch.testing.assert_close(out, plain_out)
     grads = torch.autograd.grad((out.sin().sum() + scores.cos().sum()), (q, k, v, prev))
-    plain_out = torch.softmax(plain, -1) @ v
     expected = torch.autograd.grad((plain_out.sin().sum() + plain.cos().sum()), (q, k, v, prev))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
