@@ -210,3 +210,22 @@ def test_a_record_from_before_a_new_schema_key_still_counts(tmp_path):
     record["config_used"]["model"]["d_model"] = -1
     path.write_text(json.dumps(record))
     assert rp.finished("tsmixer", "ETTh1", rp.SEED0, args) is None
+
+
+def test_a_record_keeps_where_the_run_trained_and_the_row_says_it(tmp_path):
+    """metrics.json's device and amp go into the record; the table's device cell names each device
+    of a row's runs, and says how many records predate the key."""
+    args = bench_args(tmp_path, "--seeds", "3")
+    for i, device in enumerate(["cuda", "cpu", None]):
+        run = fake_finished_run(tmp_path, "tsmixer", "ETTh1", rp.SEED0 + i, {}, 0.37)
+        m = json.loads((run / "metrics.json").read_text())
+        if device:
+            m.update(device=device, amp="bf16" if device == "cuda" else "off")
+        (run / "metrics.json").write_text(json.dumps(m))
+        rp.finished("tsmixer", "ETTh1", rp.SEED0 + i, args)
+    records = [json.loads((tmp_path / "records" / f"tsmixer_ETTh1_s{rp.SEED0 + i}.json").read_text()) for i in range(3)]
+    assert [(r["device"], r["amp"]) for r in records] == [("cuda", "bf16"), ("cpu", "off"), (None, None)]
+    row = next(line for line in rp.table(args).splitlines() if line.startswith("| tsmixer | ETTh1"))
+    assert "| cpu+cuda, 1 not recorded |" in row
+    assert rp.device_cell([{"device": "cuda"}]) == "cuda"
+    assert rp.device_cell([{}, {}]) == "not recorded" and rp.device_cell([]) == "–"
