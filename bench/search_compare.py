@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -216,7 +217,52 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
             "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": arm_ensemble(folder) if ended else None,
             "finished": ended, "stop": stop_line(folder),
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
+            "top": top_runs(state.runs),
             "code": session_values(folder, CODE_FILE), "machines": session_values(folder, MACHINE_FILE)}
+
+
+def top_line(row: dict) -> str | None:
+    """A study's best runs in a line: their families, test MSE range and Spearman(val, test)."""
+    top = row.get("top")
+    if not top or not top["runs"]:
+        return None
+    fams = ", ".join(f"{f} x{n}" for f, n in Counter(x["family"] for x in top["runs"]).most_common())
+    tests = [x["test_mse"] for x in top["runs"]]
+    rho = "-" if top["spearman"] is None else f"{top['spearman']:.2f}"
+    return (f"its {len(tests)} best runs by val MSE: {fams}; their test MSE {min(tests):.4f} to {max(tests):.4f}; "
+            f"Spearman(val, test) over them {rho}")
+
+
+TOP_K = 15  # how many of a study's best runs (by val MSE) top_runs keeps
+
+
+def top_runs(runs, k: int = TOP_K) -> dict:
+    """The study's k best scored runs by val MSE (family, look-back, val and test MSE), and the
+    Spearman rank correlation of their val and test MSE: whether validation still orders test among
+    the candidates selection chooses between (near 0: the choice among them is a draw on test).
+    Test MSE is reported, never used."""
+    scored = sorted((r for r in runs if r.status in ("ok", "timeout") and r.val_mse is not None
+                     and r.test_mse is not None), key=lambda r: r.val_mse)[:k]
+    rows = [{"run": r.run_id, "family": model_family(r.config.get("model", {})),
+             "seq_len": r.config.get("data", {}).get("seq_len"), "val_mse": r.val_mse, "test_mse": r.test_mse}
+            for r in scored]
+    return {"runs": rows, "spearman": spearman([r["val_mse"] for r in rows], [r["test_mse"] for r in rows])}
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (ties ranked by position; the MSEs are floats); None under 3 pairs."""
+    if len(a) < 3:
+        return None
+    ra, rb = (_ranks(x) for x in (a, b))
+    return statistics.correlation(ra, rb)
+
+
+def _ranks(x: list[float]) -> list[int]:
+    order = sorted(range(len(x)), key=x.__getitem__)
+    ranks = [0] * len(x)
+    for rank, i in enumerate(order):
+        ranks[i] = rank
+    return ranks
 
 
 def arm_ensemble(folder: Path) -> dict | None:
@@ -315,6 +361,8 @@ def arms_main(a: argparse.Namespace) -> None:
     print(text)
     for r in rows:
         print(f"\n{r['arm']} seed {r['seed']} ({r['date']}): families tried {', '.join(r['families'])}")
+        if top_line(r):
+            print(top_line(r))
         print("| run | minutes | proposer | best val so far | its test MSE | best run |\n|---:|---:|---|---:|---:|---|")
         for x in r["curve"]:
             print(f"| {x['run']} | {x['minutes']:.1f} | {x['proposer']} | {_f(x['best_val'])} | {_f(x['best_test'])} | "
@@ -325,6 +373,10 @@ def arms_main(a: argparse.Namespace) -> None:
              if r.get("finished") and r.get("stop") and r["minutes"] < a.minutes]
     if early:
         note += "\nEnded by a stop rule before its time budget:\n" + "\n".join(early) + "\n"
+    tops = [f"- {r['arm']} seed {r['seed']}: {top_line(r)}" for r in rows if top_line(r)]
+    if tops:
+        note += ("\nThe candidates selection chooses between (test MSE reported, never used):\n"
+                 + "\n".join(tops) + "\n")
     (a.results / "README.md").write_text(
         f"# Architecture-search arms (issue 12)\n\nStudies of at most {a.minutes:g} minutes of study time on a "
         f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "

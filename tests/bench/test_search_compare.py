@@ -66,3 +66,25 @@ def test_a_study_stopped_by_a_rule_is_over_and_says_why(tmp_path):
     # Stopped because every recent run failed: a fault to fix, then resume.
     log.write_text("Search stopped: the last 3 runs all failed, so the search stops instead of burning its budget.\n")
     assert not sc.study_ended(tmp_path, 5400)
+
+
+def test_the_best_runs_say_whether_validation_still_orders_test(tmp_path):
+    """top_runs keeps the k best scored runs by val MSE, with Spearman(val, test) over them; runs
+    without a score (failed, or no test MSE) are left out."""
+    from types import SimpleNamespace as Run
+
+    def run(i, val, test, status="ok", seq_len=336):
+        return Run(run_id=f"run_{i:04d}", status=status, val_mse=val, test_mse=test,
+                   config={"data": {"seq_len": seq_len}, "model": {"head": "linear", "tokens": "time",
+                                                                  "mixer": "none", "channels": "independent"}})
+
+    agree = [run(i, 0.6 + i / 100, 0.37 + i / 100) for i in range(5)]
+    top = sc.top_runs(agree + [run(9, 0.5, None, "failed"), run(8, 0.55, 0.5, "failed")], k=4)
+    assert [r["run"] for r in top["runs"]] == ["run_0000", "run_0001", "run_0002", "run_0003"]
+    assert top["spearman"] == 1.0 and top["runs"][0]["seq_len"] == 336
+    reverse = [run(i, 0.6 + i / 100, 0.40 - i / 100) for i in range(4)]
+    assert sc.top_runs(reverse)["spearman"] == -1.0
+    assert sc.top_runs(agree[:2])["spearman"] is None  # too few to rank
+    line = sc.top_line({"top": sc.top_runs(agree)})
+    assert line.startswith("its 5 best runs by val MSE: time-none-ci x5; their test MSE 0.3700 to 0.4100")
+    assert line.endswith("Spearman(val, test) over them 1.00") and sc.top_line({"top": None}) is None
