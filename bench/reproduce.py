@@ -51,13 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent.atomic import atomic_write_text, dumps_json
 from nas_agent.config import ConfigError, load_config, validate_config
-from nas_agent.run_folder import RESUMABLE_STATUSES, RESUME_FILE
+from nas_agent.run_folder import RESUMABLE_STATUSES, RESUME_FILE, SCORED
 import train  # its resume-state check, so a state that train.py --resume refuses is trained afresh
 
 CONFIGS = ["dlinear", "itransformer", "patchtst42", "tsmixer", "patchtst64", "informer"]
 DATASETS = ["ETTh1", "ETTh2"]
 SEED0 = 2021  # seeds are 2021, 2022, ... (2021 is the PatchTST/DLinear scripts' seed)
-DONE = ("ok", "timeout")  # statuses that count as a finished run (timeout: best checkpoint tested)
+DONE = SCORED  # statuses that count as a finished run (timeout: best checkpoint tested)
 DEFAULT_OUT = str(ROOT / "runs" / "reproduce")  # beside the checkout's own runs: kept across reboots
 RESULTS_MD = ROOT / "bench" / "results" / "reproduce.md"
 RECORDS = ROOT / "bench" / "results" / "reproduce"  # one <tag>.json per finished run (committed)

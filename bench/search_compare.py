@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
+from nas_agent.run_folder import SCORED  # noqa: E402
 from nas_agent.schema import model_family  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
 from nas_agent_graph.proposers import llm_records, llm_validity  # noqa: E402
@@ -99,7 +100,7 @@ def run_study(proposer: str, seed: int, runs: int, out: Path, threads: int, budg
             "best_val": best.val_mse if best else None, "best_test": best.test_mse if best else None,
             "best_run": best.run_id if best else None, "best_idx": best_idx,
             "time_to_best_s": sum(r.duration_s or 0.0 for r in state.runs[: (best_idx or 0) + 1]),
-            "failed": sum(r.status not in ("ok", "timeout") for r in state.runs),
+            "failed": sum(r.status not in SCORED for r in state.runs),
             "rejected": len(state.rejected), "train_s": train_s, "smoke_s": smoke_s,
             "overhead_per_run_s": (wall - train_s - smoke_s - llm_s) / max(n, 1), "smoke_per_run_s": smoke_s / max(n, 1),
             "llm_s_per_proposal": llm_s / llm_n if llm_n else None, "llm_proposals": llm_n,
@@ -241,7 +242,7 @@ def top_runs(runs, k: int = TOP_K) -> dict:
     Spearman rank correlation of their val and test MSE: whether validation still orders test among
     the candidates selection chooses between (near 0: the choice among them is a draw on test).
     Test MSE is reported, never used."""
-    scored = sorted((r for r in runs if r.status in ("ok", "timeout") and r.val_mse is not None
+    scored = sorted((r for r in runs if r.status in SCORED and r.val_mse is not None
                      and r.test_mse is not None), key=lambda r: r.val_mse)[:k]
     rows = [{"run": r.run_id, "family": model_family(r.config.get("model", {})),
              "seq_len": r.config.get("data", {}).get("seq_len"), "val_mse": r.val_mse, "test_mse": r.test_mse}
@@ -289,7 +290,7 @@ def best_so_far(state) -> list[dict]:
     # started one duration before the first record.
     t0 = _when(state.runs[0].started_at) - (state.runs[0].duration_s or 0.0) if state.runs else 0.0
     for i, r in enumerate(state.runs):
-        if r.status in ("ok", "timeout") and r.val_mse is not None and (best is None or r.val_mse < best.val_mse):
+        if r.status in SCORED and r.val_mse is not None and (best is None or r.val_mse < best.val_mse):
             best = r
         end = _when(r.started_at)
         curve.append({"run": i, "minutes": (end - t0) / 60, "proposer": r.proposer,
@@ -342,6 +343,22 @@ def _ens(e: dict | None) -> str:
     return f"{e['val_mse']:.4f} / {e['test_mse']:.4f} ({', '.join(f'{k}x{n}' for k, n in e['members'].items())})"
 
 
+def study_notes(rows: list[dict], minutes: float) -> str:
+    """The README's lines under the tables: unfinished studies, studies a stop rule ended early,
+    and each study's best candidates (rows carry top_line, as arms_main sets it)."""
+    unfinished = [f"{r['arm']} seed {r['seed']}" for r in rows if not r.get("finished")]
+    note = f"\nNot finished yet (fewer than {minutes:g} minutes): {', '.join(unfinished)}.\n" if unfinished else ""
+    early = [f"- {r['arm']} seed {r['seed']} ({r['minutes']:.0f} min): {r['stop']}" for r in rows
+             if r.get("finished") and r.get("stop") and r["minutes"] < minutes]
+    if early:
+        note += "\nEnded by a stop rule before its time budget:\n" + "\n".join(early) + "\n"
+    tops = [f"- {r['arm']} seed {r['seed']}: {r['top_line']}" for r in rows if r.get("top_line")]
+    if tops:
+        note += ("\nThe candidates selection chooses between (test MSE reported, never used):\n"
+                 + "\n".join(tops) + "\n")
+    return note
+
+
 def arms_main(a: argparse.Namespace) -> None:
     """Run (or resume, or read) each arm's study; keep each finished study's curve as a small JSON
     file in --results, and print and write the tables over every study kept there, so arms run in
@@ -357,26 +374,19 @@ def arms_main(a: argparse.Namespace) -> None:
             row["machines"] = known_machines(row["machines"], path)
             path.write_text(json.dumps(row, indent=1))
     rows = [json.loads(f.read_text()) for f in sorted(a.results.glob("*_seed*.json"))]
+    for r in rows:
+        r["top_line"] = top_line(r)  # for the print and the README; not stored
     text = arm_tables(rows)
     print(text)
     for r in rows:
         print(f"\n{r['arm']} seed {r['seed']} ({r['date']}): families tried {', '.join(r['families'])}")
-        if top_line(r):
-            print(top_line(r))
+        if r.get("top_line"):
+            print(r["top_line"])
         print("| run | minutes | proposer | best val so far | its test MSE | best run |\n|---:|---:|---|---:|---:|---|")
         for x in r["curve"]:
             print(f"| {x['run']} | {x['minutes']:.1f} | {x['proposer']} | {_f(x['best_val'])} | {_f(x['best_test'])} | "
                   f"{x['best_run']} |")
-    unfinished = [f"{r['arm']} seed {r['seed']}" for r in rows if not r.get("finished")]
-    note = f"\nNot finished yet (fewer than {a.minutes:g} minutes): {', '.join(unfinished)}.\n" if unfinished else ""
-    early = [f"- {r['arm']} seed {r['seed']} ({r['minutes']:.0f} min): {r['stop']}" for r in rows
-             if r.get("finished") and r.get("stop") and r["minutes"] < a.minutes]
-    if early:
-        note += "\nEnded by a stop rule before its time budget:\n" + "\n".join(early) + "\n"
-    tops = [f"- {r['arm']} seed {r['seed']}: {top_line(r)}" for r in rows if top_line(r)]
-    if tops:
-        note += ("\nThe candidates selection chooses between (test MSE reported, never used):\n"
-                 + "\n".join(tops) + "\n")
+    note = study_notes(rows, a.minutes)
     (a.results / "README.md").write_text(
         f"# Architecture-search arms (issue 12)\n\nStudies of at most {a.minutes:g} minutes of study time on a "
         f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "

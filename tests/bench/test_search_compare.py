@@ -88,3 +88,8 @@ def test_the_best_runs_say_whether_validation_still_orders_test(tmp_path):
     line = sc.top_line({"top": sc.top_runs(agree)})
     assert line.startswith("its 5 best runs by val MSE: time-none-ci x5; their test MSE 0.3700 to 0.4100")
     assert line.endswith("Spearman(val, test) over them 1.00") and sc.top_line({"top": None}) is None
+    # The arms' README carries the line for each study that has one.
+    row = {"arm": "tpe", "seed": 2, "finished": True, "minutes": 90.0, "stop": None, "top": sc.top_runs(agree)}
+    notes = sc.study_notes([dict(row, top_line=sc.top_line(row)), {"arm": "random", "seed": 0, "finished": True}], 90)
+    assert notes.splitlines()[-2:] == ["The candidates selection chooses between (test MSE reported, never used):",
+                                       f"- tpe seed 2: {sc.top_line(row)}"]
