@@ -214,8 +214,10 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
             print(f"{arm} seed {seed}: the orchestrator exited {rc}; see {folder / 'orchestrator.log'}")
     state = load_agent_state(state_file)
     ended = study_ended(folder, budget)
+    study_ensemble = arm_ensemble(folder) if ended else None
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
-            "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": arm_ensemble(folder) if ended else None,
+            "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": study_ensemble,
+            "ensemble_top": top_only_ensemble(folder, study_ensemble),
             "finished": ended, "stop": stop_line(folder),
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
             "top": top_runs(state.runs),
@@ -278,8 +280,29 @@ def arm_ensemble(folder: Path) -> dict | None:
             print(f"{folder.name}: no ensemble: {e}")
             return None
         ensemble.write(record, folder / "runs")
+    return _ensemble_row(record)
+
+
+def top_only_ensemble(folder: Path, study_ensemble: dict | None) -> dict | None:
+    """For a study whose ensemble chose from its family bests too: the ensemble the same study gets
+    from its 5 best runs only (`python -m nas_agent_graph ensemble --top-only`, built here and not
+    written), the paired comparison of the two libraries. None for a study whose ensemble was
+    top-only already."""
+    if not study_ensemble or not study_ensemble.get("families"):
+        return None
+    try:
+        record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs", families=False)
+    except ensemble.EnsembleError as e:
+        print(f"{folder.name}: no top-only ensemble: {e}")
+        return None
+    return _ensemble_row(record)
+
+
+def _ensemble_row(record: dict) -> dict:
     return {k: record[k] for k in ("val_mse", "test_mse", "pool", "steps", "created_at")} | {
-        "members": {m["run_id"]: m["picks"] for m in record["members"]}}
+        "families": record.get("families", False),  # records before family bests chose from the top runs only
+        "members": {m["run_id"]: m["picks"] for m in record["members"]},
+        "member_families": {m["run_id"]: m.get("family") for m in record["members"]}}
 
 
 def best_so_far(state) -> list[dict]:
@@ -333,6 +356,21 @@ def arm_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def library_table(rows: list[dict]) -> str | None:
+    """Markdown: for each study whose ensemble chose from its family bests too, that ensemble against
+    the one its 5 best runs alone give (same study, same runs): what the family bests add."""
+    paired = [r for r in rows if r.get("ensemble") and r.get("ensemble_top")]
+    if not paired:
+        return None
+    out = ["| arm | seed | top-5 library: val / test MSE (members) | top-5 + family bests: val / test MSE (members, "
+           "families) | test change |", "|---|---:|---|---|---:|"]
+    for r in paired:
+        e, t = r["ensemble"], r["ensemble_top"]
+        fams = ", ".join(sorted({f for f in e.get("member_families", {}).values() if f}))
+        out.append(f"| {r['arm']} | {r['seed']} | {_ens(t)} | {_ens(e)}; {fams} | {e['test_mse'] - t['test_mse']:+.4f} |")
+    return "\n".join(out)
+
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -377,6 +415,11 @@ def arms_main(a: argparse.Namespace) -> None:
     for r in rows:
         r["top_line"] = top_line(r)  # for the print and the README; not stored
     text = arm_tables(rows)
+    libraries = library_table(rows)
+    if libraries:
+        text += ("\n\nThe ensemble's library. Since family bests joined it, a study's ensemble chooses from its 5 "
+                 "best runs and the best run of each model family; the same study's top-5-only ensemble "
+                 "(`python -m nas_agent_graph ensemble --top-only`, not written) is the paired comparison:\n\n" + libraries)
     print(text)
     for r in rows:
         print(f"\n{r['arm']} seed {r['seed']} ({r['date']}): families tried {', '.join(r['families'])}")
@@ -392,7 +435,8 @@ def arms_main(a: argparse.Namespace) -> None:
         f"2-core CPU, ETTh1 M 96->96, selection by validation MSE. Each study's curve is in its JSON file, with the "
         f"command that made it: run again, it reads a finished study from --out, resumes a killed one, and trains "
         f"one anew where --out lacks it (up to {a.minutes:g} minutes). The latest: `{command}`\n\nThe ensemble is each study's runs/ensemble.json: a "
-        f"forward selection on validation forecasts over its 5 best runs (built with `python -m nas_agent_graph "
+        f"forward selection on validation forecasts over its 5 best runs, and, in studies on code since family bests "
+        f"joined the library, over each model family's best run too (built with `python -m nas_agent_graph "
         f"ensemble` for a study that predates it); its test MSE, like a run's, is reported, never used. "
         f"The code column lists the commits a study ran at, one per session that resumed it on other code "
         f"(\"unrecorded\": it ran before the column existed); compare arms that ran on the same code. The machine "

@@ -5,7 +5,7 @@
     python -m nas_agent_graph check CONFIG [--model FILE]
     python -m nas_agent_graph status
     python -m nas_agent_graph report
-    python -m nas_agent_graph ensemble [--pool N] [--steps K]
+    python -m nas_agent_graph ensemble [--pool N] [--steps K] [--top-only]
 """
 from __future__ import annotations
 
@@ -134,12 +134,13 @@ def search_parser() -> argparse.ArgumentParser:
     limits.add_argument("--smoke-timeout", type=float, default=Context.smoke_timeout, help="seconds for a proposal's smoke test")
     limits.add_argument("--run-memory", default=None, metavar="GB|off", help=RUN_MEMORY_HELP)
     limits.add_argument("--keep-checkpoints", default=None, metavar="N|all",
-                        help="keep best_model.pth of every incumbent and of the N best runs, delete the "
-                             "other finished runs' (their metrics, history and config stay); "
+                        help="keep best_model.pth of every incumbent, of the N best runs and of each model "
+                             "family's best, delete the other finished runs' (their metrics, history and config stay); "
                              "'all' keeps every one (default: %d)" % DEFAULT_KEEP)
     limits.add_argument("--ensemble", default=str(DEFAULT_POOL), metavar="N|off",
                         help="when the study ends, average the forecasts of a selection of its N best runs "
-                             "(chosen on validation MSE) into runs/ensemble.json (default: %d)" % DEFAULT_POOL)
+                             "and each model family's best (chosen on validation MSE) into runs/ensemble.json "
+                             "(default: %d)" % DEFAULT_POOL)
     limits.add_argument("--confirm-seeds", type=int, default=Context.confirm_seeds, metavar="K",
                         help="accept a better run only after K seeds of it and of the incumbent agree "
                              "(one-sided Welch's t-test); 1 = off (default)")
@@ -406,10 +407,10 @@ def run_search(ctx: Context) -> int:
         return rc
 
 
-def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int) -> dict | None:
+def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, families: bool = True) -> dict | None:
     """Build, write and print the study's ensemble; a study that has none is not an error."""
     try:
-        record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps)
+        record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps, families=families)
     except ensemble.EnsembleError as e:
         log.warning("no ensemble: %s", e)
         return None
@@ -605,14 +606,16 @@ def cmd_ensemble(argv: list[str]) -> int:
                                 description="Select an ensemble of the study's best runs on validation MSE "
                                             "(forward selection, Caruana et al. 2004) and write runs/ensemble.json.")
     _common(p)
-    p.add_argument("--pool", type=int, default=DEFAULT_POOL, help="the N best runs by val MSE to choose from "
-                   "(those whose best_model.pth is kept; default %d)" % DEFAULT_POOL)
+    p.add_argument("--pool", type=int, default=DEFAULT_POOL, help="the N best runs by val MSE to choose from, "
+                   "beside each model family's best (those whose best_model.pth is kept; default %d)" % DEFAULT_POOL)
+    p.add_argument("--top-only", action="store_true", help="choose from the N best runs only, not also from "
+                   "each family's best (the library before family bests joined it)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="selection steps (default %d)" % DEFAULT_STEPS)
     a = p.parse_args(argv)
     if a.pool < 1 or a.steps < 1:
         raise ConfigError(f"--pool and --steps must be >= 1, got --pool {a.pool} --steps {a.steps}")
     with StudyLock(a.state):  # not while a search writes the study or deletes checkpoints
-        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps) else 1
+        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps, families=not a.top_only) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,11 +95,11 @@ class Context:
     """Mirror the study into runs/optuna.db for optuna-dashboard (nas_agent_graph/optuna_mirror.py);
     the CLI turns it on."""
     keep_checkpoints: Optional[int] = None
-    """Keep best_model.pth of every incumbent and of this many best runs, delete the others'
-    (nas_agent_graph/retention.py); None keeps them all (the CLI defaults to retention.DEFAULT_KEEP)."""
+    """Keep best_model.pth of every incumbent, of this many best runs and of each model family's
+    best, delete the others' (nas_agent_graph/retention.py); None keeps them all (the CLI defaults to retention.DEFAULT_KEEP)."""
     ensemble_pool: Optional[int] = None
-    """At the end of the study, select an ensemble of this many best runs' forecasts (runs/ensemble.json,
-    nas_agent_graph/ensemble.py); None: none (the CLI defaults to ensemble.DEFAULT_POOL)."""
+    """At the end of the study, select an ensemble from the forecasts of this many best runs and of
+    each model family's best (runs/ensemble.json, nas_agent_graph/ensemble.py); None: none (the CLI defaults to ensemble.DEFAULT_POOL)."""
     confirm_seeds: int = 1
     """> 1: a run that beats the incumbent is accepted only after it and the incumbent ran with
     this many seeds each and the difference is significant (nas_agent_graph/study/confirmation.py)."""

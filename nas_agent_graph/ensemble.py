@@ -6,8 +6,12 @@ and is the standard last step of AutoML systems; this module builds that average
 a study (and on demand: `python -m nas_agent_graph ensemble`).
 
 The method is forward selection with replacement, as in the paper:
-1. the library is the `pool` best scored runs by validation MSE whose best_model.pth is still
-   on disk (checkpoint retention keeps the best runs' weights);
+1. the library is the `pool` best scored runs by validation MSE, and the best run of each model
+   family, whose best_model.pth is still on disk (checkpoint retention keeps these runs'
+   weights). The family bests are there for diversity: on a CPU, with a short run budget, a
+   study's best runs are often all one family (linear models converge first), whose errors are
+   alike, so averaging them gains little; a model of another family that validates a little
+   worse may still lower the average's validation MSE, and the selection decides that;
 2. each member's forecasts for every validation and test window are the run's forecasts.npz,
    written by train.py with its checkpoint; a run without one (older, or too wide a data set)
    gets it from `train.py --predict` in a subprocess (a run's model file may be LLM-written
@@ -43,7 +47,7 @@ from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE,
 from nas_agent.schema import model_family
 from nas_agent_graph.limits import default_run_memory_gb, run_caps
 from nas_agent_graph.paths import TRAIN_SCRIPT
-from nas_agent_graph.retention import DEFAULT_KEEP
+from nas_agent_graph.retention import DEFAULT_KEEP, family_bests, scored_runs
 from nas_agent_graph.process import run_child
 
 log = logging.getLogger(__name__)
@@ -67,25 +71,32 @@ class Forecasts:
     test_target: np.ndarray
 
 
-def pool_runs(study: AgentState, runs_dir: Path, pool: int) -> tuple[list[RunInfo], list[str]]:
-    """The `pool` best scored runs by validation MSE that still have a checkpoint, and a note for
-    each of the best `pool` that has none. Runs of one config hash count once (the same config
-    and seed train the same weights)."""
-    scored = [r for r in study.runs if r.status in SCORED and isinstance(r.val_mse, (int, float))
-              and math.isfinite(r.val_mse)]
+def pool_runs(study: AgentState, runs_dir: Path, pool: int, *, families: bool = True) -> tuple[list[RunInfo], list[str]]:
+    """The `pool` best scored runs by validation MSE that still have a checkpoint and, with
+    `families`, the best run of each model family that is not among them (so that the library
+    is not all one family), best first; and a note for each of those runs that has no
+    checkpoint. Runs of one config hash count once (the same config and seed train the same
+    weights)."""
+    def usable(run: RunInfo) -> bool:
+        if (runs_dir / run.run_id / CHECKPOINT_FILE).is_file() or (runs_dir / run.run_id / FORECASTS_FILE).is_file():
+            return True
+        skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT_FILE} (deleted by retention)")
+        return False
+
     chosen, skipped, hashes = [], [], set()
-    for run in sorted(scored, key=lambda r: r.val_mse):
+    for run in scored_runs(study):
         if len(chosen) == pool:
             break
         config_hash = run.extra.get("config_hash") if isinstance(run.extra, dict) else None
         if config_hash and config_hash in hashes:
             continue
-        if not ((runs_dir / run.run_id / CHECKPOINT_FILE).is_file() or (runs_dir / run.run_id / FORECASTS_FILE).is_file()):
-            skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT_FILE} (deleted by retention)")
-            continue
-        hashes.add(config_hash)
-        chosen.append(run)
-    return chosen, skipped
+        if usable(run):
+            hashes.add(config_hash)
+            chosen.append(run)
+    if families:
+        ids = {r.run_id for r in chosen}
+        chosen += [run for run in family_bests(study).values() if run.run_id not in ids and usable(run)]
+    return sorted(chosen, key=lambda r: r.val_mse), skipped
 
 
 def forecasts(run: RunInfo, runs_dir: Path, *, python: str = sys.executable,
@@ -147,11 +158,12 @@ def select(val: dict[str, np.ndarray], target: np.ndarray, steps: int) -> list[s
 
 
 def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps: int = DEFAULT_STEPS,
-          python: str = sys.executable) -> dict:
-    """Select an ensemble from the study's runs and score it; the record ensemble.json holds."""
+          families: bool = True, python: str = sys.executable) -> dict:
+    """Select an ensemble from the study's runs (the `pool` best and, with `families`, each
+    family's best) and score it; the record ensemble.json holds."""
     if pool < 1 or steps < 1:
         raise EnsembleError(f"pool and steps must be >= 1 (got pool {pool}, steps {steps})")
-    runs, skipped = pool_runs(study, runs_dir, pool)
+    runs, skipped = pool_runs(study, runs_dir, pool, families=families)
     if not runs:
         raise EnsembleError(f"no scored run (status {' or '.join(SCORED)}) with a {CHECKPOINT_FILE} under "
                             f"{runs_dir}; train some runs first, or keep their checkpoints (--keep-checkpoints)")
@@ -189,7 +201,8 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
     record = {
         "created_at": utc_now_iso(),
         "method": "forward selection with replacement on validation MSE (Caruana et al., 2004)",
-        "pool": pool, "steps": steps,
+        "pool": pool, "steps": steps, "families": families,
+        "library_rule": f"the {pool} best runs by val MSE" + (" and each model family's best" if families else ""),
         "members": [{"run_id": rid, "weight": round(k / len(picks), 6), "picks": k,
                      "val_mse": by_id[rid].val_mse, "test_mse": by_id[rid].test_mse,
                      "family": model_family(by_id[rid].config.get("model") or {})}
@@ -199,7 +212,7 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
                         "test_mse": best.test_mse, "test_mae": best.test_mae},
         "windows": {"val": int(reference.val_target.shape[0]), "test": int(reference.test_target.shape[0])},
         "library": list(library), "skipped": skipped,
-        "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}",
+        "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}" + ("" if families else " --top-only"),
     }
     return record
 

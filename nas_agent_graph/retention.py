@@ -3,7 +3,11 @@
 Every finished run leaves runs/<id>/best_model.pth (15 MB for the default Informer, far more for
 a wide model at look-back 720), so 100 runs can fill gigabytes. After each run is recorded, the
 checkpoints of every run that was ever an incumbent (accepted), of a candidate waiting for its
-confirmations, and of the N runs with the lowest validation MSE are kept; the other finished
+confirmations, of the N runs with the lowest validation MSE, and of the best run of each model
+family (nas_agent.schema.model_family) are kept. The family bests are the end-of-study
+ensemble's diverse members: on a CPU the N best are often all one family (linear ones converge
+within a short run budget), and averaging models whose errors differ is what an ensemble gains
+from. There are as many families as the space has (about 20 at most); the other finished
 runs lose best_model.pth and forecasts.npz (its forecasts, as large), and only those: metrics,
 history, logs and config stay, so every run can still be reported on and re-trained
 (`python train.py --config runs/<id>/config.py`).
@@ -19,7 +23,8 @@ import math
 from pathlib import Path
 
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
-from nas_agent.run_folder import CHECKPOINT_FILE, FORECASTS_FILE
+from nas_agent.run_folder import CHECKPOINT_FILE, FORECASTS_FILE, SCORED
+from nas_agent.schema import model_family
 
 DEFAULT_KEEP = 5  # the top 5 by val MSE, beside every incumbent: a few hundred MB at most on the CPU
 
@@ -30,13 +35,30 @@ def checkpoint_record(run_dir: Path) -> dict | None:
     return {"file": CHECKPOINT_FILE, "bytes": path.stat().st_size} if path.is_file() else None
 
 
+def scored_runs(study: AgentState) -> list[RunInfo]:
+    """The runs with a finite val MSE from a run that ended scored (status ok or timeout), best first."""
+    scored = [r for r in study.runs if r.status in SCORED and isinstance(r.val_mse, (int, float))
+              and math.isfinite(r.val_mse)]
+    return sorted(scored, key=lambda r: r.val_mse)
+
+
+def family_bests(study: AgentState) -> dict[str, RunInfo]:
+    """The best scored run of each model family, by val MSE."""
+    best: dict[str, RunInfo] = {}
+    for run in scored_runs(study):
+        best.setdefault(model_family((run.config or {}).get("model") or {}), run)
+    return best
+
+
 def keepers(study: AgentState, keep: int) -> set[str]:
-    """Run ids whose checkpoints stay: every incumbent, pending candidates, the `keep` best."""
+    """Run ids whose checkpoints stay: every incumbent, pending candidates, the `keep` best, and
+    the best of each model family."""
     kept = {r.run_id for r in study.runs if r.accepted}
     kept |= {r.run_id for r in study.runs
              if isinstance(r.extra, dict) and (r.extra.get("confirm") or {}).get("status") == "pending"}
     scored = [r for r in study.runs if isinstance(r.val_mse, (int, float)) and math.isfinite(r.val_mse)]
     kept |= {r.run_id for r in sorted(scored, key=lambda r: r.val_mse)[:keep]}
+    kept |= {r.run_id for r in family_bests(study).values()}
     return kept
 
 
@@ -56,7 +78,8 @@ def mark_for_deletion(study: AgentState, runs_dir: Path, keep: int | None) -> li
             record = {"file": CHECKPOINT_FILE, "bytes": path.stat().st_size}
         if "deleted_at" not in record:
             record["deleted_at"] = utc_now_iso()
-            record["why"] = f"not an incumbent nor among the {keep} best by val MSE (--keep-checkpoints {keep})"
+            record["why"] = (f"not an incumbent, nor among the {keep} best by val MSE (--keep-checkpoints {keep}), "
+                             f"nor its family's best")
         run.extra["checkpoint"] = record
         doomed.append(path)
     return doomed

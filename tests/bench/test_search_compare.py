@@ -93,3 +93,20 @@ def test_the_best_runs_say_whether_validation_still_orders_test(tmp_path):
     notes = sc.study_notes([dict(row, top_line=sc.top_line(row)), {"arm": "random", "seed": 0, "finished": True}], 90)
     assert notes.splitlines()[-2:] == ["The candidates selection chooses between (test MSE reported, never used):",
                                        f"- tpe seed 2: {sc.top_line(row)}"]
+
+
+def test_a_study_with_family_bests_compares_its_ensemble_with_the_top_five_alone():
+    """library_table pairs a study's ensemble (top 5 + family bests) with its top-5-only one; studies
+    from before family bests have no pair and no row."""
+    def ens(val, test, members, families):
+        return {"val_mse": val, "test_mse": test, "families": families, "members": members,
+                "member_families": {"run_0001": "time-none", "run_0007": "variate-attention"}}
+    new = {"arm": "tpe", "seed": 3, "ensemble": ens(0.630, 0.365, {"run_0001": 12, "run_0007": 8}, True),
+           "ensemble_top": ens(0.636, 0.374, {"run_0001": 20}, False)}
+    old = {"arm": "tpe", "seed": 0, "ensemble": ens(0.625, 0.365, {"run_0001": 1}, False), "ensemble_top": None}
+    table = sc.library_table([old, new]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| tpe | 3 | 0.6360 / 0.3740 (run_0001x20) | 0.6300 / 0.3650 "
+                                                   "(run_0001x12, run_0007x8); time-none, variate-attention |")
+    assert table[2].endswith("| -0.0090 |")
+    assert sc.library_table([old]) is None
+    assert sc.top_only_ensemble(ROOT, old["ensemble"]) is None  # nothing to pair: not built

@@ -6,6 +6,7 @@ import pytest
 
 from nas_agent.agent_state import AgentState, load_agent_state, save_agent_state
 from nas_agent import forecasts
+from nas_agent.schema import model_family
 from nas_agent_graph import ensemble
 from nas_agent_graph.testing import TINY_SPACE
 from tests.nas_agent_graph.test_cli import cli, search_args
@@ -30,6 +31,26 @@ def test_selection_keeps_the_best_prefix_and_breaks_ties_by_order():
     assert ensemble.select(val, target, steps=20) == ["best"]
     with pytest.raises(ensemble.EnsembleError):
         ensemble.select({}, target, steps=5)
+
+
+def test_the_library_holds_the_best_runs_and_each_familys_best(tmp_path):
+    from nas_agent.agent_state import RunInfo, add_run
+    linear = {"head": "linear", "tokens": "time", "mixer": "none"}
+    patch = {"head": "linear", "tokens": "patch", "mixer": "attention", "channels": "independent"}
+    study = AgentState()
+    for i, (val, model, checkpoint) in enumerate([(0.64, linear, True), (0.65, linear, True), (0.66, linear, True),
+                                                  (0.71, patch, True), (0.70, {}, False), (0.73, {}, True)]):
+        (tmp_path / f"run_{i:04d}").mkdir()
+        if checkpoint:
+            (tmp_path / f"run_{i:04d}" / "best_model.pth").write_bytes(b"w")
+        add_run(study, RunInfo(run_id=f"run_{i:04d}", val_mse=val, status="ok", config={"model": model}))
+    runs, skipped = ensemble.pool_runs(study, tmp_path, 2)
+    # the 2 best, then PatchTST-like run_0003; Informer's best (run_0004) lost its checkpoint, and
+    # its second best is not a family best
+    assert [r.run_id for r in runs] == ["run_0000", "run_0001", "run_0003"]
+    assert skipped == ["run_0004 (val 0.7000): no best_model.pth (deleted by retention)"]
+    runs, skipped = ensemble.pool_runs(study, tmp_path, 2, families=False)
+    assert [r.run_id for r in runs] == ["run_0000", "run_0001"] and skipped == []
 
 
 # ------------------------------------------------------------------------ a real study
@@ -61,7 +82,13 @@ def test_a_study_ends_with_an_ensemble_selected_on_validation(finished):
     record = json.loads((study / "runs" / "ensemble.json").read_text())
     state = load_agent_state(study / "agent_state.json")
     scored = sorted((r for r in state.runs if r.status in ("ok", "timeout")), key=lambda r: r.val_mse)
-    assert record["library"] == [r.run_id for r in scored[:ensemble.DEFAULT_POOL]] and record["skipped"] == []
+    # The library: the 5 best, and each model family's best beside them, best first.
+    family_best = {}
+    for r in scored:
+        family_best.setdefault(model_family(r.config.get("model") or {}), r)
+    library = {r.run_id for r in scored[:ensemble.DEFAULT_POOL]} | {r.run_id for r in family_best.values()}
+    assert record["library"] == [r.run_id for r in scored if r.run_id in library] and record["skipped"] == []
+    assert record["families"] is True and "each model family's best" in record["library_rule"]
     assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0, abs=1e-5)
     assert record["best_single"]["run_id"] == scored[0].run_id
     # The first pick is the best run, so the chosen prefix is never worse on validation.
@@ -133,3 +160,15 @@ def test_bad_flags_and_an_empty_study_get_clear_messages(tmp_path, finished):
     save_agent_state(AgentState(), tmp_path / "agent_state.json")
     proc = cli(tmp_path, "ensemble")
     assert proc.returncode == 1 and "no scored run" in proc.stderr and not (tmp_path / "runs" / "ensemble.json").exists()
+
+
+def test_top_only_chooses_from_the_best_runs_alone(finished):
+    study, _ = finished
+    state = load_agent_state(study / "agent_state.json")
+    scored = sorted((r for r in state.runs if r.status in ("ok", "timeout")), key=lambda r: r.val_mse)
+    proc = cli(study, "ensemble", "--pool", "2", "--top-only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((study / "runs" / "ensemble.json").read_text())
+    assert record["library"] == [r.run_id for r in scored[:2]] and record["families"] is False
+    assert record["rebuild"].endswith("--pool 2 --steps 20 --top-only")
+    assert cli(study, "ensemble").returncode == 0  # the default record back, for the other tests

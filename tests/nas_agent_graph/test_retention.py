@@ -67,3 +67,23 @@ def test_status_shows_which_runs_keep_a_checkpoint(tmp_path):
     assert "checkpoint" in text and "checkpoints: 4 kept, 3 deleted" in text
     rows = {line.split()[0]: line for line in text.splitlines() if line.strip().startswith("run_")}
     assert "deleted" in rows["run_0002"] and "0.2 MB" in rows["run_0003"] and "deleted" not in rows["run_0005"]
+
+
+def test_each_model_family_keeps_its_best_run_for_the_ensemble(tmp_path):
+    # The 2 best are linear (DLinear-like); the best PatchTST-like and iTransformer-like runs stay
+    # too (the ensemble's diverse members), while a worse run of a kept family goes.
+    linear = {"head": "linear", "tokens": "time", "mixer": "none", "decomp": "moving_avg"}
+    patch = {"head": "linear", "tokens": "patch", "mixer": "attention", "channels": "independent"}
+    variate = {"head": "linear", "tokens": "variate", "mixer": "attention"}
+    runs = [("run_0000", 0.64, linear), ("run_0001", 0.65, linear), ("run_0002", 0.66, linear),
+            ("run_0003", 0.70, patch), ("run_0004", 0.72, patch), ("run_0005", 0.69, variate)]
+    study = AgentState()
+    for run_id, val, model in runs:
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / run_folder.CHECKPOINT_FILE).write_bytes(b"w")
+        add_run(study, RunInfo(run_id=run_id, val_mse=val, status="ok", config={"model": model}))
+    assert {f: r.run_id for f, r in retention.family_bests(study).items()} == {
+        "time-none": "run_0000", "patch-attention-ci": "run_0003", "variate-attention": "run_0005"}
+    doomed = retention.mark_for_deletion(study, tmp_path, keep=2)
+    assert sorted(p.parent.name for p in doomed) == ["run_0002", "run_0004"]
+    assert "nor its family's best" in study.runs[4].extra["checkpoint"]["why"]
