@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench.search_compare import run_orchestrator  # noqa: E402
+from search_compare import run_orchestrator  # noqa: E402 - a sibling script (bench/ is on sys.path as the script's folder)
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
 
 BUDGET = ["training.max_epochs=6", "training.max_steps_per_epoch=60", "training.patience=6"]

@@ -285,13 +285,14 @@ def arm_ensemble(folder: Path) -> dict | None:
 
 def top_only_ensemble(folder: Path, study_ensemble: dict | None) -> dict | None:
     """For a study whose ensemble chose from its family bests too: the ensemble the same study gets
-    from its 5 best runs only (`python -m nas_agent_graph ensemble --top-only`, built here and not
-    written), the paired comparison of the two libraries. None for a study whose ensemble was
-    top-only already."""
+    from its N best runs only, with the same N and steps (`python -m nas_agent_graph ensemble
+    --top-only`, built here and not written), the paired comparison of the two libraries. None for
+    a study whose ensemble was top-only already."""
     if not study_ensemble or not study_ensemble.get("families"):
         return None
     try:
-        record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs", families=False)
+        record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs", families=False,
+                                pool=study_ensemble["pool"], steps=study_ensemble["steps"])
     except ensemble.EnsembleError as e:
         print(f"{folder.name}: no top-only ensemble: {e}")
         return None
@@ -358,16 +359,17 @@ def arm_tables(rows: list[dict]) -> str:
 
 def library_table(rows: list[dict]) -> str | None:
     """Markdown: for each study whose ensemble chose from its family bests too, that ensemble against
-    the one its 5 best runs alone give (same study, same runs): what the family bests add."""
+    the one its N best runs alone give (same study, same runs): what the family bests add."""
     paired = [r for r in rows if r.get("ensemble") and r.get("ensemble_top")]
     if not paired:
         return None
-    out = ["| arm | seed | top-5 library: val / test MSE (members) | top-5 + family bests: val / test MSE (members, "
-           "families) | test change |", "|---|---:|---|---|---:|"]
+    out = ["| arm | seed | N | N best only: val / test MSE (members) | N best + family bests: val / test MSE "
+           "(members; their families) | test change |", "|---|---:|---:|---|---|---:|"]
     for r in paired:
         e, t = r["ensemble"], r["ensemble_top"]
         fams = ", ".join(sorted({f for f in e.get("member_families", {}).values() if f}))
-        out.append(f"| {r['arm']} | {r['seed']} | {_ens(t)} | {_ens(e)}; {fams} | {e['test_mse'] - t['test_mse']:+.4f} |")
+        out.append(f"| {r['arm']} | {r['seed']} | {t['pool']} | {_ens(t)} | {_ens(e)}; {fams} | "
+                   f"{e['test_mse'] - t['test_mse']:+.4f} |")
     return "\n".join(out)
 
 
@@ -417,8 +419,8 @@ def arms_main(a: argparse.Namespace) -> None:
     text = arm_tables(rows)
     libraries = library_table(rows)
     if libraries:
-        text += ("\n\nThe ensemble's library. Since family bests joined it, a study's ensemble chooses from its 5 "
-                 "best runs and the best run of each model family; the same study's top-5-only ensemble "
+        text += ("\n\nThe ensemble's library. Since family bests joined it, a study's ensemble chooses from its N "
+                 "best runs and the best run of each model family; the same study's ensemble of its N best alone "
                  "(`python -m nas_agent_graph ensemble --top-only`, not written) is the paired comparison:\n\n" + libraries)
     print(text)
     for r in rows:
@@ -437,7 +439,7 @@ def arms_main(a: argparse.Namespace) -> None:
         f"one anew where --out lacks it (up to {a.minutes:g} minutes). The latest: `{command}`\n\nThe ensemble is each study's runs/ensemble.json: a "
         f"forward selection on validation forecasts over its 5 best runs, and, in studies on code since family bests "
         f"joined the library, over each model family's best run too (built with `python -m nas_agent_graph "
-        f"ensemble` for a study that predates it); its test MSE, like a run's, is reported, never used. "
+        f"ensemble` for a study that predates ensembles, and then with the family bests whose checkpoints it kept); its test MSE, like a run's, is reported, never used. "
         f"The code column lists the commits a study ran at, one per session that resumed it on other code "
         f"(\"unrecorded\": it ran before the column existed); compare arms that ran on the same code. The machine "
         f"column is the CPU of each session that ran the study: the budgets are wall-clock, so a study on a slower "

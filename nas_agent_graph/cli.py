@@ -219,7 +219,7 @@ def parse_keep_checkpoints(text: str | None) -> int | None:
                           "or 'all'") from None
     if n < 0:
         raise ConfigError(f"--keep-checkpoints {text!r}: expected 0 or more runs (0 keeps only the "
-                          "incumbents' checkpoints), or 'all'")
+                          "checkpoints of incumbents, pending candidates and each family's best), or 'all'")
     return n
 
 

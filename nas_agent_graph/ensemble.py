@@ -44,10 +44,9 @@ from nas_agent import forecasts as forecasts_file
 from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
-from nas_agent.schema import model_family
 from nas_agent_graph.limits import default_run_memory_gb, run_caps
 from nas_agent_graph.paths import TRAIN_SCRIPT
-from nas_agent_graph.retention import DEFAULT_KEEP, family_bests, scored_runs
+from nas_agent_graph.retention import DEFAULT_KEEP, run_family, scored_runs
 from nas_agent_graph.process import run_child
 
 log = logging.getLogger(__name__)
@@ -72,30 +71,34 @@ class Forecasts:
 
 
 def pool_runs(study: AgentState, runs_dir: Path, pool: int, *, families: bool = True) -> tuple[list[RunInfo], list[str]]:
-    """The `pool` best scored runs by validation MSE that still have a checkpoint and, with
-    `families`, the best run of each model family that is not among them (so that the library
-    is not all one family), best first; and a note for each of those runs that has no
-    checkpoint. Runs of one config hash count once (the same config and seed train the same
-    weights)."""
-    def usable(run: RunInfo) -> bool:
-        if (runs_dir / run.run_id / CHECKPOINT_FILE).is_file() or (runs_dir / run.run_id / FORECASTS_FILE).is_file():
-            return True
-        skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT_FILE} (deleted by retention)")
-        return False
+    """The `pool` best scored runs by validation MSE (one per config) that still have a checkpoint
+    and, with `families`, the best run with a checkpoint of each model family not among them (so
+    that the library is not all one family), best first; and a note for each run passed over for
+    lack of a checkpoint: among the `pool` best, and each family's best."""
+    has_weights: dict[str, bool] = {}
 
-    chosen, skipped, hashes = [], [], set()
-    for run in scored_runs(study):
+    def usable(run: RunInfo, note: bool = True) -> bool:
+        if run.run_id not in has_weights:
+            run_dir = runs_dir / run.run_id
+            has_weights[run.run_id] = (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / FORECASTS_FILE).is_file()
+            if not has_weights[run.run_id] and note:
+                skipped.append(f"{run.run_id} (val {run.val_mse:.4f}): no {CHECKPOINT_FILE} (deleted by retention)")
+        return has_weights[run.run_id]
+
+    ranked, chosen, skipped = scored_runs(study), [], []
+    for run in ranked:
         if len(chosen) == pool:
             break
-        config_hash = run.extra.get("config_hash") if isinstance(run.extra, dict) else None
-        if config_hash and config_hash in hashes:
-            continue
         if usable(run):
-            hashes.add(config_hash)
             chosen.append(run)
-    if families:
-        ids = {r.run_id for r in chosen}
-        chosen += [run for run in family_bests(study).values() if run.run_id not in ids and usable(run)]
+    if families:  # a study from before retention kept family bests may have only a worse run's weights
+        covered, noted = {run_family(r) for r in chosen}, set()
+        for run in ranked:
+            family = run_family(run)
+            if family not in covered and usable(run, note=family not in noted):
+                chosen.append(run)
+                covered.add(family)
+            noted.add(family)
     return sorted(chosen, key=lambda r: r.val_mse), skipped
 
 
@@ -205,7 +208,7 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
         "library_rule": f"the {pool} best runs by val MSE" + (" and each model family's best" if families else ""),
         "members": [{"run_id": rid, "weight": round(k / len(picks), 6), "picks": k,
                      "val_mse": by_id[rid].val_mse, "test_mse": by_id[rid].test_mse,
-                     "family": model_family(by_id[rid].config.get("model") or {})}
+                     "family": run_family(by_id[rid])}
                     for rid, k in weights.most_common()],
         "val_mse": val_mse, "val_mae": val_mae, "test_mse": test_mse, "test_mae": test_mae,
         "best_single": {"run_id": best.run_id, "val_mse": best.val_mse, "val_mae": best.val_mae,

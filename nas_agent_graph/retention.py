@@ -4,11 +4,13 @@ Every finished run leaves runs/<id>/best_model.pth (15 MB for the default Inform
 a wide model at look-back 720), so 100 runs can fill gigabytes. After each run is recorded, the
 checkpoints of every run that was ever an incumbent (accepted), of a candidate waiting for its
 confirmations, of the N runs with the lowest validation MSE, and of the best run of each model
-family (nas_agent.schema.model_family) are kept. The family bests are the end-of-study
-ensemble's diverse members: on a CPU the N best are often all one family (linear ones converge
-within a short run budget), and averaging models whose errors differ is what an ensemble gains
-from. There are as many families as the space has (about 20 at most); the other finished
-runs lose best_model.pth and forecasts.npz (its forecasts, as large), and only those: metrics,
+family (nas_agent.schema.model_family) are kept; "best" counts scored runs (ok or timeout), one
+per config. The family bests are the end-of-study ensemble's diverse members: on a CPU the N
+best are often all one family (linear ones converge within a short run budget), and averaging
+models whose errors differ is what an ensemble gains from. A study keeps at most as many family
+bests as the space has families (about 20).
+
+The other finished runs lose best_model.pth and forecasts.npz (its forecasts, as large), and only those: metrics,
 history, logs and config stay, so every run can still be reported on and re-trained
 (`python train.py --config runs/<id>/config.py`).
 
@@ -26,7 +28,8 @@ from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
 from nas_agent.run_folder import CHECKPOINT_FILE, FORECASTS_FILE, SCORED
 from nas_agent.schema import model_family
 
-DEFAULT_KEEP = 5  # the top 5 by val MSE, beside every incumbent: a few hundred MB at most on the CPU
+DEFAULT_KEEP = 5  # the top 5 by val MSE, beside every incumbent and family best: on the CPU a few MB for a
+# linear model, 15 MB for the default Informer, rarely more than 100 MB for the widest (look-back 720)
 
 
 def checkpoint_record(run_dir: Path) -> dict | None:
@@ -36,17 +39,31 @@ def checkpoint_record(run_dir: Path) -> dict | None:
 
 
 def scored_runs(study: AgentState) -> list[RunInfo]:
-    """The runs with a finite val MSE from a run that ended scored (status ok or timeout), best first."""
+    """The runs that ended scored (status ok or timeout) with a finite val MSE, best first, one
+    per config hash (the same config and seed train the same weights): the candidates for the
+    N best and for a family's best, here and in the ensemble's library."""
     scored = [r for r in study.runs if r.status in SCORED and isinstance(r.val_mse, (int, float))
               and math.isfinite(r.val_mse)]
-    return sorted(scored, key=lambda r: r.val_mse)
+    out, hashes = [], set()
+    for run in sorted(scored, key=lambda r: r.val_mse):
+        config_hash = run.extra.get("config_hash") if isinstance(run.extra, dict) else None
+        if config_hash and config_hash in hashes:
+            continue
+        hashes.add(config_hash)
+        out.append(run)
+    return out
+
+
+def run_family(run: RunInfo) -> str:
+    """The model family of a run's config (nas_agent.schema.model_family)."""
+    return model_family((run.config or {}).get("model") or {})
 
 
 def family_bests(study: AgentState) -> dict[str, RunInfo]:
     """The best scored run of each model family, by val MSE."""
     best: dict[str, RunInfo] = {}
     for run in scored_runs(study):
-        best.setdefault(model_family((run.config or {}).get("model") or {}), run)
+        best.setdefault(run_family(run), run)
     return best
 
 
@@ -56,8 +73,7 @@ def keepers(study: AgentState, keep: int) -> set[str]:
     kept = {r.run_id for r in study.runs if r.accepted}
     kept |= {r.run_id for r in study.runs
              if isinstance(r.extra, dict) and (r.extra.get("confirm") or {}).get("status") == "pending"}
-    scored = [r for r in study.runs if isinstance(r.val_mse, (int, float)) and math.isfinite(r.val_mse)]
-    kept |= {r.run_id for r in sorted(scored, key=lambda r: r.val_mse)[:keep]}
+    kept |= {r.run_id for r in scored_runs(study)[:keep]}
     kept |= {r.run_id for r in family_bests(study).values()}
     return kept
 

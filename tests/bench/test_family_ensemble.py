@@ -58,17 +58,26 @@ def test_a_studys_library_joins_every_seed(runs, tmp_path_factory):
     study = tmp_path_factory.mktemp("study")
     write_run(study / "runs" / "run_0003", rows, {s: np.full((20, 4, 3), 0.5) for s in ("val", "test")})
     (study / "runs" / "ensemble.json").write_text(json.dumps({"library": ["run_0003"]}))
-    proc = run("--out", out, "--configs", "a", "c", "--seeds", "1", "--study", study)
+    proc = run("--out", out, "--configs", "a", "c", "--seeds", "2", "--study", study)
     assert proc.returncode == 0, proc.stderr
-    libraries = [line.split("|")[2].strip() for line in proc.stdout.splitlines()[2:5]]
-    assert libraries == ["shipped configs", "study", "study + shipped configs"]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in proc.stdout.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("-", "study"), ("2021", "shipped configs"), ("2021", "study + shipped configs"),
+                                            ("2022", "shipped configs"), ("2022", "study + shipped configs"),
+                                            ("mean (2 seeds)", "shipped configs"), ("mean (2 seeds)", "study + shipped configs")]
+    # the study's run (off by a constant 0.5) lowers c's error: the selection takes it
+    assert f"{study.name}/run_0003 x" in rows[2][2] and float(rows[2][4]) < float(rows[1][4])
 
 
 def test_missing_or_mismatched_forecasts_are_named(runs):
     out, rows = runs
-    proc = run("--out", out, "--configs", "a", "zzz", "--seeds", "1")
+    proc = run("--out", out, "--configs", "a", "--steps", "0")
+    assert proc.returncode == 1 and "--steps must be >= 1" in proc.stderr
+    (out / "a_ETTh1_s2021" / "forecasts.npz").write_bytes(b"not an npz")
+    proc = run("--out", out, "--configs", "a", "--seeds", "1")
+    assert proc.returncode == 1 and "a: " in proc.stderr and "is unreadable" in proc.stderr
+    proc = run("--out", out, "--configs", "b", "zzz", "--seeds", "1")
     assert proc.returncode == 1 and "missing forecasts" in proc.stderr and "zzz_ETTh1_s2021" in proc.stderr
     other = {s: r + 1 for s, r in rows.items()}
     write_run(out / "d_ETTh1_s2021", other, {s: np.zeros((20, 4, 3)) for s in other})
-    proc = run("--out", out, "--configs", "a", "d", "--seeds", "1")
+    proc = run("--out", out, "--configs", "b", "d", "--seeds", "1")
     assert proc.returncode == 1 and "d_ETTh1_s2021" in proc.stderr and "targets differ" in proc.stderr

@@ -99,14 +99,29 @@ def test_a_study_with_family_bests_compares_its_ensemble_with_the_top_five_alone
     """library_table pairs a study's ensemble (top 5 + family bests) with its top-5-only one; studies
     from before family bests have no pair and no row."""
     def ens(val, test, members, families):
-        return {"val_mse": val, "test_mse": test, "families": families, "members": members,
+        return {"val_mse": val, "test_mse": test, "families": families, "members": members, "pool": 5, "steps": 20,
                 "member_families": {"run_0001": "time-none", "run_0007": "variate-attention"}}
     new = {"arm": "tpe", "seed": 3, "ensemble": ens(0.630, 0.365, {"run_0001": 12, "run_0007": 8}, True),
            "ensemble_top": ens(0.636, 0.374, {"run_0001": 20}, False)}
     old = {"arm": "tpe", "seed": 0, "ensemble": ens(0.625, 0.365, {"run_0001": 1}, False), "ensemble_top": None}
     table = sc.library_table([old, new]).splitlines()
-    assert len(table) == 3 and table[2].startswith("| tpe | 3 | 0.6360 / 0.3740 (run_0001x20) | 0.6300 / 0.3650 "
+    assert len(table) == 3 and table[2].startswith("| tpe | 3 | 5 | 0.6360 / 0.3740 (run_0001x20) | 0.6300 / 0.3650 "
                                                    "(run_0001x12, run_0007x8); time-none, variate-attention |")
     assert table[2].endswith("| -0.0090 |")
     assert sc.library_table([old]) is None
     assert sc.top_only_ensemble(ROOT, old["ensemble"]) is None  # nothing to pair: not built
+
+
+def test_the_paired_ensemble_is_built_top_only_with_the_studys_own_pool_and_steps(tmp_path, monkeypatch):
+    from nas_agent.agent_state import AgentState, save_agent_state
+    save_agent_state(AgentState(), tmp_path / "agent_state.json")
+    calls = []
+
+    def build(study, runs_dir, **kw):
+        calls.append((runs_dir, kw))
+        return {"val_mse": 0.6, "test_mse": 0.37, "pool": kw["pool"], "steps": kw["steps"], "created_at": "now",
+                "families": kw["families"], "members": [{"run_id": "run_0001", "picks": 3, "family": "time-none"}]}
+    monkeypatch.setattr(sc.ensemble, "build", build)
+    row = sc.top_only_ensemble(tmp_path, {"families": True, "pool": 3, "steps": 7})
+    assert calls == [(tmp_path / "runs", {"families": False, "pool": 3, "steps": 7})]
+    assert row["families"] is False and row["members"] == {"run_0001": 3} and row["pool"] == 3

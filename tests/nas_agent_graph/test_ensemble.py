@@ -38,19 +38,28 @@ def test_the_library_holds_the_best_runs_and_each_familys_best(tmp_path):
     linear = {"head": "linear", "tokens": "time", "mixer": "none"}
     patch = {"head": "linear", "tokens": "patch", "mixer": "attention", "channels": "independent"}
     study = AgentState()
-    for i, (val, model, checkpoint) in enumerate([(0.64, linear, True), (0.65, linear, True), (0.66, linear, True),
-                                                  (0.71, patch, True), (0.70, {}, False), (0.73, {}, True)]):
+    # val, model, checkpoint on disk, config hash, status
+    runs = [(0.64, linear, True, "h0", "ok"), (0.645, linear, True, "h0", "ok"), (0.65, linear, True, "h1", "ok"),
+            (0.66, linear, True, "h2", "ok"), (0.71, patch, True, "h3", "timeout"), (0.70, {}, False, "h4", "ok"),
+            (0.73, {}, True, "h5", "ok"), (0.60, patch, True, "h6", "pruned"), (0.74, {}, True, "h7", "ok")]
+    for i, (val, model, checkpoint, config_hash, status) in enumerate(runs):
         (tmp_path / f"run_{i:04d}").mkdir()
         if checkpoint:
             (tmp_path / f"run_{i:04d}" / "best_model.pth").write_bytes(b"w")
-        add_run(study, RunInfo(run_id=f"run_{i:04d}", val_mse=val, status="ok", config={"model": model}))
+        add_run(study, RunInfo(run_id=f"run_{i:04d}", val_mse=val, status=status, config={"model": model},
+                               extra={"config_hash": config_hash}))
     runs, skipped = ensemble.pool_runs(study, tmp_path, 2)
-    # the 2 best, then PatchTST-like run_0003; Informer's best (run_0004) lost its checkpoint, and
-    # its second best is not a family best
-    assert [r.run_id for r in runs] == ["run_0000", "run_0001", "run_0003"]
-    assert skipped == ["run_0004 (val 0.7000): no best_model.pth (deleted by retention)"]
+    # The 2 best configs (run_0001 repeats run_0000's), then PatchTST-like run_0004 (the pruned
+    # run_0007 is not scored). Informer's best, run_0005, lost its checkpoint: its next best,
+    # run_0006, stands in, and only the family's best gets a note.
+    assert [r.run_id for r in runs] == ["run_0000", "run_0002", "run_0004", "run_0006"]
+    assert skipped == ["run_0005 (val 0.7000): no best_model.pth (deleted by retention)"]
+    # A pool that reaches the deleted run passes over it, noted once, and fills up with the next.
+    runs, skipped = ensemble.pool_runs(study, tmp_path, 5)
+    assert [r.run_id for r in runs] == ["run_0000", "run_0002", "run_0003", "run_0004", "run_0006"]
+    assert skipped == ["run_0005 (val 0.7000): no best_model.pth (deleted by retention)"]
     runs, skipped = ensemble.pool_runs(study, tmp_path, 2, families=False)
-    assert [r.run_id for r in runs] == ["run_0000", "run_0001"] and skipped == []
+    assert [r.run_id for r in runs] == ["run_0000", "run_0002"] and skipped == []
 
 
 # ------------------------------------------------------------------------ a real study
@@ -162,8 +171,10 @@ def test_bad_flags_and_an_empty_study_get_clear_messages(tmp_path, finished):
     assert proc.returncode == 1 and "no scored run" in proc.stderr and not (tmp_path / "runs" / "ensemble.json").exists()
 
 
-def test_top_only_chooses_from_the_best_runs_alone(finished):
-    study, _ = finished
+def test_top_only_chooses_from_the_best_runs_alone(finished, tmp_path):
+    import shutil
+    study = tmp_path / "study"
+    shutil.copytree(finished[0], study)  # the shared study's ensemble.json stays as it is
     state = load_agent_state(study / "agent_state.json")
     scored = sorted((r for r in state.runs if r.status in ("ok", "timeout")), key=lambda r: r.val_mse)
     proc = cli(study, "ensemble", "--pool", "2", "--top-only")
@@ -171,4 +182,3 @@ def test_top_only_chooses_from_the_best_runs_alone(finished):
     record = json.loads((study / "runs" / "ensemble.json").read_text())
     assert record["library"] == [r.run_id for r in scored[:2]] and record["families"] is False
     assert record["rebuild"].endswith("--pool 2 --steps 20 --top-only")
-    assert cli(study, "ensemble").returncode == 0  # the default record back, for the other tests

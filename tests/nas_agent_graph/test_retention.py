@@ -87,3 +87,22 @@ def test_each_model_family_keeps_its_best_run_for_the_ensemble(tmp_path):
     doomed = retention.mark_for_deletion(study, tmp_path, keep=2)
     assert sorted(p.parent.name for p in doomed) == ["run_0002", "run_0004"]
     assert "nor its family's best" in study.runs[4].extra["checkpoint"]["why"]
+
+
+def test_the_n_best_and_family_bests_count_scored_runs_once_per_config(tmp_path):
+    linear = {"head": "linear", "tokens": "time", "mixer": "none"}
+    patch = {"head": "linear", "tokens": "patch", "mixer": "attention", "channels": "independent"}
+    # a pruned run with the lowest val, a repeated config, then two distinct ones
+    runs = [("run_0000", 0.50, patch, "ha", "pruned"), ("run_0001", 0.60, linear, "hb", "ok"),
+            ("run_0002", 0.61, linear, "hb", "ok"), ("run_0003", 0.62, linear, "hc", "timeout"),
+            ("run_0004", 0.70, patch, "hd", "ok")]
+    study = AgentState()
+    for run_id, val, model, config_hash, status in runs:
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / run_folder.CHECKPOINT_FILE).write_bytes(b"w")
+        add_run(study, RunInfo(run_id=run_id, val_mse=val, status=status, config={"model": model},
+                               extra={"config_hash": config_hash}))
+    assert [r.run_id for r in retention.scored_runs(study)] == ["run_0001", "run_0003", "run_0004"]
+    assert retention.family_bests(study)["patch-attention-ci"].run_id == "run_0004"  # not the pruned run
+    doomed = retention.mark_for_deletion(study, tmp_path, keep=2)
+    assert sorted(p.parent.name for p in doomed) == ["run_0000", "run_0002"]
