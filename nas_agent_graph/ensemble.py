@@ -228,7 +228,8 @@ def write(record: dict, runs_dir: Path) -> Path:
 
 def summary(record: dict) -> str:
     """One line per fact, `key: value`, for the end of a study and the subcommand."""
-    members = ", ".join(f"{m['run_id']}x{m['picks']}" for m in record["members"])
+    members = ", ".join(f"{m['run_id']}x{m['picks']}" + (f" ({m['family']})" if m.get("family") else "")
+                        for m in record["members"])
     best = record["best_single"]
     lines = [f"ensemble_members: {members}",
              f"ensemble_val_mse: {record['val_mse']:.6f}",

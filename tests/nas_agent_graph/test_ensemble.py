@@ -107,6 +107,8 @@ def test_a_study_ends_with_an_ensemble_selected_on_validation(finished):
     assert record["test_mse"] == pytest.approx(_recomputed(study, record, "test"), rel=1e-9)
     assert record["windows"]["test"] == len(np.load(study / "runs" / scored[0].run_id / "forecasts.npz")["test"])
     assert f"ensemble_test_mse: {record['test_mse']:.6f}" in proc.stdout
+    first = record["members"][0]
+    assert f"ensemble_members: {first['run_id']}x{first['picks']} ({first['family']})" in proc.stdout
     status = cli(study, "status")
     assert status.returncode == 0 and f"ensemble_test_mse: {record['test_mse']:.6f}" in status.stdout
 
