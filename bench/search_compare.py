@@ -217,7 +217,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     study_ensemble = arm_ensemble(folder) if ended else None
     return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
             "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": study_ensemble,
-            "ensemble_top": top_only_ensemble(folder, study_ensemble),
+            "alternatives": alternative_ensembles(folder, study_ensemble),
             "finished": ended, "stop": stop_line(folder),
             "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
             "top": top_runs(state.runs),
@@ -281,6 +281,26 @@ def arm_ensemble(folder: Path) -> dict | None:
             return None
         ensemble.write(record, folder / "runs")
     return _ensemble_row(record)
+
+
+BAGS = 20  # the bagged alternative each new study is scored with (Caruana et al. 2004 averaged 20 bags)
+
+
+def alternative_ensembles(folder: Path, study_ensemble: dict | None) -> dict:
+    """For a study whose ensemble chose from its family bests too, the alternatives built from the
+    same runs (in memory, not written): "top_only" (its N best alone, the library before family
+    bests) and "bagged" (the same library, bagged selection over BAGS random halves); {} for an
+    older study. Each is selected on validation; the tables report their test MSE."""
+    top = top_only_ensemble(folder, study_ensemble)
+    if top is None:
+        return {}
+    try:
+        bagged = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs",
+                                pool=study_ensemble["pool"], steps=study_ensemble["steps"], bags=BAGS)
+    except ensemble.EnsembleError as e:
+        print(f"{folder.name}: no bagged ensemble: {e}")
+        return {"top_only": top}
+    return {"top_only": top, "bagged": _ensemble_row(bagged)}
 
 
 def top_only_ensemble(folder: Path, study_ensemble: dict | None) -> dict | None:
@@ -359,17 +379,18 @@ def arm_tables(rows: list[dict]) -> str:
 
 def library_table(rows: list[dict]) -> str | None:
     """Markdown: for each study whose ensemble chose from its family bests too, that ensemble against
-    the one its N best runs alone give (same study, same runs): what the family bests add."""
-    paired = [r for r in rows if r.get("ensemble") and r.get("ensemble_top")]
+    the alternatives built from the same runs (alternative_ensembles): its N best alone, and the
+    same library with bagged selection."""
+    paired = [r for r in rows if r.get("ensemble") and (r.get("alternatives") or {}).get("top_only")]
     if not paired:
         return None
-    out = ["| arm | seed | N | N best only: val / test MSE (members) | N best + family bests: val / test MSE "
-           "(members; their families) | test change |", "|---|---:|---:|---|---|---:|"]
+    out = ["| arm | seed | N | N best only: val / test MSE (members) | N best + family bests (the study's): val / test "
+           "MSE (members; their families) | the same, bagged: val / test MSE |", "|---|---:|---:|---|---|---|"]
     for r in paired:
-        e, t = r["ensemble"], r["ensemble_top"]
+        e, t, b = r["ensemble"], r["alternatives"]["top_only"], r["alternatives"].get("bagged")
         fams = ", ".join(sorted({f for f in e.get("member_families", {}).values() if f}))
-        out.append(f"| {r['arm']} | {r['seed']} | {t['pool']} | {_ens(t)} | {_ens(e)}; {fams} | "
-                   f"{e['test_mse'] - t['test_mse']:+.4f} |")
+        bag = f"{b['val_mse']:.4f} / {b['test_mse']:.4f} ({len(b['members'])} members)" if b else "-"
+        out.append(f"| {r['arm']} | {r['seed']} | {t['pool']} | {_ens(t)} | {_ens(e)}; {fams} | {bag} |")
     return "\n".join(out)
 
 
@@ -421,7 +442,8 @@ def arms_main(a: argparse.Namespace) -> None:
     if libraries:
         text += ("\n\nThe ensemble's library. Since family bests joined it, a study's ensemble chooses from its N "
                  "best runs and the best run of each model family; the same study's ensemble of its N best alone "
-                 "(`python -m nas_agent_graph ensemble --top-only`, not written) is the paired comparison:\n\n" + libraries)
+                 "(`python -m nas_agent_graph ensemble --top-only`) and its bagged selection (`ensemble --bags "
+                 f"{BAGS}`), both built from the same runs and not written, are the paired comparisons:\n\n" + libraries)
     print(text)
     for r in rows:
         print(f"\n{r['arm']} seed {r['seed']} ({r['date']}): families tried {', '.join(r['families'])}")

@@ -5,7 +5,7 @@
     python -m nas_agent_graph check CONFIG [--model FILE]
     python -m nas_agent_graph status
     python -m nas_agent_graph report
-    python -m nas_agent_graph ensemble [--pool N] [--steps K] [--top-only]
+    python -m nas_agent_graph ensemble [--pool N] [--steps K] [--top-only] [--bags B]
 """
 from __future__ import annotations
 
@@ -407,10 +407,12 @@ def run_search(ctx: Context) -> int:
         return rc
 
 
-def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, families: bool = True) -> dict | None:
+def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, families: bool = True,
+              bags: int = 0) -> dict | None:
     """Build, write and print the study's ensemble; a study that has none is not an error."""
     try:
-        record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps, families=families)
+        record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps, families=families,
+                                bags=bags)
     except ensemble.EnsembleError as e:
         log.warning("no ensemble: %s", e)
         return None
@@ -611,11 +613,14 @@ def cmd_ensemble(argv: list[str]) -> int:
     p.add_argument("--top-only", action="store_true", help="choose from the N best runs only, not also from "
                    "each family's best (the library before family bests joined it)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="selection steps (default %d)" % DEFAULT_STEPS)
+    p.add_argument("--bags", type=int, default=0, help="bagged selection: average the selections over this many "
+                   "random halves of the library (Caruana et al. 2004; default 0: one selection over all of it)")
     a = p.parse_args(argv)
-    if a.pool < 1 or a.steps < 1:
-        raise ConfigError(f"--pool and --steps must be >= 1, got --pool {a.pool} --steps {a.steps}")
+    if a.pool < 1 or a.steps < 1 or a.bags < 0:
+        raise ConfigError(f"--pool and --steps must be >= 1 and --bags >= 0, got --pool {a.pool} --steps {a.steps} "
+                          f"--bags {a.bags}")
     with StudyLock(a.state):  # not while a search writes the study or deletes checkpoints
-        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps, families=not a.top_only) else 1
+        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps, families=not a.top_only, bags=a.bags) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

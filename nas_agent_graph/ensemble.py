@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "ensemble.json"
 DEFAULT_POOL = DEFAULT_KEEP  # the runs retention keeps by default: their weights exist
+BAG_FRACTION = 0.5  # each bag draws each run with this chance (Caruana et al. 2004 used half the library)
 DEFAULT_STEPS = 20  # Caruana's library had thousands of models; for a handful, 20 picks resolve weights to 5%
 PREDICT_TIMEOUT_S = 900.0  # one evaluation of both splits; the default Informer takes about 2 minutes on 2 CPU cores
 
@@ -160,12 +161,33 @@ def select(val: dict[str, np.ndarray], target: np.ndarray, steps: int) -> list[s
     return picks[:best_len]
 
 
+def select_bagged(val: dict[str, np.ndarray], target: np.ndarray, steps: int, bags: int,
+                  seed: int = 0) -> tuple[dict[str, float], Counter]:
+    """Bagged ensemble selection (Caruana et al., 2004): `bags` times, forward selection over a
+    random half of the library (BAG_FRACTION); the ensemble is the average of the bags' ensembles.
+    A run that wins only by fitting the validation windows' noise wins in the bags that hold it,
+    not in the others, so its weight shrinks; the selection stays on validation only. Returns the
+    weights (summing to 1) and each run's picks over all bags. Seeded: the same library gives
+    the same ensemble."""
+    rng = np.random.default_rng(seed)
+    ids = list(val)
+    weights: Counter = Counter()
+    picks: Counter = Counter()
+    for _ in range(bags):
+        bag = [rid for rid in ids if rng.random() < BAG_FRACTION] or ids[:1]  # an empty bag: the best run
+        chosen = Counter(select({rid: val[rid] for rid in bag}, target, steps))
+        for rid, k in chosen.items():
+            weights[rid] += k / sum(chosen.values()) / bags
+        picks.update(chosen)
+    return dict(weights), picks
+
+
 def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps: int = DEFAULT_STEPS,
-          families: bool = True, python: str = sys.executable) -> dict:
+          families: bool = True, bags: int = 0, python: str = sys.executable) -> dict:
     """Select an ensemble from the study's runs (the `pool` best and, with `families`, each
-    family's best) and score it; the record ensemble.json holds."""
-    if pool < 1 or steps < 1:
-        raise EnsembleError(f"pool and steps must be >= 1 (got pool {pool}, steps {steps})")
+    family's best) and score it; the record ensemble.json holds. bags > 0: bagged selection."""
+    if pool < 1 or steps < 1 or bags < 0:
+        raise EnsembleError(f"pool and steps must be >= 1 and bags >= 0 (got pool {pool}, steps {steps}, bags {bags})")
     runs, skipped = pool_runs(study, runs_dir, pool, families=families)
     if not runs:
         raise EnsembleError(f"no scored run (status {' or '.join(SCORED)}) with a {CHECKPOINT_FILE} under "
@@ -192,30 +214,36 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
         library[run.run_id] = f
     if not library:
         raise EnsembleError("no run's forecasts could be used: " + "; ".join(skipped))
-    picks = select({rid: f.val for rid, f in library.items()}, reference.val_target, steps)
-    weights = Counter(picks)
+    val = {rid: f.val for rid, f in library.items()}
+    if bags:
+        weights, picks = select_bagged(val, reference.val_target, steps, bags)
+    else:
+        picks = Counter(select(val, reference.val_target, steps))
+        weights = {rid: k / sum(picks.values()) for rid, k in picks.items()}
 
     def blend(split: str) -> np.ndarray:
-        return sum(getattr(library[rid], split).astype(np.float64) * k for rid, k in weights.items()) / len(picks)
+        return sum(getattr(library[rid], split).astype(np.float64) * w for rid, w in weights.items())
     val_mse, val_mae = forecasts_file.errors(blend("val"), reference.val_target)
     test_mse, test_mae = forecasts_file.errors(blend("test"), reference.test_target)  # scored once, after the selection
     by_id = {r.run_id: r for r in runs}
     best = runs[0] if runs[0].run_id in library else by_id[next(iter(library))]
     record = {
         "created_at": utc_now_iso(),
-        "method": "forward selection with replacement on validation MSE (Caruana et al., 2004)",
-        "pool": pool, "steps": steps, "families": families,
+        "method": "forward selection with replacement on validation MSE (Caruana et al., 2004)"
+                  + (f", bagged: {bags} bags of about {BAG_FRACTION:.0%} of the library, averaged" if bags else ""),
+        "pool": pool, "steps": steps, "families": families, "bags": bags,
         "library_rule": f"the {pool} best runs by val MSE" + (" and each model family's best" if families else ""),
-        "members": [{"run_id": rid, "weight": round(k / len(picks), 6), "picks": k,
+        "members": [{"run_id": rid, "weight": round(w, 6), "picks": picks[rid],
                      "val_mse": by_id[rid].val_mse, "test_mse": by_id[rid].test_mse,
                      "family": run_family(by_id[rid])}
-                    for rid, k in weights.most_common()],
+                    for rid, w in sorted(weights.items(), key=lambda kv: -kv[1])],
         "val_mse": val_mse, "val_mae": val_mae, "test_mse": test_mse, "test_mae": test_mae,
         "best_single": {"run_id": best.run_id, "val_mse": best.val_mse, "val_mae": best.val_mae,
                         "test_mse": best.test_mse, "test_mae": best.test_mae},
         "windows": {"val": int(reference.val_target.shape[0]), "test": int(reference.test_target.shape[0])},
         "library": list(library), "skipped": skipped,
-        "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}" + ("" if families else " --top-only"),
+        "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}" + ("" if families else " --top-only")
+                   + (f" --bags {bags}" if bags else ""),
     }
     return record
 

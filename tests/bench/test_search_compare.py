@@ -102,12 +102,13 @@ def test_a_study_with_family_bests_compares_its_ensemble_with_the_top_five_alone
         return {"val_mse": val, "test_mse": test, "families": families, "members": members, "pool": 5, "steps": 20,
                 "member_families": {"run_0001": "time-none", "run_0007": "variate-attention"}}
     new = {"arm": "tpe", "seed": 3, "ensemble": ens(0.630, 0.365, {"run_0001": 12, "run_0007": 8}, True),
-           "ensemble_top": ens(0.636, 0.374, {"run_0001": 20}, False)}
-    old = {"arm": "tpe", "seed": 0, "ensemble": ens(0.625, 0.365, {"run_0001": 1}, False), "ensemble_top": None}
+           "alternatives": {"top_only": ens(0.636, 0.374, {"run_0001": 20}, False),
+                            "bagged": ens(0.632, 0.362, {"run_0001": 30, "run_0007": 10}, True)}}
+    old = {"arm": "tpe", "seed": 0, "ensemble": ens(0.625, 0.365, {"run_0001": 1}, False), "alternatives": {}}
     table = sc.library_table([old, new]).splitlines()
     assert len(table) == 3 and table[2].startswith("| tpe | 3 | 5 | 0.6360 / 0.3740 (run_0001x20) | 0.6300 / 0.3650 "
                                                    "(run_0001x12, run_0007x8); time-none, variate-attention |")
-    assert table[2].endswith("| -0.0090 |")
+    assert table[2].endswith("| 0.6320 / 0.3620 (2 members) |")
     assert sc.library_table([old]) is None
     assert sc.top_only_ensemble(ROOT, old["ensemble"]) is None  # nothing to pair: not built
 
@@ -120,8 +121,10 @@ def test_the_paired_ensemble_is_built_top_only_with_the_studys_own_pool_and_step
     def build(study, runs_dir, **kw):
         calls.append((runs_dir, kw))
         return {"val_mse": 0.6, "test_mse": 0.37, "pool": kw["pool"], "steps": kw["steps"], "created_at": "now",
-                "families": kw["families"], "members": [{"run_id": "run_0001", "picks": 3, "family": "time-none"}]}
+                "families": kw.get("families", True), "members": [{"run_id": "run_0001", "picks": 3, "family": "time-none"}]}
     monkeypatch.setattr(sc.ensemble, "build", build)
-    row = sc.top_only_ensemble(tmp_path, {"families": True, "pool": 3, "steps": 7})
-    assert calls == [(tmp_path / "runs", {"families": False, "pool": 3, "steps": 7})]
-    assert row["families"] is False and row["members"] == {"run_0001": 3} and row["pool"] == 3
+    rows = sc.alternative_ensembles(tmp_path, {"families": True, "pool": 3, "steps": 7})
+    assert calls == [(tmp_path / "runs", {"families": False, "pool": 3, "steps": 7}),
+                     (tmp_path / "runs", {"pool": 3, "steps": 7, "bags": sc.BAGS})]
+    assert rows["top_only"]["families"] is False and rows["top_only"]["members"] == {"run_0001": 3}
+    assert rows["bagged"]["pool"] == 3 and sc.alternative_ensembles(tmp_path, {"families": False}) == {}

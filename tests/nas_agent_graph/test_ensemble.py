@@ -1,5 +1,6 @@
 """Ensemble selection at the end of a study: the selection rule on arrays, then a real study."""
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -31,6 +32,21 @@ def test_selection_keeps_the_best_prefix_and_breaks_ties_by_order():
     assert ensemble.select(val, target, steps=20) == ["best"]
     with pytest.raises(ensemble.EnsembleError):
         ensemble.select({}, target, steps=5)
+
+
+def test_bagged_selection_averages_the_selections_of_random_halves(monkeypatch):
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(40, 4, 2))
+    val = {k: target + s * rng.normal(size=target.shape) for k, s in (("a", 0.5), ("b", 0.6), ("c", 0.7), ("d", 2.0))}
+    weights, picks = ensemble.select_bagged(val, target, steps=10, bags=8, seed=3)
+    assert sum(weights.values()) == pytest.approx(1.0) and set(weights) <= set(val)
+    assert (weights, picks) == ensemble.select_bagged(val, target, steps=10, bags=8, seed=3)  # seeded
+    # A bag that holds every run is the plain selection: with 3 such bags, its weights exactly.
+    monkeypatch.setattr(ensemble, "BAG_FRACTION", 1.0)
+    plain = ensemble.select(val, target, steps=10)
+    weights, picks = ensemble.select_bagged(val, target, steps=10, bags=3)
+    assert weights == pytest.approx({k: n / len(plain) for k, n in Counter(plain).items()})
+    assert picks == Counter({k: 3 * n for k, n in Counter(plain).items()})
 
 
 def test_the_library_holds_the_best_runs_and_each_familys_best(tmp_path):
@@ -184,3 +200,20 @@ def test_top_only_chooses_from_the_best_runs_alone(finished, tmp_path):
     record = json.loads((study / "runs" / "ensemble.json").read_text())
     assert record["library"] == [r.run_id for r in scored[:2]] and record["families"] is False
     assert record["rebuild"].endswith("--pool 2 --steps 20 --top-only")
+
+
+def test_a_bagged_ensemble_is_recorded_and_scored_with_its_weights(finished, tmp_path):
+    import shutil
+    study = tmp_path / "study"
+    shutil.copytree(finished[0], study)
+    proc = cli(study, "ensemble", "--bags", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((study / "runs" / "ensemble.json").read_text())
+    assert record["bags"] == 5 and "bagged: 5 bags" in record["method"] and record["rebuild"].endswith("--bags 5")
+    assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0, abs=1e-5)
+    arrays = {m["run_id"]: np.load(study / "runs" / m["run_id"] / "forecasts.npz") for m in record["members"]}
+    for split in ("val", "test"):
+        pred = sum(arrays[m["run_id"]][split].astype(np.float64) * m["weight"] for m in record["members"])
+        target = forecasts.windows(next(iter(arrays.values()))[f"{split}_target_rows"], pred.shape[1])
+        assert record[f"{split}_mse"] == pytest.approx(float(np.mean((pred - target) ** 2)), rel=1e-4)
+    assert cli(study, "ensemble", "--bags", "-1").returncode == 2
