@@ -13,6 +13,7 @@ import pytest
 
 from nas_agent.agent_state import load_agent_state
 from nas_agent.config import load_config
+from nas_agent.schema import model_family
 from nas_agent_graph.cli import DEFAULT_RUN_BUDGET_S
 from nas_agent_graph.testing import TINY_SPACE
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
@@ -246,8 +247,12 @@ def test_corrupt_checkpoint_database_is_moved_aside_and_the_study_resumes(study)
 def test_keep_checkpoints_holds_exactly_across_a_resume(study):
     def check(n_runs):
         state = assert_consistent(study, n_runs)
-        scored = sorted((r for r in state.runs if r.val_mse is not None), key=lambda r: r.val_mse)
-        keep = {r.run_id for r in state.runs if r.accepted} | {r.run_id for r in scored[:1]}
+        scored = sorted((r for r in state.runs if r.status in ("ok", "timeout") and r.val_mse is not None),
+                        key=lambda r: r.val_mse)
+        family_best = {}  # each model family's best run keeps its checkpoint too (the ensemble's diverse members)
+        for r in scored:
+            family_best.setdefault(model_family(r.config.get("model") or {}), r.run_id)
+        keep = {r.run_id for r in state.runs if r.accepted} | {r.run_id for r in scored[:1]} | set(family_best.values())
         have = {r.run_id for r in state.runs if (study / "runs" / r.run_id / "best_model.pth").exists()}
         assert have == keep
         for r in state.runs:
