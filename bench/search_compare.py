@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent.agent_state import get_best_run, load_agent_state  # noqa: E402
 from nas_agent.run_folder import SCORED  # noqa: E402
-from nas_agent.schema import model_family  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
+from nas_agent_graph.retention import run_family  # noqa: E402
 from nas_agent_graph.proposers import llm_records, llm_validity  # noqa: E402
 import train  # noqa: E402 - its CPU bf16 check, for the machine a study ran on
 
@@ -219,7 +219,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
             "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": study_ensemble,
             "alternatives": alternative_ensembles(folder, study_ensemble),
             "finished": ended, "stop": stop_line(folder),
-            "families": sorted({model_family(r.config.get("model", {})) for r in state.runs if r.config}),
+            "families": sorted({run_family(r) for r in state.runs if r.config}),
             "top": top_runs(state.runs),
             "code": session_values(folder, CODE_FILE), "machines": session_values(folder, MACHINE_FILE)}
 
@@ -246,8 +246,8 @@ def top_runs(runs, k: int = TOP_K) -> dict:
     Test MSE is reported, never used."""
     scored = sorted((r for r in runs if r.status in SCORED and r.val_mse is not None
                      and r.test_mse is not None), key=lambda r: r.val_mse)[:k]
-    rows = [{"run": r.run_id, "family": model_family(r.config.get("model", {})),
-             "seq_len": r.config.get("data", {}).get("seq_len"), "val_mse": r.val_mse, "test_mse": r.test_mse}
+    rows = [{"run": r.run_id, "family": run_family(r),
+             "seq_len": (r.config or {}).get("data", {}).get("seq_len"), "val_mse": r.val_mse, "test_mse": r.test_mse}
             for r in scored]
     return {"runs": rows, "spearman": spearman([r["val_mse"] for r in rows], [r["test_mse"] for r in rows])}
 
@@ -288,35 +288,24 @@ BAGS = 20  # the bagged alternative each new study is scored with (Caruana et al
 
 def alternative_ensembles(folder: Path, study_ensemble: dict | None) -> dict:
     """For a study whose ensemble chose from its family bests too, the alternatives built from the
-    same runs (in memory, not written): "top_only" (its N best alone, the library before family
-    bests) and "bagged" (the same library, bagged selection over BAGS random halves); {} for an
-    older study. Each is selected on validation; the tables report their test MSE."""
-    top = top_only_ensemble(folder, study_ensemble)
-    if top is None:
-        return {}
-    try:
-        bagged = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs",
-                                pool=study_ensemble["pool"], steps=study_ensemble["steps"], bags=BAGS)
-    except ensemble.EnsembleError as e:
-        print(f"{folder.name}: no bagged ensemble: {e}")
-        return {"top_only": top}
-    return {"top_only": top, "bagged": _ensemble_row(bagged)}
-
-
-def top_only_ensemble(folder: Path, study_ensemble: dict | None) -> dict | None:
-    """For a study whose ensemble chose from its family bests too: the ensemble the same study gets
-    from its N best runs only, with the same N and steps (`python -m nas_agent_graph ensemble
-    --top-only`, built here and not written), the paired comparison of the two libraries. None for
-    a study whose ensemble was top-only already."""
+    same runs with its N and steps (in memory, not written): "top_only" (its N best alone, the
+    library before family bests: `python -m nas_agent_graph ensemble --top-only`) and "bagged" (the
+    same library, bagged selection over BAGS random halves: `ensemble --bags 20`); {} for an older
+    study, whose ensemble was top-only already. Each is selected on validation; the tables report
+    their test MSE."""
     if not study_ensemble or not study_ensemble.get("families"):
-        return None
-    try:
-        record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs", families=False,
-                                pool=study_ensemble["pool"], steps=study_ensemble["steps"])
-    except ensemble.EnsembleError as e:
-        print(f"{folder.name}: no top-only ensemble: {e}")
-        return None
-    return _ensemble_row(record)
+        return {}
+    state = load_agent_state(folder / "agent_state.json")  # read once for both
+    out = {}
+    for name, kw in (("top_only", {"families": False}), ("bagged", {"bags": BAGS})):
+        try:
+            record = ensemble.build(state, folder / "runs", pool=study_ensemble["pool"],
+                                    steps=study_ensemble["steps"], **kw)
+        except ensemble.EnsembleError as e:
+            print(f"{folder.name}: no {name} ensemble: {e}")
+            continue
+        out[name] = _ensemble_row(record)
+    return out
 
 
 def _ensemble_row(record: dict) -> dict:

@@ -110,7 +110,7 @@ def test_a_study_with_family_bests_compares_its_ensemble_with_the_top_five_alone
                                                    "(run_0001x12, run_0007x8); time-none, variate-attention |")
     assert table[2].endswith("| 0.6320 / 0.3620 (2 members) |")
     assert sc.library_table([old]) is None
-    assert sc.top_only_ensemble(ROOT, old["ensemble"]) is None  # nothing to pair: not built
+    assert sc.alternative_ensembles(ROOT, old["ensemble"]) == {}  # nothing to pair: not built
 
 
 def test_the_paired_ensemble_is_built_top_only_with_the_studys_own_pool_and_steps(tmp_path, monkeypatch):
