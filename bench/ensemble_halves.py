@@ -1,0 +1,147 @@
+"""Which ensemble selection generalises, judged on validation alone (issue 12): split-half
+validation over finished search studies.
+
+    NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study /work/arms/tpe_seed3 \\
+        /work/arms/tpe_seed4 [--write]
+
+A study's ensemble is selected on its validation windows; whether a selection method fits those
+windows' noise shows on windows it did not see. This script splits each study's validation windows
+into a first and a second half in time (dropping pred_len windows between them, so that no target
+row is in both), selects with each method on one half, scores the chosen weights on the other,
+and averages the two directions. Test MSE plays no part: the comparison can choose the default
+method without looking at the test split. For context only, each method's selection on the whole
+validation split is also scored on test (reported, never used for the choice).
+
+The methods (nas_agent_graph.ensemble's):
+- single: the library's best run on the selection half;
+- greedy: forward selection with replacement (Caruana et al., 2004), `select`;
+- bagged: the same over BAGS random halves of the library, averaged (`select_bagged`).
+Each on two libraries, as `python -m nas_agent_graph ensemble` builds them: the N best runs and
+each model family's best ("family"), and the N best alone ("top-only"; `--top-only`).
+
+One leak remains, and it is the same for every method: the library's members are the runs with
+the best validation MSE over both halves (the runs whose checkpoints retention kept).
+
+Prints one table; --write also writes bench/results/ensemble_halves.md. A benchmark: it prints
+tables and asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from nas_agent.agent_state import load_agent_state  # noqa: E402
+from nas_agent_graph import ensemble  # noqa: E402
+
+BAGS = 20  # as search_compare.py's bagged alternative
+LIBRARIES = {"family": True, "top-only": False}
+METHODS = ("single", "greedy", "bagged")
+RESULTS_MD = ROOT / "bench" / "results" / "ensemble_halves.md"
+
+
+def load_library(study: Path, pool: int, families: bool) -> dict[str, ensemble.Forecasts]:
+    """The study's ensemble library (ensemble.pool_runs) with each member's forecasts."""
+    state = load_agent_state(study / "agent_state.json")
+    runs, _ = ensemble.pool_runs(state, study / "runs", pool, families=families)
+    library = {}
+    for run in runs:
+        try:
+            library[run.run_id] = ensemble.forecasts(run, study / "runs")
+        except ensemble.EnsembleError as e:
+            print(f"{study.name}: {run.run_id} left out: {e}")
+    if not library:
+        raise SystemExit(f"{study}: no run with forecasts or a checkpoint; is it a finished study's folder?")
+    return library
+
+
+def weights(method: str, val: dict[str, np.ndarray], target: np.ndarray, steps: int) -> dict[str, float]:
+    """The method's weights, selected on `val` (each run's forecasts of the selection windows)."""
+    if method == "single":
+        return {min(val, key=lambda r: ensemble.mse(val[r], target)): 1.0}
+    if method == "greedy":
+        picks = Counter(ensemble.select(val, target, steps))
+        return {r: k / sum(picks.values()) for r, k in picks.items()}
+    if method == "bagged":
+        return ensemble.select_bagged(val, target, steps, BAGS)[0]
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
+def blend(w: dict[str, float], forecasts: dict[str, np.ndarray]) -> np.ndarray:
+    return sum(forecasts[r].astype(np.float64) * x for r, x in w.items())
+
+
+def halves(n: int, gap: int) -> tuple[slice, slice]:
+    """The first and second halves of n windows, with `gap` windows dropped between them."""
+    if n < 2 * gap + 2:
+        raise SystemExit(f"{n} validation windows are too few to split with a gap of {gap}")
+    mid = n // 2
+    return slice(0, mid - gap // 2), slice(mid + gap - gap // 2, n)
+
+
+def score_study(study: Path, pool: int, steps: int) -> list[dict]:
+    rows = []
+    for lib_name, families in LIBRARIES.items():
+        library = load_library(study, pool, families)
+        ref = next(iter(library.values()))
+        val_t, test_t = ref.val_target, ref.test_target
+        first, second = halves(val_t.shape[0], gap=val_t.shape[1])  # pred_len windows: disjoint targets
+        for method in METHODS:
+            held_out = []
+            for sel, out in ((first, second), (second, first)):
+                w = weights(method, {r: f.val[sel] for r, f in library.items()}, val_t[sel], steps)
+                held_out.append(ensemble.mse(blend(w, {r: f.val[out] for r, f in library.items()}), val_t[out]))
+            w = weights(method, {r: f.val for r, f in library.items()}, val_t, steps)
+            rows.append({"study": study.name, "library": lib_name, "size": len(library), "method": method,
+                         "first_to_second": held_out[0], "second_to_first": held_out[1],
+                         "held_out": statistics.mean(held_out),
+                         "val_mse": ensemble.mse(blend(w, {r: f.val for r, f in library.items()}), val_t),
+                         "test_mse": ensemble.mse(blend(w, {r: f.test for r, f in library.items()}), test_t)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| study | library (runs) | method | held-out val MSE: first->second / second->first | mean | "
+           "selected on all of val: val / test MSE (test reported, not used) |", "|---|---|---|---|---:|---|"]
+    for r in rows:
+        out.append(f"| {r['study']} | {r['library']} ({r['size']}) | {r['method']} | {r['first_to_second']:.4f} / "
+                   f"{r['second_to_first']:.4f} | {r['held_out']:.4f} | {r['val_mse']:.4f} / {r['test_mse']:.4f} |")
+    studies = list(dict.fromkeys(r["study"] for r in rows))
+    out += ["", f"Mean over {len(studies)} studies (the held-out column decides; test for context):", "",
+            "| library | method | mean held-out val MSE | studies where it is the lowest held-out | mean test MSE |",
+            "|---|---|---:|---:|---:|"]
+    for lib in LIBRARIES:
+        for method in METHODS:
+            mine = [r for r in rows if r["library"] == lib and r["method"] == method]
+            wins = sum(r["held_out"] == min(o["held_out"] for o in rows if o["study"] == r["study"]
+                                            and o["library"] == lib) for r in mine)
+            out.append(f"| {lib} | {method} | {statistics.mean(r['held_out'] for r in mine):.4f} | "
+                       f"{wins}/{len(mine)} | {statistics.mean(r['test_mse'] for r in mine):.4f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", type=Path, nargs="+", required=True, help="finished study folders (agent_state.json, runs/)")
+    p.add_argument("--pool", type=int, default=ensemble.DEFAULT_POOL, help="N: the N best runs (the ensemble's --pool)")
+    p.add_argument("--steps", type=int, default=ensemble.DEFAULT_STEPS, help="forward-selection steps")
+    p.add_argument("--write", action="store_true", help=f"also write {RESULTS_MD.relative_to(ROOT)}")
+    a = p.parse_args()
+    rows = [r for study in a.study for r in score_study(study, a.pool, a.steps)]
+    text = table(rows)
+    print(text)
+    if a.write:
+        command = "NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study " + " ".join(
+            str(s) for s in a.study) + " --write"
+        RESULTS_MD.write_text(f"# Ensemble selection judged on held-out validation halves\n\n{__doc__.split(chr(10) * 2)[0]}."
+                              f"\n\n`{command}`\n\n{text}\n")
+        print(f"wrote {RESULTS_MD}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""bench/ensemble_halves.py: selection on one half of the validation windows, scored on the other,
+over a study folder's ensemble library."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nas_agent import forecasts
+from nas_agent.agent_state import AgentState, RunInfo, add_run, save_agent_state
+from tests.bench.test_family_ensemble import write_run
+from tests.conftest import load_bench_script
+
+halves_bench = load_bench_script("ensemble_halves")
+
+PRED_LEN = 4
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Three runs: 'steady' (small errors everywhere), 'lucky' (no error on the first half of the
+    validation windows, large ones on the second) and 'noisy'."""
+    rng = np.random.default_rng(0)
+    rows = {s: rng.normal(size=(43, 2)).astype(np.float32) for s in ("val", "test")}  # 40 windows each
+    shape = (40, PRED_LEN, 2)
+    lucky = rng.normal(size=shape)
+    lucky[:20] = 0.0
+    noise = {"steady": {s: 0.5 * rng.normal(size=shape) for s in rows},
+             "lucky": {"val": 2 * lucky, "test": 2 * rng.normal(size=shape)},
+             "noisy": {s: 3 * rng.normal(size=shape) for s in rows}}
+    state = AgentState()
+    for i, (name, e) in enumerate(noise.items()):
+        folder = tmp_path / "runs" / f"run_{i:04d}"
+        write_run(folder, rows, e, pred_len=PRED_LEN)
+        f = forecasts.load(folder / "forecasts.npz")
+        val_mse = float(np.mean((f["val"].astype(np.float64) - f["val_target"]) ** 2))
+        add_run(state, RunInfo(run_id=folder.name, val_mse=val_mse, status="ok", config={"model": {}},
+                               extra={"config_hash": name}))
+    save_agent_state(state, tmp_path / "agent_state.json")
+    return tmp_path
+
+
+def test_the_halves_leave_pred_len_windows_between_them():
+    first, second = halves_bench.halves(40, gap=PRED_LEN)
+    assert (first, second) == (slice(0, 18), slice(22, 40))
+    with pytest.raises(SystemExit, match="too few"):
+        halves_bench.halves(9, gap=PRED_LEN)
+
+
+def test_each_method_is_selected_on_one_half_and_scored_on_the_other(study):
+    rows = halves_bench.score_study(study, pool=5, steps=10)
+    assert {(r["library"], r["method"]) for r in rows} == {(lib, m) for lib in halves_bench.LIBRARIES
+                                                            for m in halves_bench.METHODS}
+    single = next(r for r in rows if r["library"] == "family" and r["method"] == "single")
+    f = {rid: forecasts.load(study / "runs" / rid / "forecasts.npz") for rid in ("run_0000", "run_0001")}
+    target = f["run_0000"]["val_target"]
+
+    def mse(rid, sl):
+        return float(np.mean((f[rid]["val"][sl].astype(np.float64) - target[sl]) ** 2))
+    # On the first half the lucky run is the best single run, and it fails on the second half;
+    # selected on the second half, the steady run wins and is scored on the first.
+    assert single["first_to_second"] == pytest.approx(mse("run_0001", slice(22, 40)))
+    assert single["second_to_first"] == pytest.approx(mse("run_0000", slice(0, 18)))
+    assert single["held_out"] == pytest.approx((single["first_to_second"] + single["second_to_first"]) / 2)
+    greedy = next(r for r in rows if r["library"] == "family" and r["method"] == "greedy")
+    assert greedy["val_mse"] <= single["val_mse"] + 1e-12  # on the windows it was selected on, never worse
+    text = halves_bench.table(rows)
+    assert "| family | single |" in text and "held-out" in text
+
+
+def test_a_folder_without_a_study_is_named(tmp_path):
+    (tmp_path / "runs").mkdir()
+    save_agent_state(AgentState(), tmp_path / "agent_state.json")
+    with pytest.raises(SystemExit, match="no run with forecasts"):
+        halves_bench.score_study(tmp_path, pool=5, steps=10)
