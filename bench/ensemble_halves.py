@@ -14,8 +14,8 @@ validation split is also scored on test (reported, never used for the choice).
 
 The methods (nas_agent_graph.ensemble's):
 - single: the library's best run on the selection half;
-- greedy: forward selection with replacement (Caruana et al., 2004), `select`;
-- bagged: the same over BAGS random halves of the library, averaged (`select_bagged`).
+- plain: forward selection with replacement (Caruana et al., 2004), `select` (the default);
+- bagged: the same over BAGS random halves of the library, averaged (`select_bagged`; `ensemble --bags 20`).
 Each on two libraries, as `python -m nas_agent_graph ensemble` builds them: the N best runs and
 each model family's best ("family"), and the N best alone ("top-only"; `--top-only`).
 
@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent.agent_state import load_agent_state  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
+from search_compare import BAGS  # noqa: E402 - bench/ is the script's folder: the bagged alternative's bag count
 
-BAGS = 20  # as search_compare.py's bagged alternative
 LIBRARIES = {"family": True, "top-only": False}
-METHODS = ("single", "greedy", "bagged")
+METHODS = ("single", "plain", "bagged")
 RESULTS_MD = ROOT / "bench" / "results" / "ensemble_halves.md"
 
 
@@ -64,7 +64,7 @@ def weights(method: str, val: dict[str, np.ndarray], target: np.ndarray, steps: 
     """The method's weights, selected on `val` (each run's forecasts of the selection windows)."""
     if method == "single":
         return {min(val, key=lambda r: ensemble.mse(val[r], target)): 1.0}
-    if method == "greedy":
+    if method == "plain":
         picks = Counter(ensemble.select(val, target, steps))
         return {r: k / sum(picks.values()) for r, k in picks.items()}
     if method == "bagged":
@@ -138,8 +138,9 @@ def main() -> None:
     if a.write:
         command = "NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study " + " ".join(
             str(s) for s in a.study) + " --write"
-        RESULTS_MD.write_text(f"# Ensemble selection judged on held-out validation halves\n\n{__doc__.split(chr(10) * 2)[0]}."
-                              f"\n\n`{command}`\n\n{text}\n")
+        RESULTS_MD.write_text(f"# Ensemble selection judged on held-out validation halves\n\n{__doc__.split(chr(10) * 2)[0]}"
+                              f"\n\n`{command}`\n\n{text}\n\nThe rule that decides the default selection from this "
+                              f"table, and its outcome: docs/search.md, the ensemble's section.\n")
         print(f"wrote {RESULTS_MD}")
 
 

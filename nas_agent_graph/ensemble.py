@@ -256,7 +256,9 @@ def write(record: dict, runs_dir: Path) -> Path:
 
 def summary(record: dict) -> str:
     """One line per fact, `key: value`, for the end of a study and the subcommand."""
-    members = ", ".join(f"{m['run_id']}x{m['picks']}" + (f" ({m['family']})" if m.get("family") else "")
+    # A plain selection's weights are its picks; a bagged one's picks are summed over its bags: its weights.
+    share = (lambda m: f" {m['weight']:.1%}") if record.get("bags") else (lambda m: f"x{m['picks']}")
+    members = ", ".join(m["run_id"] + share(m) + (f" ({m['family']})" if m.get("family") else "")
                         for m in record["members"])
     best = record["best_single"]
     lines = [f"ensemble_members: {members}",

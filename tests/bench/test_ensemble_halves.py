@@ -2,14 +2,18 @@
 over a study folder's ensemble library."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from nas_agent import forecasts
 from nas_agent.agent_state import AgentState, RunInfo, add_run, save_agent_state
+from nas_agent_graph import ensemble
 from tests.bench.test_family_ensemble import write_run
 from tests.conftest import load_bench_script
 
+load_bench_script("search_compare")  # the sibling ensemble_halves imports, as running it from bench/ would
 halves_bench = load_bench_script("ensemble_halves")
 
 PRED_LEN = 4
@@ -61,8 +65,20 @@ def test_each_method_is_selected_on_one_half_and_scored_on_the_other(study):
     assert single["first_to_second"] == pytest.approx(mse("run_0001", slice(22, 40)))
     assert single["second_to_first"] == pytest.approx(mse("run_0000", slice(0, 18)))
     assert single["held_out"] == pytest.approx((single["first_to_second"] + single["second_to_first"]) / 2)
-    greedy = next(r for r in rows if r["library"] == "family" and r["method"] == "greedy")
-    assert greedy["val_mse"] <= single["val_mse"] + 1e-12  # on the windows it was selected on, never worse
+    # The plain and bagged selections too: chosen on one half by ensemble's own functions, scored on the other.
+    val = {rid: forecasts.load(study / "runs" / rid / "forecasts.npz")["val"].astype(np.float64)
+           for rid in ("run_0000", "run_0001", "run_0002")}
+    for method, choose in (("plain", lambda v, t: Counter(ensemble.select(v, t, 10))),
+                           ("bagged", lambda v, t: ensemble.select_bagged(v, t, 10, halves_bench.BAGS)[0])):
+        row = next(r for r in rows if r["library"] == "family" and r["method"] == method)
+        for key, sel, out in (("first_to_second", slice(0, 18), slice(22, 40)),
+                              ("second_to_first", slice(22, 40), slice(0, 18))):
+            w = choose({r: v[sel] for r, v in val.items()}, target[sel])
+            total = sum(w.values())
+            pred = sum(val[r][out] * k / total for r, k in w.items())
+            assert row[key] == pytest.approx(float(np.mean((pred - target[out]) ** 2)), rel=1e-9)
+    plain = next(r for r in rows if r["library"] == "family" and r["method"] == "plain")
+    assert plain["val_mse"] <= single["val_mse"] + 1e-12  # on the windows it was selected on, never worse
     text = halves_bench.table(rows)
     assert "| family | single |" in text and "held-out" in text
 
