@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,30 +44,29 @@ METHODS = ("single", "plain", "bagged")
 RESULTS_MD = ROOT / "bench" / "results" / "ensemble_halves.md"
 
 
-def load_library(study: Path, pool: int, families: bool) -> dict[str, ensemble.Forecasts]:
-    """The study's ensemble library (ensemble.pool_runs) with each member's forecasts."""
+def load_libraries(study: Path, pool: int) -> dict[str, dict[str, ensemble.Forecasts]]:
+    """Each of LIBRARIES (ensemble.pool_runs) with its members' forecasts, each file read once
+    (the N best are in both libraries)."""
     state = load_agent_state(study / "agent_state.json")
-    runs, _ = ensemble.pool_runs(state, study / "runs", pool, families=families)
-    library = {}
-    for run in runs:
+    members = {name: [r for r in ensemble.pool_runs(state, study / "runs", pool, families=families)[0]]
+               for name, families in LIBRARIES.items()}
+    loaded = {}
+    for run in {r.run_id: r for runs in members.values() for r in runs}.values():
         try:
-            library[run.run_id] = ensemble.forecasts(run, study / "runs")
+            loaded[run.run_id] = ensemble.forecasts(run, study / "runs")
         except ensemble.EnsembleError as e:
             print(f"{study.name}: {run.run_id} left out: {e}")
-    if not library:
+    if not loaded:
         raise SystemExit(f"{study}: no run with forecasts or a checkpoint; is it a finished study's folder?")
-    return library
+    return {name: {r.run_id: loaded[r.run_id] for r in runs if r.run_id in loaded} for name, runs in members.items()}
 
 
 def weights(method: str, val: dict[str, np.ndarray], target: np.ndarray, steps: int) -> dict[str, float]:
     """The method's weights, selected on `val` (each run's forecasts of the selection windows)."""
     if method == "single":
         return {min(val, key=lambda r: ensemble.mse(val[r], target)): 1.0}
-    if method == "plain":
-        picks = Counter(ensemble.select(val, target, steps))
-        return {r: k / sum(picks.values()) for r, k in picks.items()}
-    if method == "bagged":
-        return ensemble.select_bagged(val, target, steps, BAGS)[0]
+    if method in ("plain", "bagged"):
+        return ensemble.select_weights(val, target, steps, bags=BAGS if method == "bagged" else 0)[0]
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
@@ -86,8 +84,7 @@ def halves(n: int, gap: int) -> tuple[slice, slice]:
 
 def score_study(study: Path, pool: int, steps: int) -> list[dict]:
     rows = []
-    for lib_name, families in LIBRARIES.items():
-        library = load_library(study, pool, families)
+    for lib_name, library in load_libraries(study, pool).items():
         ref = next(iter(library.values()))
         val_t, test_t = ref.val_target, ref.test_target
         first, second = halves(val_t.shape[0], gap=val_t.shape[1])  # pred_len windows: disjoint targets

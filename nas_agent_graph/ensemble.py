@@ -182,6 +182,16 @@ def select_bagged(val: dict[str, np.ndarray], target: np.ndarray, steps: int, ba
     return dict(weights), picks
 
 
+def select_weights(val: dict[str, np.ndarray], target: np.ndarray, steps: int,
+                   bags: int = 0) -> tuple[dict[str, float], Counter]:
+    """The ensemble's weights (summing to 1) and each run's picks: one forward selection (bags=0),
+    whose weights are its picks' shares, or the bagged selection."""
+    if bags:
+        return select_bagged(val, target, steps, bags)
+    picks = Counter(select(val, target, steps))
+    return {rid: k / sum(picks.values()) for rid, k in picks.items()}, picks
+
+
 def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps: int = DEFAULT_STEPS,
           families: bool = True, bags: int = 0, python: str = sys.executable) -> dict:
     """Select an ensemble from the study's runs (the `pool` best and, with `families`, each
@@ -214,12 +224,7 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
         library[run.run_id] = f
     if not library:
         raise EnsembleError("no run's forecasts could be used: " + "; ".join(skipped))
-    val = {rid: f.val for rid, f in library.items()}
-    if bags:
-        weights, picks = select_bagged(val, reference.val_target, steps, bags)
-    else:
-        picks = Counter(select(val, reference.val_target, steps))
-        weights = {rid: k / sum(picks.values()) for rid, k in picks.items()}
+    weights, picks = select_weights({rid: f.val for rid, f in library.items()}, reference.val_target, steps, bags)
 
     def blend(split: str) -> np.ndarray:
         return sum(getattr(library[rid], split).astype(np.float64) * w for rid, w in weights.items())
