@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -385,6 +386,7 @@ def check_overrides(study: AgentState, ctx: Context) -> None:
 def run_search(ctx: Context) -> int:
 
     route_optuna_logging()
+    note_ignored_sigint()
     with StudyLock(ctx.state_path):
         study = load_agent_state(ctx.state_path)  # a corrupt file stops us here, untouched
         check_overrides(study, ctx)
@@ -405,6 +407,18 @@ def run_search(ctx: Context) -> int:
         if ctx.ensemble_pool:
             _ensemble(ctx.state_path, ctx.runs_dir, ctx.ensemble_pool, DEFAULT_STEPS)
         return rc
+
+
+def note_ignored_sigint() -> bool:
+    """Say how to stop a search that cannot get Ctrl-C. A process started in the background by a
+    shell without job control (`cmd &` in a script, `nohup`) inherits SIGINT ignored, and Python
+    keeps it so: SIGINT does nothing. SIGTERM (`kill PID`) still stops it safely: the kernel sends
+    each train.py SIGTERM (see process.py), and a resume reruns the runs it stopped."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return False
+    log.info("SIGINT is ignored in this process (started in the background); stop the search with "
+             "`kill %d` (SIGTERM), and run the same command again to resume", os.getpid())
+    return True
 
 
 def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, families: bool = True,

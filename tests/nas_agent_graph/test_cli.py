@@ -122,6 +122,11 @@ def test_max_runs_counts_the_whole_study(study):
     assert_consistent(study, 3)
 
 
+def default_sigint():
+    """preexec_fn: SIGINT back to its default, so that Python installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(predicate, timeout=180, step=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -289,13 +294,18 @@ def test_a_set_that_breaks_the_config_fails_at_start_up(study):
 
 @pytest.mark.slow  # a search stopped by SIGINT mid-run (~30 s)
 def test_status_shows_a_run_in_flight_and_then_interrupted(study):
-    args = [PYTHON, "-m", "nas_agent_graph", *search_args(2), "--set", "training.max_epochs=50"]
+    # Early stopping off (patience = max_epochs): the run cannot end before the SIGINT, however
+    # slow the status call. SIGINT at its default in the child: pytest started in the background by
+    # a shell without job control ignores SIGINT, its children inherit that, and the SIGINT would
+    # do nothing (both made this test fail in background CI runs).
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(2), "--set", "training.max_epochs=1000",
+            "--set", "training.patience=1000"]
     proc = subprocess.Popen(args, cwd=study, env=run_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=default_sigint)
     try:
         wait_for((study / "runs" / "run_0000" / "history.json").exists)
         live = cli(study, "status").stdout
-        assert "no runs yet" in live and "run_0000: in flight, " in live and "/50 epochs done" in live, live
+        assert "no runs yet" in live and "run_0000: in flight, " in live and "/1000 epochs done" in live, live
         assert "best val MSE" in live and "training now" in live
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -399,3 +409,16 @@ def test_proposer_auto_run_budget_and_warm_start_flags(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(CE, match=r"--allow-code needs an LLM proposer.*\(which is tpe here\)"):
             ctx("--allow-code")
+
+
+def test_a_search_started_with_sigint_ignored_says_how_to_stop_it(caplog):
+    from nas_agent_graph.cli import note_ignored_sigint
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with caplog.at_level("INFO", logger="nas_agent_graph.cli"):
+            assert note_ignored_sigint()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "SIGINT is ignored" in caplog.text and "(SIGTERM)" in caplog.text
+    caplog.clear()
+    assert not note_ignored_sigint() and caplog.text == ""
