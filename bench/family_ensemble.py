@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +61,13 @@ def load_library(paths: dict[str, Path]) -> tuple[dict[str, dict], np.ndarray, n
 
 def score(library: dict[str, dict], val_target: np.ndarray, test_target: np.ndarray, steps: int) -> dict:
     """Forward selection on validation, then the test score of the chosen weights."""
-    picks = ensemble.select({k: v["val"] for k, v in library.items()}, val_target, steps)
-    weights = Counter(picks)
+    weights, picks = ensemble.select_weights({k: v["val"] for k, v in library.items()}, val_target, steps)
 
     def blend(split: str) -> np.ndarray:
-        return sum(library[k][split].astype(np.float64) * n for k, n in weights.items()) / len(picks)
+        return sum(library[k][split].astype(np.float64) * w for k, w in weights.items())
     singles = {k: {s: ensemble.mse(v[s], t) for s, t in (("val", val_target), ("test", test_target))}
                for k, v in library.items()}
-    return {"members": dict(weights.most_common()), "val_mse": ensemble.mse(blend("val"), val_target),
+    return {"members": dict(picks.most_common()), "val_mse": ensemble.mse(blend("val"), val_target),
             "test_mse": ensemble.mse(blend("test"), test_target), "singles": singles}
 
 
