@@ -9,7 +9,7 @@ final ensemble could reach if its family bests were trained to convergence, not 
 
 For each seed, the library is the configs' runs of that seed (reproduce.py's run folders,
 <config>_<dataset>_s<seed>/forecasts.npz); the ensemble is the study's method,
-nas_agent_graph.ensemble.select: forward selection with replacement on the validation forecasts,
+nas_agent_graph.ensemble.select_weights: forward selection with replacement on the validation forecasts,
 then the test forecasts averaged with the chosen weights and scored once, every window.
 
 --study FOLDER adds a finished search study's own ensemble library (the runs its
