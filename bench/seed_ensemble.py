@@ -1,0 +1,149 @@
+"""Seed-averaged ensembles (issue 12): does training each member of a study's ensemble with more
+seeds, and averaging its forecasts over them, lower the ensemble's error?
+
+    NAS_DATA_DIR=../shared/data python bench/seed_ensemble.py --study DIR/tpe_seed4 [--seeds 2] [--write]
+
+A finished study's ensemble (runs/ensemble.json, from `python -m nas_agent_graph ensemble` or the
+search's end) names its members and their weights, chosen on validation. Each member is trained
+again by train.py from its config_used.py (its model file too, if it had one) with `--seeds` more
+seeds, into STUDY/seed_runs/<run_id>_s<seed>/; a folder with metrics.json and forecasts.npz is
+reused, so a killed benchmark resumes. The study's own folders are only read.
+
+Per study, three ensembles are scored on validation and on test (every window):
+- study: the members' forecasts as the search left them, the recorded weights;
+- seed-averaged: each member's forecast averaged over its seeds, the same weights;
+- reselected: forward selection again over the seed-averaged members (validation only).
+Seed averaging is variance reduction: it chooses nothing, and test MSE steers nothing here.
+The extra training time is printed; it is compute the study's budget did not include.
+
+A benchmark: it prints tables and asserts nothing; --write also writes bench/results/seed_ensemble.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from nas_agent import forecasts as forecasts_file  # noqa: E402
+from nas_agent.run_folder import CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE, MODEL_FILE  # noqa: E402
+from nas_agent_graph import ensemble  # noqa: E402
+
+RESULTS_MD = ROOT / "bench" / "results" / "seed_ensemble.md"
+TRAIN = ROOT / "train.py"
+
+
+def members(study: Path) -> dict[str, float]:
+    """{run_id: weight} of the study's ensemble, from runs/ensemble.json."""
+    record = ensemble.load(study / "runs")
+    if record is None:
+        raise SystemExit(f"{study}: no runs/ensemble.json; build it first with "
+                         f"`python -m nas_agent_graph ensemble --state {study}/agent_state.json --runs-dir {study}/runs`")
+    return {m["run_id"]: m["weight"] for m in record["members"]}
+
+
+def retrain(study: Path, run_id: str, seed: int, python: str = sys.executable) -> tuple[Path, float]:
+    """Train run_id's config again with `seed` (reused when done); (its forecasts.npz, seconds spent)."""
+    src, out = study / "runs" / run_id, study / "seed_runs"
+    tag = f"{run_id}_s{seed}"
+    done = out / tag / FORECASTS_FILE
+    if done.is_file() and (out / tag / METRICS_FILE).is_file():
+        return done, 0.0
+    cmd = [python, str(TRAIN), "--config", str(src / CONFIG_USED_FILE), "--tag", tag, "--runs-dir", str(out),
+           "--seed", str(seed), "--overwrite"]
+    if (src / MODEL_FILE).is_file():
+        cmd += ["--model", str(src / MODEL_FILE)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0 or not done.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"{tag}: train.py exited {proc.returncode} without {FORECASTS_FILE}: {tail[0]}")
+    return done, time.monotonic() - start
+
+
+def blend(forecasts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    return sum(forecasts[rid].astype(np.float64) * w for rid, w in weights.items())
+
+
+def score_study(study: Path, seeds: int, steps: int = ensemble.DEFAULT_STEPS) -> dict:
+    weights = members(study)
+    runs, extra_s = {}, 0.0
+    for rid in weights:
+        own = study / "runs" / rid / FORECASTS_FILE
+        seed0 = json.loads((study / "runs" / rid / METRICS_FILE).read_text())["seed"]
+        paths = [own]
+        for k in range(1, seeds + 1):
+            path, spent = retrain(study, rid, seed0 + k)
+            paths.append(path)
+            extra_s += spent
+        runs[rid] = [forecasts_file.load(p) for p in paths]
+    first = runs[next(iter(runs))][0]
+    targets = {s: first[f"{s}_target"] for s in ("val", "test")}
+    for rid, fs in runs.items():  # every forecast must be of the same windows
+        for f in fs:
+            for s, t in targets.items():
+                if f[s].shape != t.shape or not np.array_equal(f[f"{s}_target"], t):
+                    raise SystemExit(f"{rid}: its forecasts are not of the same {s} windows as the other members'")
+    own = {s: {rid: fs[0][s] for rid, fs in runs.items()} for s in targets}
+    mean = {s: {rid: np.mean([f[s].astype(np.float64) for f in fs], axis=0) for rid, fs in runs.items()}
+            for s in targets}
+    reselected, _ = ensemble.select_weights(mean["val"], targets["val"], steps)
+
+    def scores(pred: dict, w: dict) -> dict:
+        return {s: ensemble.mse(blend(pred[s], w), targets[s]) for s in targets}
+    single = {rid: {s: [ensemble.mse(f[s], targets[s]) for f in fs] for s in targets} for rid, fs in runs.items()}
+    return {"study": study.name, "seeds": seeds + 1, "extra_train_s": extra_s, "weights": weights,
+            "study_ensemble": scores(own, weights), "seed_averaged": scores(mean, weights),
+            "reselected": scores(mean, reselected), "reselected_weights": reselected, "single": single,
+            "single_averaged": {rid: {s: ensemble.mse(mean[s][rid], targets[s]) for s in targets} for rid in runs}}
+
+
+def table(results: list[dict]) -> str:
+    out = ["| study | seeds per member | members | study's ensemble: val / test MSE | seed-averaged, same weights: "
+           "val / test | reselected: val / test | extra training s |", "|---|---:|---:|---|---|---|---:|"]
+    for r in results:
+        cells = [f"{r[k]['val']:.4f} / {r[k]['test']:.4f}" for k in ("study_ensemble", "seed_averaged", "reselected")]
+        out.append(f"| {r['study']} | {r['seeds']} | {len(r['weights'])} | {' | '.join(cells)} | {r['extra_train_s']:.0f} |")
+    out += ["", "Members: val / test MSE of the search's run, mean ± std over its seeds, and of its seed-averaged forecast.",
+            "", "| study | member | weight | search's run | seeds: val | seeds: test | averaged: val / test |",
+            "|---|---|---:|---|---|---|---|"]
+    for r in results:
+        for rid, w in r["weights"].items():
+            v, t = r["single"][rid]["val"], r["single"][rid]["test"]
+            sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)
+            avg = r["single_averaged"][rid]
+            out.append(f"| {r['study']} | {rid} | {w:.3f} | {v[0]:.4f} / {t[0]:.4f} | {statistics.mean(v):.4f} ± "
+                       f"{sd(v):.4f} | {statistics.mean(t):.4f} ± {sd(t):.4f} | {avg['val']:.4f} / {avg['test']:.4f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", type=Path, nargs="+", required=True, help="finished study folders (search_compare's)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds added to each member's own (default 2)")
+    p.add_argument("--write", action="store_true", help=f"also write {RESULTS_MD.relative_to(ROOT)}")
+    a = p.parse_args()
+    if a.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {a.seeds}")
+    if "NAS_DATA_DIR" not in os.environ:
+        print("note: NAS_DATA_DIR is not set; train.py looks for the data where each config says", file=sys.stderr)
+    text = table([score_study(s, a.seeds) for s in a.study])
+    print(text)
+    if a.write:
+        RESULTS_MD.write_text(
+            "# Seed-averaged ensembles (ETTh1, M, 96->96)\n\nCommand: `NAS_DATA_DIR=../shared/data python "
+            f"bench/seed_ensemble.py --study {' '.join('DIR/' + s.name for s in a.study)} --seeds {a.seeds} --write` "
+            "(DIR: bench/search_compare.py's --out). Weights chosen on validation only; test scored once, every "
+            "window. The extra training is outside the study's 90-minute budget.\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
