@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent import forecasts as forecasts_file  # noqa: E402
-from nas_agent.run_folder import CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE, MODEL_FILE  # noqa: E402
+from nas_agent.run_folder import CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE, MODEL_FILE, SCORED  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
 
 RESULTS_MD = ROOT / "bench" / "results" / "seed_ensemble.md"
@@ -63,9 +63,14 @@ def retrain(study: Path, run_id: str, seed: int, python: str = sys.executable) -
         cmd += ["--model", str(src / MODEL_FILE)]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0 or not done.is_file():
+    try:  # "timeout" (the run budget ended training; exit 4) is scored like "ok", as in the search
+        status = json.loads((out / tag / METRICS_FILE).read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        status = None
+    if status not in SCORED or not done.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"{tag}: train.py exited {proc.returncode} without {FORECASTS_FILE}: {tail[0]}")
+        raise SystemExit(f"{tag}: train.py exited {proc.returncode}, status {status}, "
+                         f"{'with' if done.is_file() else 'without'} {FORECASTS_FILE}: {tail[0]}")
     return done, time.monotonic() - start
 
 
