@@ -14,7 +14,8 @@ Per study, three ensembles are scored on validation and on test (every window):
 - seed-averaged: each member's forecast averaged over its seeds, the same weights;
 - reselected: forward selection again over the seed-averaged members (validation only).
 Seed averaging is variance reduction: it chooses nothing, and test MSE steers nothing here.
-The extra training time is printed; it is compute the study's budget did not include.
+The extra runs' training time (train_time_sec, from their metrics.json) is printed; it is compute
+the study's budget did not include.
 
 A benchmark: it prints tables and asserts nothing; --write also writes bench/results/seed_ensemble.md.
 """
@@ -26,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 from nas_agent import forecasts as forecasts_file  # noqa: E402
 from nas_agent.run_folder import CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE, MODEL_FILE, SCORED  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
+from nas_agent_graph.limits import default_run_memory_gb, run_caps  # noqa: E402
+from nas_agent_graph.process import run_child  # noqa: E402
 
 RESULTS_MD = ROOT / "bench" / "results" / "seed_ensemble.md"
 TRAIN = ROOT / "train.py"
+# A member trains under its own budget (training.time_budget_s; 240 s in a study); this only stops a hung one.
+RETRAIN_TIMEOUT_S = 1800.0
 
 
 def members(study: Path) -> dict[str, float]:
@@ -50,28 +54,35 @@ def members(study: Path) -> dict[str, float]:
     return {m["run_id"]: m["weight"] for m in record["members"]}
 
 
-def retrain(study: Path, run_id: str, seed: int, python: str = sys.executable) -> tuple[Path, float]:
-    """Train run_id's config again with `seed` (reused when done); (its forecasts.npz, seconds spent)."""
-    src, out = study / "runs" / run_id, study / "seed_runs"
-    tag = f"{run_id}_s{seed}"
-    done = out / tag / FORECASTS_FILE
-    if done.is_file() and (out / tag / METRICS_FILE).is_file():
-        return done, 0.0
-    cmd = [python, str(TRAIN), "--config", str(src / CONFIG_USED_FILE), "--tag", tag, "--runs-dir", str(out),
-           "--seed", str(seed), "--overwrite"]
+def status_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / METRICS_FILE).read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def retrain(study: Path, run_id: str, seed: int, python: str = sys.executable) -> Path:
+    """Train run_id's config again with `seed` (reused when done); its run folder.
+    A member's model file may be LLM-written code: it trains as the search's runs do, in a capped
+    child process (run_child, a run's caps) with a wall-clock limit."""
+    src, folder = study / "runs" / run_id, study / "seed_runs" / f"{run_id}_s{seed}"
+    done = folder / FORECASTS_FILE
+    if done.is_file() and status_of(folder) in SCORED:  # "timeout": the run budget ended training, scored
+        return folder
+    cmd = [python, str(TRAIN), "--config", str(src / CONFIG_USED_FILE), "--tag", folder.name, "--runs-dir",
+           str(folder.parent), "--seed", str(seed), "--overwrite"]
     if (src / MODEL_FILE).is_file():
         cmd += ["--model", str(src / MODEL_FILE)]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    try:  # "timeout" (the run budget ended training; exit 4) is scored like "ok", as in the search
-        status = json.loads((out / tag / METRICS_FILE).read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        status = None
+    try:
+        proc = run_child(cmd, timeout_s=RETRAIN_TIMEOUT_S, caps=run_caps(default_run_memory_gb(1), RETRAIN_TIMEOUT_S))
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{folder.name}: train.py took more than {RETRAIN_TIMEOUT_S:g}s") from None
+    status = status_of(folder)
     if status not in SCORED or not done.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"{tag}: train.py exited {proc.returncode}, status {status}, "
+        raise SystemExit(f"{folder.name}: train.py exited {proc.returncode}, status {status}, "
                          f"{'with' if done.is_file() else 'without'} {FORECASTS_FILE}: {tail[0]}")
-    return done, time.monotonic() - start
+    return folder
 
 
 def blend(forecasts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -86,9 +97,9 @@ def score_study(study: Path, seeds: int, steps: int = ensemble.DEFAULT_STEPS) ->
         seed0 = json.loads((study / "runs" / rid / METRICS_FILE).read_text())["seed"]
         paths = [own]
         for k in range(1, seeds + 1):
-            path, spent = retrain(study, rid, seed0 + k)
-            paths.append(path)
-            extra_s += spent
+            folder = retrain(study, rid, seed0 + k)
+            paths.append(folder / FORECASTS_FILE)
+            extra_s += json.loads((folder / METRICS_FILE).read_text())["train_time_sec"]
         runs[rid] = [forecasts_file.load(p) for p in paths]
     first = runs[next(iter(runs))][0]
     targets = {s: first[f"{s}_target"] for s in ("val", "test")}
@@ -111,9 +122,13 @@ def score_study(study: Path, seeds: int, steps: int = ensemble.DEFAULT_STEPS) ->
             "single_averaged": {rid: {s: ensemble.mse(mean[s][rid], targets[s]) for s in targets} for rid in runs}}
 
 
+def stdev(x: list[float]) -> float:
+    return statistics.stdev(x) if len(x) > 1 else 0.0
+
+
 def table(results: list[dict]) -> str:
     out = ["| study | seeds per member | members | study's ensemble: val / test MSE | seed-averaged, same weights: "
-           "val / test | reselected: val / test | extra training s |", "|---|---:|---:|---|---|---|---:|"]
+           "val / test | reselected: val / test | the extra runs' train_time_sec |", "|---|---:|---:|---|---|---|---:|"]
     for r in results:
         cells = [f"{r[k]['val']:.4f} / {r[k]['test']:.4f}" for k in ("study_ensemble", "seed_averaged", "reselected")]
         out.append(f"| {r['study']} | {r['seeds']} | {len(r['weights'])} | {' | '.join(cells)} | {r['extra_train_s']:.0f} |")
@@ -123,10 +138,9 @@ def table(results: list[dict]) -> str:
     for r in results:
         for rid, w in r["weights"].items():
             v, t = r["single"][rid]["val"], r["single"][rid]["test"]
-            sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)
             avg = r["single_averaged"][rid]
             out.append(f"| {r['study']} | {rid} | {w:.3f} | {v[0]:.4f} / {t[0]:.4f} | {statistics.mean(v):.4f} ± "
-                       f"{sd(v):.4f} | {statistics.mean(t):.4f} ± {sd(t):.4f} | {avg['val']:.4f} / {avg['test']:.4f} |")
+                       f"{stdev(v):.4f} | {statistics.mean(t):.4f} ± {stdev(t):.4f} | {avg['val']:.4f} / {avg['test']:.4f} |")
     return "\n".join(out)
 
 

@@ -58,10 +58,14 @@ def test_members_are_retrained_with_new_seeds_and_averaged(study, env):
     assert result["seed_averaged"]["val"] == pytest.approx(mse(averaged_val), rel=1e-9)
     assert result["single"]["run_0001"]["val"][1] == pytest.approx(mse(new["run_0001"]["val"]), rel=1e-9)
     assert sum(result["reselected_weights"].values()) == pytest.approx(1.0)
-    assert result["extra_train_s"] > 0
-    # A second pass reuses the folders: nothing trains, the same numbers come out.
+    spent = sum(json.loads((study / "seed_runs" / f"{rid}_s2022" / "metrics.json").read_text())["train_time_sec"]
+                for rid in WEIGHTS)
+    assert result["extra_train_s"] == pytest.approx(spent) and spent > 0
+    # A second pass reuses the folders: nothing trains again, the same numbers come out.
+    stamps = {rid: (study / "seed_runs" / f"{rid}_s2022" / "metrics.json").stat().st_mtime_ns for rid in WEIGHTS}
     again = seed_bench.score_study(study, seeds=1)
-    assert again["extra_train_s"] == 0.0 and again["seed_averaged"] == result["seed_averaged"]
+    assert again == result
+    assert stamps == {rid: (study / "seed_runs" / f"{rid}_s2022" / "metrics.json").stat().st_mtime_ns for rid in WEIGHTS}
     text = seed_bench.table([result])
     assert f"| {study.name} | 2 | 2 |" in text and "| run_0000 | 0.750 |" in text
 

@@ -3,6 +3,7 @@
 Tiny models (a narrowed search space) and one-epoch runs keep each run to a few seconds.
 """
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -422,3 +423,28 @@ def test_a_search_started_with_sigint_ignored_says_how_to_stop_it(caplog):
     assert "SIGINT is ignored" in caplog.text and "(SIGTERM)" in caplog.text
     caplog.clear()
     assert not note_ignored_sigint() and caplog.text == ""
+
+
+@pytest.mark.slow  # a search stopped by SIGTERM mid-run (~20 s)
+def test_a_search_that_ignores_sigint_stops_on_sigterm(study):
+    """What docs/search.md promises a search started in the background: SIGINT does nothing, and
+    `kill PID` (SIGTERM) stops it; the kernel stops its train.py, and the run is one a resume reruns."""
+    args = [PYTHON, "-m", "nas_agent_graph", *search_args(2), "--set", "training.max_epochs=1000",
+            "--set", "training.patience=1000"]
+    proc = subprocess.Popen(args, cwd=study, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_for((study / "runs" / "run_0000" / "history.json").exists)
+        child = json.loads((study / "runs" / "run_0000" / "launch.json").read_text())["pid"]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(3)
+        assert proc.poll() is None  # ignored, as the shell asked
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1]
+    assert "SIGINT is ignored in this process" in stderr and f"`kill {proc.pid}`" in stderr
+    wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=30)  # the kernel stopped its train.py
+    after = cli(study, "status").stdout
+    assert "run_0000: interrupted, " in after and "a resume trains it again from scratch" in after, after
