@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,15 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent import forecasts as forecasts_file  # noqa: E402
-from nas_agent.run_folder import CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE, MODEL_FILE, SCORED  # noqa: E402
+from nas_agent.run_folder import FORECASTS_FILE, METRICS_FILE  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
-from nas_agent_graph.limits import default_run_memory_gb, run_caps  # noqa: E402
-from nas_agent_graph.process import run_child  # noqa: E402
 
 RESULTS_MD = ROOT / "bench" / "results" / "seed_ensemble.md"
-TRAIN = ROOT / "train.py"
-# A member trains under its own budget (training.time_budget_s; 240 s in a study); this only stops a hung one.
-RETRAIN_TIMEOUT_S = 1800.0
 
 
 def members(study: Path) -> dict[str, float]:
@@ -54,35 +48,14 @@ def members(study: Path) -> dict[str, float]:
     return {m["run_id"]: m["weight"] for m in record["members"]}
 
 
-def status_of(folder: Path) -> str | None:
+def retrain(study: Path, run_id: str, seed: int) -> Path:
+    """Train run_id's config again with `seed` into STUDY/seed_runs/ (reused when done); its run
+    folder. The same retraining as `python -m nas_agent_graph ensemble --seeds K`: capped, with a
+    wall-clock limit (a member's model file may be LLM-written code)."""
     try:
-        return json.loads((folder / METRICS_FILE).read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def retrain(study: Path, run_id: str, seed: int, python: str = sys.executable) -> Path:
-    """Train run_id's config again with `seed` (reused when done); its run folder.
-    A member's model file may be LLM-written code: it trains as the search's runs do, in a capped
-    child process (run_child, a run's caps) with a wall-clock limit."""
-    src, folder = study / "runs" / run_id, study / "seed_runs" / f"{run_id}_s{seed}"
-    done = folder / FORECASTS_FILE
-    if done.is_file() and status_of(folder) in SCORED:  # "timeout": the run budget ended training, scored
-        return folder
-    cmd = [python, str(TRAIN), "--config", str(src / CONFIG_USED_FILE), "--tag", folder.name, "--runs-dir",
-           str(folder.parent), "--seed", str(seed), "--overwrite"]
-    if (src / MODEL_FILE).is_file():
-        cmd += ["--model", str(src / MODEL_FILE)]
-    try:
-        proc = run_child(cmd, timeout_s=RETRAIN_TIMEOUT_S, caps=run_caps(default_run_memory_gb(1), RETRAIN_TIMEOUT_S))
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"{folder.name}: train.py took more than {RETRAIN_TIMEOUT_S:g}s") from None
-    status = status_of(folder)
-    if status not in SCORED or not done.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"{folder.name}: train.py exited {proc.returncode}, status {status}, "
-                         f"{'with' if done.is_file() else 'without'} {FORECASTS_FILE}: {tail[0]}")
-    return folder
+        return ensemble.retrain(study / "runs" / run_id, seed, study / "seed_runs")
+    except ensemble.EnsembleError as e:
+        raise SystemExit(str(e)) from None
 
 
 def blend(forecasts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

@@ -5,7 +5,7 @@
     python -m nas_agent_graph check CONFIG [--model FILE]
     python -m nas_agent_graph status
     python -m nas_agent_graph report
-    python -m nas_agent_graph ensemble [--pool N] [--steps K] [--top-only] [--bags B]
+    python -m nas_agent_graph ensemble [--pool N] [--steps K] [--top-only] [--bags B] [--seeds K]
 """
 from __future__ import annotations
 
@@ -422,11 +422,11 @@ def note_ignored_sigint() -> bool:
 
 
 def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, families: bool = True,
-              bags: int = 0) -> dict | None:
+              bags: int = 0, seeds: int = 0) -> dict | None:
     """Build, write and print the study's ensemble; a study that has none is not an error."""
     try:
         record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps, families=families,
-                                bags=bags)
+                                bags=bags, seeds=seeds)
     except ensemble.EnsembleError as e:
         log.warning("no ensemble: %s", e)
         return None
@@ -629,12 +629,16 @@ def cmd_ensemble(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="selection steps (default %d)" % DEFAULT_STEPS)
     p.add_argument("--bags", type=int, default=0, help="bagged selection: average the selections over this many "
                    "random halves of the library (Caruana et al. 2004; default 0: one selection over all of it)")
+    p.add_argument("--seeds", type=int, default=0, help="seed averaging: after the selection, train each member "
+                   f"again with this many more seeds (into RUNS/{ensemble.SEED_RUNS_DIR}/, capped like a run, reused "
+                   "when done) and average its forecasts over its seeds; the weights stay (default 0: off)")
     a = p.parse_args(argv)
-    if a.pool < 1 or a.steps < 1 or a.bags < 0:
-        raise ConfigError(f"--pool and --steps must be >= 1 and --bags >= 0, got --pool {a.pool} --steps {a.steps} "
-                          f"--bags {a.bags}")
+    if a.pool < 1 or a.steps < 1 or a.bags < 0 or a.seeds < 0:
+        raise ConfigError(f"--pool and --steps must be >= 1, --bags and --seeds >= 0; got --pool {a.pool} "
+                          f"--steps {a.steps} --bags {a.bags} --seeds {a.seeds}")
     with StudyLock(a.state):  # not while a search writes the study or deletes checkpoints
-        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps, families=not a.top_only, bags=a.bags) else 1
+        return 0 if _ensemble(a.state, a.runs_dir, a.pool, a.steps, families=not a.top_only, bags=a.bags,
+                              seeds=a.seeds) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,14 @@ Only validation forecasts take part in the selection. The test forecasts are ave
 chosen weights afterwards and scored once, for the report; they never reach the search, whose
 runs are all finished by then. Every test window is scored, as for a single run.
 
+Seed averaging (`seeds` > 0, `ensemble --seeds K`): after the selection, each member is trained
+again by train.py from its config_used.py (and model file) with K more seeds, into
+runs/seed_runs/<run_id>_s<seed>/, and its forecasts are averaged over its seeds; the ensemble keeps
+the weights chosen above. It chooses nothing: it lowers the members' seed variance, which the
+selection rewards (a member picked for its val MSE was often a lucky seed). A finished seed run is
+reused, so a killed build resumes; a seed run that fails is a note, and its member averages the
+seeds that scored. The extra training is outside the study's budget: its train_time_sec is recorded.
+
 The result is runs/ensemble.json (written atomically): members and weights, validation and test
 MSE/MAE of the ensemble and of the best single run, and how to rebuild it.
 """
@@ -43,7 +51,8 @@ import numpy as np
 from nas_agent import forecasts as forecasts_file
 from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
-from nas_agent.run_folder import CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, MODEL_FILE, SCORED
+from nas_agent.run_folder import (CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE,
+                                  MODEL_FILE, SCORED)
 from nas_agent_graph.limits import default_run_memory_gb, run_caps
 from nas_agent_graph.paths import TRAIN_SCRIPT
 from nas_agent_graph.retention import DEFAULT_KEEP, run_family, scored_runs
@@ -56,6 +65,9 @@ DEFAULT_POOL = DEFAULT_KEEP  # the runs retention keeps by default: their weight
 BAG_FRACTION = 0.5  # each bag draws each run with this chance (Caruana et al. 2004 used half the library)
 DEFAULT_STEPS = 20  # Caruana's library had thousands of models; for a handful, 20 picks resolve weights to 5%
 PREDICT_TIMEOUT_S = 900.0  # one evaluation of both splits; the default Informer takes about 2 minutes on 2 CPU cores
+SEED_RUNS_DIR = "seed_runs"  # under runs/: not run_NNNN, so no study's scan takes these folders for its runs
+# A seed run trains under its member's own budget (training.time_budget_s); this only stops a hung one.
+RETRAIN_TIMEOUT_S = 1800.0
 
 
 class EnsembleError(Exception):
@@ -138,6 +150,92 @@ def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str
         raise EnsembleError(f"{run.run_id}: train.py --predict exited {proc.returncode}: {tail[0]}")
 
 
+def run_status(run_dir: Path) -> str | None:
+    """The status in a run folder's metrics.json; None if it has none (not finished, or killed)."""
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text())["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def retrain(run_dir: Path, seed: int, into: Path, *, python: str = sys.executable,
+            timeout_s: float = RETRAIN_TIMEOUT_S) -> Path:
+    """Train run_dir's config (its config_used.py, and its model file if it had one) again with
+    `seed` into `into`/<run id>_s<seed>/; that folder. A folder already scored (status in SCORED,
+    with its forecasts) is reused, so a killed caller resumes. A run's model file may be LLM-written
+    code: it trains as the search's runs do, in a capped child process with a wall-clock limit.
+    Raises EnsembleError when the run does not end scored."""
+    run_dir, into = run_dir.resolve(), into.resolve()  # the child runs elsewhere
+    folder = into / f"{run_dir.name}_s{seed}"
+    if (folder / FORECASTS_FILE).is_file() and run_status(folder) in SCORED:  # "timeout": the budget ended it, scored
+        return folder
+    config = run_dir / CONFIG_USED_FILE
+    if not config.is_file():
+        raise EnsembleError(f"{run_dir.name}: no {CONFIG_USED_FILE} to train it again from")
+    cmd = [python, str(TRAIN_SCRIPT), "--config", str(config), "--tag", folder.name, "--runs-dir", str(into),
+           "--seed", str(seed), "--overwrite"]
+    if (run_dir / MODEL_FILE).is_file():
+        cmd += ["--model", str(run_dir / MODEL_FILE)]
+    log.info("%s: training it again with seed %d into %s", run_dir.name, seed, folder)
+    try:
+        proc = run_child(cmd, timeout_s=timeout_s, caps=run_caps(default_run_memory_gb(1), timeout_s))
+    except subprocess.TimeoutExpired:
+        raise EnsembleError(f"{folder.name}: train.py took more than {timeout_s:g}s") from None
+    status = run_status(folder)
+    if status not in SCORED or not (folder / FORECASTS_FILE).is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise EnsembleError(f"{folder.name}: train.py exited {proc.returncode} with status {status}: {tail[0]}")
+    return folder
+
+
+def run_seed(run_dir: Path) -> int:
+    """The seed a run trained with (its metrics.json)."""
+    try:
+        return int(json.loads((run_dir / METRICS_FILE).read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise EnsembleError(f"{run_dir.name}: no seed in its {METRICS_FILE}") from None
+
+
+def seed_averaged(members: list[str], library: dict[str, Forecasts], runs_dir: Path, seeds: int, *,
+                  python: str = sys.executable, timeout_s: float = RETRAIN_TIMEOUT_S
+                  ) -> tuple[dict[str, Forecasts], dict[str, dict], list[str]]:
+    """Each member's forecasts averaged over its own seed and `seeds` more (seed + 1 .. seed + seeds);
+    per member, the seeds that took part and their val MSEs and training time; and a note for
+    each seed run that failed or does not forecast the same windows (its member averages the rest)."""
+    averaged, info, notes = {}, {}, []
+    for rid in members:
+        own = library[rid]
+        run_dir = runs_dir / rid
+        try:
+            first = run_seed(run_dir)
+        except EnsembleError as e:
+            notes.append(f"{e}; it keeps its one seed")
+            averaged[rid], info[rid] = own, {"seeds": [], "val_mse": [mse(own.val, own.val_target)], "train_s": 0.0}
+            continue
+        vals, tests, used, val_mses, train_s = [own.val], [own.test], [first], [mse(own.val, own.val_target)], 0.0
+        for seed in range(first + 1, first + seeds + 1):
+            try:
+                folder = retrain(run_dir, seed, runs_dir / SEED_RUNS_DIR, python=python, timeout_s=timeout_s)
+                f = forecasts_file.load(folder / FORECASTS_FILE)
+            except (EnsembleError, ValueError) as e:
+                notes.append(f"seed run left out: {e}")
+                continue
+            if not (np.array_equal(f["val_target"], own.val_target) and np.array_equal(f["test_target"], own.test_target)):
+                notes.append(f"seed run left out: {folder.name}: its windows differ from {rid}'s")
+                continue
+            vals.append(f["val"])
+            tests.append(f["test"])
+            used.append(seed)
+            val_mses.append(mse(f["val"], own.val_target))
+            train_s += float(json.loads((folder / METRICS_FILE).read_text()).get("train_time_sec") or 0.0)
+
+        def mean(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.mean([a.astype(np.float64) for a in arrays], axis=0)
+        averaged[rid] = Forecasts(rid, mean(vals), mean(tests), own.val_target, own.test_target)
+        info[rid] = {"seeds": used, "val_mse": val_mses, "train_s": train_s}
+    return averaged, info, notes
+
+
 def mse(pred: np.ndarray, target: np.ndarray) -> float:
     return forecasts_file.errors(pred, target)[0]
 
@@ -193,11 +291,14 @@ def select_weights(val: dict[str, np.ndarray], target: np.ndarray, steps: int,
 
 
 def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps: int = DEFAULT_STEPS,
-          families: bool = True, bags: int = 0, python: str = sys.executable) -> dict:
+          families: bool = True, bags: int = 0, seeds: int = 0, python: str = sys.executable,
+          retrain_timeout_s: float = RETRAIN_TIMEOUT_S) -> dict:
     """Select an ensemble from the study's runs (the `pool` best and, with `families`, each
-    family's best) and score it; the record ensemble.json holds. bags > 0: bagged selection."""
-    if pool < 1 or steps < 1 or bags < 0:
-        raise EnsembleError(f"pool and steps must be >= 1 and bags >= 0 (got pool {pool}, steps {steps}, bags {bags})")
+    family's best) and score it; the record ensemble.json holds. bags > 0: bagged selection.
+    seeds > 0: the members, trained again with that many more seeds each, averaged over them."""
+    if pool < 1 or steps < 1 or bags < 0 or seeds < 0:
+        raise EnsembleError(f"pool and steps must be >= 1, bags and seeds >= 0 (got pool {pool}, steps {steps}, "
+                            f"bags {bags}, seeds {seeds})")
     runs, skipped = pool_runs(study, runs_dir, pool, families=families)
     if not runs:
         raise EnsembleError(f"no scored run (status {' or '.join(SCORED)}) with a {CHECKPOINT_FILE} under "
@@ -226,10 +327,21 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
         raise EnsembleError("no run's forecasts could be used: " + "; ".join(skipped))
     weights, picks = select_weights({rid: f.val for rid, f in library.items()}, reference.val_target, steps, bags)
 
-    def blend(split: str) -> np.ndarray:
-        return sum(getattr(library[rid], split).astype(np.float64) * w for rid, w in weights.items())
-    val_mse, val_mae = forecasts_file.errors(blend("val"), reference.val_target)
-    test_mse, test_mae = forecasts_file.errors(blend("test"), reference.test_target)  # scored once, after the selection
+    def scores(members: dict[str, Forecasts]) -> dict[str, float]:
+        """Val and test MSE/MAE of the weighted average; test is scored once, after the selection."""
+        out = {}
+        for split in ("val", "test"):
+            blend = sum(getattr(members[rid], split).astype(np.float64) * w for rid, w in weights.items())
+            out[f"{split}_mse"], out[f"{split}_mae"] = forecasts_file.errors(blend, getattr(reference, f"{split}_target"))
+        return out
+    seeded: dict = {}
+    if seeds:
+        averaged, info, notes = seed_averaged(list(weights), library, runs_dir, seeds, python=python,
+                                              timeout_s=retrain_timeout_s)
+        seeded = {"single_seed": scores(library), "seed_runs": info, "seed_notes": notes,
+                  "seed_runs_train_s": round(sum(i["train_s"] for i in info.values()), 1)}
+        library = {**library, **averaged}
+    result = scores(library)
     by_id = {r.run_id: r for r in runs}
     best = runs[0] if runs[0].run_id in library else by_id[next(iter(library))]
     record = {
@@ -242,13 +354,13 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
                      "val_mse": by_id[rid].val_mse, "test_mse": by_id[rid].test_mse,
                      "family": run_family(by_id[rid])}
                     for rid, w in sorted(weights.items(), key=lambda kv: -kv[1])],
-        "val_mse": val_mse, "val_mae": val_mae, "test_mse": test_mse, "test_mae": test_mae,
+        **result, "seeds": seeds, **seeded,
         "best_single": {"run_id": best.run_id, "val_mse": best.val_mse, "val_mae": best.val_mae,
                         "test_mse": best.test_mse, "test_mae": best.test_mae},
         "windows": {"val": int(reference.val_target.shape[0]), "test": int(reference.test_target.shape[0])},
         "library": list(library), "skipped": skipped,
         "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}" + ("" if families else " --top-only")
-                   + (f" --bags {bags}" if bags else ""),
+                   + (f" --bags {bags}" if bags else "") + (f" --seeds {seeds}" if seeds else ""),
     }
     return record
 
@@ -270,6 +382,13 @@ def summary(record: dict) -> str:
              f"ensemble_val_mse: {record['val_mse']:.6f}",
              f"ensemble_test_mse: {record['test_mse']:.6f}",
              f"best_single_run: {best['run_id']} (val {best['val_mse']:.6f}, test {best['test_mse']:.6f})"]
+    if record.get("seeds"):
+        runs = sum(len(i["seeds"]) - 1 for i in record["seed_runs"].values() if i["seeds"])
+        single = record["single_seed"]
+        lines += [f"ensemble_seeds: each member averaged over its own seed and up to {record['seeds']} more "
+                  f"({runs} seed runs, train_time_sec {record['seed_runs_train_s']:.0f})",
+                  f"ensemble_single_seed: val {single['val_mse']:.6f}, test {single['test_mse']:.6f}"]
+        lines += [f"ensemble_seed_note: {n}" for n in record["seed_notes"]]
     lines += [f"ensemble_skipped: {s}" for s in record["skipped"]]
     return "\n".join(lines)
 

@@ -221,3 +221,77 @@ def test_a_bagged_ensemble_is_recorded_and_scored_with_its_weights(finished, tmp
         target = forecasts.windows(next(iter(arrays.values()))[f"{split}_target_rows"], pred.shape[1])
         assert record[f"{split}_mse"] == pytest.approx(float(np.mean((pred - target) ** 2)), rel=1e-4)
     assert cli(study, "ensemble", "--bags", "-1").returncode == 2
+
+
+# ------------------------------------------------------------------------ seed averaging
+
+
+def _seed(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())["seed"]
+
+
+def test_seed_averaging_trains_each_member_again_and_keeps_the_weights(finished, tmp_path):
+    import shutil
+    study = tmp_path / "study"
+    shutil.copytree(finished[0], study)
+    plain = json.loads((study / "runs" / "ensemble.json").read_text())
+    proc = cli(study, "ensemble", "--seeds", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((study / "runs" / "ensemble.json").read_text())
+    # The selection is the plain one: seed averaging chooses nothing.
+    assert record["members"] == plain["members"] and record["seeds"] == 1 and record["seed_notes"] == []
+    assert record["single_seed"]["val_mse"] == pytest.approx(plain["val_mse"], rel=1e-12)
+    assert record["single_seed"]["test_mse"] == pytest.approx(plain["test_mse"], rel=1e-12)
+    assert record["rebuild"].endswith("--seeds 1")
+    runs = study / "runs"
+    folders = {}
+    for m in record["members"]:
+        rid, seed = m["run_id"], _seed(runs / m["run_id"])
+        folders[rid] = runs / "seed_runs" / f"{rid}_s{seed + 1}"
+        assert _seed(folders[rid]) == seed + 1 and record["seed_runs"][rid]["seeds"] == [seed, seed + 1]
+    # Recomputed from the files: each member's two forecasts averaged, then weighted.
+    for split in ("val", "test"):
+        own = {rid: np.load(runs / rid / "forecasts.npz") for rid in folders}
+        new = {rid: np.load(f / "forecasts.npz") for rid, f in folders.items()}
+        pred = sum((own[m["run_id"]][split].astype(np.float64) + new[m["run_id"]][split]) / 2 * m["weight"]
+                   for m in record["members"])
+        target = forecasts.windows(next(iter(own.values()))[f"{split}_target_rows"], pred.shape[1])
+        assert record[f"{split}_mse"] == pytest.approx(float(np.mean((pred - target) ** 2)), rel=1e-4)
+    assert record["val_mse"] != plain["val_mse"]  # the new seeds took part
+    spent = sum(json.loads((f / "metrics.json").read_text())["train_time_sec"] for f in folders.values())
+    assert record["seed_runs_train_s"] == pytest.approx(spent, abs=0.1) and spent > 0
+    assert f"ensemble_seeds: each member averaged over its own seed and up to 1 more ({len(folders)} seed runs" \
+        in proc.stdout and f"ensemble_single_seed: val {plain['val_mse']:.6f}" in proc.stdout
+    # A second build reuses the seed runs; the study itself never sees them.
+    stamps = {rid: (f / "metrics.json").stat().st_mtime_ns for rid, f in folders.items()}
+    again = cli(study, "ensemble", "--seeds", "1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((runs / "ensemble.json").read_text())["val_mse"] == record["val_mse"]
+    assert stamps == {rid: (f / "metrics.json").stat().st_mtime_ns for rid, f in folders.items()}
+    status = cli(study, "status")
+    assert status.returncode == 0 and "seed_runs" not in status.stdout + status.stderr
+    assert [r.run_id for r in load_agent_state(study / "agent_state.json").runs] == \
+        [r.run_id for r in load_agent_state(finished[0] / "agent_state.json").runs]
+    assert cli(study, "ensemble", "--seeds", "-1").returncode == 2
+
+
+@pytest.mark.slow  # ~25 s here: a copy of the study, six train.py starts
+def test_a_seed_run_that_fails_is_a_note_and_a_killed_one_is_trained_again(finished, tmp_path, monkeypatch):
+    import shutil
+    from tests.conftest import DATA_DIR
+    monkeypatch.setenv("NAS_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    study = tmp_path / "study"
+    shutil.copytree(finished[0], study)
+    state, runs = load_agent_state(study / "agent_state.json"), study / "runs"
+    plain = ensemble.build(state, runs)
+    # A wall limit no train.py can meet: every seed run is stopped, and each member keeps its own seed.
+    record = ensemble.build(state, runs, seeds=1, retrain_timeout_s=0.5)
+    assert record["members"] == plain["members"] and record["val_mse"] == pytest.approx(plain["val_mse"], rel=1e-12)
+    assert len(record["seed_notes"]) == len(plain["members"])
+    assert all("train.py took more than 0.5s" in n for n in record["seed_notes"])
+    assert all(len(i["seeds"]) == 1 for i in record["seed_runs"].values())
+    # The stopped runs left unfinished folders; the next build trains them again and uses them.
+    record = ensemble.build(state, runs, seeds=1)
+    assert record["seed_notes"] == [] and all(len(i["seeds"]) == 2 for i in record["seed_runs"].values())
+    assert record["val_mse"] != plain["val_mse"]
