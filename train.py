@@ -131,13 +131,28 @@ class _SmokeTimeout(BaseException):
 
 
 _stop_signal: list[str] = []  # set by the signal handler, checked between batches
+_stop_at: list[float] = []  # when the first stop signal came (time.monotonic)
+# When a multi-threaded orchestrator dies, the kernel's parent-death SIGTERM (PR_SET_PDEATHSIG)
+# reaches its child once per thread the child is reparented to, within a millisecond; with a
+# second SIGTERM acting as usual, train.py died before writing what it had. SIGTERMs this soon
+# after the first are the same request; a later one (a user's second `kill`) acts as usual.
+TERM_REPEAT_S = 1.0
 
 
 def _on_signal(signum, frame):
-    """First SIGINT/SIGTERM: finish cleanly at the next check. A second one acts as usual."""
+    """First SIGINT/SIGTERM: finish cleanly at the next check. A second SIGINT acts as usual, and so
+    does a second SIGTERM unless it is a repeat of the same request (TERM_REPEAT_S)."""
     _stop_signal.append(signal.Signals(signum).name)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    _stop_at.append(time.monotonic())
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_repeated_term)
+
+
+def _on_repeated_term(signum, frame):
+    if time.monotonic() - _stop_at[0] < TERM_REPEAT_S:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_stop(where: str) -> None:

@@ -329,6 +329,26 @@ def test_sigterm_writes_what_exists_as_interrupted(tmp_path, tiny_config):
     assert (tmp_path / "runs" / "i" / "best_model.pth").is_file()
 
 
+@pytest.mark.parametrize("gap_s, survives", [(0.0, True), (1.5, False)])
+def test_a_repeated_sigterm_is_the_same_request_unless_it_comes_later(gap_s, survives):
+    """The kernel's parent-death SIGTERM can come twice within a millisecond (once per thread of a
+    dying orchestrator): the repeat must not kill train.py before it writes. A user's later
+    second SIGTERM still acts as usual. Real signals, sent by a process to itself."""
+    code = ("import os, signal, time, train\n"
+            "for sig in (signal.SIGINT, signal.SIGTERM):\n"
+            "    signal.signal(sig, train._on_signal)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"time.sleep({gap_s})\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(0.5)\n"
+            "print('stop requested by', train._stop_signal)\n")
+    proc = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    if survives:
+        assert proc.returncode == 0 and "stop requested by ['SIGTERM']" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGTERM and not proc.stdout, proc.stderr[-2000:]
+
+
 def test_bad_data_is_a_failed_run_with_a_clear_error(tmp_path, tiny_config):
     bad = tmp_path / "bad.csv"
     bad.write_text("date,a,OT\n2020-01-01,1,2\n2020-01-02,x,3\n")
