@@ -132,16 +132,20 @@ class _SmokeTimeout(BaseException):
 
 _stop_signal: list[str] = []  # set by the signal handler, checked between batches
 _stop_at: list[float] = []  # when the first stop signal came (time.monotonic)
+_PARENT_PID = os.getppid()  # a different parent later means ours died (the kernel reparented us)
 # When a multi-threaded orchestrator dies, the kernel's parent-death SIGTERM (PR_SET_PDEATHSIG)
 # reaches its child once per thread the child is reparented to, within a millisecond; with a
-# second SIGTERM acting as usual, train.py died before writing what it had. SIGTERMs this soon
-# after the first are the same request; a later one (a user's second `kill`) acts as usual.
+# second SIGTERM acting as usual, train.py died before writing what it had. So a SIGTERM that
+# comes within TERM_REPEAT_S of the first, or after our parent died, is the same request. A later
+# second SIGTERM from a living parent (a user's second `kill`) ends the run once the interpreter
+# runs its handler; a run stuck in one long C call needs SIGKILL (the orchestrator sends it after
+# its grace period).
 TERM_REPEAT_S = 1.0
 
 
 def _on_signal(signum, frame):
     """First SIGINT/SIGTERM: finish cleanly at the next check. A second SIGINT acts as usual, and so
-    does a second SIGTERM unless it is a repeat of the same request (TERM_REPEAT_S)."""
+    does a second SIGTERM unless it repeats the same request (see TERM_REPEAT_S)."""
     _stop_signal.append(signal.Signals(signum).name)
     _stop_at.append(time.monotonic())
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -149,7 +153,7 @@ def _on_signal(signum, frame):
 
 
 def _on_repeated_term(signum, frame):
-    if time.monotonic() - _stop_at[0] < TERM_REPEAT_S:
+    if time.monotonic() - _stop_at[0] < TERM_REPEAT_S or os.getppid() != _PARENT_PID:
         return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -271,9 +271,19 @@ def _ranks(x: list[float]) -> list[int]:
 def arm_ensemble(folder: Path) -> dict | None:
     """The finished study's ensemble (runs/ensemble.json, which the study writes when it ends), built
     and written here, as `python -m nas_agent_graph ensemble` would, when missing (a study from
-    before ensembles). Its test MSE is reported, never used."""
+    before ensembles). Its test MSE is reported, never used. One rebuilt later with seed averaging
+    (`ensemble --seeds K`) holds training outside the study's budget: the arm's row is the same
+    selection without it, rebuilt and not written."""
     record = ensemble.load(folder / "runs")
-    if record is None:
+    if record is not None and record.get("seeds"):
+        try:
+            record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs",
+                                    pool=record["pool"], steps=record["steps"], families=record["families"],
+                                    bags=record["bags"])
+        except ensemble.EnsembleError as e:
+            print(f"{folder.name}: no ensemble: {e}")
+            return None
+    elif record is None:
         try:
             record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs")
         except ensemble.EnsembleError as e:

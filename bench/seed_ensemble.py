@@ -6,8 +6,8 @@ seeds, and averaging its forecasts over them, lower the ensemble's error?
 A finished study's ensemble (runs/ensemble.json, from `python -m nas_agent_graph ensemble` or the
 search's end) names its members and their weights, chosen on validation. Each member is trained
 again by train.py from its config_used.py (its model file too, if it had one) with `--seeds` more
-seeds, into STUDY/seed_runs/<run_id>_s<seed>/; a folder with metrics.json and forecasts.npz is
-reused, so a killed benchmark resumes. The study's own folders are only read.
+seeds, into STUDY/runs/seed_runs/<run_id>_s<seed>/ (where `ensemble --seeds K` trains them too); a
+scored folder with its forecasts.npz is reused, so a killed benchmark resumes. The study's own folders are only read.
 
 Per study, three ensembles are scored on validation and on test (every window):
 - study: the members' forecasts as the search left them, the recorded weights;
@@ -49,11 +49,11 @@ def members(study: Path) -> dict[str, float]:
 
 
 def retrain(study: Path, run_id: str, seed: int) -> Path:
-    """Train run_id's config again with `seed` into STUDY/seed_runs/ (reused when done); its run
+    """Train run_id's config again with `seed` into STUDY/runs/seed_runs/ (reused when done); its run
     folder. The same retraining as `python -m nas_agent_graph ensemble --seeds K`: capped, with a
     wall-clock limit (a member's model file may be LLM-written code)."""
     try:
-        return ensemble.retrain(study / "runs" / run_id, seed, study / "seed_runs")
+        return ensemble.retrain(study / "runs" / run_id, seed, study / "runs" / ensemble.SEED_RUNS_DIR)
     except ensemble.EnsembleError as e:
         raise SystemExit(str(e)) from None
 

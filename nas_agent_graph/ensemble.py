@@ -181,6 +181,8 @@ def retrain(run_dir: Path, seed: int, into: Path, *, python: str = sys.executabl
         proc = run_child(cmd, timeout_s=timeout_s, caps=run_caps(default_run_memory_gb(1), timeout_s))
     except subprocess.TimeoutExpired:
         raise EnsembleError(f"{folder.name}: train.py took more than {timeout_s:g}s") from None
+    except (RuntimeError, OSError) as e:  # could not start it (fork, prctl, the caps)
+        raise EnsembleError(f"{folder.name}: {e}") from None
     status = run_status(folder)
     if status not in SCORED or not (folder / FORECASTS_FILE).is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]

@@ -349,6 +349,32 @@ def test_a_repeated_sigterm_is_the_same_request_unless_it_comes_later(gap_s, sur
         assert proc.returncode == -signal.SIGTERM and not proc.stdout, proc.stderr[-2000:]
 
 
+def test_a_sigterm_after_the_parent_died_is_the_same_request(tmp_path):
+    """The parent-death SIGTERM can also come later than TERM_REPEAT_S after the first (a search that
+    asked its run to stop, then was killed itself): a SIGTERM once the parent is gone is ignored."""
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    child = ("import os, signal, time, train\n"
+             "for sig in (signal.SIGINT, signal.SIGTERM):\n"
+             "    signal.signal(sig, train._on_signal)\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "while os.getppid() == train._PARENT_PID:\n"
+             "    time.sleep(0.05)\n"
+             "time.sleep(1.5)\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\n"
+             "time.sleep(0.5)\n"
+             f"open({str(done)!r}, 'w').write(repr(train._stop_signal))\n")
+    parent = ("import os, subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+              f"while not os.path.exists({str(ready)!r}):\n"
+              "    time.sleep(0.05)\n")  # then exits: the child is reparented
+    subprocess.run([PYTHON, "-c", parent], cwd=ROOT, env=run_env(), timeout=120, check=True)
+    deadline = time.monotonic() + 30
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done.exists() and done.read_text() == "['SIGTERM']"
+
+
 def test_bad_data_is_a_failed_run_with_a_clear_error(tmp_path, tiny_config):
     bad = tmp_path / "bad.csv"
     bad.write_text("date,a,OT\n2020-01-01,1,2\n2020-01-02,x,3\n")

@@ -128,3 +128,24 @@ def test_the_paired_ensemble_is_built_top_only_with_the_studys_own_pool_and_step
                      (tmp_path / "runs", {"pool": 3, "steps": 7, "bags": sc.BAGS})]
     assert rows["top_only"]["families"] is False and rows["top_only"]["members"] == {"run_0001": 3}
     assert rows["bagged"]["pool"] == 3 and sc.alternative_ensembles(tmp_path, {"families": False}) == {}
+
+
+def test_a_seed_averaged_ensemble_is_not_the_arms_own(tmp_path, monkeypatch):
+    """`ensemble --seeds K` trains outside the study's budget: the arm's row is the same selection
+    rebuilt without it, and the study's ensemble.json is left as the user wrote it."""
+    from nas_agent.agent_state import AgentState, save_agent_state
+    save_agent_state(AgentState(), tmp_path / "agent_state.json")
+    (tmp_path / "runs").mkdir()
+    seeded = {"val_mse": 0.62, "test_mse": 0.36, "pool": 4, "steps": 9, "families": True, "bags": 0, "seeds": 2,
+              "created_at": "then", "members": [{"run_id": "run_0001", "picks": 2, "family": "time-none"}]}
+    (tmp_path / "runs" / "ensemble.json").write_text(json.dumps(seeded))
+    calls = []
+
+    def build(study, runs_dir, **kw):
+        calls.append(kw)
+        return {**seeded, "val_mse": 0.63, "test_mse": 0.37, "seeds": 0}
+    monkeypatch.setattr(sc.ensemble, "build", build)
+    row = sc.arm_ensemble(tmp_path)
+    assert calls == [{"pool": 4, "steps": 9, "families": True, "bags": 0}]
+    assert (row["val_mse"], row["test_mse"]) == (0.63, 0.37)
+    assert json.loads((tmp_path / "runs" / "ensemble.json").read_text()) == seeded

@@ -43,10 +43,10 @@ def load(study, rid):
 def test_members_are_retrained_with_new_seeds_and_averaged(study, env):
     result = seed_bench.score_study(study, seeds=1)
     for rid in WEIGHTS:
-        folder = study / "seed_runs" / f"{rid}_s2022"
+        folder = study / "runs" / "seed_runs" / f"{rid}_s2022"
         assert json.loads((folder / "metrics.json").read_text())["seed"] == 2022
     own = {rid: load(study, rid) for rid in WEIGHTS}
-    new = {rid: forecasts.load(study / "seed_runs" / f"{rid}_s2022" / "forecasts.npz") for rid in WEIGHTS}
+    new = {rid: forecasts.load(study / "runs" / "seed_runs" / f"{rid}_s2022" / "forecasts.npz") for rid in WEIGHTS}
     assert not np.array_equal(own["run_0000"]["val"], new["run_0000"]["val"])  # the seed took effect
     target = own["run_0000"]["val_target"]
 
@@ -58,14 +58,14 @@ def test_members_are_retrained_with_new_seeds_and_averaged(study, env):
     assert result["seed_averaged"]["val"] == pytest.approx(mse(averaged_val), rel=1e-9)
     assert result["single"]["run_0001"]["val"][1] == pytest.approx(mse(new["run_0001"]["val"]), rel=1e-9)
     assert sum(result["reselected_weights"].values()) == pytest.approx(1.0)
-    spent = sum(json.loads((study / "seed_runs" / f"{rid}_s2022" / "metrics.json").read_text())["train_time_sec"]
+    spent = sum(json.loads((study / "runs" / "seed_runs" / f"{rid}_s2022" / "metrics.json").read_text())["train_time_sec"]
                 for rid in WEIGHTS)
     assert result["extra_train_s"] == pytest.approx(spent) and spent > 0
     # A second pass reuses the folders: nothing trains again, the same numbers come out.
-    stamps = {rid: (study / "seed_runs" / f"{rid}_s2022" / "metrics.json").stat().st_mtime_ns for rid in WEIGHTS}
+    stamps = {rid: (study / "runs" / "seed_runs" / f"{rid}_s2022" / "metrics.json").stat().st_mtime_ns for rid in WEIGHTS}
     again = seed_bench.score_study(study, seeds=1)
     assert again == result
-    assert stamps == {rid: (study / "seed_runs" / f"{rid}_s2022" / "metrics.json").stat().st_mtime_ns for rid in WEIGHTS}
+    assert stamps == {rid: (study / "runs" / "seed_runs" / f"{rid}_s2022" / "metrics.json").stat().st_mtime_ns for rid in WEIGHTS}
     text = seed_bench.table([result])
     assert f"| {study.name} | 2 | 2 |" in text and "| run_0000 | 0.750 |" in text
 

@@ -3,7 +3,6 @@
 Tiny models (a narrowed search space) and one-epoch runs keep each run to a few seconds.
 """
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +15,7 @@ from nas_agent.agent_state import load_agent_state
 from nas_agent.config import load_config
 from nas_agent.schema import model_family
 from nas_agent_graph.cli import DEFAULT_RUN_BUDGET_S
+from nas_agent_graph.process import pid_alive
 from nas_agent_graph.testing import TINY_SPACE
 from tests.conftest import PYTHON, ROOT, TINY_CONFIG, run_env
 
@@ -445,7 +445,7 @@ def test_a_search_that_ignores_sigint_stops_on_sigterm(study):
         proc.kill()
         stderr = proc.communicate()[1]
     assert "SIGINT is ignored in this process" in stderr and f"`kill {proc.pid}`" in stderr
-    wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=30)  # the kernel stopped its train.py
+    wait_for(lambda: not pid_alive(child), timeout=30)  # the kernel stopped its train.py (a zombie counts as gone)
     # ... once: the parent-death SIGTERM may come more than once (once per orchestrator thread), and
     # train.py takes the repeats as the same request, so it still writes what it has.
     metrics = json.loads((study / "runs" / "run_0000" / "metrics.json").read_text())

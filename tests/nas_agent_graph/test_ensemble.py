@@ -275,8 +275,8 @@ def test_seed_averaging_trains_each_member_again_and_keeps_the_weights(finished,
     assert cli(study, "ensemble", "--seeds", "-1").returncode == 2
 
 
-@pytest.mark.slow  # ~25 s here: a copy of the study, six train.py starts
-def test_a_seed_run_that_fails_is_a_note_and_a_killed_one_is_trained_again(finished, tmp_path, monkeypatch):
+@pytest.mark.slow  # ~30 s here: a copy of the study, several train.py starts
+def test_a_seed_run_that_fails_is_a_note_and_an_unfinished_one_is_trained_again(finished, tmp_path, monkeypatch):
     import shutil
     from tests.conftest import DATA_DIR
     monkeypatch.setenv("NAS_DATA_DIR", str(DATA_DIR))
@@ -291,7 +291,21 @@ def test_a_seed_run_that_fails_is_a_note_and_a_killed_one_is_trained_again(finis
     assert len(record["seed_notes"]) == len(plain["members"])
     assert all("train.py took more than 0.5s" in n for n in record["seed_notes"])
     assert all(len(i["seeds"]) == 1 for i in record["seed_runs"].values())
-    # The stopped runs left unfinished folders; the next build trains them again and uses them.
-    record = ensemble.build(state, runs, seeds=1)
-    assert record["seed_notes"] == [] and all(len(i["seeds"]) == 2 for i in record["seed_runs"].values())
+    # The first member's next seed: a folder a killed run left (forecasts, but status interrupted),
+    # which must be trained again; the one after: a scored folder of other windows, left out.
+    rid = plain["members"][0]["run_id"]
+    seed = _seed(runs / rid)
+    killed, other = (runs / "seed_runs" / f"{rid}_s{seed + k}" for k in (1, 2))
+    for folder, status in ((killed, "interrupted"), (other, "ok")):
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = dict(np.load(runs / rid / "forecasts.npz"))
+        if folder == other:
+            arrays["val_target_rows"] = arrays["val_target_rows"] + 1.0
+        np.savez(folder / "forecasts.npz", **arrays)
+        (folder / "metrics.json").write_text(json.dumps({"status": status, "seed": seed, "train_time_sec": 1.0}))
+    record = ensemble.build(state, runs, seeds=2)
+    assert _seed(killed) == seed + 1 and ensemble.run_status(killed) in ("ok", "timeout")
+    assert record["seed_runs"][rid]["seeds"] == [seed, seed + 1]
+    assert record["seed_notes"] == [f"seed run left out: {other.name}: its windows differ from {rid}'s"]
+    assert all(len(i["seeds"]) == 3 for r, i in record["seed_runs"].items() if r != rid)
     assert record["val_mse"] != plain["val_mse"]
