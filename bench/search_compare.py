@@ -275,21 +275,16 @@ def arm_ensemble(folder: Path) -> dict | None:
     (`ensemble --seeds K`) holds training outside the study's budget: the arm's row is the same
     selection without it, rebuilt and not written."""
     record = ensemble.load(folder / "runs")
-    if record is not None and record.get("seeds"):
+    if record is None or record.get("seeds"):
+        same = {} if record is None else {k: record[k] for k in ("pool", "steps", "families", "bags")}
         try:
-            record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs",
-                                    pool=record["pool"], steps=record["steps"], families=record["families"],
-                                    bags=record["bags"])
+            rebuilt = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs", **same)
         except ensemble.EnsembleError as e:
             print(f"{folder.name}: no ensemble: {e}")
             return None
-    elif record is None:
-        try:
-            record = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs")
-        except ensemble.EnsembleError as e:
-            print(f"{folder.name}: no ensemble: {e}")
-            return None
-        ensemble.write(record, folder / "runs")
+        if record is None:
+            ensemble.write(rebuilt, folder / "runs")
+        record = rebuilt
     return _ensemble_row(record)
 
 

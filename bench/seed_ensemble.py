@@ -22,7 +22,6 @@ A benchmark: it prints tables and asserts nothing; --write also writes bench/res
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent import forecasts as forecasts_file  # noqa: E402
-from nas_agent.run_folder import FORECASTS_FILE, METRICS_FILE  # noqa: E402
+from nas_agent.run_folder import FORECASTS_FILE  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
 
 RESULTS_MD = ROOT / "bench" / "results" / "seed_ensemble.md"
@@ -48,14 +47,20 @@ def members(study: Path) -> dict[str, float]:
     return {m["run_id"]: m["weight"] for m in record["members"]}
 
 
-def retrain(study: Path, run_id: str, seed: int) -> Path:
-    """Train run_id's config again with `seed` into STUDY/runs/seed_runs/ (reused when done); its run
-    folder. The same retraining as `python -m nas_agent_graph ensemble --seeds K`: capped, with a
-    wall-clock limit (a member's model file may be LLM-written code)."""
+def member_runs(study: Path, run_id: str, seeds: int) -> ensemble.SeedRuns:
+    """run_id's forecasts over its own seed and `seeds` more, trained (or reused) into
+    STUDY/runs/seed_runs/ by the same code as `python -m nas_agent_graph ensemble --seeds K`:
+    capped, with a wall-clock limit (a member's model file may be LLM-written code). A benchmark
+    compares like with like, so a seed run that did not score stops it."""
+    f = forecasts_file.load(study / "runs" / run_id / FORECASTS_FILE)
+    own = ensemble.Forecasts(run_id, f["val"], f["test"], f["val_target"], f["test_target"])
     try:
-        return ensemble.retrain(study / "runs" / run_id, seed, study / "runs" / ensemble.SEED_RUNS_DIR)
+        runs = ensemble.seed_runs(study / "runs" / run_id, own, seeds)
     except ensemble.EnsembleError as e:
         raise SystemExit(str(e)) from None
+    if runs.notes:
+        raise SystemExit(f"{run_id}: " + "; ".join(runs.notes))
+    return runs
 
 
 def blend(forecasts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -64,33 +69,24 @@ def blend(forecasts: dict[str, np.ndarray], weights: dict[str, float]) -> np.nda
 
 def score_study(study: Path, seeds: int, steps: int = ensemble.DEFAULT_STEPS) -> dict:
     weights = members(study)
-    runs, extra_s = {}, 0.0
-    for rid in weights:
-        own = study / "runs" / rid / FORECASTS_FILE
-        seed0 = json.loads((study / "runs" / rid / METRICS_FILE).read_text())["seed"]
-        paths = [own]
-        for k in range(1, seeds + 1):
-            folder = retrain(study, rid, seed0 + k)
-            paths.append(folder / FORECASTS_FILE)
-            extra_s += json.loads((folder / METRICS_FILE).read_text())["train_time_sec"]
-        runs[rid] = [forecasts_file.load(p) for p in paths]
+    seeded = {rid: member_runs(study, rid, seeds) for rid in weights}
+    runs = {rid: r.forecasts for rid, r in seeded.items()}
     first = runs[next(iter(runs))][0]
-    targets = {s: first[f"{s}_target"] for s in ("val", "test")}
-    for rid, fs in runs.items():  # every forecast must be of the same windows
-        for f in fs:
-            for s, t in targets.items():
-                if f[s].shape != t.shape or not np.array_equal(f[f"{s}_target"], t):
-                    raise SystemExit(f"{rid}: its forecasts are not of the same {s} windows as the other members'")
-    own = {s: {rid: fs[0][s] for rid, fs in runs.items()} for s in targets}
-    mean = {s: {rid: np.mean([f[s].astype(np.float64) for f in fs], axis=0) for rid, fs in runs.items()}
+    targets = {s: getattr(first, f"{s}_target") for s in ("val", "test")}
+    for rid, fs in runs.items():  # every member must forecast the same windows (each run's seeds already do)
+        for s, t in targets.items():
+            if getattr(fs[0], s).shape != t.shape or not np.array_equal(getattr(fs[0], f"{s}_target"), t):
+                raise SystemExit(f"{rid}: its forecasts are not of the same {s} windows as the other members'")
+    own = {s: {rid: getattr(fs[0], s) for rid, fs in runs.items()} for s in targets}
+    mean = {s: {rid: np.mean([getattr(f, s).astype(np.float64) for f in fs], axis=0) for rid, fs in runs.items()}
             for s in targets}
     reselected, _ = ensemble.select_weights(mean["val"], targets["val"], steps)
 
     def scores(pred: dict, w: dict) -> dict:
         return {s: ensemble.mse(blend(pred[s], w), targets[s]) for s in targets}
-    single = {rid: {s: [ensemble.mse(f[s], targets[s]) for f in fs] for s in targets} for rid, fs in runs.items()}
-    return {"study": study.name, "seeds": seeds + 1, "extra_train_s": extra_s, "weights": weights,
-            "study_ensemble": scores(own, weights), "seed_averaged": scores(mean, weights),
+    single = {rid: {s: [ensemble.mse(getattr(f, s), targets[s]) for f in fs] for s in targets} for rid, fs in runs.items()}
+    return {"study": study.name, "seeds": seeds + 1, "extra_train_s": sum(r.train_s for r in seeded.values()),
+            "weights": weights, "study_ensemble": scores(own, weights), "seed_averaged": scores(mean, weights),
             "reselected": scores(mean, reselected), "reselected_weights": reselected, "single": single,
             "single_averaged": {rid: {s: ensemble.mse(mean[s][rid], targets[s]) for s in targets} for rid in runs}}
 

@@ -51,6 +51,7 @@ import numpy as np
 from nas_agent import forecasts as forecasts_file
 from nas_agent.atomic import atomic_write_json
 from nas_agent.agent_state import AgentState, RunInfo, utc_now_iso
+from nas_agent.logging_utils import MetricsError, load_metrics
 from nas_agent.run_folder import (CHECKPOINT_FILE, CONFIG_FILE, CONFIG_USED_FILE, FORECASTS_FILE, METRICS_FILE,
                                   MODEL_FILE, SCORED)
 from nas_agent_graph.limits import default_run_memory_gb, run_caps
@@ -150,25 +151,28 @@ def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str
         raise EnsembleError(f"{run.run_id}: train.py --predict exited {proc.returncode}: {tail[0]}")
 
 
-def run_status(run_dir: Path) -> str | None:
-    """The status in a run folder's metrics.json; None if it has none (not finished, or killed)."""
+def _scored_metrics(folder: Path) -> dict | None:
+    """The metrics of a seed run that ended scored (status in SCORED) with its forecasts; else None
+    (not run, killed, failed, or a metrics.json that cannot be read)."""
     try:
-        return json.loads((run_dir / METRICS_FILE).read_text())["status"]
-    except (OSError, ValueError, KeyError, TypeError):
+        metrics = load_metrics(folder)
+    except MetricsError:
         return None
+    return metrics if metrics and metrics["status"] in SCORED and (folder / FORECASTS_FILE).is_file() else None
 
 
-def retrain(run_dir: Path, seed: int, into: Path, *, python: str = sys.executable,
-            timeout_s: float = RETRAIN_TIMEOUT_S) -> Path:
+def retrain(run_dir: Path, seed: int, *, python: str = sys.executable,
+            timeout_s: float = RETRAIN_TIMEOUT_S) -> tuple[Path, dict]:
     """Train run_dir's config (its config_used.py, and its model file if it had one) again with
-    `seed` into `into`/<run id>_s<seed>/; that folder. A folder already scored (status in SCORED,
-    with its forecasts) is reused, so a killed caller resumes. A run's model file may be LLM-written
-    code: it trains as the search's runs do, in a capped child process with a wall-clock limit.
-    Raises EnsembleError when the run does not end scored."""
-    run_dir, into = run_dir.resolve(), into.resolve()  # the child runs elsewhere
+    `seed` into runs/seed_runs/<run id>_s<seed>/ (runs: run_dir's parent); that folder and its
+    metrics. A folder already scored is reused, so a killed caller resumes. A run's model file may
+    be LLM-written code: it trains as the search's runs do, in a capped child process with a
+    wall-clock limit. Raises EnsembleError when the run does not end scored."""
+    run_dir = run_dir.resolve()  # the child runs elsewhere
+    into = run_dir.parent / SEED_RUNS_DIR
     folder = into / f"{run_dir.name}_s{seed}"
-    if (folder / FORECASTS_FILE).is_file() and run_status(folder) in SCORED:  # "timeout": the budget ended it, scored
-        return folder
+    if (metrics := _scored_metrics(folder)) is not None:  # "timeout": the run's budget ended it, scored
+        return folder, metrics
     config = run_dir / CONFIG_USED_FILE
     if not config.is_file():
         raise EnsembleError(f"{run_dir.name}: no {CONFIG_USED_FILE} to train it again from")
@@ -183,58 +187,70 @@ def retrain(run_dir: Path, seed: int, into: Path, *, python: str = sys.executabl
         raise EnsembleError(f"{folder.name}: train.py took more than {timeout_s:g}s") from None
     except (RuntimeError, OSError) as e:  # could not start it (fork, prctl, the caps)
         raise EnsembleError(f"{folder.name}: {e}") from None
-    status = run_status(folder)
-    if status not in SCORED or not (folder / FORECASTS_FILE).is_file():
+    if (metrics := _scored_metrics(folder)) is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise EnsembleError(f"{folder.name}: train.py exited {proc.returncode} with status {status}: {tail[0]}")
-    return folder
+        raise EnsembleError(f"{folder.name}: train.py exited {proc.returncode} without a scored {METRICS_FILE} "
+                            f"and {FORECASTS_FILE}: {tail[0]}")
+    return folder, metrics
 
 
-def run_seed(run_dir: Path) -> int:
-    """The seed a run trained with (its metrics.json)."""
+@dataclass(frozen=True)
+class SeedRuns:
+    """A run's forecasts over its own seed and the seed runs that scored (own first), those seeds,
+    their training time (train_time_sec, reused runs included) and a note per seed run left out."""
+    forecasts: list[Forecasts]
+    seeds: list[int]
+    train_s: float
+    notes: list[str]
+
+
+def seed_runs(run_dir: Path, own: Forecasts, seeds: int, *, python: str = sys.executable,
+              timeout_s: float = RETRAIN_TIMEOUT_S) -> SeedRuns:
+    """`own` (the run's forecasts) and those of `seeds` more seeds (its seed + 1 .. + seeds), each
+    trained or reused by retrain; a seed run that fails or forecasts other windows is a note.
+    Raises EnsembleError when the run's metrics.json names no seed."""
     try:
-        return int(json.loads((run_dir / METRICS_FILE).read_text())["seed"])
-    except (OSError, ValueError, KeyError, TypeError):
+        first = int((load_metrics(run_dir) or {})["seed"])
+    except (MetricsError, KeyError, TypeError, ValueError):
         raise EnsembleError(f"{run_dir.name}: no seed in its {METRICS_FILE}") from None
+    forecasts, used, notes, train_s = [own], [first], [], 0.0
+    for seed in range(first + 1, first + seeds + 1):
+        try:
+            folder, metrics = retrain(run_dir, seed, python=python, timeout_s=timeout_s)
+            f = forecasts_file.load(folder / FORECASTS_FILE)
+        except (EnsembleError, ValueError) as e:
+            notes.append(f"seed run left out: {e}")
+            continue
+        if not (np.array_equal(f["val_target"], own.val_target) and np.array_equal(f["test_target"], own.test_target)):
+            notes.append(f"seed run left out: {folder.name}: its windows differ from {run_dir.name}'s")
+            continue
+        forecasts.append(Forecasts(own.run_id, f["val"], f["test"], own.val_target, own.test_target))
+        used.append(seed)
+        train_s += float(metrics.get("train_time_sec") or 0.0)
+    return SeedRuns(forecasts, used, train_s, notes)
 
 
 def seed_averaged(members: list[str], library: dict[str, Forecasts], runs_dir: Path, seeds: int, *,
                   python: str = sys.executable, timeout_s: float = RETRAIN_TIMEOUT_S
                   ) -> tuple[dict[str, Forecasts], dict[str, dict], list[str]]:
-    """Each member's forecasts averaged over its own seed and `seeds` more (seed + 1 .. seed + seeds);
-    per member, the seeds that took part and their val MSEs and training time; and a note for
-    each seed run that failed or does not forecast the same windows (its member averages the rest)."""
+    """Each member's forecasts averaged over its seed runs (seed_runs); per member, the seeds that
+    took part, their val MSEs and training time; and the notes."""
     averaged, info, notes = {}, {}, []
     for rid in members:
         own = library[rid]
-        run_dir = runs_dir / rid
         try:
-            first = run_seed(run_dir)
+            runs = seed_runs(runs_dir / rid, own, seeds, python=python, timeout_s=timeout_s)
         except EnsembleError as e:
             notes.append(f"{e}; it keeps its one seed")
             averaged[rid], info[rid] = own, {"seeds": [], "val_mse": [mse(own.val, own.val_target)], "train_s": 0.0}
             continue
-        vals, tests, used, val_mses, train_s = [own.val], [own.test], [first], [mse(own.val, own.val_target)], 0.0
-        for seed in range(first + 1, first + seeds + 1):
-            try:
-                folder = retrain(run_dir, seed, runs_dir / SEED_RUNS_DIR, python=python, timeout_s=timeout_s)
-                f = forecasts_file.load(folder / FORECASTS_FILE)
-            except (EnsembleError, ValueError) as e:
-                notes.append(f"seed run left out: {e}")
-                continue
-            if not (np.array_equal(f["val_target"], own.val_target) and np.array_equal(f["test_target"], own.test_target)):
-                notes.append(f"seed run left out: {folder.name}: its windows differ from {rid}'s")
-                continue
-            vals.append(f["val"])
-            tests.append(f["test"])
-            used.append(seed)
-            val_mses.append(mse(f["val"], own.val_target))
-            train_s += float(json.loads((folder / METRICS_FILE).read_text()).get("train_time_sec") or 0.0)
+        notes += runs.notes
 
-        def mean(arrays: list[np.ndarray]) -> np.ndarray:
-            return np.mean([a.astype(np.float64) for a in arrays], axis=0)
-        averaged[rid] = Forecasts(rid, mean(vals), mean(tests), own.val_target, own.test_target)
-        info[rid] = {"seeds": used, "val_mse": val_mses, "train_s": train_s}
+        def mean(split: str) -> np.ndarray:
+            return np.mean([getattr(f, split).astype(np.float64) for f in runs.forecasts], axis=0)
+        averaged[rid] = Forecasts(rid, mean("val"), mean("test"), own.val_target, own.test_target)
+        info[rid] = {"seeds": runs.seeds, "val_mse": [mse(f.val, own.val_target) for f in runs.forecasts],
+                     "train_s": runs.train_s}
     return averaged, info, notes
 
 
