@@ -31,8 +31,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from nas_agent import forecasts as forecasts_file  # noqa: E402
-from nas_agent.run_folder import FORECASTS_FILE  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
 
 RESULTS_MD = ROOT / "bench" / "results" / "seed_ensemble.md"
@@ -52,10 +50,8 @@ def member_runs(study: Path, run_id: str, seeds: int) -> ensemble.SeedRuns:
     STUDY/runs/seed_runs/ by the same code as `python -m nas_agent_graph ensemble --seeds K`:
     capped, with a wall-clock limit (a member's model file may be LLM-written code). A benchmark
     compares like with like, so a seed run that did not score stops it."""
-    f = forecasts_file.load(study / "runs" / run_id / FORECASTS_FILE)
-    own = ensemble.Forecasts(run_id, f["val"], f["test"], f["val_target"], f["test_target"])
     try:
-        runs = ensemble.seed_runs(study / "runs" / run_id, own, seeds)
+        runs = ensemble.seed_runs(study / "runs" / run_id, ensemble.load_forecasts(study / "runs" / run_id), seeds)
     except ensemble.EnsembleError as e:
         raise SystemExit(str(e)) from None
     if runs.notes:

@@ -124,11 +124,17 @@ def forecasts(run: RunInfo, runs_dir: Path, *, python: str = sys.executable,
     path = run_dir / FORECASTS_FILE
     if not path.is_file():
         _predict(run, run_dir, runs_dir, path, python, timeout_s)
+    return load_forecasts(run_dir)
+
+
+def load_forecasts(run_dir: Path) -> Forecasts:
+    """The forecasts.npz in run_dir (a run or a seed run), named after the folder. Raises
+    EnsembleError when it is missing or unreadable."""
     try:
-        f = forecasts_file.load(path)
-    except ValueError as e:
-        raise EnsembleError(f"{run.run_id}: {e}; delete it to have it predicted again") from None
-    return Forecasts(run.run_id, f["val"], f["test"], f["val_target"], f["test_target"])
+        f = forecasts_file.load(run_dir / FORECASTS_FILE)
+    except (OSError, ValueError) as e:
+        raise EnsembleError(f"{run_dir.name}: {e}; delete it to have it made again") from None
+    return Forecasts(run_dir.name, f["val"], f["test"], f["val_target"], f["test_target"])
 
 
 def _predict(run: RunInfo, run_dir: Path, runs_dir: Path, out: Path, python: str, timeout_s: float) -> None:
@@ -217,14 +223,14 @@ def seed_runs(run_dir: Path, own: Forecasts, seeds: int, *, python: str = sys.ex
     for seed in range(first + 1, first + seeds + 1):
         try:
             folder, metrics = retrain(run_dir, seed, python=python, timeout_s=timeout_s)
-            f = forecasts_file.load(folder / FORECASTS_FILE)
-        except (EnsembleError, ValueError) as e:
+            f = load_forecasts(folder)
+        except EnsembleError as e:
             notes.append(f"seed run left out: {e}")
             continue
-        if not (np.array_equal(f["val_target"], own.val_target) and np.array_equal(f["test_target"], own.test_target)):
+        if not (np.array_equal(f.val_target, own.val_target) and np.array_equal(f.test_target, own.test_target)):
             notes.append(f"seed run left out: {folder.name}: its windows differ from {run_dir.name}'s")
             continue
-        forecasts.append(Forecasts(own.run_id, f["val"], f["test"], own.val_target, own.test_target))
+        forecasts.append(Forecasts(own.run_id, f.val, f.test, own.val_target, own.test_target))
         used.append(seed)
         train_s += float(metrics.get("train_time_sec") or 0.0)
     return SeedRuns(forecasts, used, train_s, notes)

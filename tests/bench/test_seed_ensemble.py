@@ -74,3 +74,9 @@ def test_a_study_without_an_ensemble_is_refused(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit, match="no runs/ensemble.json; build it first"):
         seed_bench.members(tmp_path)
+
+
+def test_a_member_without_forecasts_is_refused_with_its_name(tmp_path):
+    (tmp_path / "runs" / "run_0000").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"run_0000: .*forecasts\.npz.*delete it to have it made again"):
+        seed_bench.member_runs(tmp_path, "run_0000", 1)

@@ -309,3 +309,10 @@ def test_a_seed_run_that_fails_is_a_note_and_an_unfinished_one_is_trained_again(
     assert record["seed_notes"] == [f"seed run left out: {other.name}: its windows differ from {rid}'s"]
     assert all(len(i["seeds"]) == 3 for r, i in record["seed_runs"].items() if r != rid)
     assert record["val_mse"] != plain["val_mse"]
+
+
+def test_an_unreadable_forecasts_file_is_an_error_that_names_the_run(tmp_path):
+    (tmp_path / "run_0007").mkdir()
+    (tmp_path / "run_0007" / "forecasts.npz").write_bytes(b"not an npz")
+    with pytest.raises(ensemble.EnsembleError, match=r"^run_0007: .*delete it to have it made again"):
+        ensemble.load_forecasts(tmp_path / "run_0007")
