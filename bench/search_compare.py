@@ -26,8 +26,9 @@ product's defaults (full default space, --run-budget 240 s per run), one study a
     random         random search on the model space, no warm start
 
 An arm's folder is kept: running the command again resumes a study that was killed (its
---time-budget counts study time over all sessions) and only reads one that has finished, so the
-comparison builds up over several sessions. Selection is by validation MSE only; the test MSE
+--time-budget counts study time over all sessions, and so does its curve, from the folder's
+sessions.jsonl) and only reads one that has finished, so the comparison builds up over several
+sessions: a 90-minute study may run as 40 minutes in one session and 50 in the next. Selection is by validation MSE only; the test MSE
 of the run chosen by validation is printed, never used.
 """
 from __future__ import annotations
@@ -118,6 +119,7 @@ ARMS = {
 
 CODE_FILE = "code_versions.txt"  # in a study's folder: the commit of each session that ran it
 MACHINE_FILE = "machines.txt"  # in a study's folder: the CPU of each session that ran it (one per line)
+SESSION_FILE = "sessions.jsonl"  # in a study's folder: when each session started, and the study time used before it
 
 
 def code_version() -> str:
@@ -155,6 +157,22 @@ def record_session(folder: Path, file: str, now: str) -> list[str]:
         versions.append(now)
         path.write_text("\n".join(versions) + "\n")
     return versions
+
+
+def record_start(folder: Path) -> None:
+    """Note when this session starts and how much study time the study had used before it, so
+    that its curve can put each run on the study's clock (best_so_far) and not on the wall's,
+    which counts the hours between sessions too."""
+    state_file = folder / "agent_state.json"
+    used = load_agent_state(state_file).meta.get("time_used_s", 0.0) if state_file.exists() else 0.0
+    with open(folder / SESSION_FILE, "a") as f:
+        f.write(json.dumps({"at": time.time(), "time_used_s": used}) + "\n")
+
+
+def study_sessions(folder: Path) -> list[dict]:
+    """record_start's lines, oldest first; [] for a study from before they were kept."""
+    path = folder / SESSION_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def session_values(folder: Path, file: str) -> list[str]:
@@ -207,6 +225,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     if not done:
         record_session(folder, CODE_FILE, code_version())
         record_session(folder, MACHINE_FILE, machine())
+        record_start(folder)
         cmd = [sys.executable, "-m", "nas_agent_graph", "--max-runs", "1000", "--seed", str(seed),
                "--time-budget", f"{budget:g}", *ARMS[arm]]
         rc, _ = run_orchestrator(cmd, folder, dict(os.environ, OMP_NUM_THREADS=str(threads)))
@@ -215,7 +234,7 @@ def run_arm(arm: str, seed: int, minutes: float, out: Path, threads: int) -> dic
     state = load_agent_state(state_file)
     ended = study_ended(folder, budget)
     study_ensemble = arm_ensemble(folder) if ended else None
-    return {"arm": arm, "seed": seed, "curve": best_so_far(state), "runs": len(state.runs),
+    return {"arm": arm, "seed": seed, "curve": best_so_far(state, study_sessions(folder)), "runs": len(state.runs),
             "minutes": state.meta.get("time_used_s", 0.0) / 60, "ensemble": study_ensemble,
             "alternatives": alternative_ensembles(folder, study_ensemble),
             "finished": ended, "stop": stop_line(folder),
@@ -320,9 +339,12 @@ def _ensemble_row(record: dict) -> dict:
         "member_families": {m["run_id"]: m.get("family") for m in record["members"]}}
 
 
-def best_so_far(state) -> list[dict]:
-    """After each run: minutes since the study's first run started, and the run with the lowest
-    val MSE so far (its test MSE is reported, never used)."""
+def best_so_far(state, sessions: list[dict] = ()) -> list[dict]:
+    """After each run: the study's minutes when it ended, and the run with the lowest val MSE so
+    far (its test MSE is reported, never used). A run ended in the latest of `sessions`
+    (record_start's) that began before it: study time used before that session plus the time
+    since it began. Runs before the first recorded session (a study from before the record) count
+    from the first run's start, which is right for a study's first session."""
     curve, best = [], None
     # A run's record is made when it ends (RunInfo.started_at is the record's time), so the study
     # started one duration before the first record.
@@ -331,7 +353,9 @@ def best_so_far(state) -> list[dict]:
         if r.status in SCORED and r.val_mse is not None and (best is None or r.val_mse < best.val_mse):
             best = r
         end = _when(r.started_at)
-        curve.append({"run": i, "minutes": (end - t0) / 60, "proposer": r.proposer,
+        began = [s for s in sessions if s["at"] <= end]
+        seconds = began[-1]["time_used_s"] + end - began[-1]["at"] if began else end - t0
+        curve.append({"run": i, "minutes": seconds / 60, "proposer": r.proposer,
                       "best_val": best.val_mse if best else None, "best_test": best.test_mse if best else None,
                       "best_run": best.run_id if best else None})
     return curve
@@ -407,6 +431,11 @@ def study_notes(rows: list[dict], minutes: float) -> str:
              if r.get("finished") and r.get("stop") and r["minutes"] < minutes]
     if early:
         note += "\nEnded by a stop rule before its time budget:\n" + "\n".join(early) + "\n"
+    walled = [f"{r['arm']} seed {r['seed']} ({r['curve'][-1]['minutes']:.0f} on its curve, {r['minutes']:.0f} of study time)"
+              for r in rows if r.get("curve") and r["curve"][-1]["minutes"] > r["minutes"] + 5]
+    if walled:
+        note += ("\nResumed before sessions.jsonl was kept, so their curves' minutes are wall-clock since the first run, "
+                 "the time between sessions included: " + ", ".join(walled) + ".\n")
     tops = [f"- {r['arm']} seed {r['seed']}: {r['top_line']}" for r in rows if r.get("top_line")]
     if tops:
         note += ("\nThe candidates selection chooses between (test MSE reported, never used):\n"

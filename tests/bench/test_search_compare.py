@@ -149,3 +149,34 @@ def test_a_seed_averaged_ensemble_is_not_the_arms_own(tmp_path, monkeypatch):
     assert calls == [{"pool": 4, "steps": 9, "families": True, "bags": 0}]
     assert (row["val_mse"], row["test_mse"]) == (0.63, 0.37)
     assert json.loads((tmp_path / "runs" / "ensemble.json").read_text()) == seeded
+
+
+def test_a_resumed_studys_curve_runs_on_study_time_not_the_wall_clock(tmp_path):
+    # Session 1: two 10-minute runs, then killed; the study resumes 5 hours later for one more run.
+    # Its curve's minutes are study time (10, 20, then 20 + 10), not 5 hours and more.
+    from datetime import datetime, timezone
+
+    from nas_agent.agent_state import AgentState, RunInfo, save_agent_state
+
+    t0 = 1_796_400_000.0
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat()  # noqa: E731
+    ends = [t0 + 600, t0 + 1200, t0 + 5 * 3600 + 600]
+    state = AgentState(runs=[RunInfo(run_id=f"run_{i:04d}", val_mse=0.7 - i / 100, test_mse=0.4, proposer="tpe",
+                                     started_at=iso(end), duration_s=600.0) for i, end in enumerate(ends)])
+    assert [round(x["minutes"]) for x in sc.best_so_far(state)] == [10, 20, 310]  # unrecorded: wall-clock
+
+    save_agent_state(AgentState(), tmp_path / "agent_state.json")
+    sc.record_start(tmp_path)  # the first session: nothing used yet
+    state.meta["time_used_s"] = 1200.0
+    save_agent_state(state, tmp_path / "agent_state.json")
+    sc.record_start(tmp_path)  # the resumed one
+    sessions = sc.study_sessions(tmp_path)
+    assert [s["time_used_s"] for s in sessions] == [0.0, 1200.0]
+    sessions[0]["at"], sessions[1]["at"] = t0, t0 + 5 * 3600  # when they started, for the arithmetic
+    assert [round(x["minutes"]) for x in sc.best_so_far(state, sessions)] == [10, 20, 30]
+    assert sc.best_so_far(state, sessions)[-1]["best_run"] == "run_0002"
+
+    row = {"arm": "random", "seed": 0, "minutes": 30.0, "curve": sc.best_so_far(state), "finished": True}
+    assert "wall-clock since the first run" in sc.study_notes([row], 90)  # an old study's curve is flagged
+    row["curve"] = sc.best_so_far(state, sessions)
+    assert "wall-clock" not in sc.study_notes([row], 90)
