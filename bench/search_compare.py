@@ -380,13 +380,16 @@ def arm_tables(rows: list[dict]) -> str:
                    f"{at(len(c))} | {_f(last.get('best_test'))} | {last.get('best_run', '-')} ({proposer}) | "
                    f"{_ens(r.get('ensemble'))} | {', '.join(r.get('code') or ['unrecorded'])} | "
                    f"{'; '.join(r.get('machines') or ['unrecorded'])} |")
-    out += ["", "| arm | studies | mean best val MSE | std | mean test MSE of best | std | "
+    out += ["", "| arm | finished studies | mean best val MSE | std | mean test MSE of best | std | "
                 "mean ensemble val MSE | mean ensemble test MSE | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
-        finals = [r["curve"][-1] for r in rows if r["arm"] == arm and r["curve"] and r["curve"][-1]["best_val"] is not None]
+        # Finished studies only: a study part-way through its budget (resumed in a later session) would
+        # pull its arm's means towards a shorter search; its own row above shows where it stands.
+        done = [r for r in rows if r["arm"] == arm and r.get("finished")]
+        finals = [r["curve"][-1] for r in done if r["curve"] and r["curve"][-1]["best_val"] is not None]
         vals, tests = [f["best_val"] for f in finals], [f["best_test"] for f in finals if f["best_test"] is not None]
         sd = lambda v: f"{statistics.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
-        ens = [r["ensemble"] for r in rows if r["arm"] == arm and r.get("ensemble")]
+        ens = [r["ensemble"] for r in done if r.get("ensemble")]
         ens_val, ens_test = [e["val_mse"] for e in ens], [e["test_mse"] for e in ens]
         out.append(f"| {arm} | {len(vals)} | {_f(statistics.mean(vals) if vals else None)} | {sd(vals)} | "
                    f"{_f(statistics.mean(tests) if tests else None)} | {sd(tests)} | "

@@ -180,3 +180,15 @@ def test_a_resumed_studys_curve_runs_on_study_time_not_the_wall_clock(tmp_path):
     assert "wall-clock since the first run" in sc.study_notes([row], 90)  # an old study's curve is flagged
     row["curve"] = sc.best_so_far(state, sessions)
     assert "wall-clock" not in sc.study_notes([row], 90)
+
+
+def test_a_study_part_way_through_its_budget_stays_out_of_its_arms_means(tmp_path):
+    def row(seed, best_val, finished):
+        return {"arm": "tpe", "seed": seed, "runs": 3, "minutes": 90.0 if finished else 40.0, "finished": finished,
+                "curve": [{"run": 0, "minutes": 1.0, "proposer": "tpe", "best_val": best_val, "best_test": 0.4,
+                           "best_run": "run_0000"}],
+                "ensemble": {"val_mse": best_val - 0.01, "test_mse": 0.37, "members": {"run_0000": 1}}}
+
+    text = sc.arm_tables([row(0, 0.64, True), row(1, 0.66, True), row(2, 0.90, False)])
+    assert "| tpe | 2 | 0.6500 | 0.0141 | 0.4000 | 0.0000 | 0.6400 | 0.3700 | 0.0000 |" in text, text
+    assert "| tpe | 2 | 3 | 40 |" in text  # the unfinished study keeps its own row
