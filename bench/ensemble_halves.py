@@ -2,7 +2,7 @@
 validation over finished search studies.
 
     NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study /work/arms/tpe_seed3 \\
-        /work/arms/tpe_seed4 [--write]
+        /work/arms/tpe_seed4 [--rule tpe_seed7 tpe_seed8 tpe_seed9 tpe_seed10] [--write]
 
 A study's ensemble is selected on its validation windows; whether a selection method fits those
 windows' noise shows on windows it did not see. This script splits each study's validation windows
@@ -21,6 +21,10 @@ each model family's best ("family"), and the N best alone ("top-only"; `--top-on
 
 One leak remains, and it is the same for every method: the library's members are the runs with
 the best validation MSE over both halves (the runs whose checkpoints retention kept).
+
+--rule names the studies of the rule fixed before they ran (docs/search.md, the ensemble's
+section) and adds one line: where the rule stands over those of them in --study, and its decision
+once all are in. The rule is computed here so that nobody decides it by hand.
 
 Prints one table; --write also writes bench/results/ensemble_halves.md. A benchmark: it prints
 tables and asserts nothing.
@@ -122,19 +126,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def rule(rows: list[dict], studies: list[str]) -> str:
+    """The pre-registered rule (docs/search.md): bagging becomes the default if its mean held-out
+    val MSE over the rule's studies, with the family library, is lower than the plain selection's.
+    Decided only once every one of those studies is in; before that, says which leads."""
+    missing = [s for s in studies if s not in {r["study"] for r in rows}]
+    mine = [r for r in rows if r["study"] in studies and r["library"] == "family"]
+    if len(missing) == len(studies):
+        return f"The rule's studies ({', '.join(studies)}): none is in --study yet."
+    held = {m: statistics.mean(r["held_out"] for r in mine if r["method"] == m) for m in ("plain", "bagged")}
+    ahead = "bagged" if held["bagged"] < held["plain"] else "plain"
+    done = len(studies) - len(missing)
+    verdict = (f"decided: {'bagged selection becomes' if ahead == 'bagged' else 'the plain selection stays'} the default"
+               if not missing else f"not decided yet ({', '.join(missing)} still to run); {ahead} leads")
+    return (f"The rule's studies, {done} of {len(studies)} in (family library, mean held-out val MSE): "
+            f"plain {held['plain']:.4f}, bagged {held['bagged']:.4f}; {verdict}.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", type=Path, nargs="+", required=True, help="finished study folders (agent_state.json, runs/)")
     p.add_argument("--pool", type=int, default=ensemble.DEFAULT_POOL, help="N: the N best runs (the ensemble's --pool)")
     p.add_argument("--steps", type=int, default=ensemble.DEFAULT_STEPS, help="forward-selection steps")
+    p.add_argument("--rule", nargs="+", metavar="STUDY", default=[],
+                   help="the pre-registered rule's studies, by folder name (tpe_seed7 ...): prints where the rule stands")
     p.add_argument("--write", action="store_true", help=f"also write {RESULTS_MD.relative_to(ROOT)}")
     a = p.parse_args()
     rows = [r for study in a.study for r in score_study(study, a.pool, a.steps)]
     text = table(rows)
+    if a.rule:
+        text += "\n\n" + rule(rows, a.rule)
     print(text)
     if a.write:
         command = "NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study " + " ".join(
-            str(s) for s in a.study) + " --write"
+            str(s) for s in a.study) + (" --rule " + " ".join(a.rule) if a.rule else "") + " --write"
         RESULTS_MD.write_text(f"# Ensemble selection judged on held-out validation halves\n\n{__doc__.split(chr(10) * 2)[0]}"
                               f"\n\n`{command}`\n\n{text}\n\nThe rule that decides the default selection from this "
                               f"table, and its outcome: docs/search.md, the ensemble's section.\n")

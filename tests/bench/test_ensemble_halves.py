@@ -88,3 +88,25 @@ def test_a_folder_without_a_study_is_named(tmp_path):
     save_agent_state(AgentState(), tmp_path / "agent_state.json")
     with pytest.raises(SystemExit, match="no run with forecasts"):
         halves_bench.score_study(tmp_path, pool=5, steps=10)
+
+
+def rule_rows(held_out: dict[str, dict[str, float]]) -> list[dict]:
+    """Rows as score_study makes them, for the rule alone: held-out val MSE per study and method."""
+    return [{"study": s, "library": lib, "method": m, "held_out": v + (lib == "top-only")}
+            for s, by_method in held_out.items() for m, v in by_method.items() for lib in halves_bench.LIBRARIES]
+
+
+def test_the_rule_says_which_method_leads_until_all_its_studies_are_in_then_decides():
+    rows = rule_rows({"tpe_seed6": {"plain": 0.1, "bagged": 0.9},  # outside the rule: must not count
+                      "tpe_seed7": {"plain": 0.6476, "bagged": 0.6407},
+                      "tpe_seed8": {"plain": 0.6252, "bagged": 0.6266}})
+    studies = ["tpe_seed7", "tpe_seed8", "tpe_seed9", "tpe_seed10"]
+    text = halves_bench.rule(rows, studies)
+    assert "2 of 4" in text and "plain 0.6364" in text and "bagged 0.6337" in text
+    assert "not decided yet (tpe_seed9, tpe_seed10 still to run); bagged leads" in text
+    rows += rule_rows({"tpe_seed9": {"plain": 0.63, "bagged": 0.64}, "tpe_seed10": {"plain": 0.63, "bagged": 0.64}})
+    assert halves_bench.rule(rows, studies).endswith("decided: the plain selection stays the default.")
+    rows += rule_rows({"tpe_seed11": {"plain": 0.9, "bagged": 0.1}})
+    assert "decided: the plain selection stays" in halves_bench.rule(rows, studies)  # a later study changes nothing
+    assert "decided: bagged selection becomes the default" in halves_bench.rule(rows, ["tpe_seed11"])
+    assert "none is in --study yet" in halves_bench.rule(rows, ["tpe_seed12"])
