@@ -22,16 +22,23 @@ each model family's best ("family"), and the N best alone ("top-only"; `--top-on
 One leak remains, and it is the same for every method: the library's members are the runs with
 the best validation MSE over both halves (the runs whose checkpoints retention kept).
 
---rule names the studies of the rule fixed before they ran (docs/search.md, the ensemble's
-section) and adds one line: where the rule stands over those of them in --study, and its decision
-once all are in. The rule is computed here so that nobody decides it by hand.
+Study folders are large and need not outlive the machine that ran them, so each scored study's
+rows are kept as a record, bench/results/ensemble_halves/STUDY.json (written with --write). The
+table covers every recorded study and each folder in --study (scored afresh; its record is
+replaced), so the comparison builds up across sessions the way the search arms' tables do.
 
-Prints one table; --write also writes bench/results/ensemble_halves.md. A benchmark: it prints
-tables and asserts nothing.
+--rule names the studies of the rule fixed before they ran (docs/search.md, the ensemble's
+section) and adds one line: where the rule stands over those of them in the table, and its
+decision once all are in. The rule is computed here so that nobody decides it by hand.
+
+Prints one table; --write also writes the scored studies' records and
+bench/results/ensemble_halves.md. A benchmark: it prints tables and asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
 from pathlib import Path
 
@@ -40,12 +47,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from nas_agent.agent_state import load_agent_state  # noqa: E402
+from nas_agent.atomic import atomic_write_json  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
-from search_compare import BAGS  # noqa: E402 - bench/ is the script's folder: the bagged alternative's bag count
+from search_compare import BAGS, code_version  # noqa: E402 - bench/ is the script's folder: the bagged alternative's bag count
 
 LIBRARIES = {"family": True, "top-only": False}
 METHODS = ("single", "plain", "bagged")
 RESULTS_MD = ROOT / "bench" / "results" / "ensemble_halves.md"
+RECORDS = ROOT / "bench" / "results" / "ensemble_halves"  # one STUDY.json per scored study
+ROW_KEYS = ("study", "library", "size", "method", "first_to_second", "second_to_first", "held_out", "val_mse", "test_mse")
 
 
 def load_libraries(study: Path, pool: int) -> dict[str, dict[str, ensemble.Forecasts]]:
@@ -133,7 +143,7 @@ def rule(rows: list[dict], studies: list[str]) -> str:
     missing = [s for s in studies if s not in {r["study"] for r in rows}]
     mine = [r for r in rows if r["study"] in studies and r["library"] == "family"]
     if len(missing) == len(studies):
-        return f"The rule's studies ({', '.join(studies)}): none is in --study yet."
+        return f"The rule's studies ({', '.join(studies)}): none is scored or recorded yet."
     held = {m: statistics.mean(r["held_out"] for r in mine if r["method"] == m) for m in ("plain", "bagged")}
     ahead = "bagged" if held["bagged"] < held["plain"] else "plain"
     done = len(studies) - len(missing)
@@ -143,16 +153,68 @@ def rule(rows: list[dict], studies: list[str]) -> str:
             f"plain {held['plain']:.4f}, bagged {held['bagged']:.4f}; {verdict}.")
 
 
+def study_order(name: str) -> tuple:
+    """tpe_seed9 before tpe_seed10: the arm, then the seed as a number."""
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, -1)
+
+
+def write_record(rows: list[dict], command: str, folder: Path | None = None) -> Path:
+    """Keep one scored study's rows (full precision) with the command and code that scored them."""
+    folder = folder or RECORDS
+    study = rows[0]["study"]
+    path = folder / f"{study}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"study": study, "command": command, "code": code_version(), "rows": rows})
+    return path
+
+
+def read_records(folder: Path | None = None) -> list[dict]:
+    """Every recorded study's rows; a record that is not one says which file and what is wrong."""
+    folder = folder or RECORDS
+    rows = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            mine = record["rows"]
+            bad = next((r for r in mine if set(ROW_KEYS) - set(r) or r["study"] != path.stem), None)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{path}: not an ensemble_halves record ({type(e).__name__}: {e}); "
+                             f"rewrite it with --study FOLDER --write, or delete it") from None
+        if bad is not None or not mine:
+            raise SystemExit(f"{path}: expected rows of study {path.stem!r} with keys {', '.join(ROW_KEYS)}, "
+                             f"got {bad if bad is not None else 'no rows'}; rewrite it with --study FOLDER --write, "
+                             f"or delete it")
+        rows += mine
+    return rows
+
+
+def shown(path: Path) -> Path:
+    """A path as the results name it: from the checkout's root when it is inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", type=Path, nargs="+", required=True, help="finished study folders (agent_state.json, runs/)")
+    p.add_argument("--study", type=Path, nargs="+", default=[],
+                   help="finished study folders (agent_state.json, runs/) to score; without it, the records alone")
     p.add_argument("--pool", type=int, default=ensemble.DEFAULT_POOL, help="N: the N best runs (the ensemble's --pool)")
     p.add_argument("--steps", type=int, default=ensemble.DEFAULT_STEPS, help="forward-selection steps")
     p.add_argument("--rule", nargs="+", metavar="STUDY", default=[],
                    help="the pre-registered rule's studies, by folder name (tpe_seed7 ...): prints where the rule stands")
-    p.add_argument("--write", action="store_true", help=f"also write {RESULTS_MD.relative_to(ROOT)}")
+    p.add_argument("--write", action="store_true",
+                   help=f"also write the scored studies' records and {shown(RESULTS_MD)}")
     a = p.parse_args()
-    rows = [r for study in a.study for r in score_study(study, a.pool, a.steps)]
+    names = [study.name for study in a.study]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--study: expected folders with different names (a record is kept by folder name), "
+                         f"got {', '.join(map(str, a.study))}")
+    scored = {study.name: score_study(study, a.pool, a.steps) for study in a.study}
+    recorded = [r for r in read_records() if r["study"] not in scored]
+    if not recorded and not scored:
+        raise SystemExit(f"nothing to tabulate: no --study folder and no record in {RECORDS}; "
+                         f"score a finished study with --study FOLDER")
+    rows = sorted(recorded + [r for rs in scored.values() for r in rs], key=lambda r: study_order(r["study"]))
     text = table(rows)
     if a.rule:
         text += "\n\n" + rule(rows, a.rule)
@@ -160,8 +222,12 @@ def main() -> None:
     if a.write:
         command = "NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study " + " ".join(
             str(s) for s in a.study) + (" --rule " + " ".join(a.rule) if a.rule else "") + " --write"
+        for study_rows in scored.values():
+            print(f"wrote {write_record(study_rows, command)}")
         RESULTS_MD.write_text(f"# Ensemble selection judged on held-out validation halves\n\n{__doc__.split(chr(10) * 2)[0]}"
-                              f"\n\n`{command}`\n\n{text}\n\nThe rule that decides the default selection from this "
+                              f"\n\n`{command}` (with the records of "
+                              f"{len({r['study'] for r in recorded})} studies scored earlier, in "
+                              f"{shown(RECORDS)}/)\n\n{text}\n\nThe rule that decides the default selection from this "
                               f"table, and its outcome: docs/search.md, the ensemble's section.\n")
         print(f"wrote {RESULTS_MD}")
 

@@ -2,6 +2,9 @@
 over a study folder's ensemble library."""
 from __future__ import annotations
 
+import json
+import shutil
+import sys
 from collections import Counter
 
 import numpy as np
@@ -109,4 +112,65 @@ def test_the_rule_says_which_method_leads_until_all_its_studies_are_in_then_deci
     rows += rule_rows({"tpe_seed11": {"plain": 0.9, "bagged": 0.1}})
     assert "decided: the plain selection stays" in halves_bench.rule(rows, studies)  # a later study changes nothing
     assert "decided: bagged selection becomes the default" in halves_bench.rule(rows, ["tpe_seed11"])
-    assert "none is in --study yet" in halves_bench.rule(rows, ["tpe_seed12"])
+    assert "none is scored or recorded yet" in halves_bench.rule(rows, ["tpe_seed12"])
+
+
+def copy_study(study, folder):
+    folder.mkdir()
+    shutil.copytree(study / "runs", folder / "runs")
+    shutil.copy(study / "agent_state.json", folder / "agent_state.json")
+    return folder
+
+
+def run_main(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["ensemble_halves.py", *map(str, args)])
+    halves_bench.main()
+
+
+def test_a_scored_study_is_recorded_and_counts_after_its_folder_is_gone(study, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(halves_bench, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(halves_bench, "RESULTS_MD", tmp_path / "halves.md")
+    seed10, seed9 = copy_study(study, tmp_path / "tpe_seed10"), copy_study(study, tmp_path / "tpe_seed9")
+    run_main(monkeypatch, "--study", seed10, "--steps", 10, "--write")
+    record = json.loads((tmp_path / "records" / "tpe_seed10.json").read_text())
+    assert record["rows"] == pytest.approx(halves_bench.score_study(seed10, halves_bench.ensemble.DEFAULT_POOL, 10))
+    assert "--study" in record["command"] and record["code"]
+    shutil.rmtree(seed10)  # the machine that ran it is gone; its record stays
+    capsys.readouterr()
+    run_main(monkeypatch, "--study", seed9, "--steps", 10, "--rule", "tpe_seed9", "tpe_seed10", "--write")
+    out = capsys.readouterr().out
+    md = (tmp_path / "halves.md").read_text()
+    assert "| tpe_seed10 | family" in md and "the records of 1 studies scored earlier" in md
+    assert md.index("| tpe_seed9 |") < md.index("| tpe_seed10 |")  # by seed, not as text
+    assert "2 of 2 in" in out and "decided:" in out and "Mean over 2 studies" in md
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["tpe_seed10.json", "tpe_seed9.json"]
+    shutil.rmtree(seed9)
+    run_main(monkeypatch, "--rule", "tpe_seed9", "tpe_seed10")  # the records alone: no folder, no scoring
+    assert capsys.readouterr().out.count("decided:") == 1
+
+
+def test_nothing_to_tabulate_and_two_folders_of_one_name_are_refused(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(halves_bench, "RECORDS", tmp_path / "no_records")
+    with pytest.raises(SystemExit, match="nothing to tabulate"):
+        run_main(monkeypatch, "--rule", "tpe_seed9")
+    with pytest.raises(SystemExit, match="different names"):
+        run_main(monkeypatch, "--study", study, tmp_path / ".." / tmp_path.name)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{not json", "not an ensemble_halves record"),
+    ('{"rows": []}', "got no rows"),
+    ('{"rows": [{"study": "tpe_seed4", "library": "family"}]}', "expected rows of study 'tpe_seed3' with keys"),
+])
+def test_a_broken_record_is_named_with_how_to_mend_it(tmp_path, text, expected):
+    (tmp_path / "tpe_seed3.json").write_text(text)
+    with pytest.raises(SystemExit, match=expected) as e:
+        halves_bench.read_records(tmp_path)
+    assert "tpe_seed3.json" in str(e.value) and "--write" in str(e.value)
+
+
+def test_the_committed_records_read_and_order_by_seed():
+    rows = halves_bench.read_records()
+    studies = list(dict.fromkeys(r["study"] for r in sorted(rows, key=lambda r: halves_bench.study_order(r["study"]))))
+    assert studies[:6] == [f"tpe_seed{i}" for i in range(3, 9)]
+    assert all(len([r for r in rows if r["study"] == s]) == 6 for s in studies)
