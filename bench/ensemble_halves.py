@@ -56,6 +56,7 @@ METHODS = ("single", "plain", "bagged")
 RESULTS_MD = ROOT / "bench" / "results" / "ensemble_halves.md"
 RECORDS = ROOT / "bench" / "results" / "ensemble_halves"  # one STUDY.json per scored study
 ROW_KEYS = ("study", "library", "size", "method", "first_to_second", "second_to_first", "held_out", "val_mse", "test_mse")
+NUMBERS = ROW_KEYS[4:] + ("size",)
 
 
 def load_libraries(study: Path, pool: int) -> dict[str, dict[str, ensemble.Forecasts]]:
@@ -177,12 +178,15 @@ def read_records(folder: Path | None = None) -> list[dict]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             mine = record["rows"]
-            bad = next((r for r in mine if set(ROW_KEYS) - set(r) or r["study"] != path.stem), None)
+            bad = next((r for r in mine if set(ROW_KEYS) - set(r) or r["study"] != path.stem
+                        or not all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for k in NUMBERS)),
+                       None)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"{path}: not an ensemble_halves record ({type(e).__name__}: {e}); "
                              f"rewrite it with --study FOLDER --write, or delete it") from None
         if bad is not None or not mine:
-            raise SystemExit(f"{path}: expected rows of study {path.stem!r} with keys {', '.join(ROW_KEYS)}, "
+            raise SystemExit(f"{path}: expected rows of study {path.stem!r} with keys {', '.join(ROW_KEYS)} "
+                             f"({', '.join(NUMBERS)} numbers), "
                              f"got {bad if bad is not None else 'no rows'}; rewrite it with --study FOLDER --write, "
                              f"or delete it")
         rows += mine

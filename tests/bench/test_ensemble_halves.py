@@ -161,6 +161,9 @@ def test_nothing_to_tabulate_and_two_folders_of_one_name_are_refused(study, tmp_
     ("{not json", "not an ensemble_halves record"),
     ('{"rows": []}', "got no rows"),
     ('{"rows": [{"study": "tpe_seed4", "library": "family"}]}', "expected rows of study 'tpe_seed3' with keys"),
+    (json.dumps({"rows": [{"study": "tpe_seed3", "library": "family", "size": 5, "method": "plain",
+                           "first_to_second": 0.6, "second_to_first": 0.7, "held_out": "0.65", "val_mse": 0.6,
+                           "test_mse": 0.37}]}), "numbers"),
 ])
 def test_a_broken_record_is_named_with_how_to_mend_it(tmp_path, text, expected):
     (tmp_path / "tpe_seed3.json").write_text(text)
