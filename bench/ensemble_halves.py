@@ -56,7 +56,7 @@ METHODS = ("single", "plain", "bagged")
 RESULTS_MD = ROOT / "bench" / "results" / "ensemble_halves.md"
 RECORDS = ROOT / "bench" / "results" / "ensemble_halves"  # one STUDY.json per scored study
 ROW_KEYS = ("study", "library", "size", "method", "first_to_second", "second_to_first", "held_out", "val_mse", "test_mse")
-NUMBERS = ROW_KEYS[4:] + ("size",)
+NUMBERS = tuple(k for k in ROW_KEYS if k not in ("study", "library", "method"))  # the rest are names
 
 
 def load_libraries(study: Path, pool: int) -> dict[str, dict[str, ensemble.Forecasts]]:

@@ -55,6 +55,7 @@ def test_the_halves_leave_pred_len_windows_between_them():
 
 def test_each_method_is_selected_on_one_half_and_scored_on_the_other(study):
     rows = halves_bench.score_study(study, pool=5, steps=10)
+    assert all(tuple(r) == halves_bench.ROW_KEYS for r in rows)  # what a record keeps, and read_records checks
     assert {(r["library"], r["method"]) for r in rows} == {(lib, m) for lib in halves_bench.LIBRARIES
                                                             for m in halves_bench.METHODS}
     single = next(r for r in rows if r["library"] == "family" and r["method"] == "single")
