@@ -61,7 +61,7 @@ def load_library(paths: dict[str, Path]) -> tuple[dict[str, dict], np.ndarray, n
 
 def score(library: dict[str, dict], val_target: np.ndarray, test_target: np.ndarray, steps: int) -> dict:
     """Forward selection on validation, then the test score of the chosen weights."""
-    weights, picks = ensemble.select_weights({k: v["val"] for k, v in library.items()}, val_target, steps)
+    weights, picks = ensemble.select_weights({k: v["val"] for k, v in library.items()}, val_target, steps, bags=0)
 
     def blend(split: str) -> np.ndarray:
         return sum(library[k][split].astype(np.float64) * w for k, w in weights.items())

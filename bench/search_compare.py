@@ -295,7 +295,9 @@ def arm_ensemble(folder: Path) -> dict | None:
     selection without it, rebuilt and not written."""
     record = ensemble.load(folder / "runs")
     if record is None or record.get("seeds"):
-        same = {} if record is None else {k: record[k] for k in ("pool", "steps", "families", "bags")}
+        # Keys absent from an older record were then off: the defaults have changed since.
+        same = {} if record is None else {"pool": record["pool"], "steps": record["steps"],
+                                          "families": record.get("families", False), "bags": record.get("bags", 0)}
         try:
             rebuilt = ensemble.build(load_agent_state(folder / "agent_state.json"), folder / "runs", **same)
         except ensemble.EnsembleError as e:
@@ -307,21 +309,43 @@ def arm_ensemble(folder: Path) -> dict | None:
     return _ensemble_row(record)
 
 
-BAGS = 20  # the bagged alternative each new study is scored with (Caruana et al. 2004 averaged 20 bags)
+BAGS = ensemble.DEFAULT_BAGS  # the bagged selection each new study is scored with (Caruana et al. 2004: 20 bags)
+# Each study's ensemble is built by the three selections below, from the same runs: its own (whichever
+# the study's code made by default: "plain" before bagging became the default, "bagged" since) and
+# the other two, in memory and not written.
+METHODS = {"top_only": {"families": False, "bags": 0},  # its N best alone, one selection: `ensemble --top-only --bags 0`
+           "plain": {"families": True, "bags": 0},  # N best + family bests, one selection: `ensemble --bags 0`
+           "bagged": {"families": True, "bags": BAGS}}  # the same library, bagged: `ensemble --bags 20`
+
+
+def method_of(record: dict) -> str | None:
+    """Which of METHODS made an ensemble record; keys an older record lacks were off then."""
+    return next((name for name, kw in METHODS.items()
+                 if record.get("families", False) == kw["families"] and record.get("bags", 0) == kw["bags"]), None)
+
+
+def by_method(row: dict, name: str) -> dict | None:
+    """A study's ensemble by one of METHODS: its own, if that method made it, else the alternative."""
+    own = row.get("ensemble")
+    if own and method_of(own) == name:
+        return own
+    alt = (row.get("alternatives") or {}).get(name)
+    return alt and {**METHODS[name], **alt}  # rows from before "bags" was recorded: the method's
 
 
 def alternative_ensembles(folder: Path, study_ensemble: dict | None) -> dict:
-    """For a study whose ensemble chose from its family bests too, the alternatives built from the
-    same runs with its N and steps (in memory, not written): "top_only" (its N best alone, the
-    library before family bests: `python -m nas_agent_graph ensemble --top-only`) and "bagged" (the
-    same library, bagged selection over BAGS random halves: `ensemble --bags 20`); {} for an older
-    study, whose ensemble was top-only already. Each is selected on validation; the tables report
-    their test MSE."""
+    """For a study whose ensemble chose from its family bests too, the METHODS other than its own,
+    built from the same runs with its N and steps (in memory, not written); {} for an older study,
+    whose ensemble was top-only already. Each is selected on validation; the tables report their
+    test MSE."""
     if not study_ensemble or not study_ensemble.get("families"):
         return {}
-    state = load_agent_state(folder / "agent_state.json")  # read once for both
+    state = load_agent_state(folder / "agent_state.json")  # read once for all
+    own = method_of(study_ensemble)
     out = {}
-    for name, kw in (("top_only", {"families": False}), ("bagged", {"bags": BAGS})):
+    for name, kw in METHODS.items():
+        if name == own:
+            continue
         try:
             record = ensemble.build(state, folder / "runs", pool=study_ensemble["pool"],
                                     steps=study_ensemble["steps"], **kw)
@@ -335,6 +359,7 @@ def alternative_ensembles(folder: Path, study_ensemble: dict | None) -> dict:
 def _ensemble_row(record: dict) -> dict:
     return {k: record[k] for k in ("val_mse", "test_mse", "pool", "steps", "created_at")} | {
         "families": record.get("families", False),  # records before family bests chose from the top runs only
+        "bags": record.get("bags", 0),  # and before bagged selection, by one selection
         "members": {m["run_id"]: m["picks"] for m in record["members"]},
         "member_families": {m["run_id"]: m.get("family") for m in record["members"]}}
 
@@ -369,7 +394,7 @@ def _when(iso: str) -> float:
 def arm_tables(rows: list[dict]) -> str:
     """Markdown: per study its best-so-far at milestones, then per arm the mean ± std of the final best."""
     out = ["| arm | seed | runs | study min | best val after 5 / 10 / 20 / all runs | test MSE of final best | "
-           "final best run (proposer) | ensemble val / test MSE (members) | code | machine |",
+           "final best run (proposer) | the study's ensemble val / test MSE (members) | code | machine |",
            "|---|---:|---:|---:|---|---:|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
@@ -381,7 +406,8 @@ def arm_tables(rows: list[dict]) -> str:
                    f"{_ens(r.get('ensemble'))} | {', '.join(r.get('code') or ['unrecorded'])} | "
                    f"{'; '.join(r.get('machines') or ['unrecorded'])} |")
     out += ["", "| arm | finished studies | mean best val MSE | std | mean test MSE of best | std | "
-                "mean ensemble val MSE | mean ensemble test MSE | std |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "mean ensemble val MSE | mean ensemble test MSE | std | bagged: studies | mean val | mean test | std |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in dict.fromkeys(r["arm"] for r in rows):
         # Finished studies only: a study part-way through its budget (resumed in a later session) would
         # pull its arm's means towards a shorter search; its own row above shows where it stands.
@@ -391,27 +417,32 @@ def arm_tables(rows: list[dict]) -> str:
         sd = lambda v: f"{statistics.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
         ens = [r["ensemble"] for r in done if r.get("ensemble")]
         ens_val, ens_test = [e["val_mse"] for e in ens], [e["test_mse"] for e in ens]
-        out.append(f"| {arm} | {len(vals)} | {_f(statistics.mean(vals) if vals else None)} | {sd(vals)} | "
-                   f"{_f(statistics.mean(tests) if tests else None)} | {sd(tests)} | "
-                   f"{_f(statistics.mean(ens_val) if ens_val else None)} | "
-                   f"{_f(statistics.mean(ens_test) if ens_test else None)} | {sd(ens_test)} |")
+        # The bagged selection (the default since the rule of docs/search.md) of every study that has
+        # one, its own or built beside it: the same method across studies whatever their code's default.
+        bag = [b for b in (by_method(r, "bagged") for r in done) if b]
+        bag_val, bag_test = [b["val_mse"] for b in bag], [b["test_mse"] for b in bag]
+        mean = lambda v: _f(statistics.mean(v) if v else None)  # noqa: E731
+        out.append(f"| {arm} | {len(vals)} | {mean(vals)} | {sd(vals)} | {mean(tests)} | {sd(tests)} | "
+                   f"{mean(ens_val)} | {mean(ens_test)} | {sd(ens_test)} | "
+                   f"{len(bag)} | {mean(bag_val)} | {mean(bag_test)} | {sd(bag_test)} |")
     return "\n".join(out)
 
 
 def library_table(rows: list[dict]) -> str | None:
-    """Markdown: for each study whose ensemble chose from its family bests too, that ensemble against
-    the alternatives built from the same runs (alternative_ensembles): its N best alone, and the
-    same library with bagged selection."""
-    paired = [r for r in rows if r.get("ensemble") and (r.get("alternatives") or {}).get("top_only")]
+    """Markdown: for each study whose ensemble chose from its family bests too, the three METHODS
+    built from the same runs (its own and alternative_ensembles); its own is marked."""
+    paired = [r for r in rows if r.get("ensemble") and by_method(r, "top_only") and by_method(r, "plain")]
     if not paired:
         return None
-    out = ["| arm | seed | N | N best only: val / test MSE (members) | N best + family bests (the study's): val / test "
-           "MSE (members; their families) | the same, bagged: val / test MSE |", "|---|---:|---:|---|---|---|"]
+    out = ["| arm | seed | N | N best only: val / test MSE (members) | N best + family bests: val / test MSE "
+           "(members; their families) | the same, bagged: val / test MSE |", "|---|---:|---:|---|---|---|"]
     for r in paired:
-        e, t, b = r["ensemble"], r["alternatives"]["top_only"], r["alternatives"].get("bagged")
-        fams = ", ".join(sorted({f for f in e.get("member_families", {}).values() if f}))
-        bag = f"{b['val_mse']:.4f} / {b['test_mse']:.4f} ({len(b['members'])} members)" if b else "-"
-        out.append(f"| {r['arm']} | {r['seed']} | {t['pool']} | {_ens(t)} | {_ens(e)}; {fams} | {bag} |")
+        own = method_of(r["ensemble"])
+        cell = {name: (_ens(by_method(r, name)) or "-") + (" (the study's)" if name == own else "") for name in METHODS}
+        plain = by_method(r, "plain")
+        fams = ", ".join(sorted({f for f in plain.get("member_families", {}).values() if f}))
+        out.append(f"| {r['arm']} | {r['seed']} | {plain['pool']} | {cell['top_only']} | {cell['plain']}; {fams} | "
+                   f"{cell['bagged']} |")
     return "\n".join(out)
 
 
@@ -422,6 +453,8 @@ def _f(x) -> str:
 def _ens(e: dict | None) -> str:
     if not e:
         return "-"
+    if e.get("bags"):  # many members, each picked in some of the bags: their count says enough
+        return f"{e['val_mse']:.4f} / {e['test_mse']:.4f} (bagged, {len(e['members'])} members)"
     return f"{e['val_mse']:.4f} / {e['test_mse']:.4f} ({', '.join(f'{k}x{n}' for k, n in e['members'].items())})"
 
 
@@ -446,6 +479,12 @@ def study_notes(rows: list[dict], minutes: float) -> str:
     return note
 
 
+def load_rows(results: Path) -> list[dict]:
+    """Every study kept in `results`, by arm and then by seed as a number (seed 10 after seed 9)."""
+    rows = [json.loads(f.read_text()) for f in results.glob("*_seed*.json")]
+    return sorted(rows, key=lambda r: (r["arm"], r["seed"]))
+
+
 def arms_main(a: argparse.Namespace) -> None:
     """Run (or resume, or read) each arm's study; keep each finished study's curve as a small JSON
     file in --results, and print and write the tables over every study kept there, so arms run in
@@ -460,16 +499,19 @@ def arms_main(a: argparse.Namespace) -> None:
             path = a.results / f"{arm}_seed{seed}.json"
             row["machines"] = known_machines(row["machines"], path)
             path.write_text(json.dumps(row, indent=1))
-    rows = [json.loads(f.read_text()) for f in sorted(a.results.glob("*_seed*.json"))]
+    rows = load_rows(a.results)
     for r in rows:
         r["top_line"] = top_line(r)  # for the print and the README; not stored
     text = arm_tables(rows)
     libraries = library_table(rows)
     if libraries:
-        text += ("\n\nThe ensemble's library. Since family bests joined it, a study's ensemble chooses from its N "
-                 "best runs and the best run of each model family; the same study's ensemble of its N best alone "
-                 "(`python -m nas_agent_graph ensemble --top-only`) and its bagged selection (`ensemble --bags "
-                 f"{BAGS}`), both built from the same runs and not written, are the paired comparisons:\n\n" + libraries)
+        text += ("\n\nThe ensemble's library and selection. Since family bests joined it, a study's ensemble "
+                 "chooses from its N best runs and the best run of each model family. Each study is scored with "
+                 "three selections from the same runs: one selection over its N best alone (`python -m "
+                 "nas_agent_graph ensemble --top-only --bags 0`), one over the whole library (`ensemble --bags 0`, "
+                 f"the default before bagging won the rule of docs/search.md) and the bagged one (`ensemble --bags "
+                 f"{BAGS}`, the default since). The study's own is marked; the others were built beside it and not "
+                 "written:\n\n" + libraries)
     print(text)
     for r in rows:
         print(f"\n{r['arm']} seed {r['seed']} ({r['date']}): families tried {', '.join(r['families'])}")
@@ -487,11 +529,14 @@ def arms_main(a: argparse.Namespace) -> None:
         f"one anew where --out lacks it (up to {a.minutes:g} minutes). The latest: `{command}`\n\nThe ensemble is each study's runs/ensemble.json: a "
         f"forward selection on validation forecasts over its 5 best runs, and, in studies on code since family bests "
         f"joined the library, over each model family's best run too (built with `python -m nas_agent_graph "
-        f"ensemble` for a study that predates ensembles, and then with the family bests whose checkpoints it kept); its test MSE, like a run's, is reported, never used. "
+        f"ensemble` for a study that predates ensembles, and then with the family bests whose checkpoints it kept), "
+        f"by one selection in studies on code from before bagged selection became the default and bagged since; its "
+        f"test MSE, like a run's, is reported, never used. The summary's bagged columns are the bagged selection of "
+        f"every study that has one, its own or built beside it from the same runs. "
         f"The code column lists the commits a study ran at, one per session that resumed it on other code "
         f"(\"unrecorded\": it ran before the column existed); compare arms that ran on the same code. The machine "
         f"column is the CPU of each session that ran the study: the budgets are wall-clock, so a study on a slower "
-        f"CPU, or one without native bf16 (training.amp off), trains less in its 90 minutes.\n\n"
+        f"CPU, or one without native bf16 (training.amp off), trains less in its {a.minutes:g} minutes.\n\n"
         f"{text}\n{note}")
 
 

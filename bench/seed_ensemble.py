@@ -76,7 +76,7 @@ def score_study(study: Path, seeds: int, steps: int = ensemble.DEFAULT_STEPS) ->
     own = {s: {rid: getattr(fs[0], s) for rid, fs in runs.items()} for s in targets}
     mean = {s: {rid: np.mean([getattr(f, s).astype(np.float64) for f in fs], axis=0) for rid, fs in runs.items()}
             for s in targets}
-    reselected, _ = ensemble.select_weights(mean["val"], targets["val"], steps)
+    reselected, _ = ensemble.select_weights(mean["val"], targets["val"], steps, bags=0)  # the plain selection
 
     def scores(pred: dict, w: dict) -> dict:
         return {s: ensemble.mse(blend(pred[s], w), targets[s]) for s in targets}

@@ -34,7 +34,7 @@ from nas_agent_graph.archetypes import DEFAULT_ARCHETYPES, ArchetypeProposer, lo
 from nas_agent_graph.context import Context
 from nas_agent_graph.disk import disk_full_message, full_disk_error
 from nas_agent_graph.display import PlainDisplay, RichDisplay
-from nas_agent_graph.ensemble import DEFAULT_POOL, DEFAULT_STEPS
+from nas_agent_graph.ensemble import DEFAULT_BAGS, DEFAULT_POOL, DEFAULT_STEPS
 from nas_agent_graph.limits import CapError, default_lora_memory_gb, default_run_memory_gb, parse_memory_gb, smoke_caps
 from nas_agent_graph.llm.backend import DEFAULT_GENERATION, LLMError
 from nas_agent_graph.lock import LockHeld, StudyLock
@@ -405,7 +405,7 @@ def run_search(ctx: Context) -> int:
         finally:
             _stop_launcher(ctx)
         if ctx.ensemble_pool:
-            _ensemble(ctx.state_path, ctx.runs_dir, ctx.ensemble_pool, DEFAULT_STEPS)
+            _ensemble(ctx.state_path, ctx.runs_dir, ctx.ensemble_pool, DEFAULT_STEPS, bags=DEFAULT_BAGS)
         return rc
 
 
@@ -421,8 +421,8 @@ def note_ignored_sigint() -> bool:
     return True
 
 
-def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, families: bool = True,
-              bags: int = 0, seeds: int = 0) -> dict | None:
+def _ensemble(state_path: Path, runs_dir: Path, pool: int, steps: int, *, bags: int, families: bool = True,
+              seeds: int = 0) -> dict | None:
     """Build, write and print the study's ensemble; a study that has none is not an error."""
     try:
         record = ensemble.build(load_agent_state(state_path), runs_dir, pool=pool, steps=steps, families=families,
@@ -627,8 +627,10 @@ def cmd_ensemble(argv: list[str]) -> int:
     p.add_argument("--top-only", action="store_true", help="choose from the N best runs only, not also from "
                    "each family's best (the library before family bests joined it)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="selection steps (default %d)" % DEFAULT_STEPS)
-    p.add_argument("--bags", type=int, default=0, help="bagged selection: average the selections over this many "
-                   "random halves of the library (Caruana et al. 2004; default 0: one selection over all of it)")
+    p.add_argument("--bags", type=int, default=DEFAULT_BAGS, help="bagged selection: average the "
+                   "selections over this many random halves of the library (Caruana et al. 2004; default %d); "
+                   "0: one selection over all of it (the default before bagging won on held-out "
+                   "validation, docs/search.md)" % DEFAULT_BAGS)
     p.add_argument("--seeds", type=int, default=0, help="seed averaging: after the selection, train each member "
                    f"again with this many more seeds (into RUNS/{ensemble.SEED_RUNS_DIR}/, capped like a run, reused "
                    "when done) and average its forecasts over its seeds; the weights stay (default 0: off)")

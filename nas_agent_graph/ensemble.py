@@ -19,6 +19,12 @@ The method is forward selection with replacement, as in the paper:
 3. starting from nothing, each step adds (again, possibly) the run whose addition gives the
    lowest validation MSE of the averaged forecast; after `steps` steps the ensemble is the prefix
    with the lowest validation MSE. A run's weight is how often it was chosen.
+4. bagged (the default, `bags` > 0): step 3 is done `bags` times, each over a random half of
+   the library, and the ensemble is the average of the bags' ensembles (the paper's bagging). A
+   run that wins only by fitting the validation windows' noise wins only in the bags that hold
+   it. It became the default by a rule fixed before its last study: on TPE seeds 7-10 its MSE on
+   validation windows it was not selected on was lower than one selection's (bench/ensemble_halves.py,
+   docs/search.md). `bags=0` (`ensemble --bags 0`) is the single selection of step 3.
 
 Only validation forecasts take part in the selection. The test forecasts are averaged with the
 chosen weights afterwards and scored once, for the report; they never reach the search, whose
@@ -65,6 +71,7 @@ ENSEMBLE_FILE = "ensemble.json"
 DEFAULT_POOL = DEFAULT_KEEP  # the runs retention keeps by default: their weights exist
 BAG_FRACTION = 0.5  # each bag draws each run with this chance (Caruana et al. 2004 used half the library)
 DEFAULT_STEPS = 20  # Caruana's library had thousands of models; for a handful, 20 picks resolve weights to 5%
+DEFAULT_BAGS = 20  # Caruana et al. 2004 averaged 20 bags; 0 is one selection over the whole library
 PREDICT_TIMEOUT_S = 900.0  # one evaluation of both splits; the default Informer takes about 2 minutes on 2 CPU cores
 SEED_RUNS_DIR = "seed_runs"  # under runs/: not run_NNNN, so no study's scan takes these folders for its runs
 # A seed run trains under its member's own budget (training.time_budget_s); this only stops a hung one.
@@ -305,7 +312,7 @@ def select_bagged(val: dict[str, np.ndarray], target: np.ndarray, steps: int, ba
 
 
 def select_weights(val: dict[str, np.ndarray], target: np.ndarray, steps: int,
-                   bags: int = 0) -> tuple[dict[str, float], Counter]:
+                   bags: int) -> tuple[dict[str, float], Counter]:
     """The ensemble's weights (summing to 1) and each run's picks: one forward selection (bags=0),
     whose weights are its picks' shares, or the bagged selection."""
     if bags:
@@ -315,10 +322,10 @@ def select_weights(val: dict[str, np.ndarray], target: np.ndarray, steps: int,
 
 
 def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps: int = DEFAULT_STEPS,
-          families: bool = True, bags: int = 0, seeds: int = 0, python: str = sys.executable,
+          families: bool = True, bags: int = DEFAULT_BAGS, seeds: int = 0, python: str = sys.executable,
           retrain_timeout_s: float = RETRAIN_TIMEOUT_S) -> dict:
     """Select an ensemble from the study's runs (the `pool` best and, with `families`, each
-    family's best) and score it; the record ensemble.json holds. bags > 0: bagged selection.
+    family's best) and score it; the record ensemble.json holds. bags=0: one selection, not bagged.
     seeds > 0: the members, trained again with that many more seeds each, averaged over them."""
     if pool < 1 or steps < 1 or bags < 0 or seeds < 0:
         raise EnsembleError(f"pool and steps must be >= 1, bags and seeds >= 0 (got pool {pool}, steps {steps}, "
@@ -384,7 +391,7 @@ def build(study: AgentState, runs_dir: Path, *, pool: int = DEFAULT_POOL, steps:
         "windows": {"val": int(reference.val_target.shape[0]), "test": int(reference.test_target.shape[0])},
         "library": list(library), "skipped": skipped,
         "rebuild": f"python -m nas_agent_graph ensemble --pool {pool} --steps {steps}" + ("" if families else " --top-only")
-                   + (f" --bags {bags}" if bags else "") + (f" --seeds {seeds}" if seeds else ""),
+                   + f" --bags {bags}" + (f" --seeds {seeds}" if seeds else ""),  # explicit: defaults change
     }
     return record
 

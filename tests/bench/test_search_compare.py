@@ -105,12 +105,25 @@ def test_a_study_with_family_bests_compares_its_ensemble_with_the_top_five_alone
            "alternatives": {"top_only": ens(0.636, 0.374, {"run_0001": 20}, False),
                             "bagged": ens(0.632, 0.362, {"run_0001": 30, "run_0007": 10}, True)}}
     old = {"arm": "tpe", "seed": 0, "ensemble": ens(0.625, 0.365, {"run_0001": 1}, False), "alternatives": {}}
-    table = sc.library_table([old, new]).splitlines()
-    assert len(table) == 3 and table[2].startswith("| tpe | 3 | 5 | 0.6360 / 0.3740 (run_0001x20) | 0.6300 / 0.3650 "
-                                                   "(run_0001x12, run_0007x8); time-none, variate-attention |")
-    assert table[2].endswith("| 0.6320 / 0.3620 (2 members) |")
+    # A study since bagging became the default: its own ensemble is the bagged one, the plain one beside it.
+    since = {"arm": "tpe", "seed": 10, "ensemble": dict(ens(0.631, 0.366, {"run_0001": 25, "run_0007": 15}, True),
+                                                         bags=20),
+             "alternatives": {"top_only": ens(0.637, 0.375, {"run_0001": 20}, False),
+                              "plain": dict(ens(0.629, 0.368, {"run_0007": 20}, True), bags=0)}}
+    table = sc.library_table([old, new, since]).splitlines()
+    assert len(table) == 4 and table[2].startswith("| tpe | 3 | 5 | 0.6360 / 0.3740 (run_0001x20) | 0.6300 / 0.3650 "
+                                                   "(run_0001x12, run_0007x8) (the study's); time-none, "
+                                                   "variate-attention |")
+    assert table[2].endswith("| 0.6320 / 0.3620 (bagged, 2 members) |")  # a row from before "bags" was kept
+    assert table[3] == ("| tpe | 10 | 5 | 0.6370 / 0.3750 (run_0001x20) | 0.6290 / 0.3680 (run_0007x20); "
+                        "time-none, variate-attention | 0.6310 / 0.3660 (bagged, 2 members) (the study's) |")
     assert sc.library_table([old]) is None
     assert sc.alternative_ensembles(ROOT, old["ensemble"]) == {}  # nothing to pair: not built
+    # The summary's bagged columns hold the bagged selection of each study, its own or built beside it.
+    curve = [{"run": 1, "minutes": 1.0, "proposer": "tpe", "best_val": 0.64, "best_test": 0.37, "best_run": "run_0001"}]
+    summary = sc.arm_tables([dict(r, runs=1, minutes=90.0, curve=curve, finished=True) for r in (old, new, since)])
+    assert summary.splitlines()[-1] == ("| tpe | 3 | 0.6400 | 0.0000 | 0.3700 | 0.0000 | 0.6287 | 0.3653 | 0.0006 | "
+                                        "2 | 0.6315 | 0.3640 | 0.0028 |")
 
 
 def test_the_paired_ensemble_is_built_top_only_with_the_studys_own_pool_and_steps(tmp_path, monkeypatch):
@@ -123,11 +136,18 @@ def test_the_paired_ensemble_is_built_top_only_with_the_studys_own_pool_and_step
         return {"val_mse": 0.6, "test_mse": 0.37, "pool": kw["pool"], "steps": kw["steps"], "created_at": "now",
                 "families": kw.get("families", True), "members": [{"run_id": "run_0001", "picks": 3, "family": "time-none"}]}
     monkeypatch.setattr(sc.ensemble, "build", build)
+    # A study from before bagging was the default (no "bags" recorded): its own is the plain selection.
     rows = sc.alternative_ensembles(tmp_path, {"families": True, "pool": 3, "steps": 7})
-    assert calls == [(tmp_path / "runs", {"families": False, "pool": 3, "steps": 7}),
-                     (tmp_path / "runs", {"pool": 3, "steps": 7, "bags": sc.BAGS})]
+    assert calls == [(tmp_path / "runs", {"pool": 3, "steps": 7, "families": False, "bags": 0}),
+                     (tmp_path / "runs", {"pool": 3, "steps": 7, "families": True, "bags": sc.BAGS})]
     assert rows["top_only"]["families"] is False and rows["top_only"]["members"] == {"run_0001": 3}
     assert rows["bagged"]["pool"] == 3 and sc.alternative_ensembles(tmp_path, {"families": False}) == {}
+    # A study since: its own is the bagged one, and the plain one is built beside it.
+    calls.clear()
+    rows = sc.alternative_ensembles(tmp_path, {"families": True, "bags": sc.BAGS, "pool": 3, "steps": 7})
+    assert [kw for _, kw in calls] == [{"pool": 3, "steps": 7, "families": False, "bags": 0},
+                                       {"pool": 3, "steps": 7, "families": True, "bags": 0}]
+    assert set(rows) == {"top_only", "plain"}
 
 
 def test_a_seed_averaged_ensemble_is_not_the_arms_own(tmp_path, monkeypatch):
@@ -192,3 +212,10 @@ def test_a_study_part_way_through_its_budget_stays_out_of_its_arms_means(tmp_pat
     text = sc.arm_tables([row(0, 0.64, True), row(1, 0.66, True), row(2, 0.90, False)])
     assert "| tpe | 2 | 0.6500 | 0.0141 | 0.4000 | 0.0000 | 0.6400 | 0.3700 | 0.0000 |" in text, text
     assert "| tpe | 2 | 3 | 40 |" in text  # the unfinished study keeps its own row
+
+
+def test_studies_are_tabulated_by_arm_then_by_seed_as_a_number(tmp_path):
+    for arm, seed in (("tpe", 10), ("tpe", 9), ("random", 1), ("tpe", 2)):
+        (tmp_path / f"{arm}_seed{seed}.json").write_text(json.dumps({"arm": arm, "seed": seed}))
+    assert [(r["arm"], r["seed"]) for r in sc.load_rows(tmp_path)] == [("random", 1), ("tpe", 2), ("tpe", 9),
+                                                                        ("tpe", 10)]
