@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from pathlib import Path
 
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from nas_agent.agent_state import load_agent_state  # noqa: E402
 from nas_agent.atomic import atomic_write_json  # noqa: E402
 from nas_agent_graph import ensemble  # noqa: E402
-from search_compare import BAGS, code_version  # noqa: E402 - bench/ is the script's folder: the bagged alternative's bag count
+from search_compare import BAGS, code_version, study_order  # noqa: E402 - bench/ is the script's folder: the bagged alternative's bag count
 
 LIBRARIES = {"family": True, "top-only": False}
 METHODS = ("single", "plain", "bagged")
@@ -154,12 +153,6 @@ def rule(rows: list[dict], studies: list[str]) -> str:
             f"plain {held['plain']:.4f}, bagged {held['bagged']:.4f}; {verdict}.")
 
 
-def study_order(name: str) -> tuple:
-    """tpe_seed9 before tpe_seed10: the arm, then the seed as a number."""
-    m = re.fullmatch(r"(.*?)(\d+)", name)
-    return (m.group(1), int(m.group(2))) if m else (name, -1)
-
-
 def write_record(rows: list[dict], command: str, folder: Path | None = None) -> Path:
     """Keep one scored study's rows (full precision) with the command and code that scored them."""
     folder = folder or RECORDS
@@ -224,8 +217,9 @@ def main() -> None:
         text += "\n\n" + rule(rows, a.rule)
     print(text)
     if a.write:
-        command = "NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --study " + " ".join(
-            str(s) for s in a.study) + (" --rule " + " ".join(a.rule) if a.rule else "") + " --write"
+        command = ("NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py"
+                   + (" --study " + " ".join(str(s) for s in a.study) if a.study else "")
+                   + (" --rule " + " ".join(a.rule) if a.rule else "") + " --write")
         for study_rows in scored.values():
             print(f"wrote {write_record(study_rows, command)}")
         RESULTS_MD.write_text(f"# Ensemble selection judged on held-out validation halves\n\n{__doc__.split(chr(10) * 2)[0]}"

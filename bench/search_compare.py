@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -438,7 +439,7 @@ def library_table(rows: list[dict]) -> str | None:
            "(members; their families) | the same, bagged: val / test MSE |", "|---|---:|---:|---|---|---|"]
     for r in paired:
         own = method_of(r["ensemble"])
-        cell = {name: (_ens(by_method(r, name)) or "-") + (" (the study's)" if name == own else "") for name in METHODS}
+        cell = {name: _ens(by_method(r, name)) + (" (the study's)" if name == own else "") for name in METHODS}
         plain = by_method(r, "plain")
         fams = ", ".join(sorted({f for f in plain.get("member_families", {}).values() if f}))
         out.append(f"| {r['arm']} | {r['seed']} | {plain['pool']} | {cell['top_only']} | {cell['plain']}; {fams} | "
@@ -479,10 +480,15 @@ def study_notes(rows: list[dict], minutes: float) -> str:
     return note
 
 
+def study_order(name: str) -> tuple:
+    """tpe_seed9 before tpe_seed10: a study's name (its file or folder), by arm, then seed as a number."""
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, -1)
+
+
 def load_rows(results: Path) -> list[dict]:
-    """Every study kept in `results`, by arm and then by seed as a number (seed 10 after seed 9)."""
-    rows = [json.loads(f.read_text()) for f in results.glob("*_seed*.json")]
-    return sorted(rows, key=lambda r: (r["arm"], r["seed"]))
+    """Every study kept in `results`, in study_order."""
+    return [json.loads(f.read_text()) for f in sorted(results.glob("*_seed*.json"), key=lambda f: study_order(f.stem))]
 
 
 def arms_main(a: argparse.Namespace) -> None:

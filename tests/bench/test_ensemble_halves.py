@@ -146,8 +146,11 @@ def test_a_scored_study_is_recorded_and_counts_after_its_folder_is_gone(study, t
     assert "2 of 2 in" in out and "decided:" in out and "Mean over 2 studies" in md
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["tpe_seed10.json", "tpe_seed9.json"]
     shutil.rmtree(seed9)
-    run_main(monkeypatch, "--rule", "tpe_seed9", "tpe_seed10")  # the records alone: no folder, no scoring
+    run_main(monkeypatch, "--rule", "tpe_seed9", "tpe_seed10", "--write")  # the records alone: no folder, no scoring
     assert capsys.readouterr().out.count("decided:") == 1
+    # The table says how to make it again: a command that runs, with no empty --study.
+    assert ("`NAS_DATA_DIR=../shared/data python bench/ensemble_halves.py --rule tpe_seed9 tpe_seed10 --write` "
+            "(with the records of 2 studies scored earlier" in (tmp_path / "halves.md").read_text())
 
 
 def test_nothing_to_tabulate_and_two_folders_of_one_name_are_refused(study, tmp_path, monkeypatch):

@@ -218,4 +218,4 @@ def test_studies_are_tabulated_by_arm_then_by_seed_as_a_number(tmp_path):
     for arm, seed in (("tpe", 10), ("tpe", 9), ("random", 1), ("tpe", 2)):
         (tmp_path / f"{arm}_seed{seed}.json").write_text(json.dumps({"arm": arm, "seed": seed}))
     assert [(r["arm"], r["seed"]) for r in sc.load_rows(tmp_path)] == [("random", 1), ("tpe", 2), ("tpe", 9),
-                                                                        ("tpe", 10)]
+                                                                        ("tpe", 10)]  # by file name: arm, then seed as a number
